@@ -1,0 +1,1 @@
+"""The kopf operator: reconciles the four kinds into KubeRay RayJobs."""

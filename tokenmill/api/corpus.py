@@ -1,0 +1,152 @@
+"""CorpusFilter: organic documents in, a filtered and decontaminated document dataset out."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from tokenmill.api.base import ApiModel
+from tokenmill.api.common import CommonSpec, DataSource, NamedDataSource
+from tokenmill.api.fields import Fraction, PositiveFraction, ShortText
+
+PHI4_LANGUAGES = ["en", "de", "es", "fr", "pt", "it", "hi", "ja"]
+NON_STEM_TOPICS = ["arts", "history", "travel", "culture", "entertainment"]
+PHI4_BENCHMARKS = [
+    "mmlu", "mmlu-pro", "gsm8k", "math", "humaneval", "mbpp", "gpqa", "arc-easy",
+    "arc-challenge", "hellaswag", "piqa", "winogrande", "openbookqa", "commonsenseqa",
+    "medqa", "agieval", "arena-hard", "mt-bench",
+]
+
+
+class LanguageFilter(ApiModel):
+    """Language identification: keep documents in the listed languages."""
+
+    languages: list[ShortText] = Field(default_factory=lambda: list(PHI4_LANGUAGES), min_length=1, max_length=176)
+    """ISO 639-1 codes to keep (the identifier knows 176 languages)."""
+    threshold: Fraction = 0.65
+    """Minimum confidence of the top language for a document to be kept."""
+    model: DataSource | None = None
+    """Language-identification model (for example a fastText lid.176 file) at a URI; the built-in
+    character n-gram identifier is used when omitted."""
+
+
+class NonStemPass(ApiModel):
+    """A second pass that keeps good non-STEM documents the main classifier under-rewards."""
+
+    enabled: bool = True
+    """Run the pass."""
+    topics: list[ShortText] = Field(default_factory=lambda: list(NON_STEM_TOPICS), min_length=1, max_length=64)
+    """Topics the pass keeps."""
+    keep_fraction: PositiveFraction = 0.05
+    """Fraction of documents on those topics to keep, best first."""
+
+
+class QualityFilter(ApiModel):
+    """A small non-LLM classifier trained on LLM-written annotations picks the best documents."""
+
+    cel_rules = (
+        {
+            "rule": "has(self.keepFraction) != has(self.threshold)",
+            "message": "set exactly one of keepFraction or threshold",
+        },
+    )
+
+    annotations: DataSource
+    """Documents with LLM-written quality labels (fields text and label in [0, 1]) to train the classifier on."""
+    keep_fraction: PositiveFraction | None = None
+    """Keep this fraction of documents, best first."""
+    threshold: Fraction | None = None
+    """Keep documents whose score is at least this."""
+    non_stem: NonStemPass = Field(default_factory=NonStemPass)
+    """The non-STEM pass."""
+
+
+class Deduplication(ApiModel):
+    """Near-duplicate removal with MinHash over word n-grams and locality-sensitive hashing."""
+
+    cel_rules = (
+        {
+            "rule": "self.numPermutations % self.bands == 0",
+            "message": "numPermutations must be a multiple of bands",
+        },
+    )
+
+    enabled: bool = True
+    """Run deduplication."""
+    ngram: int = Field(default=5, ge=1, le=32)
+    """Word n-gram size of the shingles."""
+    num_permutations: int = Field(default=128, ge=16, le=1024)
+    """MinHash signature length."""
+    bands: int = Field(default=16, ge=1, le=512)
+    """LSH bands; rows per band is numPermutations / bands."""
+    jaccard_threshold: PositiveFraction = 0.8
+    """Documents at least this similar are duplicates; one of each cluster is kept."""
+
+
+class Decontamination(ApiModel):
+    """The hybrid 13-gram / 7-gram rule of the Phi-4 report against benchmark items."""
+
+    cel_rules = (
+        {
+            "rule": "self.contaminatedThreshold >= self.infoThreshold",
+            "message": "contaminatedThreshold must be at least infoThreshold",
+        },
+    )
+
+    benchmarks: list[NamedDataSource] = Field(min_length=1, max_length=128)
+    """Benchmark item datasets (field text) to decontaminate against."""
+    allow_list: DataSource | None = None
+    """13-grams common in ordinary text (answer-option boilerplate) that never mark a document."""
+    ngram: int = Field(default=13, ge=8, le=50)
+    """A document sharing any such n-gram with an item (not allow-listed) is contaminated."""
+    info_ngram: int = Field(default=7, ge=3, le=20)
+    """N-gram size of the ratio test."""
+    info_threshold: Fraction = 0.2
+    """max shared/min(#doc n-grams, #item n-grams) above this marks a document partial (kept, reported)."""
+    contaminated_threshold: Fraction = 0.5
+    """max ratio at or above this marks a document contaminated (removed)."""
+
+
+class OutlierFilter(ApiModel):
+    """Drops corrupt and binary text by length, character and n-gram statistics and compression ratio."""
+
+    cel_rules = (
+        {"rule": "self.minChars < self.maxChars", "message": "minChars must be less than maxChars"},
+        {
+            "rule": "self.minCompressionRatio < self.maxCompressionRatio",
+            "message": "minCompressionRatio must be less than maxCompressionRatio",
+        },
+    )
+
+    min_chars: int = Field(default=200, ge=0)
+    """Shorter documents are dropped."""
+    max_chars: int = Field(default=1_000_000, ge=1)
+    """Longer documents are dropped."""
+    max_non_text_fraction: Fraction = 0.3
+    """Largest fraction of characters that are neither letters, digits, punctuation nor white space."""
+    max_top_ngram_fraction: Fraction = 0.2
+    """Largest share of the text covered by its most frequent word 3-gram (repetition)."""
+    min_compression_ratio: float = Field(default=1.5, gt=0.0)
+    """Smallest raw/zlib size ratio; lower means random or binary bytes."""
+    max_compression_ratio: float = Field(default=12.0, gt=0.0)
+    """Largest raw/zlib size ratio; higher means degenerate repetition."""
+
+
+class CorpusFilterSpec(CommonSpec):
+    """Filters raw documents into the organic pretraining corpus."""
+
+    inputs: list[NamedDataSource] = Field(min_length=1, max_length=256)
+    """Raw document datasets (fields id, text, source, lang, meta)."""
+    languages: LanguageFilter = Field(default_factory=LanguageFilter)
+    """Language identification."""
+    quality: QualityFilter | None = None
+    """Quality classifier; omitted keeps every document that passes the other filters."""
+    dedup: Deduplication = Field(default_factory=Deduplication)
+    """Near-duplicate removal."""
+    decontamination: Decontamination | None = None
+    """Benchmark decontamination; omitted skips it (the validator warns in recipes that train on the output)."""
+    outliers: OutlierFilter = Field(default_factory=OutlierFilter)
+    """Corrupt and binary text removal."""
+    extraction: Literal["preserve-structure", "plain"] = "preserve-structure"
+    """preserve-structure keeps TeX/MathML, code blocks, tables and thread structure; plain collapses them."""

@@ -1,0 +1,81 @@
+"""The status subresource shared by the four kinds (Kubernetes API conventions)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from tokenmill.api.base import ApiModel
+from tokenmill.api.fields import ShortText, StoreUri
+
+ConditionType = Literal["Valid", "InputsReady", "Running", "Succeeded", "Failed", "Suspended"]
+Phase = Literal["Pending", "Invalid", "Waiting", "Running", "Suspended", "Succeeded", "Failed"]
+PHASES: tuple[str, ...] = Phase.__args__  # type: ignore[attr-defined]
+
+
+class Condition(ApiModel):
+    """An observation of one aspect of the resource's state."""
+
+    type: ConditionType
+    """Valid, InputsReady, Running, Succeeded, Failed or Suspended."""
+    status: Literal["True", "False", "Unknown"]
+    """Whether the condition holds."""
+    reason: str = Field(pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$", max_length=1024)
+    """A CamelCase, machine-readable reason for the last transition."""
+    message: str = Field(default="", max_length=32768)
+    """A human-readable explanation."""
+    last_transition_time: str
+    """When status last changed (RFC 3339)."""
+    observed_generation: int | None = Field(default=None, ge=0)
+    """metadata.generation the condition was computed from."""
+
+
+class OutputSummary(ApiModel):
+    """What the resource has committed to the object store."""
+
+    uri: StoreUri
+    """The output prefix."""
+    dataset: StoreUri | None = None
+    """The committed dataset prefix, when the resource produces one."""
+    shards: int | None = Field(default=None, ge=0)
+    """Committed shards."""
+    rows: int | None = Field(default=None, ge=0)
+    """Committed rows."""
+    bytes: int | None = Field(default=None, ge=0)
+    """Committed bytes."""
+    tokens: int | None = Field(default=None, ge=0)
+    """Committed tokens, where counted."""
+    checkpoint: StoreUri | None = None
+    """The final committed checkpoint (TrainingStage)."""
+    hf_export: StoreUri | None = None
+    """The Hugging Face export of the final checkpoint (TrainingStage)."""
+
+
+class ResourceStatus(ApiModel):
+    """Observed state, written by the operator."""
+
+    observed_generation: int | None = Field(default=None, ge=0)
+    """The metadata.generation last reconciled."""
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        max_length=16,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    """Current conditions, one per type."""
+    phase: Phase | None = None
+    """Summary of the conditions for display; do not build logic on it."""
+    reason: ShortText | None = None
+    """Reason of the condition that decides the phase, for display."""
+    progress: ShortText | None = None
+    """Workload progress for display, such as 42% or step 120/400."""
+    attempts: int = Field(default=0, ge=0)
+    """RayJobs created so far."""
+    ray_job_name: ShortText | None = None
+    """The current attempt's RayJob."""
+    start_time: str | None = None
+    """When the first attempt started (RFC 3339)."""
+    completion_time: str | None = None
+    """When the resource succeeded or finally failed (RFC 3339)."""
+    outputs: OutputSummary | None = None
+    """The committed outputs."""

@@ -1,0 +1,169 @@
+"""SyntheticDataJob: seeds and a teacher model in, a synthetic dataset out."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from tokenmill.api.base import ApiModel
+from tokenmill.api.common import CommonSpec, DataSource, ModelSource, SamplingParams, SecretKeyRef
+from tokenmill.api.fields import Fraction, LongText, PositiveFraction, ShortText
+
+StepType = Literal[
+    "agreementFilter", "rewrite", "selfRevision", "instructionReversal", "multiTurn", "executionCheck"
+]
+STEP_TYPES: tuple[str, ...] = StepType.__args__  # type: ignore[attr-defined]
+
+
+class AgreementFilter(ApiModel):
+    """Samples several answers per question; drops questions all or none agree on."""
+
+    cel_rules = (
+        {"rule": "self.minAgreement < self.maxAgreement", "message": "minAgreement must be less than maxAgreement"},
+    )
+
+    samples: int = Field(default=8, ge=2, le=128)
+    """Independent answers sampled per question."""
+    min_agreement: Fraction = 0.0
+    """A question is kept only when the plurality answer's share is above this (none agree below)."""
+    max_agreement: Fraction = 1.0
+    """A question is kept only when the plurality answer's share is below this (all agree at 1.0)."""
+
+
+class Rewrite(ApiModel):
+    """Turns a seed into exercises, discussions or structured reasoning tasks with multi-step prompts."""
+
+    targets: list[Literal["exercise", "discussion", "structured-reasoning", "qa"]] = Field(
+        default_factory=lambda: ["exercise"], min_length=1, max_length=4
+    )
+    """Forms to rewrite each seed into."""
+    instructions: LongText | None = None
+    """Extra instructions appended to the rewrite prompts."""
+
+
+class SelfRevision(ApiModel):
+    """The model critiques its draft against a rubric and revises it."""
+
+    rounds: int = Field(default=2, ge=1, le=10)
+    """Critique-and-revise rounds."""
+    rubric: list[ShortText] = Field(default_factory=lambda: ["reasoning", "factual accuracy"], min_length=1, max_length=16)
+    """Criteria the critique scores."""
+
+
+class InstructionReversal(ApiModel):
+    """Writes the instruction a snippet answers, regenerates the snippet, keeps pairs that match."""
+
+    similarity_threshold: PositiveFraction = 0.8
+    """Keep the pair when similarity(original, regenerated) is at least this."""
+    metric: Literal["token-jaccard", "char-ngram"] = "char-ngram"
+    """Similarity measure between the original and the regenerated snippet."""
+
+
+class MultiTurn(ApiModel):
+    """Extends samples into multi-turn conversations with a revision pass per turn."""
+
+    turns: int = Field(default=3, ge=2, le=16)
+    """Turns per conversation (user + assistant pairs)."""
+    revise_each_turn: bool = True
+    """Run a critique-and-revise pass after each assistant turn."""
+
+
+class ExecutionCheck(ApiModel):
+    """Keeps generated code only when it passes its generated tests in a sandbox."""
+
+    timeout_seconds: int = Field(default=10, ge=1, le=600)
+    """Wall-clock limit per execution."""
+    memory_mb: int = Field(default=1024, ge=64, le=65536)
+    """Address-space limit per execution."""
+
+
+def _union_rules(types: tuple[str, ...]) -> tuple[dict[str, str], ...]:
+    """Kubernetes-style union: `type` names the one member that must be set."""
+    return tuple(
+        {
+            "rule": f"(self.type == '{name}') == has(self.{name})",
+            "message": f"{name} must be set exactly when type is {name}",
+        }
+        for name in types
+    )
+
+
+class WorkflowStep(ApiModel):
+    """One step of the generation workflow; `type` names which of the step fields is set."""
+
+    cel_rules = _union_rules(STEP_TYPES)
+
+    type: StepType
+    """The step."""
+    agreement_filter: AgreementFilter | None = None
+    """Parameters when type is agreementFilter."""
+    rewrite: Rewrite | None = None
+    """Parameters when type is rewrite."""
+    self_revision: SelfRevision | None = None
+    """Parameters when type is selfRevision."""
+    instruction_reversal: InstructionReversal | None = None
+    """Parameters when type is instructionReversal."""
+    multi_turn: MultiTurn | None = None
+    """Parameters when type is multiTurn."""
+    execution_check: ExecutionCheck | None = None
+    """Parameters when type is executionCheck."""
+
+
+class Generator(ApiModel):
+    """The teacher model and the engine that serves it."""
+
+    cel_rules = (
+        {
+            "rule": "self.engine != 'openai' || (has(self.endpoint) && has(self.apiKeySecret) && has(self.modelName))",
+            "message": "engine openai needs endpoint, apiKeySecret and modelName",
+        },
+        {
+            "rule": "self.engine == 'openai' || has(self.model)",
+            "message": "engines vllm and torch need model",
+        },
+    )
+
+    engine: Literal["vllm", "openai", "torch"] = "vllm"
+    """vllm runs the model on the Ray cluster's GPUs; openai calls an OpenAI-compatible endpoint;
+    torch is the built-in engine for tiny models."""
+    model: ModelSource | None = None
+    """The teacher checkpoint or Hugging Face export (vllm, torch)."""
+    model_name: ShortText | None = None
+    """Model name sent to the endpoint (openai)."""
+    endpoint: ShortText | None = Field(default=None, pattern=r"^https?://[^\s]+$")
+    """Base URL of the OpenAI-compatible API (openai)."""
+    api_key_secret: SecretKeyRef | None = None
+    """Secret key holding the endpoint's API key (openai); never inline."""
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
+    """Decoding parameters."""
+    tensor_parallel_size: int = Field(default=1, ge=1, le=16)
+    """GPUs per model replica (vllm)."""
+    max_concurrency: int = Field(default=64, ge=1, le=4096)
+    """Requests in flight per replica or to the endpoint."""
+
+
+class Budgets(ApiModel):
+    """Limits that stop generation early; the output stays committed and consistent."""
+
+    max_samples: int | None = Field(default=None, ge=1)
+    """Stop after this many accepted samples."""
+    max_generated_tokens: int | None = Field(default=None, ge=1)
+    """Stop after the engine has produced this many tokens in total."""
+
+
+class SyntheticDataJobSpec(CommonSpec):
+    """Generates a synthetic dataset from seeds with a teacher model."""
+
+    seeds: list[DataSource] = Field(min_length=1, max_length=64)
+    """Seed datasets: document excerpts, questions, or question–answer pairs."""
+    dataset_type: Literal["documents", "qa", "math", "code", "chat", "preference"] = "qa"
+    """Schema and task family of the output: documents for pretraining, chat for SFT, preference pairs for DPO."""
+    workflow: list[WorkflowStep] = Field(min_length=1, max_length=32)
+    """Steps run in order over each seed."""
+    generator: Generator
+    """Teacher model and engine."""
+    budgets: Budgets = Field(default_factory=Budgets)
+    """Early-stop limits."""
+    seed: int = Field(default=0, ge=0)
+    """Seed for seed selection and sampling."""

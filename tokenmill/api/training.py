@@ -1,0 +1,165 @@
+"""TrainingStage: one of pretrain, midtrain, sft, dpo over a weighted mixture of datasets."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from tokenmill.api.base import ApiModel
+from tokenmill.api.common import EXACTLY_ONE_OF_REF_URI, CommonSpec, ModelSource, ObjectRef
+from tokenmill.api.fields import Fraction, ShortText, StoreUri
+
+Stage = Literal["pretrain", "midtrain", "sft", "dpo"]
+
+
+class MixtureComponent(ApiModel):
+    """One dataset of the mixture with its share of tokens and its repeat limit."""
+
+    cel_rules = (EXACTLY_ONE_OF_REF_URI,)
+
+    ref: ObjectRef | None = None
+    """The resource whose output dataset to read."""
+    uri: StoreUri | None = None
+    """A committed dataset prefix."""
+    name: ShortText | None = None
+    """Name in metrics and reports; defaults to the ref's name or the URI's last segment."""
+    weight: float = Field(gt=0.0)
+    """Relative share of the stage's tokens; shares are weight / sum of weights."""
+    epochs: float = Field(default=1.0, gt=0.0, le=1000.0)
+    """Most times this dataset may be repeated; its share must fit in unique tokens x epochs."""
+    unique_tokens: int | None = Field(default=None, ge=1)
+    """Declared unique tokens, for planning before the data exists; the committed manifest wins at run time."""
+    role: Literal["new", "replay"] = "new"
+    """midtrain: new long-context data or replay of pretraining data."""
+
+
+class LongDocumentBoost(ApiModel):
+    """Up-weights documents at least minTokens long (midtraining's long-context data)."""
+
+    min_tokens: int = Field(ge=1)
+    """Documents with at least this many tokens are boosted."""
+    factor: float = Field(gt=1.0, le=100.0)
+    """Sampling weight multiplier."""
+
+
+class ModelSpec(ApiModel):
+    """The network to train: a named architecture from scratch, or a parent's checkpoint."""
+
+    cel_rules = (
+        {"rule": "has(self.config) != has(self.parent)", "message": "set exactly one of config or parent"},
+    )
+
+    config: ShortText | None = None
+    """Architecture name (phi-4, tiny, ...) to initialise from scratch."""
+    parent: ModelSource | None = None
+    """Checkpoint to continue from: a TrainingStage's final checkpoint or a URI."""
+
+
+class Optimization(ApiModel):
+    """AdamW with linear warm-up, decay to a floor, and a constant global batch."""
+
+    cel_rules = (
+        {
+            "rule": "self.globalBatchSequences % self.microBatchSequences == 0",
+            "message": "globalBatchSequences must be a multiple of microBatchSequences",
+        },
+    )
+
+    global_batch_sequences: int = Field(ge=1)
+    """Sequences per optimizer step, held constant across world sizes by gradient accumulation."""
+    micro_batch_sequences: int = Field(default=1, ge=1)
+    """Sequences per device per forward pass."""
+    peak_learning_rate: float = Field(gt=0.0, le=1.0)
+    """Learning rate after warm-up."""
+    warmup_steps: int = Field(default=0, ge=0)
+    """Linear warm-up steps from zero."""
+    decay: Literal["linear", "cosine", "constant"] = "linear"
+    """Schedule after warm-up, down to peak x minLearningRateRatio at the last step."""
+    min_learning_rate_ratio: Fraction = 0.0
+    """Floor of the schedule as a fraction of the peak."""
+    weight_decay: float = Field(default=0.1, ge=0.0, le=1.0)
+    """Decoupled weight decay, applied to weight matrices only (not to normalisation gains)."""
+    beta1: float = Field(default=0.9, ge=0.0, lt=1.0)
+    """AdamW beta1."""
+    beta2: float = Field(default=0.95, ge=0.0, lt=1.0)
+    """AdamW beta2."""
+    epsilon: float = Field(default=1e-8, gt=0.0)
+    """AdamW epsilon."""
+    gradient_clip: float = Field(default=1.0, ge=0.0)
+    """Global gradient-norm clip; 0 disables it."""
+    total_tokens: int = Field(ge=1)
+    """Tokens the stage trains on; steps = totalTokens / (globalBatchSequences x sequenceLength)."""
+
+
+class DpoSpec(ApiModel):
+    """Direct preference optimisation against a frozen reference model."""
+
+    beta: float = Field(default=0.1, gt=0.0, le=10.0)
+    """Inverse temperature of the DPO loss."""
+    reference_model: ModelSource
+    """The frozen reference policy, usually the SFT stage."""
+
+
+class CheckpointPolicy(ApiModel):
+    """When checkpoints are written and which are kept."""
+
+    interval_steps: int = Field(default=1000, ge=1)
+    """Write a distributed checkpoint every this many steps (and at the end)."""
+    keep_last: int = Field(default=3, ge=1, le=1000)
+    """Keep the newest this many checkpoints."""
+    keep_every: int | None = Field(default=None, ge=1)
+    """Also keep every checkpoint whose step is a multiple of this."""
+
+
+class Execution(ApiModel):
+    """How the training loop runs on the workers."""
+
+    precision: Literal["bf16", "fp32"] = "bf16"
+    """bf16 mixed precision on GPUs (fp32 master weights and reductions); fp32 everywhere on CPUs."""
+    compile: bool = False
+    """torch.compile each transformer block."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass."""
+    peak_flops_per_device: float = Field(default=989e12, gt=0.0)
+    """Denominator of MFU: 989e12 is an H100's dense bf16 peak."""
+    seed: int = Field(default=0, ge=0)
+    """Seed of initialisation and data order."""
+
+
+class TrainingStageSpec(CommonSpec):
+    """Trains or continues a model on a weighted mixture of datasets."""
+
+    cel_rules = (
+        {"rule": "self.stage != 'dpo' || has(self.dpo)", "message": "stage dpo needs dpo (beta and referenceModel)"},
+        {"rule": "self.stage == 'dpo' || !has(self.dpo)", "message": "dpo is only allowed with stage dpo"},
+        {"rule": "self.stage == 'pretrain' || has(self.model.parent)", "message": "stages midtrain, sft and dpo need model.parent"},
+        {
+            "rule": "self.stage == 'midtrain' || size(self.longDocumentBoost) == 0",
+            "message": "longDocumentBoost is only allowed with stage midtrain",
+        },
+    )
+
+    stage: Stage
+    """pretrain, midtrain (long context), sft, or dpo (preference pairs)."""
+    model: ModelSpec
+    """What to train."""
+    tokenizer: Literal["phi-4", "byte"] | None = None
+    """Tokenizer; defaults to the architecture's."""
+    datasets: list[MixtureComponent] = Field(min_length=1, max_length=64)
+    """The data mixture."""
+    long_document_boost: list[LongDocumentBoost] = Field(default_factory=list, max_length=8)
+    """midtrain: sampling boosts for long documents (the largest matching factor applies)."""
+    sequence_length: int = Field(ge=16, le=131072)
+    """Tokens per training sequence."""
+    rope_base: float | None = Field(default=None, gt=0.0)
+    """RoPE base (theta); defaults to the architecture's or the parent's. Raise it to train past
+    the positions the model was trained on (midtraining: 250000 for 16384)."""
+    optimization: Optimization
+    """Optimizer, schedule and batch."""
+    dpo: DpoSpec | None = None
+    """DPO settings (stage dpo only)."""
+    checkpoint: CheckpointPolicy = Field(default_factory=CheckpointPolicy)
+    """Checkpointing and retention."""
+    execution: Execution = Field(default_factory=Execution)
+    """Precision, compilation, activation checkpointing, MFU peak, seed."""

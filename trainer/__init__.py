@@ -1,0 +1,1 @@
+"""Workloads that run inside Ray: curation, synthesis, training, pivotal token search."""
