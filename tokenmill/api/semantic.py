@@ -1,0 +1,349 @@
+"""Semantic validation: rules the CRD schema and CEL cannot express.
+
+One function, used by the operator (Valid=False) and by the local runner and
+`tokenmill validate`. `lookup` finds other resources of the recipe or namespace by
+(kind, name); a reference it cannot resolve is not an error here (the operator waits
+for it, and the recipe loader reports it as missing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tokenmill.api.common import DataSource, ModelSource, ObjectRef
+from tokenmill.api.corpus import CorpusFilterSpec
+from tokenmill.api.problems import Problem, found
+from tokenmill.api.pts import PTSJobSpec
+from tokenmill.api.resources import AnyResource, SyntheticDataJob, TrainingStage
+from tokenmill.api.synthetic import SyntheticDataJobSpec
+from tokenmill.api.training import MixtureComponent, TrainingStageSpec
+from tokenmill.mixture import MixtureError, Source, plan_mixture
+from tokenmill.model_configs import MODEL_CONFIGS, ModelConfig
+
+Lookup = Callable[[str, str], AnyResource | None]
+
+TOKENIZER_VOCAB = {"phi-4": 100_352, "byte": 320}
+
+# What each kind's output is, as a dataset or a model.
+DOCUMENT_TYPES = {"documents", "qa", "math", "code"}
+PROBLEM_TYPES = {"qa", "math", "code"}
+
+
+@dataclass(frozen=True)
+class Context:
+    lookup: Lookup
+    local: bool = False
+    """True for the local runner, which accepts relative file: URIs."""
+
+
+def no_lookup(kind: str, name: str) -> None:
+    return None
+
+
+def validate(resource: AnyResource, lookup: Lookup = no_lookup, *, local: bool = False) -> list[Problem]:
+    """Every semantic problem of `resource`, each with its field path, the value found and what is allowed."""
+    context = Context(lookup, local)
+    label = "/".join(resource.key)
+    problems = _uris(resource, context)
+    spec = resource.spec
+    if isinstance(spec, TrainingStageSpec):
+        problems += _training(spec, context)
+    elif isinstance(spec, SyntheticDataJobSpec):
+        problems += _synthetic(spec, context)
+    elif isinstance(spec, PTSJobSpec):
+        problems += _pts(spec, context)
+    elif isinstance(spec, CorpusFilterSpec):
+        problems += _corpus(spec, context)
+    return [problem.located(resource=label) for problem in problems]
+
+
+# ---- references: which kinds can produce which input ----------------------------------
+
+
+def _dataset_output(kind: str, target: AnyResource | None) -> set[str]:
+    """Dataset types a resource of `kind` can produce (narrowed when the resource is known)."""
+    if kind == "CorpusFilter":
+        return {"documents"}
+    if kind == "SyntheticDataJob":
+        if isinstance(target, SyntheticDataJob):
+            produced = target.spec.dataset_type
+            return {"documents", produced} if produced in DOCUMENT_TYPES else {produced}
+        return DOCUMENT_TYPES | {"chat", "preference"}
+    if kind == "PTSJob":
+        return {"preference"}
+    return set()
+
+
+def _check_dataset_ref(
+    ref: ObjectRef | None, path: str, wanted: set[str], what: str, context: Context
+) -> list[Problem]:
+    if ref is None:
+        return []
+    target = context.lookup(ref.kind, ref.name)
+    produced = _dataset_output(ref.kind, target)
+    if produced & wanted:
+        return []
+    producers = sorted(
+        kind for kind in ("CorpusFilter", "SyntheticDataJob", "PTSJob") if _dataset_output(kind, None) & wanted
+    )
+    detail = f" (its datasetType is {target.spec.dataset_type})" if isinstance(target, SyntheticDataJob) else ""
+    return [
+        found(
+            f"needs {what}, which {ref.kind}/{ref.name} cannot produce{detail}; allowed producers: "
+            f"{', '.join(producers)}",
+            f"{path}.ref",
+            f"{ref.kind}/{ref.name}",
+        )
+    ]
+
+
+def _check_model_ref(source: ModelSource | None, path: str) -> list[Problem]:
+    if source is None or source.ref is None or source.ref.kind == "TrainingStage":
+        return []
+    return [
+        found(
+            "a model comes only from a TrainingStage (or a checkpoint URI)",
+            f"{path}.ref.kind",
+            source.ref.kind,
+        )
+    ]
+
+
+def _uris(resource: AnyResource, context: Context) -> list[Problem]:
+    if context.local:
+        return []
+    problems = []
+    for path, uri in _all_uris(resource.spec.model_dump(by_alias=True), "spec"):
+        if uri.startswith("file:") and not uri.startswith("file:///"):
+            problems.append(
+                found("relative file: URIs are only for the local runner; use s3:// or file:///", path, uri)
+            )
+    return problems
+
+
+def _all_uris(value: object, path: str) -> list[tuple[str, str]]:
+    if isinstance(value, dict):
+        out = []
+        for key, item in value.items():
+            if key == "uri" and isinstance(item, str):
+                out.append((f"{path}.{key}", item))
+            else:
+                out += _all_uris(item, f"{path}.{key}")
+        return out
+    if isinstance(value, list):
+        return [pair for index, item in enumerate(value) for pair in _all_uris(item, f"{path}[{index}]")]
+    return []
+
+
+# ---- per kind ------------------------------------------------------------------------------
+
+
+def _corpus(spec: CorpusFilterSpec, context: Context) -> list[Problem]:
+    problems = []
+    for index, source in enumerate(spec.inputs):
+        problems += _check_dataset_ref(source.ref, f"spec.inputs[{index}]", {"documents"}, "documents", context)
+    for index, code in enumerate(spec.languages.languages):
+        if not (code.isascii() and code.isalpha() and code.islower() and 2 <= len(code) <= 3):
+            problems.append(
+                found("must be an ISO 639 language code (2 or 3 lower-case letters)", f"spec.languages.languages[{index}]", code)
+            )
+    if spec.decontamination and spec.decontamination.info_ngram >= spec.decontamination.ngram:
+        problems.append(
+            found(
+                f"must be smaller than decontamination.ngram ({spec.decontamination.ngram})",
+                "spec.decontamination.infoNgram",
+                spec.decontamination.info_ngram,
+            )
+        )
+    return problems
+
+
+STEP_DATASET_TYPES = {
+    "instructionReversal": {"code"},
+    "executionCheck": {"code"},
+    "multiTurn": {"chat"},
+}
+
+
+def _synthetic(spec: SyntheticDataJobSpec, context: Context) -> list[Problem]:
+    problems = []
+    for index, seed in enumerate(spec.seeds):
+        problems += _check_dataset_ref(
+            seed.ref, f"spec.seeds[{index}]", DOCUMENT_TYPES, "seed documents or questions", context
+        )
+    problems += _check_model_ref(spec.generator.model, "spec.generator.model")
+    for index, step in enumerate(spec.workflow):
+        allowed = STEP_DATASET_TYPES.get(step.type)
+        if allowed and spec.dataset_type not in allowed:
+            problems.append(
+                found(
+                    f"step {step.type} needs datasetType {' or '.join(sorted(allowed))}",
+                    f"spec.workflow[{index}].type",
+                    step.type,
+                )
+            )
+    return problems
+
+
+def _pts(spec: PTSJobSpec, context: Context) -> list[Problem]:
+    problems = _check_model_ref(spec.model, "spec.model")
+    problems += _check_dataset_ref(spec.problems.ref, "spec.problems", PROBLEM_TYPES, "problems with answers", context)
+    target = context.lookup(spec.problems.ref.kind, spec.problems.ref.name) if spec.problems.ref else None
+    if isinstance(target, SyntheticDataJob) and spec.oracle.kind == "code" and target.spec.dataset_type != "code":
+        problems.append(
+            found(
+                f"oracle code needs problems with unit tests; {target.name} has datasetType {target.spec.dataset_type}",
+                "spec.oracle.kind",
+                spec.oracle.kind,
+            )
+        )
+    return problems
+
+
+STAGE_INPUTS = {
+    "pretrain": ({"documents"}, "documents"),
+    "midtrain": ({"documents"}, "documents"),
+    "sft": ({"chat"}, "chat samples"),
+    "dpo": ({"preference"}, "preference pairs"),
+}
+
+
+def _training(spec: TrainingStageSpec, context: Context) -> list[Problem]:
+    problems = []
+    wanted, what = STAGE_INPUTS[spec.stage]
+    for index, component in enumerate(spec.datasets):
+        problems += _check_dataset_ref(component.ref, f"spec.datasets[{index}]", wanted, what, context)
+    problems += _check_model_ref(spec.model.parent, "spec.model.parent")
+    if spec.dpo:
+        problems += _check_model_ref(spec.dpo.reference_model, "spec.dpo.referenceModel")
+
+    architecture, positions, rope = _model_shape(spec, context)
+    if spec.model.config is not None and architecture is None:
+        problems.append(
+            found(
+                f"unknown model config; known configs: {', '.join(sorted(MODEL_CONFIGS))}",
+                "spec.model.config",
+                spec.model.config,
+            )
+        )
+    if architecture is not None:
+        problems += _tokenizer(spec, architecture)
+    if positions is not None and spec.sequence_length > positions:
+        new_rope = spec.rope_base
+        if new_rope is None or (rope is not None and new_rope <= rope):
+            problems.append(
+                found(
+                    f"exceeds the {positions} positions the model was trained on; raise ropeBase above "
+                    f"{rope:g} to extend the context (midtraining uses 250000 for 16384)",
+                    "spec.sequenceLength",
+                    spec.sequence_length,
+                )
+            )
+    problems += _batch(spec)
+    problems += _mixture(spec)
+    return problems
+
+
+def _model_shape(spec: TrainingStageSpec, context: Context) -> tuple[ModelConfig | None, int | None, float | None]:
+    """(architecture, positions trained on, RoPE base trained with) of the model this stage starts from."""
+    if spec.model.config is not None:
+        config = MODEL_CONFIGS.get(spec.model.config)
+        if config is None:
+            return None, None, None
+        return config, config.max_position_embeddings, config.rope_theta
+    parent = spec.model.parent
+    seen: set[str] = set()
+    while parent is not None and parent.ref is not None and parent.ref.name not in seen:
+        seen.add(parent.ref.name)
+        target = context.lookup("TrainingStage", parent.ref.name)
+        if not isinstance(target, TrainingStage):
+            return None, None, None
+        architecture, positions, rope = _model_shape(target.spec, context)
+        if positions is None:
+            return architecture, None, None
+        trained_rope = target.spec.rope_base or rope
+        return architecture, max(positions, target.spec.sequence_length), trained_rope
+    return None, None, None
+
+
+def _tokenizer(spec: TrainingStageSpec, architecture: ModelConfig) -> list[Problem]:
+    tokenizer = spec.tokenizer or architecture.tokenizer
+    if TOKENIZER_VOCAB[tokenizer] > architecture.vocab_size:
+        return [
+            found(
+                f"tokenizer {tokenizer} has {TOKENIZER_VOCAB[tokenizer]:,} tokens but {architecture.name} embeds "
+                f"only {architecture.vocab_size:,}; use tokenizer {architecture.tokenizer}",
+                "spec.tokenizer",
+                tokenizer,
+            )
+        ]
+    return []
+
+
+def _batch(spec: TrainingStageSpec) -> list[Problem]:
+    problems = []
+    workers = spec.ray.workers
+    data_parallel = workers.replicas * max(workers.gpus_per_worker, 1)
+    optimization = spec.optimization
+    per_step = optimization.micro_batch_sequences * data_parallel
+    if optimization.global_batch_sequences % per_step:
+        problems.append(
+            found(
+                f"must be a multiple of microBatchSequences x data-parallel workers = "
+                f"{optimization.micro_batch_sequences} x {data_parallel} ({workers.replicas} pods x "
+                f"{max(workers.gpus_per_worker, 1)} per pod) = {per_step}",
+                "spec.optimization.globalBatchSequences",
+                optimization.global_batch_sequences,
+            )
+        )
+    tokens_per_step = optimization.global_batch_sequences * spec.sequence_length
+    steps = optimization.total_tokens // tokens_per_step
+    if steps < 1:
+        problems.append(
+            found(
+                f"is less than one step of {tokens_per_step:,} tokens (globalBatchSequences x sequenceLength)",
+                "spec.optimization.totalTokens",
+                optimization.total_tokens,
+            )
+        )
+    elif optimization.warmup_steps >= steps:
+        problems.append(
+            found(f"must be less than the stage's {steps:,} steps", "spec.optimization.warmupSteps", optimization.warmup_steps)
+        )
+    return problems
+
+
+def component_name(component: MixtureComponent, index: int) -> str:
+    if component.name:
+        return component.name
+    if component.ref:
+        return component.ref.name
+    if component.uri:
+        return component.uri.rstrip("/").rsplit("/", 1)[-1]
+    return f"datasets[{index}]"
+
+
+def _mixture(spec: TrainingStageSpec) -> list[Problem]:
+    sources = [
+        Source(component_name(c, i), c.weight, c.epochs, c.unique_tokens) for i, c in enumerate(spec.datasets)
+    ]
+    try:
+        plan_mixture(spec.optimization.total_tokens, sources)
+    except MixtureError as error:
+        return [found(str(error), f"spec.datasets[{error.index}].epochs", spec.datasets[error.index].epochs)]
+    return []
+
+
+def data_sources(resource: AnyResource) -> list[tuple[str, DataSource | MixtureComponent]]:
+    """(field path, source) of every dataset input of the resource."""
+    spec = resource.spec
+    if isinstance(spec, CorpusFilterSpec):
+        return [(f"spec.inputs[{i}]", s) for i, s in enumerate(spec.inputs)]
+    if isinstance(spec, SyntheticDataJobSpec):
+        return [(f"spec.seeds[{i}]", s) for i, s in enumerate(spec.seeds)]
+    if isinstance(spec, TrainingStageSpec):
+        return [(f"spec.datasets[{i}]", s) for i, s in enumerate(spec.datasets)]
+    if isinstance(spec, PTSJobSpec):
+        return [("spec.problems", spec.problems)]
+    return []

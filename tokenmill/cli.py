@@ -1,0 +1,109 @@
+"""The `tokenmill` command: validate recipes, generate CRDs, run recipes locally, run the operator."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from tokenmill.api.problems import RecipeError
+
+EXIT_INVALID = 2
+
+console = Console(highlight=False)
+errors = Console(stderr=True, highlight=False)
+
+
+def _print_problems(error: RecipeError) -> int:
+    for problem in error.problems:
+        errors.print(f"[red]error[/red] {problem}", markup=True, soft_wrap=True)
+    errors.print(f"{len(error.problems)} problem(s); nothing was run")
+    return EXIT_INVALID
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from tokenmill.runner.plan import plan_recipe
+
+    total = 0
+    failures: list[RecipeError] = []
+    for path in args.paths:
+        try:
+            total += len(plan_recipe(path))
+        except RecipeError as error:
+            failures.append(error)
+    if failures:
+        return _print_problems(RecipeError([p for error in failures for p in error.problems]))
+    console.print(f"{total} resource(s) valid in {', '.join(args.paths)}")
+    return 0
+
+
+def cmd_crds(args: argparse.Namespace) -> int:
+    from tokenmill.api.crd import all_crds, render_yaml
+
+    out = Path(args.out)
+    stale = []
+    for file_name, crd in all_crds().items():
+        text = render_yaml(crd)
+        target = out / file_name
+        if args.check:
+            if not target.exists() or target.read_text() != text:
+                stale.append(str(target))
+            continue
+        out.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+        console.print(f"wrote {target}")
+    if stale:
+        errors.print(f"stale CRDs (run `tokenmill crds --out {out}`): {', '.join(stale)}")
+        return 1
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from tokenmill.runner.console import run_with_progress
+    from tokenmill.runner.plan import plan_recipe
+
+    try:
+        resources = plan_recipe(args.recipe)
+    except RecipeError as error:
+        return _print_problems(error)
+    return run_with_progress(resources, Path(args.recipe), store=args.store, ray_address=args.ray_address,
+                             start_ray=not args.no_ray, console=console)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenmill", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    validate = commands.add_parser("validate", help="check recipes: schema, CEL rules, semantics, refs, cycles")
+    validate.add_argument("paths", nargs="+", metavar="PATH", help="a recipe file or a folder of them")
+    validate.set_defaults(func=cmd_validate)
+
+    crds = commands.add_parser("crds", help="write the CustomResourceDefinitions generated from the API")
+    crds.add_argument("--out", default="crds", help="folder to write to (default: crds)")
+    crds.add_argument("--check", action="store_true", help="only check that the folder is up to date")
+    crds.set_defaults(func=cmd_crds)
+
+    run = commands.add_parser("run", help="run a recipe on this machine with a local Ray")
+    run.add_argument("recipe", help="a recipe folder (or file)")
+    run.add_argument("--store", help="store URI for outputs (default: file://./tokenmill-runs/<recipe>)")
+    run.add_argument("--ray-address", help="an existing Ray cluster to run on (default: start a local one)")
+    run.add_argument("--no-ray", action="store_true", help="do not start Ray; each workload starts its own")
+    run.set_defaults(func=cmd_run)
+
+    if importlib.util.find_spec("tokenmill.operator.cli") is not None:
+        from tokenmill.operator.cli import add_commands
+
+        add_commands(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
