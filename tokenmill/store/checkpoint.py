@@ -1,0 +1,283 @@
+"""Checkpoints under `<output>/checkpoints/step-XXXXXXXX/`, each committed by a marker written last.
+
+A checkpoint directory holds the `torch.distributed.checkpoint` files, `state.json` (step,
+tokens seen, data-loader position, RNG: whatever the trainer passes) and `_COMMITTED`,
+which lists every file with its size. Without the marker a directory is invisible.
+
+Saving from a single process (the trainer writes with DCP's FileSystemWriter):
+
+    with ckpts.staging(step, state) as directory:      # a local directory
+        dcp.save(state_dict, checkpoint_id=str(directory))
+    # on leaving the block the files are uploaded and the marker written
+
+Several ranks on several nodes: rank 0 calls `prepare(step)`; every rank saves into a local
+directory and calls `upload_dir(step, directory)`; after a barrier rank 0 calls
+`commit(step, state)`. On file:// stores `staging` hands out the final directory itself,
+so nothing is copied. This module never imports torch.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tokenmill.layout import COMMIT_MARKER_NAME, checkpoints_uri
+from tokenmill.store.backends.base import Store
+from tokenmill.store.backends.local import FileStore
+from tokenmill.store.errors import CheckpointError, ObjectNotFoundError, StoreError
+from tokenmill.store.manifest import utc_now
+from tokenmill.store.opener import open_store
+from tokenmill.store.retry import RetryPolicy
+from tokenmill.store.transfer import copy_object, download_dir, upload_dir
+from tokenmill.store.uri import StoreURI
+
+STATE_NAME = "state.json"
+MARKER_FORMAT = "tokenmill.checkpoint"
+_STEP_DIR = re.compile(r"^step-(\d{8,})$")
+_READ_CONCURRENCY = 16
+
+
+def step_dir(step: int) -> str:
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"a checkpoint step is a non-negative int, not {step!r}")
+    return f"step-{step:08d}"
+
+
+def retention_plan(committed: list[int], keep_last: int, keep_every: int | None = None) -> list[int]:
+    """The committed steps to delete so that only the last `keep_last` and the multiples of
+    `keep_every` remain. The newest checkpoint is always kept."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be at least 1 (the newest checkpoint), not {keep_last}")
+    if keep_every is not None and keep_every < 1:
+        raise ValueError(f"keep_every must be positive, not {keep_every}")
+    ordered = sorted(set(committed))
+    keep = set(ordered[-keep_last:])
+    if keep_every:
+        keep |= {s for s in ordered if s % keep_every == 0}
+    return [s for s in ordered if s not in keep]
+
+
+@dataclass(frozen=True)
+class CheckpointFile:
+    path: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A committed checkpoint, as its marker describes it."""
+
+    step: int
+    uri: str
+    committed_at: str
+    files: tuple[CheckpointFile, ...]
+
+    @property
+    def bytes(self) -> int:
+        return sum(f.bytes for f in self.files)
+
+
+class CheckpointStore:
+    """The checkpoints of one resource: `CheckpointStore.for_output(output)`."""
+
+    def __init__(self, uri: str | StoreURI | Store, *, retry: RetryPolicy | None = None) -> None:
+        self.store = open_store(uri, retry=retry)
+
+    @classmethod
+    def for_output(cls, output: str, *, retry: RetryPolicy | None = None) -> CheckpointStore:
+        return cls(checkpoints_uri(output), retry=retry)
+
+    @property
+    def uri(self) -> str:
+        return self.store.uri
+
+    def uri_for(self, step: int) -> str:
+        return self.store.uri_of(step_dir(step))
+
+    # -- reading -------------------------------------------------------------------------
+
+    def steps(self, *, include_uncommitted: bool = False) -> list[int]:
+        """Steps with a directory here, ascending; only committed ones unless asked."""
+        found = sorted(int(m.group(1)) for m in map(_STEP_DIR.match, self.store.list_dirs()) if m)
+        if include_uncommitted:
+            return found
+        return [info.step for info in self._infos(found) if info is not None]
+
+    def list(self) -> list[CheckpointInfo]:
+        """Every committed checkpoint, oldest first."""
+        return [i for i in self._infos(self.steps(include_uncommitted=True)) if i is not None]
+
+    def latest(self) -> CheckpointInfo | None:
+        """The committed checkpoint with the highest step; uncommitted ones are ignored."""
+        for step in reversed(self.steps(include_uncommitted=True)):
+            info = self._info(step)
+            if info is not None:
+                return info
+        return None
+
+    def get(self, step: int) -> CheckpointInfo:
+        info = self._info(step)
+        if info is None:
+            raise CheckpointError(f"checkpoint {self.uri_for(step)} is not committed", self.uri_for(step))
+        return info
+
+    def is_committed(self, step: int) -> bool:
+        return self.store.exists(f"{step_dir(step)}/{COMMIT_MARKER_NAME}")
+
+    def read_state(self, step: int) -> dict[str, Any]:
+        self.get(step)
+        return self.store.read_json(f"{step_dir(step)}/{STATE_NAME}")
+
+    def verify(self, step: int) -> CheckpointInfo:
+        """Check that every file the marker lists is there with its size."""
+        info = self.get(step)
+        present = {o.key: o.size for o in self.store.list(step_dir(step))}
+        for entry in info.files:
+            key = f"{step_dir(step)}/{entry.path}"
+            if present.get(key) != entry.bytes:
+                problem = "is missing" if key not in present else f"has {present[key]} bytes"
+                raise CheckpointError(
+                    f"checkpoint {info.uri}: {entry.path} {problem}, the marker says {entry.bytes}",
+                    info.uri,
+                )
+        return info
+
+    def download(self, step: int, dest: str | Path) -> Path:
+        """Copy a committed checkpoint's files (as its marker lists them) into `dest`."""
+        info = self.get(step)
+        download_dir(self.store.child(step_dir(step)), dest, keys=[f.path for f in info.files])
+        return Path(dest)
+
+    # -- writing -------------------------------------------------------------------------
+
+    def prepare(self, step: int, *, overwrite: bool = False) -> None:
+        """Clear what a crashed attempt left at `step`; refuse a committed step unless
+        `overwrite`, in which case its marker goes first."""
+        if self.is_committed(step):
+            if not overwrite:
+                raise CheckpointError(
+                    f"checkpoint {self.uri_for(step)} is already committed", self.uri_for(step)
+                )
+            self.store.delete(f"{step_dir(step)}/{COMMIT_MARKER_NAME}")
+        self.store.delete_prefix(step_dir(step))
+
+    def local_dir(self, step: int) -> Path | None:
+        """The checkpoint's final directory when the store is a local one, else None."""
+        if isinstance(self.store, FileStore):
+            return Path(self.store.local_path(step_dir(step)))
+        return None
+
+    def upload_dir(self, step: int, local_dir: str | Path) -> list[str]:
+        """Upload a directory of checkpoint files (one rank's share); commits nothing."""
+        return upload_dir(local_dir, self.store.child(step_dir(step)))
+
+    def commit(self, step: int, state: Mapping[str, Any]) -> CheckpointInfo:
+        """Write `state.json`, then the marker listing every file: the checkpoint exists now."""
+        directory = step_dir(step)
+        self.store.write_json(f"{directory}/{STATE_NAME}", {**state, "step": step})
+        files = tuple(
+            CheckpointFile(o.key[len(directory) + 1:], o.size)
+            for o in self.store.list(directory)
+            if o.key != f"{directory}/{COMMIT_MARKER_NAME}"
+        )
+        committed_at = utc_now()
+        marker = {
+            "format": MARKER_FORMAT, "format_version": 1, "step": step,
+            "committed_at": committed_at, "state": STATE_NAME,
+            "files": [{"path": f.path, "bytes": f.bytes} for f in files],
+        }
+        self.store.write_json(f"{directory}/{COMMIT_MARKER_NAME}", marker)
+        return CheckpointInfo(step, self.uri_for(step), committed_at, files)
+
+    @contextmanager
+    def staging(self, step: int, state: Mapping[str, Any], *, overwrite: bool = False) -> Iterator[Path]:
+        """A directory to save the checkpoint into; committed when the block ends cleanly."""
+        self.prepare(step, overwrite=overwrite)
+        final = self.local_dir(step)
+        if final is not None:
+            final.mkdir(parents=True, exist_ok=True)
+            yield final
+            self.commit(step, state)
+            return
+        tmp = Path(tempfile.mkdtemp(prefix=f"tokenmill-{step_dir(step)}-"))
+        try:
+            yield tmp
+            self.upload_dir(step, tmp)
+            self.commit(step, state)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def save_dir(self, step: int, local_dir: str | Path, state: Mapping[str, Any],
+                 *, overwrite: bool = False) -> CheckpointInfo:
+        """prepare + upload_dir + commit, for a checkpoint already written to `local_dir`."""
+        self.prepare(step, overwrite=overwrite)
+        self.upload_dir(step, local_dir)
+        return self.commit(step, state)
+
+    # -- removing and copying ------------------------------------------------------------
+
+    def delete(self, step: int) -> None:
+        """Remove a checkpoint, its marker first so it is never seen half-deleted."""
+        self.store.delete(f"{step_dir(step)}/{COMMIT_MARKER_NAME}")
+        self.store.delete_prefix(step_dir(step))
+
+    def apply_retention(self, keep_last: int, keep_every: int | None = None) -> list[int]:
+        """Delete committed checkpoints outside the policy (see retention_plan) and the
+        uncommitted leftovers older than the newest committed one; returns deleted steps."""
+        every = self.steps(include_uncommitted=True)
+        committed = [i.step for i in self._infos(every) if i is not None]
+        doomed = retention_plan(committed, keep_last, keep_every)
+        if committed:
+            doomed += [s for s in every if s not in committed and s < committed[-1]]
+        for step in sorted(doomed):
+            self.delete(step)
+        return sorted(doomed)
+
+    def copy_to(self, dst: str | StoreURI | Store | CheckpointStore,
+                steps: list[int] | None = None) -> list[int]:
+        """Copy committed checkpoints (all, or `steps`) to another checkpoint store, marker
+        last; steps already committed there are skipped. Returns the steps copied."""
+        target = dst if isinstance(dst, CheckpointStore) else CheckpointStore(dst, retry=self.store.retry)
+        copied = []
+        for step in steps if steps is not None else self.steps():
+            info = self.get(step)
+            if target.is_committed(step):
+                continue
+            target.prepare(step)
+            source_dir, target_dir = self.store.child(step_dir(step)), target.store.child(step_dir(step))
+            keys = [f.path for f in info.files]
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                list(pool.map(lambda k: copy_object(source_dir, k, target_dir, k), keys))
+            copy_object(source_dir, COMMIT_MARKER_NAME, target_dir, COMMIT_MARKER_NAME)
+            copied.append(step)
+        return copied
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _info(self, step: int) -> CheckpointInfo | None:
+        key = f"{step_dir(step)}/{COMMIT_MARKER_NAME}"
+        try:
+            marker = self.store.read_json(key)
+        except ObjectNotFoundError:
+            return None
+        try:
+            files = tuple(CheckpointFile(str(f["path"]), int(f["bytes"])) for f in marker["files"])
+            if marker.get("format") != MARKER_FORMAT or int(marker["step"]) != step:
+                raise ValueError("wrong format or step")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StoreError(f"malformed commit marker {self.store.uri_of(key)}: {exc}",
+                             self.store.uri_of(key)) from exc
+        return CheckpointInfo(step, self.uri_for(step), str(marker.get("committed_at", "")), files)
+
+    def _infos(self, steps: list[int]) -> list[CheckpointInfo | None]:
+        if len(steps) <= 1:
+            return [self._info(s) for s in steps]
+        with ThreadPoolExecutor(max_workers=min(_READ_CONCURRENCY, len(steps))) as pool:
+            return list(pool.map(self._info, steps))

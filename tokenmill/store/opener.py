@@ -1,0 +1,23 @@
+"""Opening the store behind a URI."""
+
+from __future__ import annotations
+
+from tokenmill.store.backends.base import Store
+from tokenmill.store.backends.local import FileStore
+from tokenmill.store.backends.s3 import S3Store
+from tokenmill.store.retry import RetryPolicy
+from tokenmill.store.uri import StoreURI, parse_uri
+
+
+def open_store(uri: str | StoreURI | Store, *, retry: RetryPolicy | None = None) -> Store:
+    """The store rooted at `uri` (s3://bucket/prefix, file:///path or a local path).
+
+    S3 endpoint and credentials are resolved now (see tokenmill.store.credentials);
+    nothing is contacted until the first operation. A Store passes through unchanged.
+    """
+    if isinstance(uri, Store):
+        return uri
+    root = parse_uri(uri)
+    if root.scheme == "s3":
+        return S3Store(root, retry)
+    return FileStore(root, retry)

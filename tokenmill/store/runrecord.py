@@ -1,0 +1,173 @@
+"""Run records under `<output>/_run/`: the resolved spec, progress, and the driver's log."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from types import TracebackType
+from typing import Any
+
+from tokenmill.layout import driver_log_uri, progress_uri, run_spec_uri
+from tokenmill.store.backends.base import Store
+from tokenmill.store.errors import ObjectNotFoundError, StoreError
+from tokenmill.store.manifest import utc_now
+from tokenmill.store.opener import open_store
+from tokenmill.store.uri import parse_uri
+
+log = logging.getLogger("tokenmill.store")
+
+
+def _object(uri: str) -> tuple[Store, str]:
+    """The store of `uri`'s parent and the object's name in it."""
+    parsed = parse_uri(uri)
+    parent, _, name = str(parsed).rpartition("/")
+    return open_store(parent), name
+
+
+def write_run_spec(output: str, spec: Mapping[str, Any]) -> str:
+    """Write the resolved spec the workload runs from; returns its URI."""
+    uri = run_spec_uri(output)
+    store, name = _object(uri)
+    store.write_json(name, dict(spec))
+    return uri
+
+
+def read_run_spec(output: str) -> dict[str, Any]:
+    store, name = _object(run_spec_uri(output))
+    return store.read_json(name)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far a workload is; small, because the operator polls it.
+
+    `done` and `total` count `unit`s (documents, steps, tokens…); `total` is None while
+    unknown. `metrics` holds a few current figures (loss, tokens/s) for the status line.
+    """
+
+    phase: str = ""
+    done: float = 0
+    total: float | None = None
+    unit: str = ""
+    message: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    updated_at: str = ""
+
+    @property
+    def fraction(self) -> float | None:
+        if not self.total or self.total <= 0:
+            return None
+        return max(0.0, min(1.0, self.done / self.total))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["fraction"] = self.fraction
+        data["metrics"] = {k: v for k, v in self.metrics.items() if math.isfinite(v)}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Progress:
+        total = data.get("total")
+        metrics = data.get("metrics") or {}
+        return cls(
+            phase=str(data.get("phase", "")), done=float(data.get("done", 0)),
+            total=None if total is None else float(total), unit=str(data.get("unit", "")),
+            message=str(data.get("message", "")),
+            metrics={str(k): float(v) for k, v in metrics.items()},
+            updated_at=str(data.get("updated_at", "")),
+        )
+
+
+def write_progress(output: str, progress: Progress) -> Progress:
+    """Replace the progress record (stamping updated_at); returns what was written."""
+    stamped = Progress(**{**asdict(progress), "updated_at": utc_now()})
+    store, name = _object(progress_uri(output))
+    store.write_json(name, stamped.to_dict())
+    return stamped
+
+
+def read_progress(output: str) -> Progress | None:
+    """The last progress written, or None if the workload has not written any yet."""
+    store, name = _object(progress_uri(output))
+    try:
+        return Progress.from_dict(store.read_json(name))
+    except ObjectNotFoundError:
+        return None
+
+
+class DriverLogUploader:
+    """Uploads a local log file to `<output>/_run/driver.log` every `interval_s` while the
+    job runs (a daemon thread) and once more on stop(), so the log outlives the cluster.
+
+    S3 has no append: each upload replaces the object with the whole file, and only when
+    the file changed since the last upload. Failed periodic uploads are logged and tried
+    again at the next tick; the final one raises.
+
+        with DriverLogUploader("/tmp/ray/driver.log", output):
+            run_the_workload()
+    """
+
+    def __init__(self, local_path: str | os.PathLike[str], output: str, *, interval_s: float = 30.0) -> None:
+        if interval_s <= 0:
+            raise ValueError("interval_s must be positive")
+        self.local_path = os.fspath(local_path)
+        self.uri = driver_log_uri(output)
+        self.interval_s = interval_s
+        self._store, self._name = _object(self.uri)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._uploaded: tuple[int, int] | None = None
+        self.uploads = 0
+
+    def start(self) -> DriverLogUploader:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="tokenmill-log-upload", daemon=True)
+            self._thread.start()
+        return self
+
+    def upload_now(self) -> bool:
+        """Upload if the file changed since the last upload; returns whether it uploaded."""
+        with self._lock:
+            try:
+                stat = os.stat(self.local_path)
+            except FileNotFoundError:
+                return False
+            version = (stat.st_size, stat.st_mtime_ns)
+            if version == self._uploaded:
+                return False
+            self._store.upload_file(self.local_path, self._name)
+            self._uploaded = version
+            self.uploads += 1
+            return True
+
+    def stop(self) -> None:
+        """Stop the thread and upload the final state of the log."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self.upload_now()
+
+    def __enter__(self) -> DriverLogUploader:
+        return self.start()
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        try:
+            self.stop()
+        except StoreError:
+            if exc is None:
+                raise
+            log.exception("final upload of %s failed", self.uri)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.upload_now()
+            except StoreError as error:
+                log.warning("uploading %s failed, will retry: %s", self.uri, error)
