@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 # Each module exposes `run(spec_uri: str) -> int | None`.
 WORKLOAD_MODULES = {
     "corpus-filter": "tokenmill.trainer.curate.workload",
@@ -12,3 +14,15 @@ WORKLOAD_MODULES = {
 
 # Exit status of a workload (or a stage of one) that does not exist yet; 78 is EX_CONFIG.
 NOT_BUILT_EXIT_CODE = 78
+
+# The progress phase a workload writes last, after its outputs are committed; the local
+# runner skips a resource whose progress says so for the same run spec.
+PHASE_SUCCEEDED = "succeeded"
+
+
+def workload_built(cli_name: str) -> bool:
+    """Whether the workload module for a kind exists in this installation."""
+    try:
+        return importlib.util.find_spec(WORKLOAD_MODULES[cli_name]) is not None
+    except ModuleNotFoundError:  # a parent package is missing too
+        return False

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
 
 from tokenmill.api.resources import KINDS
-from tokenmill.workloads import NOT_BUILT_EXIT_CODE, WORKLOAD_MODULES
+from tokenmill.workloads import NOT_BUILT_EXIT_CODE, WORKLOAD_MODULES, workload_built
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spec", required=True, help="URI of the run spec (<output>/_run/spec.json)")
     args = parser.parse_args(argv)
     module_name = WORKLOAD_MODULES[args.kind]
-    if importlib.util.find_spec(module_name) is None:
+    if not workload_built(args.kind):
         print(f"tokenmill: the {args.kind} workload is not built yet ({module_name} does not exist)", file=sys.stderr)
         return NOT_BUILT_EXIT_CODE
     workload = importlib.import_module(module_name)

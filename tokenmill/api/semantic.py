@@ -245,26 +245,28 @@ def _training(spec: TrainingStageSpec, context: Context) -> list[Problem]:
     return problems
 
 
-def _model_shape(spec: TrainingStageSpec, context: Context) -> tuple[ModelConfig | None, int | None, float | None]:
-    """(architecture, positions trained on, RoPE base trained with) of the model this stage starts from."""
+def _model_shape(
+    spec: TrainingStageSpec, context: Context, seen: frozenset[str] = frozenset()
+) -> tuple[ModelConfig | None, int | None, float | None]:
+    """(architecture, positions trained on, RoPE base trained with) of the model this stage starts from.
+
+    Unknown (None) when the chain of parents leaves the recipe or loops (cycles are reported elsewhere).
+    """
     if spec.model.config is not None:
         config = MODEL_CONFIGS.get(spec.model.config)
         if config is None:
             return None, None, None
         return config, config.max_position_embeddings, config.rope_theta
     parent = spec.model.parent
-    seen: set[str] = set()
-    while parent is not None and parent.ref is not None and parent.ref.name not in seen:
-        seen.add(parent.ref.name)
-        target = context.lookup("TrainingStage", parent.ref.name)
-        if not isinstance(target, TrainingStage):
-            return None, None, None
-        architecture, positions, rope = _model_shape(target.spec, context)
-        if positions is None:
-            return architecture, None, None
-        trained_rope = target.spec.rope_base or rope
-        return architecture, max(positions, target.spec.sequence_length), trained_rope
-    return None, None, None
+    if parent is None or parent.ref is None or parent.ref.name in seen:
+        return None, None, None
+    target = context.lookup("TrainingStage", parent.ref.name)
+    if not isinstance(target, TrainingStage):
+        return None, None, None
+    architecture, positions, rope = _model_shape(target.spec, context, seen | {parent.ref.name})
+    if positions is None:
+        return architecture, None, None
+    return architecture, max(positions, target.spec.sequence_length), target.spec.rope_base or rope
 
 
 def _tokenizer(spec: TrainingStageSpec, architecture: ModelConfig) -> list[Problem]:

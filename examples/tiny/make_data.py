@@ -1,0 +1,116 @@
+"""Writes the tiny recipe's input datasets into data/ as committed tokenmill datasets.
+
+Deterministic: rerunning it produces the same documents. The corpus deliberately holds
+what the CorpusFilter must catch: other languages, binary junk, near-duplicates, and a
+document that quotes a benchmark item.
+
+    python examples/tiny/make_data.py
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+from tokenmill.store import DOCUMENTS, DatasetWriter
+
+HERE = Path(__file__).resolve().parent
+TOPICS = {
+    "math": ["a prime number has exactly two divisors", "the sum of two even numbers is even",
+             "a right triangle satisfies the theorem of Pythagoras", "multiplying by zero gives zero"],
+    "science": ["water boils at one hundred degrees at sea level", "plants turn light into sugar",
+                "the moon orbits the earth about once a month", "sound travels faster in water than in air"],
+    "history": ["the printing press spread books across Europe", "ancient Rome built roads and aqueducts",
+                "the silk road linked China with the Mediterranean", "the first railways carried coal"],
+    "travel": ["the old town has narrow streets and a busy market", "the coastal path follows the cliffs",
+               "trains cross the mountains through long tunnels", "the harbour fills with boats at dawn"],
+}
+CONNECTIVES = ["In other words,", "For example,", "This means that", "Students often learn that",
+               "It is worth noting that", "A simple check shows that"]
+BENCHMARK_ITEMS = [
+    "natalia sold clips to forty eight of her friends in april and then she sold half as many clips in may",
+    "which of the following best describes the function of the mitochondria in a eukaryotic cell",
+    "a train leaves the station at nine and travels sixty miles per hour for three hours how far does it go",
+]
+GERMAN = "Die Katze schläft auf dem Sofa und der Hund spielt im Garten mit dem Ball. "
+FRENCH = "Le chat dort sur le canapé et le chien joue dans le jardin avec la balle. "
+
+
+def english_document(rng: random.Random, topic: str) -> str:
+    facts = TOPICS[topic]
+    sentences = []
+    for _ in range(rng.randint(8, 20)):
+        fact = rng.choice(facts)
+        sentences.append(f"{rng.choice(CONNECTIVES)} {fact}.")
+    return " ".join(sentences)
+
+
+def raw_documents(rng: random.Random) -> list[dict]:
+    documents = []
+    for index in range(600):
+        topic = rng.choice(sorted(TOPICS))
+        documents.append({"text": english_document(rng, topic), "source": "web", "lang": "en",
+                          "meta": json.dumps({"topic": topic})})
+    documents += [{"text": GERMAN * 12, "source": "web", "lang": "de", "meta": "{}"} for _ in range(20)]
+    documents += [{"text": FRENCH * 12, "source": "web", "lang": "fr", "meta": "{}"} for _ in range(20)]
+    junk = ["".join(chr(rng.randint(0x2500, 0x25FF)) for _ in range(800)) for _ in range(15)]
+    documents += [{"text": text, "source": "web", "lang": "und", "meta": "{}"} for text in junk]
+    documents += [dict(documents[i]) for i in range(0, 60, 3)]  # exact duplicates
+    documents += [
+        {"text": f"Homework help. {item}. The answer is explained below.", "source": "web", "lang": "en",
+         "meta": "{}"}
+        for item in BENCHMARK_ITEMS
+    ]
+    rng.shuffle(documents)
+    return [{"id": f"raw-{i:05d}", **doc} for i, doc in enumerate(documents)]
+
+
+def annotations(rng: random.Random) -> list[dict]:
+    rows = []
+    for index in range(200):
+        topic = rng.choice(sorted(TOPICS))
+        good = rng.random() < 0.5
+        text = english_document(rng, topic) if good else " ".join(rng.choice(["click", "buy", "now", "free"])
+                                                                  for _ in range(60))
+        rows.append({"id": f"ann-{index:04d}", "text": text, "source": "annotations", "lang": "en",
+                     "meta": json.dumps({"label": 1.0 if good else 0.0})})
+    return rows
+
+
+def benchmark() -> list[dict]:
+    return [{"id": f"bench-{i}", "text": item, "source": "benchmark", "lang": "en", "meta": "{}"}
+            for i, item in enumerate(BENCHMARK_ITEMS)]
+
+
+def problems(rng: random.Random) -> list[dict]:
+    rows = []
+    for index in range(64):
+        a, b = rng.randint(2, 40), rng.randint(2, 40)
+        rows.append({"id": f"prob-{index:03d}", "text": f"What is {a} plus {b}?", "source": "problems",
+                     "lang": "en", "meta": json.dumps({"prompt": f"What is {a} plus {b}?", "answer": str(a + b)})})
+    return rows
+
+
+def write(name: str, rows: list[dict], shard_rows: int = 256) -> None:
+    target = HERE / "data" / name
+    shutil.rmtree(target, ignore_errors=True)
+    writer = DatasetWriter(target.as_uri(), DOCUMENTS)
+    shards = range(0, len(rows), shard_rows)
+    for number, start in enumerate(shards):
+        writer.write_shard(number, rows[start:start + shard_rows])
+    writer.finalize(expected=range(len(shards)))
+    print(f"wrote {len(rows)} documents to {target}")
+
+
+def main() -> None:
+    rng = random.Random(1234)
+    write("raw", raw_documents(rng))
+    write("annotations", annotations(rng))
+    write("benchmarks", benchmark())
+    write("problems", problems(rng))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""A test-only workload: commits the output a real workload of each kind would, and logs its calls.
+
+Behaviour is scripted by environment variables so one test can make a kind fail or be missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from tokenmill.layout import dataset_uri
+from tokenmill.store import DOCUMENTS, CheckpointStore, DatasetWriter, Progress, read_run_spec, write_progress
+from tokenmill.workloads import NOT_BUILT_EXIT_CODE, PHASE_SUCCEEDED
+
+
+def main() -> int:
+    kind, spec_uri = sys.argv[1], sys.argv[3]
+    output = spec_uri.rsplit("/_run/", 1)[0]
+    run = read_run_spec(output)
+    with open(os.environ["SCRIPTED_LOG"], "a") as log:
+        log.write(json.dumps({"kind": kind, "name": run["metadata"]["name"], "spec": run["spec"]}) + "\n")
+    if kind in os.environ.get("SCRIPTED_MISSING", "").split(","):
+        return NOT_BUILT_EXIT_CODE
+    if kind in os.environ.get("SCRIPTED_FAIL", "").split(","):
+        print("scripted failure", file=sys.stderr)
+        return 1
+    print(f"{kind} {run['metadata']['name']} working")
+    if kind == "training-stage":
+        with tempfile.TemporaryDirectory() as local:
+            Path(local, "weights.bin").write_bytes(b"\0" * 64)
+            CheckpointStore.for_output(output).save_dir(10, local, {"step": 10})
+    else:
+        writer = DatasetWriter(dataset_uri(output), DOCUMENTS)
+        writer.write_shard(0, [{"id": "d0", "text": "hello", "source": kind, "lang": "en", "meta": "{}"}])
+        writer.finalize(expected=[0])
+    write_progress(output, Progress(phase=PHASE_SUCCEEDED, done=1, total=1, unit="step", message="done"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Runs a planned recipe on this machine: one local Ray, a local (or any) store, live progress."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tokenmill.api.graph import dependencies
+from tokenmill.api.resources import KINDS, AnyResource
+from tokenmill.api.status import OutputSummary
+from tokenmill.layout import run_spec_uri
+from tokenmill.outputs import summarize_outputs
+from tokenmill.resolve import UnresolvedInput, output_uri, resolve_spec, run_spec
+from tokenmill.store import ObjectNotFoundError, StoreError, read_progress, read_run_spec, write_run_spec
+from tokenmill.workloads import NOT_BUILT_EXIT_CODE, PHASE_SUCCEEDED, workload_built
+
+
+@dataclass
+class StageResult:
+    resource: AnyResource
+    result: str
+    """Succeeded, Up to date, Failed, Not built yet, or Blocked."""
+    detail: str = ""
+    seconds: float = 0.0
+    output: str = ""
+    outputs: OutputSummary | None = None
+
+
+@dataclass
+class RunEvents:
+    """Callbacks the CLI uses to draw progress; all optional."""
+
+    started: Callable[[AnyResource], None] = lambda resource: None
+    progress: Callable[[AnyResource, float | None, str], None] = lambda resource, fraction, message: None
+    line: Callable[[AnyResource, str], None] = lambda resource, text: None
+    finished: Callable[[StageResult], None] = lambda result: None
+
+
+@dataclass
+class LocalRunner:
+    store_root: str
+    ray_address: str | None = None
+    entrypoint: tuple[str, ...] = (sys.executable, "-m", "tokenmill.trainer")
+    """The workload command; `<kind> --spec <uri>` is appended."""
+    poll_seconds: float = 0.5
+    events: RunEvents = field(default_factory=RunEvents)
+
+    def run(self, resources: list[AnyResource]) -> list[StageResult]:
+        results: dict[tuple[str, str], StageResult] = {}
+        for resource in resources:
+            blocked = [key for key in dependencies(resource) if results[key].result not in ("Succeeded", "Up to date")]
+            if blocked:
+                names = ", ".join(f"{kind}/{name} ({results[(kind, name)].result.lower()})" for kind, name in blocked)
+                result = StageResult(resource, "Blocked", f"inputs not available: {names}")
+                if not workload_built(KINDS[resource.kind].cli_name):
+                    result.detail += f"; its {KINDS[resource.kind].cli_name} workload is not built yet either"
+            else:
+                inputs = {key: results[key].outputs for key in dependencies(resource) if results[key].outputs}
+                result = self._run_one(resource, inputs)  # type: ignore[arg-type]
+            results[resource.key] = result
+            self.events.finished(result)
+        return list(results.values())
+
+    def _run_one(self, resource: AnyResource, inputs: dict[tuple[str, str], OutputSummary]) -> StageResult:
+        output = output_uri(resource, self.store_root)
+        try:
+            resolved = resolve_spec(resource, inputs)
+        except UnresolvedInput as error:
+            return StageResult(resource, "Blocked", str(error), output=output)
+        document = run_spec(resource, output=output, attempt=1, resolved=resolved)
+        if _up_to_date(output, document):
+            return StageResult(resource, "Up to date", "outputs committed by an earlier run", output=output,
+                               outputs=summarize_outputs(output))
+        write_run_spec(output, document)
+        self.events.started(resource)
+        started = time.monotonic()
+        code = self._execute(resource, output)
+        seconds = time.monotonic() - started
+        if code == NOT_BUILT_EXIT_CODE:
+            return StageResult(resource, "Not built yet", f"the {KINDS[resource.kind].cli_name} workload does not exist yet",
+                               seconds, output)
+        if code != 0:
+            return StageResult(resource, "Failed", f"workload exited with status {code}", seconds, output)
+        return StageResult(resource, "Succeeded", "", seconds, output, summarize_outputs(output))
+
+    def _execute(self, resource: AnyResource, output: str) -> int:
+        command = [*self.entrypoint, KINDS[resource.kind].cli_name, "--spec", run_spec_uri(output)]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if self.ray_address:
+            env["RAY_ADDRESS"] = self.ray_address
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        stop = threading.Event()
+        watcher = threading.Thread(target=self._watch_progress, args=(resource, output, stop), daemon=True)
+        watcher.start()
+        assert process.stdout is not None
+        for text in process.stdout:
+            self.events.line(resource, text.rstrip("\n"))
+        code = process.wait()
+        stop.set()
+        watcher.join()
+        self._report_progress(resource, output)
+        return code
+
+    def _watch_progress(self, resource: AnyResource, output: str, stop: threading.Event) -> None:
+        while not stop.wait(self.poll_seconds):
+            self._report_progress(resource, output)
+
+    def _report_progress(self, resource: AnyResource, output: str) -> None:
+        try:
+            progress = read_progress(output)
+        except (StoreError, ValueError):  # a record being replaced; the next poll reads it
+            return
+        if progress is not None:
+            self.events.progress(resource, progress.fraction, progress.message)
+
+
+def _up_to_date(output: str, document: dict) -> bool:
+    """An earlier run of the same spec finished: its progress says so and its spec is identical."""
+    progress = read_progress(output)
+    if progress is None or progress.phase != PHASE_SUCCEEDED:
+        return False
+    try:
+        return read_run_spec(output) == document
+    except ObjectNotFoundError:
+        return False
+
+
+def default_store(recipe: Path) -> str:
+    return (Path.cwd() / "tokenmill-runs" / recipe.resolve().name).as_uri()
