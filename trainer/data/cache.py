@@ -1,0 +1,226 @@
+"""The token shard cache: a document dataset tokenized and packed into token-sequence datasets.
+
+Layout: ``<output>/<bucket label>/`` is one dataset of schema ``token_sequences/1`` per length
+bucket (``len-0-up`` when documents are not bucketed; see `midtrain`). Its shard ``part-N``
+holds the packed rows of the input's shard ``part-N``: one row per sequence, ``tokens`` of
+``seq_len + 1`` ids (see `packing`), ``id`` ``<input shard>:<row>``, ``source`` the dataset's
+name. A shard's manifest ``tokens`` is the number of text and end-of-text tokens it holds (each
+row-overlap token once, padding excluded), so the manifest's summary is the source's unique
+token count; its ``rows`` the number of sequences the sampler draws from.
+
+Packing runs per input shard (documents never cross shards; a shard's last row is padded).
+Empty documents are skipped. Input shards are tokenized in parallel, one Ray task (one CPU, no
+GPU) per shard. The writers' producer is the cache's content key (input shards' checksums,
+tokenizer, seq_len, buckets), so a rerun or retry skips every committed shard, while a cache
+built from other data or settings is discarded and rebuilt rather than mixed in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from tokenmill.store import (
+    DOCUMENTS,
+    TOKEN_SEQUENCES,
+    Dataset,
+    DatasetWriter,
+    Manifest,
+    ParquetOptions,
+    Producer,
+    ShardInfo,
+    join_uri,
+    open_dataset,
+    open_store,
+)
+from tokenmill.trainer.data.midtrain import ALL_LENGTHS, LengthBucket
+from tokenmill.trainer.data.packing import StreamPacker, real_token_count
+from tokenmill.trainer.tokenizer import Tokenizer, get_tokenizer
+
+log = logging.getLogger("tokenmill.trainer.data")
+
+CACHE_FORMAT = 1
+PRODUCER_KIND = "TokenCache"
+_TOKENS_TYPE = TOKEN_SEQUENCES.arrow.field("tokens").type
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What a token cache is built with."""
+
+    tokenizer: str
+    seq_len: int
+    buckets: tuple[LengthBucket, ...] = (ALL_LENGTHS,)
+    documents_per_batch: int = 512
+    """Documents tokenized at once (bounds a task's memory; rows are the same for any value)."""
+    row_group_rows: int = 64
+    """Parquet row-group size: the unit of random access for `TokenCacheSource`."""
+    name: str = field(default="", compare=False)
+    """Dataset name written to the ``source`` column and the producer."""
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 1:
+            raise ValueError(f"seq_len must be at least 1, got {self.seq_len}")
+        labels = [bucket.label for bucket in self.buckets]
+        if not labels or len(set(labels)) != len(labels):
+            raise ValueError(f"buckets must be non-empty and distinct, got {labels}")
+        ordered = sorted(self.buckets, key=lambda b: b.min_tokens)
+        for lower, upper in zip(ordered, ordered[1:]):
+            if lower.max_tokens is None or lower.max_tokens > upper.min_tokens:
+                raise ValueError(f"length buckets overlap: {lower.label} and {upper.label}")
+
+
+@dataclass(frozen=True)
+class PackedShard:
+    """One bucket's rows from one input shard."""
+
+    rows: np.ndarray
+    tokens: int
+
+
+def cache_key(manifest: Manifest, spec: CacheSpec) -> str:
+    """A content key: the same input shards and settings give the same cache."""
+    key = {
+        "format": CACHE_FORMAT,
+        "input": [[s.shard, s.sha256] for s in manifest.shards],
+        "tokenizer": spec.tokenizer,
+        "seq_len": spec.seq_len,
+        "buckets": [[b.min_tokens, b.max_tokens] for b in spec.buckets],
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def bucket_uri(output: str, bucket: LengthBucket) -> str:
+    return join_uri(output, bucket.label)
+
+
+def pack_texts(
+    texts: Iterator[Sequence[str]], tokenizer: Tokenizer, spec: CacheSpec
+) -> dict[str, PackedShard]:
+    """Tokenize batches of texts and pack each length bucket's documents into rows (one stream each).
+
+    A document's length is its token count without EOT; documents in no bucket are dropped.
+    """
+    packers = {
+        b.label: StreamPacker(spec.seq_len, tokenizer.eot_id, tokenizer.pad_id) for b in spec.buckets
+    }
+    parts: dict[str, list[np.ndarray]] = {label: [] for label in packers}
+    edges = _bucket_edges(spec.buckets)
+    for batch in texts:
+        token_lists = [ids for ids in tokenizer.encode_batch(batch, num_threads=1) if ids]
+        if not token_lists:
+            continue
+        lengths = np.fromiter(map(len, token_lists), dtype=np.int64, count=len(token_lists))
+        which = _bucket_index(lengths, edges)
+        for index, bucket in enumerate(spec.buckets):
+            chosen = np.flatnonzero(which == index)
+            if chosen.size:
+                rows = packers[bucket.label].add([token_lists[i] for i in chosen])
+                parts[bucket.label].append(rows)
+    packed = {}
+    for label, packer in packers.items():
+        parts[label].append(packer.finish())
+        rows = np.concatenate(parts[label])
+        packed[label] = PackedShard(rows, real_token_count(rows, tokenizer.pad_id))
+    return packed
+
+
+def rows_table(rows: np.ndarray, shard: str, source: str) -> pa.Table:
+    """Rows as a ``token_sequences`` table (ids ``<shard>:<row>``)."""
+    width = rows.shape[1]
+    offsets = pa.array(np.arange(rows.shape[0] + 1, dtype=np.int32) * width, type=pa.int32())
+    values = pa.array(rows.reshape(-1).astype(np.int32, copy=False), type=pa.int32())
+    tokens = pa.ListArray.from_arrays(offsets, values, type=_TOKENS_TYPE)
+    ids = pa.array([f"{shard}:{i}" for i in range(rows.shape[0])], type=pa.string())
+    sources = pa.array([source] * rows.shape[0], type=pa.string())
+    return pa.table({"id": ids, "tokens": tokens, "source": sources})
+
+
+def cache_shard(
+    documents_uri: str, shard: Mapping[str, Any], spec: CacheSpec, writers: Mapping[str, DatasetWriter]
+) -> dict[str, int]:
+    """Tokenize, pack and commit one input shard into every bucket; returns rows per bucket."""
+    info = ShardInfo.from_dict(shard, documents_uri)
+    dataset = Dataset(open_store(documents_uri), Manifest(DOCUMENTS.name, DOCUMENTS.version, (info,)))
+    table = dataset.read_shard(info, columns=["text"])
+    texts = (
+        batch.column(0).to_pylist()
+        for batch in table.to_batches(max_chunksize=spec.documents_per_batch)
+    )
+    packed = pack_texts(texts, get_tokenizer(spec.tokenizer), spec)
+    for label, result in packed.items():
+        table = rows_table(result.rows, info.shard, spec.name)
+        writers[label].write_shard(info.shard, table, tokens=result.tokens)
+    return {label: int(result.rows.shape[0]) for label, result in packed.items()}
+
+
+def build_token_cache(
+    documents_uri: str,
+    output_uri: str,
+    spec: CacheSpec,
+    *,
+    use_ray: bool = True,
+    max_in_flight: int | None = None,
+) -> dict[str, Manifest]:
+    """Build (or finish) the cache of a committed document dataset; returns each bucket's manifest.
+
+    Committed shards are skipped, so calling it again after a crash does only the rest.
+    """
+    documents = open_dataset(documents_uri).expect_schema(DOCUMENTS)
+    producer = Producer(kind=PRODUCER_KIND, name=spec.name, uid=cache_key(documents.manifest, spec))
+    options = ParquetOptions(row_group_rows=spec.row_group_rows)
+    writers = {
+        b.label: DatasetWriter(bucket_uri(output_uri, b), TOKEN_SEQUENCES, producer=producer, options=options)
+        for b in spec.buckets
+    }
+    done = [set(writer.resume()) for writer in writers.values()]
+    todo = [s for s in documents.shards if not all(s.shard in committed for committed in done)]
+    log.info("token cache %s: %d of %d shards to do", output_uri, len(todo), len(documents.shards))
+    args = [(documents.uri, s.to_dict(), spec, writers) for s in todo]
+    if use_ray:
+        _run_on_ray(args, max_in_flight)
+    else:
+        for arg in args:
+            cache_shard(*arg)
+    expected = [s.shard for s in documents.shards]
+    return {label: writer.finalize(expected=expected) for label, writer in writers.items()}
+
+
+def _run_on_ray(args: list[tuple[Any, ...]], max_in_flight: int | None) -> None:
+    import ray
+
+    if not args:
+        return
+    if not ray.is_initialized():
+        ray.init()
+    remote = ray.remote(num_cpus=1, num_gpus=0)(cache_shard)
+    limit = max_in_flight or max(1, 2 * int(ray.available_resources().get("CPU", 1)))
+    pending: list[Any] = []
+    for arg in args:
+        if len(pending) >= limit:
+            ready, pending = ray.wait(pending, num_returns=1)
+            ray.get(ready)
+        pending.append(remote.remote(*arg))
+    ray.get(pending)
+
+
+def _bucket_edges(buckets: Sequence[LengthBucket]) -> list[tuple[int, int | None]]:
+    return [(b.min_tokens, b.max_tokens) for b in buckets]
+
+
+def _bucket_index(lengths: np.ndarray, edges: Sequence[tuple[int, int | None]]) -> np.ndarray:
+    """The bucket of each length, or -1 when none holds it."""
+    which = np.full(lengths.shape, -1, dtype=np.int64)
+    for index, (lower, upper) in enumerate(edges):
+        inside = lengths >= lower
+        if upper is not None:
+            inside &= lengths < upper
+        which[inside] = index
+    return which
