@@ -1,0 +1,178 @@
+"""The Kubernetes calls the reconciler makes, with the official `kubernetes` client.
+
+kopf watches and caches; this module writes: RayJobs (list by label, create, delete), our
+resources' status and finalizers, Events, and reads the peering object. Every call runs in the
+controller's thread pool so the event loop never blocks.
+
+Errors are `ApiError` with the HTTP status; 404 and 409 have their own subclasses because the
+reconciler treats them as facts (gone, already exists / stale version), not as failures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor
+from typing import Any, TypeVar
+
+from tokenmill import __version__
+from tokenmill.api.resources import GROUP, KINDS, VERSION
+from tokenmill.operator import rayjob
+
+T = TypeVar("T")
+USER_AGENT = f"tokenmill-operator/{__version__}"
+FIELD_MANAGER = "tokenmill-operator"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, reason: str, message: str = ""):
+        super().__init__(f"{status} {reason}: {message}" if message else f"{status} {reason}")
+        self.status = status
+        self.reason = reason
+
+
+class NotFound(ApiError):
+    pass
+
+
+class Conflict(ApiError):
+    pass
+
+
+def load_configuration(kubeconfig: str | None = None, context: str | None = None) -> Any:
+    """The client configuration: in-cluster service account, else KUBECONFIG / ~/.kube/config."""
+    from kubernetes import client, config
+
+    configuration = client.Configuration()
+    try:
+        config.load_incluster_config(client_configuration=configuration)
+    except config.ConfigException:
+        config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=configuration)
+    return configuration
+
+
+class Kube:
+    def __init__(self, configuration: Any, executor: Executor, *, pool_size: int = 16):
+        from kubernetes import client
+
+        configuration.connection_pool_maxsize = max(pool_size, 4)
+        self._api_client = client.ApiClient(configuration)
+        self._api_client.user_agent = USER_AGENT
+        self._custom = client.CustomObjectsApi(self._api_client)
+        self._core = client.CoreV1Api(self._api_client)
+        self._executor = executor
+
+    def close(self) -> None:
+        self._api_client.close()
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        from kubernetes.client.exceptions import ApiException
+
+        loop = asyncio.get_running_loop()
+
+        def run() -> T:
+            try:
+                return fn()
+            except ApiException as error:
+                raise _translate(error) from None
+
+        return await loop.run_in_executor(self._executor, run)
+
+    # -- RayJobs -------------------------------------------------------------------------
+
+    async def list_rayjobs(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        result = await self._call(lambda: self._custom.list_namespaced_custom_object(
+            rayjob.RAY_GROUP, rayjob.RAY_VERSION, namespace, rayjob.RAY_PLURAL, label_selector=selector))
+        return list(result.get("items") or [])
+
+    async def create_rayjob(self, namespace: str, manifest: Mapping[str, Any]) -> dict[str, Any]:
+        return await self._call(lambda: self._custom.create_namespaced_custom_object(
+            rayjob.RAY_GROUP, rayjob.RAY_VERSION, namespace, rayjob.RAY_PLURAL, dict(manifest),
+            field_manager=FIELD_MANAGER))
+
+    async def delete_rayjob(self, namespace: str, name: str) -> None:
+        from kubernetes import client
+
+        await self._call(lambda: self._custom.delete_namespaced_custom_object(
+            rayjob.RAY_GROUP, rayjob.RAY_VERSION, namespace, rayjob.RAY_PLURAL, name,
+            body=client.V1DeleteOptions(propagation_policy="Background")))
+
+    async def list_all_rayjobs(self, namespace: str | None, selector: str) -> list[dict[str, Any]]:
+        if namespace is None:
+            result = await self._call(lambda: self._custom.list_cluster_custom_object(
+                rayjob.RAY_GROUP, rayjob.RAY_VERSION, rayjob.RAY_PLURAL, label_selector=selector))
+        else:
+            result = await self._call(lambda: self._custom.list_namespaced_custom_object(
+                rayjob.RAY_GROUP, rayjob.RAY_VERSION, namespace, rayjob.RAY_PLURAL, label_selector=selector))
+        return list(result.get("items") or [])
+
+    # -- our resources -------------------------------------------------------------------
+
+    async def list_resources(self, kind: str, namespace: str | None) -> list[dict[str, Any]]:
+        plural = KINDS[kind].plural
+        if namespace is None:
+            result = await self._call(lambda: self._custom.list_cluster_custom_object(GROUP, VERSION, plural))
+        else:
+            result = await self._call(lambda: self._custom.list_namespaced_custom_object(
+                GROUP, VERSION, namespace, plural))
+        items = list(result.get("items") or [])
+        for item in items:  # list items carry no kind of their own
+            item.setdefault("apiVersion", f"{GROUP}/{VERSION}")
+            item.setdefault("kind", kind)
+        return items
+
+    async def get_resource(self, kind: str, namespace: str, name: str) -> dict[str, Any]:
+        return await self._call(lambda: self._custom.get_namespaced_custom_object(
+            GROUP, VERSION, namespace, KINDS[kind].plural, name))
+
+    async def patch_status(self, kind: str, namespace: str, name: str, status: Mapping[str, Any],
+                           resource_version: str | None) -> dict[str, Any]:
+        """Merge-patch status; with resource_version, a stale view fails with Conflict."""
+        body: dict[str, Any] = {"status": dict(status)}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
+        return await self._call(lambda: self._custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, KINDS[kind].plural, name, body, field_manager=FIELD_MANAGER))
+
+    async def patch_finalizers(self, kind: str, namespace: str, name: str, finalizers: list[str],
+                               resource_version: str | None) -> dict[str, Any]:
+        body: dict[str, Any] = {"metadata": {"finalizers": finalizers}}
+        if resource_version:
+            body["metadata"]["resourceVersion"] = resource_version
+        return await self._call(lambda: self._custom.patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, KINDS[kind].plural, name, body, field_manager=FIELD_MANAGER))
+
+    # -- events and peering --------------------------------------------------------------
+
+    async def create_event(self, namespace: str, body: Mapping[str, Any]) -> None:
+        await self._call(lambda: self._core.create_namespaced_event(namespace, dict(body)))
+
+    async def get_peering(self, name: str, namespace: str | None) -> dict[str, Any]:
+        if namespace is None:
+            return await self._call(lambda: self._custom.get_cluster_custom_object(
+                "kopf.dev", "v1", "clusterkopfpeerings", name))
+        return await self._call(lambda: self._custom.get_namespaced_custom_object(
+            "kopf.dev", "v1", namespace, "kopfpeerings", name))
+
+    async def served_versions(self, group: str) -> set[str]:
+        """The versions of `group` the API server serves (API discovery; no RBAC needed)."""
+        def discover() -> set[str]:
+            from kubernetes import client
+
+            groups = client.ApisApi(self._api_client).get_api_versions()
+            return {version.version for g in groups.groups if g.name == group for version in g.versions}
+
+        return await self._call(discover)
+
+
+def _translate(error: Any) -> ApiError:
+    status = int(getattr(error, "status", 0) or 0)
+    reason = str(getattr(error, "reason", "") or "")
+    message = ""
+    try:
+        message = str(json.loads(error.body).get("message", ""))
+    except (TypeError, ValueError, AttributeError):
+        message = ""
+    cls = NotFound if status == 404 else Conflict if status == 409 else ApiError
+    return cls(status, reason, message[:500])

@@ -1,0 +1,176 @@
+"""The RayJob manifest for one attempt of one resource (pure: no I/O).
+
+The entrypoint is built from fixed tokens only: `python -m tokenmill.trainer`, the kind's
+sub-command and `--spec` followed by the run spec's URI, each shell-quoted. The URI is the
+operator's own (derived from spec.output.uri, which the schema restricts to s3:// and file://
+URIs without white space); nothing else a user writes reaches the command line.
+
+Placement: spec.ray (image, head and worker sizes, node selector, tolerations) over the
+operator's defaults (image, GPU node pool selector and tolerations). Deadlines map onto
+KubeRay's fields: activeDeadlineSeconds (reason DeadlineExceeded) and
+preRunningDeadlineSeconds (KubeRay >= 1.6; reason PreRunningDeadlineExceeded), so an attempt
+stuck initializing (image pull, no GPUs) fails instead of hanging. KubeRay's own retries
+(spec.backoffLimit) stay at 0: the operator retries with a new RayJob per attempt.
+"""
+
+from __future__ import annotations
+
+import shlex
+from typing import Any
+
+from tokenmill.api.resources import API_VERSION, KINDS, AnyResource
+from tokenmill.operator import naming
+from tokenmill.operator.config import OperatorConfig
+
+RAY_API_VERSION = "ray.io/v1"
+RAY_GROUP = "ray.io"
+RAY_VERSION = "v1"
+RAY_PLURAL = "rayjobs"
+WORKER_GROUP = "workers"
+SHM_VOLUME = "dshm"
+GPU_RESOURCE = "nvidia.com/gpu"
+TRAINER_MODULE = "tokenmill.trainer"
+
+
+def entrypoint(kind: str, spec_uri: str) -> str:
+    """`python -m tokenmill.trainer <cli_name> --spec <uri>`, every token quoted."""
+    if any(ch.isspace() for ch in spec_uri) or not spec_uri.startswith(("s3://", "file:///")):
+        raise ValueError(f"the run spec URI must be an s3:// or file:/// URI without white space: {spec_uri!r}")
+    return shlex.join(["python", "-m", TRAINER_MODULE, KINDS[kind].cli_name, "--spec", spec_uri])
+
+
+def labels(resource: AnyResource, attempt: int) -> dict[str, str]:
+    return {
+        naming.LABEL_KIND: resource.kind,
+        naming.LABEL_NAME: naming.label_value(resource.name),
+        naming.LABEL_ATTEMPT: str(attempt),
+        naming.LABEL_MANAGED_BY: naming.MANAGED_BY,
+    }
+
+
+def owner_reference(resource: AnyResource, *, preview: bool = False) -> dict[str, Any]:
+    uid = resource.metadata.uid
+    if not uid:
+        if not preview:
+            raise ValueError(f"{resource.kind}/{resource.name} has no metadata.uid; it must come from the API server")
+        uid = "<set by the API server>"
+    return {
+        "apiVersion": API_VERSION,
+        "kind": resource.kind,
+        "name": resource.name,
+        "uid": uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def render(
+    resource: AnyResource,
+    *,
+    namespace: str,
+    attempt: int,
+    spec_uri: str,
+    config: OperatorConfig,
+    preview: bool = False,
+) -> dict[str, Any]:
+    """The RayJob that runs attempt `attempt` of `resource` from the run spec at `spec_uri`.
+
+    `preview` (for `tokenmill render`) accepts a resource that has no uid yet.
+    """
+    spec = resource.spec
+    ray = spec.ray
+    meta_labels = labels(resource, attempt)
+    if ray.queue_name:
+        meta_labels[naming.LABEL_QUEUE] = ray.queue_name
+    pod_labels = {key: meta_labels[key] for key in (naming.LABEL_KIND, naming.LABEL_NAME, naming.LABEL_ATTEMPT)}
+
+    secret = spec.output.credentials_secret.name if spec.output.credentials_secret else config.credentials_secret
+    env_from = [{"secretRef": {"name": secret}}] if secret else []
+    env = [{"name": key, "value": value} for key, value in sorted(config.ray_env.items())]
+    env.append({"name": "TOKENMILL_ATTEMPT", "value": str(attempt)})
+    image = ray.image or config.image
+    node_selector = dict(ray.node_selector) if ray.node_selector is not None else dict(config.node_selector)
+    if ray.tolerations is not None:
+        tolerations = [toleration.to_wire() for toleration in ray.tolerations]
+    else:
+        tolerations = [dict(toleration) for toleration in config.tolerations]
+
+    def pod_spec(container: dict[str, Any], volumes: list[dict[str, Any]]) -> dict[str, Any]:
+        pod: dict[str, Any] = {"containers": [container]}
+        if volumes:
+            pod["volumes"] = volumes
+        if node_selector:
+            pod["nodeSelector"] = dict(node_selector)
+        if tolerations:
+            pod["tolerations"] = [dict(toleration) for toleration in tolerations]
+        if config.service_account:
+            pod["serviceAccountName"] = config.service_account
+        return pod
+
+    def container(name: str, resources: dict[str, str], mounts: list[dict[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": name,
+            "image": image,
+            "resources": {"requests": dict(resources), "limits": dict(resources)},
+            "env": [dict(item) for item in env],
+        }
+        if env_from:
+            out["envFrom"] = [dict(item) for item in env_from]
+        if mounts:
+            out["volumeMounts"] = mounts
+        return out
+
+    head_resources = {"cpu": ray.head.cpus, "memory": ray.head.memory}
+    workers = ray.workers
+    worker_resources = {"cpu": workers.cpus_per_worker, "memory": workers.memory_per_worker}
+    if workers.gpus_per_worker:
+        worker_resources[GPU_RESOURCE] = str(workers.gpus_per_worker)
+    shm_volume = {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": workers.shared_memory}}
+    shm_mount = {"name": SHM_VOLUME, "mountPath": "/dev/shm"}
+
+    rayjob_spec: dict[str, Any] = {
+        "entrypoint": entrypoint(resource.kind, spec_uri),
+        "shutdownAfterJobFinishes": True,
+        "ttlSecondsAfterFinished": ray.ttl_seconds_after_finished,
+        "preRunningDeadlineSeconds": ray.pre_running_deadline_seconds,
+        "backoffLimit": 0,
+        "rayClusterSpec": {
+            "rayVersion": config.ray_version,
+            "headGroupSpec": {
+                # The head runs the driver only; Ray tasks and training workers go to the workers.
+                "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
+                "template": {
+                    "metadata": {"labels": dict(pod_labels)},
+                    "spec": pod_spec(container("ray-head", head_resources, []), []),
+                },
+            },
+            "workerGroupSpecs": [
+                {
+                    "groupName": WORKER_GROUP,
+                    "replicas": workers.replicas,
+                    "minReplicas": workers.replicas,
+                    "maxReplicas": workers.replicas,
+                    "rayStartParams": {},
+                    "template": {
+                        "metadata": {"labels": dict(pod_labels)},
+                        "spec": pod_spec(container("ray-worker", worker_resources, [shm_mount]), [shm_volume]),
+                    },
+                }
+            ],
+        },
+    }
+    if ray.active_deadline_seconds is not None:
+        rayjob_spec["activeDeadlineSeconds"] = ray.active_deadline_seconds
+
+    return {
+        "apiVersion": RAY_API_VERSION,
+        "kind": "RayJob",
+        "metadata": {
+            "name": naming.rayjob_name(resource.kind, resource.name, attempt),
+            "namespace": namespace,
+            "labels": meta_labels,
+            "annotations": {naming.ANNOTATION_SPEC_URI: spec_uri},
+            "ownerReferences": [owner_reference(resource, preview=preview)],
+        },
+        "spec": rayjob_spec,
+    }
