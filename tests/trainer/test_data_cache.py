@@ -5,18 +5,28 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from tests.fixtures.s3 import S3Bucket, moto_s3_server, s3_bucket  # noqa: F401  (fixtures)
-from tokenmill.store import DOCUMENTS, TOKEN_SEQUENCES, DatasetWriter, open_dataset, open_store
+from tokenmill.store import (
+    CHAT_SAMPLES,
+    DOCUMENTS,
+    TOKEN_SEQUENCES,
+    DatasetWriter,
+    SchemaValidationError,
+    open_dataset,
+    open_store,
+)
 from tokenmill.trainer.data.cache import CacheSpec, bucket_uri, build_token_cache, cache_key
 from tokenmill.trainer.data.loader import MicroBatchIterator
-from tokenmill.trainer.data.midtrain import ALL_LENGTHS, LengthBucket
+from tokenmill.trainer.data.midtrain import ALL_LENGTHS, LengthBucket, dataset_buckets, plan_for_stage
 from tokenmill.trainer.data.plan import plan_mixture
 from tokenmill.trainer.data.sampler import MixtureSampler
 from tokenmill.trainer.data.sources import TokenCacheSource, cache_sizes, open_token_cache
+from tokenmill.trainer.data.stage import StageDataset, build_stage_sources, token_cache_uri
 from tokenmill.trainer.tokenizer import get_tokenizer
 
 WORDS = "the quick brown fox jumps over a lazy dog while data flows into packed sequences über naïve 数据".split()
@@ -183,3 +193,58 @@ def test_cache_and_training_iterator_on_s3(s3_bucket: S3Bucket) -> None:
         assert batch.input_ids.shape == (4, 24)
         count += 1
     assert count == plan.num_steps and count * 4 == plan.total_sequences
+
+
+def test_stage_sources_feed_the_plan_and_the_iterator(corpus: tuple[str, list[list[str]]], tmp_path: Path) -> None:
+    documents, _ = corpus
+    spec = SimpleNamespace(
+        stage="midtrain",
+        datasets=[
+            SimpleNamespace(weight=0.3, epochs=50.0, role="new"),
+            SimpleNamespace(weight=0.7, epochs=50.0, role="replay"),
+        ],
+        long_document_boost=[SimpleNamespace(min_tokens=64, factor=3.0)],
+        sequence_length=32,
+        optimization=SimpleNamespace(global_batch_sequences=8, total_tokens=80 * 32),
+    )
+    names = ["long", "replay"]
+    datasets = [StageDataset(name, documents, dataset_buckets(spec, d)) for name, d in zip(names, spec.datasets)]
+    output = (tmp_path / "stage").as_uri()
+    sources, sizes = build_stage_sources(datasets, output=output, tokenizer="byte", seq_len=32, use_ray=False)
+    assert set(sizes["long"]) == {"len-0-63", "len-64-up"}  # type: ignore[arg-type]
+    assert set(sources) == {"long/len-0-63", "long/len-64-up", "replay"}
+    assert token_cache_uri(output, "long", "byte", 32).endswith("/tokens/long/byte-L32")
+    plan = plan_for_stage(spec, sizes, names)
+    tokenizer = get_tokenizer("byte")
+    batches = list(
+        MicroBatchIterator(
+            MixtureSampler(plan, seed=0), sources, rank=1, world_size=2, micro_batch_size=2,
+            eot_id=tokenizer.eot_id, pad_id=tokenizer.pad_id,
+        )
+    )
+    assert len(batches) == plan.total_sequences // 4 == 20
+    assert plan.source("replay").draws == 56
+
+
+def test_pretokenized_documents_are_packed_without_the_tokenizer(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    docs = [rng.integers(0, 256, size=int(n)).tolist() for n in rng.integers(0, 50, size=60)]
+    uri = (tmp_path / "tokens").as_uri()
+    writer = DatasetWriter(uri, TOKEN_SEQUENCES)
+    writer.write_shard(0, {"id": [str(i) for i in range(len(docs))], "tokens": docs})
+    writer.finalize()
+    output = (tmp_path / "cache").as_uri()
+    manifest = build_token_cache(uri, output, CacheSpec(tokenizer="byte", seq_len=20), use_ray=False)
+    tokenizer = get_tokenizer("byte")
+    rows = np.array(open_dataset(bucket_uri(output, ALL_LENGTHS)).read_all().column("tokens").to_pylist())
+    assert stream_of(rows, tokenizer.pad_id) == [t for d in docs if d for t in [*d, tokenizer.eot_id]]
+    assert manifest[ALL_LENGTHS.label].summary.tokens == sum(len(d) + 1 for d in docs if d)
+
+
+def test_a_dataset_of_another_schema_is_refused(tmp_path: Path) -> None:
+    uri = (tmp_path / "chat").as_uri()
+    writer = DatasetWriter(uri, CHAT_SAMPLES)
+    writer.write_shard(0, {"id": ["a"], "messages": [[{"role": "user", "content": "hi"}]]})
+    writer.finalize()
+    with pytest.raises(SchemaValidationError, match="a token cache reads documents or token_sequences"):
+        build_token_cache(uri, (tmp_path / "cache").as_uri(), CacheSpec(tokenizer="byte", seq_len=8), use_ray=False)

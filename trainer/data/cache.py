@@ -1,5 +1,8 @@
 """The token shard cache: a document dataset tokenized and packed into token-sequence datasets.
 
+Input: a committed dataset of schema ``documents`` (``text`` is tokenized) or ``token_sequences``
+(already tokenized, one document per row).
+
 Layout: ``<output>/<bucket label>/`` is one dataset of schema ``token_sequences/1`` per length
 bucket (``len-0-up`` when documents are not bucketed; see `midtrain`). Its shard ``part-N``
 holds the packed rows of the input's shard ``part-N``: one row per sequence, ``tokens`` of
@@ -20,34 +23,44 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from tokenmill.store import (
     DOCUMENTS,
     TOKEN_SEQUENCES,
     Dataset,
+    DatasetSchema,
     DatasetWriter,
     Manifest,
     ParquetOptions,
     Producer,
+    SchemaValidationError,
     ShardInfo,
     join_uri,
     open_dataset,
     open_store,
 )
 from tokenmill.trainer.data.midtrain import ALL_LENGTHS, LengthBucket
-from tokenmill.trainer.data.packing import StreamPacker, real_token_count
+from tokenmill.trainer.data.packing import (
+    TOKEN_DTYPE,
+    StreamPacker,
+    flatten_token_lists,
+    join_documents,
+    real_token_count,
+)
 from tokenmill.trainer.tokenizer import Tokenizer, get_tokenizer
 
 log = logging.getLogger("tokenmill.trainer.data")
 
 CACHE_FORMAT = 1
 PRODUCER_KIND = "TokenCache"
+INPUT_SCHEMAS = (DOCUMENTS.name, TOKEN_SEQUENCES.name)
 _TOKENS_TYPE = TOKEN_SEQUENCES.arrow.field("tokens").type
 
 
@@ -89,6 +102,7 @@ def cache_key(manifest: Manifest, spec: CacheSpec) -> str:
     """A content key: the same input shards and settings give the same cache."""
     key = {
         "format": CACHE_FORMAT,
+        "schema": manifest.schema_ref,
         "input": [[s.shard, s.sha256] for s in manifest.shards],
         "tokenizer": spec.tokenizer,
         "seq_len": spec.seq_len,
@@ -101,35 +115,46 @@ def bucket_uri(output: str, bucket: LengthBucket) -> str:
     return join_uri(output, bucket.label)
 
 
-def pack_texts(
-    texts: Iterator[Sequence[str]], tokenizer: Tokenizer, spec: CacheSpec
+def pack_token_batches(
+    batches: Iterable[tuple[np.ndarray, np.ndarray]], eot_id: int, pad_id: int, spec: CacheSpec
 ) -> dict[str, PackedShard]:
-    """Tokenize batches of texts and pack each length bucket's documents into rows (one stream each).
+    """Pack batches of documents, given as ``(flat tokens, lengths)``, into one stream per length bucket.
 
-    A document's length is its token count without EOT; documents in no bucket are dropped.
+    A document's length is its token count without EOT; empty documents and documents in no
+    bucket are dropped.
     """
-    packers = {
-        b.label: StreamPacker(spec.seq_len, tokenizer.eot_id, tokenizer.pad_id) for b in spec.buckets
-    }
+    packers = {b.label: StreamPacker(spec.seq_len, eot_id, pad_id) for b in spec.buckets}
     parts: dict[str, list[np.ndarray]] = {label: [] for label in packers}
     edges = _bucket_edges(spec.buckets)
-    for batch in texts:
-        token_lists = [ids for ids in tokenizer.encode_batch(batch, num_threads=1) if ids]
-        if not token_lists:
-            continue
-        lengths = np.fromiter(map(len, token_lists), dtype=np.int64, count=len(token_lists))
+    for flat, lengths in batches:
         which = _bucket_index(lengths, edges)
+        which[lengths == 0] = -1
         for index, bucket in enumerate(spec.buckets):
-            chosen = np.flatnonzero(which == index)
-            if chosen.size:
-                rows = packers[bucket.label].add([token_lists[i] for i in chosen])
-                parts[bucket.label].append(rows)
+            chosen = which == index
+            if chosen.any():
+                tokens, kept = _select_documents(flat, lengths, chosen)
+                parts[bucket.label].append(packers[bucket.label].add_stream(join_documents(tokens, kept, eot_id)))
     packed = {}
     for label, packer in packers.items():
         parts[label].append(packer.finish())
         rows = np.concatenate(parts[label])
-        packed[label] = PackedShard(rows, real_token_count(rows, tokenizer.pad_id))
+        packed[label] = PackedShard(rows, real_token_count(rows, pad_id))
     return packed
+
+
+def text_batches(texts: Iterable[Sequence[str]], tokenizer: Tokenizer) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Tokenized batches of texts as ``(flat tokens, lengths)`` (one thread: a Ray task has one CPU)."""
+    for batch in texts:
+        yield flatten_token_lists(tokenizer.encode_batch(batch, num_threads=1))
+
+
+def token_batches(table: pa.Table, batch_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Batches of a ``tokens`` list column (one document per row) as ``(flat tokens, lengths)``."""
+    for batch in table.to_batches(max_chunksize=batch_rows):
+        column = batch.column(0)
+        lengths = pc.list_value_length(column).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        flat = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(TOKEN_DTYPE, copy=False)
+        yield flat, lengths
 
 
 def rows_table(rows: np.ndarray, shard: str, source: str) -> pa.Table:
@@ -144,17 +169,23 @@ def rows_table(rows: np.ndarray, shard: str, source: str) -> pa.Table:
 
 
 def cache_shard(
-    documents_uri: str, shard: Mapping[str, Any], spec: CacheSpec, writers: Mapping[str, DatasetWriter]
+    documents_uri: str,
+    schema: DatasetSchema,
+    shard: Mapping[str, Any],
+    spec: CacheSpec,
+    writers: Mapping[str, DatasetWriter],
 ) -> dict[str, int]:
     """Tokenize, pack and commit one input shard into every bucket; returns rows per bucket."""
     info = ShardInfo.from_dict(shard, documents_uri)
-    dataset = Dataset(open_store(documents_uri), Manifest(DOCUMENTS.name, DOCUMENTS.version, (info,)))
-    table = dataset.read_shard(info, columns=["text"])
-    texts = (
-        batch.column(0).to_pylist()
-        for batch in table.to_batches(max_chunksize=spec.documents_per_batch)
-    )
-    packed = pack_texts(texts, get_tokenizer(spec.tokenizer), spec)
+    tokenizer = get_tokenizer(spec.tokenizer)
+    dataset = Dataset(open_store(documents_uri), Manifest(schema.name, schema.version, (info,)))
+    if schema.name == DOCUMENTS.name:
+        table = dataset.read_shard(info, columns=["text"])
+        texts = (b.column(0).to_pylist() for b in table.to_batches(max_chunksize=spec.documents_per_batch))
+        batches = text_batches(texts, tokenizer)
+    else:
+        batches = token_batches(dataset.read_shard(info, columns=["tokens"]), spec.documents_per_batch)
+    packed = pack_token_batches(batches, tokenizer.eot_id, tokenizer.pad_id, spec)
     for label, result in packed.items():
         table = rows_table(result.rows, info.shard, spec.name)
         writers[label].write_shard(info.shard, table, tokens=result.tokens)
@@ -173,7 +204,12 @@ def build_token_cache(
 
     Committed shards are skipped, so calling it again after a crash does only the rest.
     """
-    documents = open_dataset(documents_uri).expect_schema(DOCUMENTS)
+    documents = open_dataset(documents_uri)
+    schema = documents.schema
+    if schema.name not in INPUT_SCHEMAS:
+        raise SchemaValidationError(
+            f"{documents.uri} holds {schema.ref}; a token cache reads {' or '.join(INPUT_SCHEMAS)}", documents.uri
+        )
     producer = Producer(kind=PRODUCER_KIND, name=spec.name, uid=cache_key(documents.manifest, spec))
     options = ParquetOptions(row_group_rows=spec.row_group_rows)
     writers = {
@@ -183,7 +219,7 @@ def build_token_cache(
     done = [set(writer.resume()) for writer in writers.values()]
     todo = [s for s in documents.shards if not all(s.shard in committed for committed in done)]
     log.info("token cache %s: %d of %d shards to do", output_uri, len(todo), len(documents.shards))
-    args = [(documents.uri, s.to_dict(), spec, writers) for s in todo]
+    args = [(documents.uri, schema, s.to_dict(), spec, writers) for s in todo]
     if use_ray:
         _run_on_ray(args, max_in_flight)
     else:
@@ -209,6 +245,14 @@ def _run_on_ray(args: list[tuple[Any, ...]], max_in_flight: int | None) -> None:
             ray.get(ready)
         pending.append(remote.remote(*arg))
     ray.get(pending)
+
+
+def _select_documents(flat: np.ndarray, lengths: np.ndarray, chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The tokens and lengths of the chosen documents, in order."""
+    if chosen.all():
+        return flat, lengths
+    owner = np.repeat(np.arange(lengths.size), lengths)
+    return flat[chosen[owner]], lengths[chosen]
 
 
 def _bucket_edges(buckets: Sequence[LengthBucket]) -> list[tuple[int, int | None]]:

@@ -183,14 +183,26 @@ def components_from_spec(
     ``names`` are the resolved dataset names in the spec's order; ``sequences`` their token-cache
     sizes (per bucket label for new data when the stage is midtrain with boosts).
     """
-    boosts = list(getattr(spec, "long_document_boost", None) or [])
     midtrain = getattr(spec, "stage", None) == "midtrain"
     components = []
     for dataset, name in zip(spec.datasets, names, strict=True):
         role = getattr(dataset, "role", "new") if midtrain else "new"
-        buckets = length_buckets(boosts) if midtrain and role == "new" and boosts else (ALL_LENGTHS,)
+        buckets = dataset_buckets(spec, dataset)
         components.append(Component(name, dataset.weight, dataset.epochs, role, sequences[name], buckets))
     return components
+
+
+def dataset_buckets(spec: Any, dataset: Any) -> tuple[LengthBucket, ...]:
+    """The length buckets a stage's dataset is cached and sampled in.
+
+    New data of a midtrain stage with long-document boosts is split at the boost thresholds;
+    everything else is one bucket of all lengths.
+    """
+    boosts = list(getattr(spec, "long_document_boost", None) or [])
+    midtrain = getattr(spec, "stage", None) == "midtrain"
+    if midtrain and getattr(dataset, "role", "new") == "new" and boosts:
+        return length_buckets(boosts)
+    return (ALL_LENGTHS,)
 
 
 def _bucket_sizes(component: Component) -> dict[str, int]:
