@@ -93,6 +93,7 @@ class MicroBatchIterator:
         self.pad_id = pad_id
         rank_block(0, rank, world_size, micro_batch_size)  # validates the rank
         self._index = 0
+        self._step_cache: tuple[int, np.ndarray, np.ndarray] | None = None
         if state is not None:
             self.load_state_dict(state)
 
@@ -146,12 +147,22 @@ class MicroBatchIterator:
         )
 
     def _read(self, start: int, stop: int) -> np.ndarray:
-        source_ids, sequence_ids = self.sampler.draws(start, stop)
+        source_ids, sequence_ids = self._step_draws(start, stop)
         rows = np.empty((stop - start, self.sampler.plan.seq_len + 1), dtype=np.int64)
         for source in np.unique(source_ids):
             mine = np.flatnonzero(source_ids == source)
             rows[mine] = self.sources[source].read(sequence_ids[mine])
         return rows
+
+    def _step_draws(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Draws for ``[start, stop)``, computed once per global batch (locating a window costs
+        the same for one sample as for a whole batch)."""
+        batch = self.sampler.plan.global_batch_size
+        first = start - start % batch
+        if self._step_cache is None or self._step_cache[0] != first:
+            self._step_cache = (first, *self.sampler.draws(first, first + batch))
+        _, sources, sequences = self._step_cache
+        return sources[start - first : stop - first], sequences[start - first : stop - first]
 
 
 def _ordered_sources(
@@ -168,7 +179,7 @@ def _ordered_sources(
 
 
 def _check_sources(sources: Sequence[SequenceSource], plan: MixturePlan) -> None:
-    for source, planned in zip(sources, plan.sources):
+    for source, planned in zip(sources, plan.sources, strict=True):
         if source.num_sequences != planned.num_sequences:
             raise ValueError(
                 f"source {planned.name!r} holds {source.num_sequences} sequences but the plan "

@@ -193,7 +193,7 @@ def plan_mixture(
     draws = apportion(shares, total)
     planned = tuple(
         SourcePlan(spec.name, share, spec.num_sequences, count, _epochs(spec))
-        for spec, share, count in zip(specs, shares, draws)
+        for spec, share, count in zip(specs, shares, draws, strict=True)
     )
     return MixturePlan(planned, seq_len, global_batch_size)
 
@@ -260,13 +260,13 @@ def _supply(spec: SourceSpec) -> int | None:
 
 
 def _largest_total(specs: Sequence[SourceSpec], shares: Sequence[Fraction], caps: Sequence[int | None]) -> int:
-    unlimited = [spec.name for spec, cap in zip(specs, caps) if cap is None]
+    unlimited = [spec.name for spec, cap in zip(specs, caps, strict=True) if cap is None]
     if unlimited:
         raise MixtureError(
             "without a token budget every source needs epochs (the budget follows from them); "
             f"missing for: {', '.join(unlimited)}"
         )
-    return min(math.floor(cap / share) for cap, share in zip(caps, shares))
+    return min(math.floor(cap / share) for cap, share in zip(caps, shares, strict=True))
 
 
 def _budget_sequences(total_tokens: int, seq_len: int) -> int:
@@ -285,7 +285,7 @@ def _check_supply(
     budget_tokens: int | None,
 ) -> None:
     problems = []
-    for spec, share, cap in zip(specs, shares, caps):
+    for spec, share, cap in zip(specs, shares, caps, strict=True):
         quota = share * total
         if cap is not None and quota > cap:
             problems.append(_shortfall(spec, share, quota, cap, total, seq_len))
