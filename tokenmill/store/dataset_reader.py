@@ -17,7 +17,7 @@ from tokenmill.store.errors import (
     ObjectNotFoundError,
     SchemaValidationError,
 )
-from tokenmill.store.manifest import Manifest, ShardInfo
+from tokenmill.store.manifest import Manifest, ShardInfo, parse_json
 from tokenmill.store.opener import open_store
 from tokenmill.store.retry import RetryPolicy
 from tokenmill.store.schemas import DatasetSchema, get_schema
@@ -35,12 +35,12 @@ def read_manifest(uri: str | StoreURI | Store, *, retry: RetryPolicy | None = No
     """
     store = open_store(uri, retry=retry)
     try:
-        data = store.read_json(MANIFEST_NAME)
+        data = store.read_bytes(MANIFEST_NAME)
     except ObjectNotFoundError as exc:
         raise ManifestNotFoundError(
             f"{store.uri} has no committed dataset ({MANIFEST_NAME} is missing)", store.uri
         ) from exc
-    return Manifest.from_dict(data, store.uri)
+    return Manifest.from_dict(parse_json(data, store.uri_of(MANIFEST_NAME)), store.uri)
 
 
 def open_dataset(uri: str | StoreURI | Store, *, retry: RetryPolicy | None = None) -> Dataset:

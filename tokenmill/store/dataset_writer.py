@@ -44,6 +44,7 @@ from tokenmill.store.manifest import (
     Producer,
     ShardInfo,
     commit_record_key,
+    parse_json,
     shard_name,
     utc_now,
 )
@@ -214,11 +215,13 @@ class DatasetWriter:
             return list(pool.map(self._record, keys))
 
     def _record(self, key: str) -> CommitRecord:
-        return CommitRecord.from_dict(self.store.read_json(key), self.store.uri_of(key))
+        where = self.store.uri_of(key)
+        return CommitRecord.from_dict(parse_json(self.store.read_bytes(key), where), where)
 
     def _manifest_is_stale(self) -> bool:
         try:
-            manifest = Manifest.from_dict(self.store.read_json(MANIFEST_NAME), self.uri)
+            raw = self.store.read_bytes(MANIFEST_NAME)
+            manifest = Manifest.from_dict(parse_json(raw, self.uri), self.uri)
         except ObjectNotFoundError:
             return False
         except ManifestError:

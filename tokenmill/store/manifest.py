@@ -19,6 +19,7 @@ worker commits its shard with one PUT of its own and no worker rewrites a shared
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -51,6 +52,14 @@ def shard_name(shard: int | str) -> str:
             f"invalid shard id {shard!r}: use an int or 1-200 characters of A-Z a-z 0-9 . _ = -"
         )
     return shard
+
+
+def parse_json(data: bytes, where: str) -> Any:
+    """Decode a manifest or commit record, raising ManifestError if it is not JSON."""
+    try:
+        return json.loads(data)
+    except ValueError as exc:
+        raise ManifestError(f"{where} is not valid JSON ({exc})", where) from exc
 
 
 def commit_record_key(shard: str) -> str:

@@ -62,11 +62,15 @@ def call_with_retry(
     uri: str,
     operation: str,
     sleep: Callable[[float], None] = time.sleep,
+    chain: bool = True,
 ) -> T:
     """Run `fn`, retrying while `classify` calls its failure transient.
 
     `fn` must be idempotent: a retried request may have taken effect the first time
-    (a lost response), so every step of a commit is safe to repeat.
+    (a lost response), so every step of a commit is safe to repeat. With `chain` False
+    the client library's exception is not attached as the cause: its text comes from
+    the server and is not ours to vouch for, so `classify` must put what matters, made
+    safe, into the StoreError's own message.
     """
     attempt = 1
     while True:
@@ -79,7 +83,7 @@ def call_with_retry(
                     error = TransientStoreError(f"{error} (gave up after {attempt} attempts)", uri)
                 if error is exc:
                     raise
-                raise error from exc
+                raise error from (exc if chain else None)
             wait = policy.delay(attempt)
             log.warning(
                 "%s %s failed (%s); retry %d of %d in %.2fs",

@@ -36,6 +36,9 @@ class ObjectInfo:
 class Store(ABC):
     """Read, write, list and delete objects under one root URI."""
 
+    #: Whether errors keep the client library's exception as their cause (see call_with_retry).
+    chain_causes = True
+
     def __init__(self, root: StoreURI, retry: RetryPolicy | None = None) -> None:
         self.root = root
         self.retry = retry or RetryPolicy.from_env()
@@ -138,5 +141,5 @@ class Store(ABC):
     def _call(self, operation: str, key: str, fn: Callable[[], T]) -> T:
         return call_with_retry(
             fn, policy=self.retry, classify=self._classify, uri=self.uri_of(key),
-            operation=operation,
+            operation=operation, chain=self.chain_causes,
         )

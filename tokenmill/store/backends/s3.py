@@ -14,7 +14,11 @@ from urllib.parse import urlsplit
 
 from tokenmill.store.backends.base import BytesLike, ObjectInfo, Store
 from tokenmill.store.backends.local import _temp_name, _unlink_quietly
-from tokenmill.store.backends.s3_errors import TRANSIENT_CODES, classify_s3_exception
+from tokenmill.store.backends.s3_errors import (
+    TRANSIENT_CODES,
+    classify_s3_exception,
+    describe_exception,
+)
 from tokenmill.store.credentials import S3Settings, resolve_s3_settings
 from tokenmill.store.errors import (
     AccessDeniedError,
@@ -126,6 +130,8 @@ def _make_arrow_fs(settings: S3Settings) -> pyarrow.fs.S3FileSystem:
 
 class S3Store(Store):
     """A store under `s3://bucket/prefix` on AWS S3 or any S3-compatible server."""
+
+    chain_causes = False  # the server's own words travel only redacted, in our message
 
     def __init__(
         self, root: StoreURI, retry: RetryPolicy | None = None, settings: S3Settings | None = None
@@ -281,10 +287,9 @@ class S3Store(Store):
 
     def _classify(self, exc: BaseException, uri: str, operation: str) -> StoreError:
         error = classify_s3_exception(exc, uri, operation)
-        message = self.settings.redact(str(error))
-        if message != str(error):
-            error = type(error)(message, uri)
-        return error
+        detail = self.settings.redact(describe_exception(exc))
+        message = self.settings.redact(str(error)) + (f" [{detail}]" if detail else "")
+        return type(error)(message, uri)
 
     def _call_checked(self, operation: str, key: str, fn: Any) -> Any:
         """_call, turning 'not found' into BucketNotFoundError when the bucket is missing.

@@ -111,6 +111,21 @@ def classify_s3_exception(exc: BaseException, uri: str, operation: str) -> Store
     return StoreError(f"{where}: unexpected {type(exc).__name__}", uri)
 
 
+def describe_exception(exc: BaseException, limit: int = 240) -> str:
+    """A short account of a client exception for a message: the server's message for an
+    S3 error response, the client's words otherwise. Redact it before use."""
+    import botocore.exceptions as bce
+
+    if isinstance(exc, bce.ClientError):
+        text = str(exc.response.get("Error", {}).get("Message", "") or "")
+    elif isinstance(exc, OSError) and not isinstance(exc, (ConnectionError, TimeoutError)):
+        text = str(exc).split(" operation: ", 1)[-1]
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _classify_arrow(text: str, uri: str, operation: str) -> StoreError:
     match = _ARROW_ERROR.search(text)
     status_match = _ARROW_STATUS.search(text)
