@@ -81,6 +81,19 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
             rope_theta=10_000.0,
             tokenizer="phi-4",
         ),
+        # Phi-4's width and vocabulary with 4 of its 40 layers: the GPU throughput benchmark.
+        ModelConfig(
+            name="phi-4-width-4l",
+            vocab_size=100_352,
+            hidden_size=5120,
+            num_layers=4,
+            num_heads=40,
+            num_kv_heads=10,
+            intermediate_size=17_920,
+            max_position_embeddings=4096,
+            rope_theta=10_000.0,
+            tokenizer="phi-4",
+        ),
     )
 }
 
