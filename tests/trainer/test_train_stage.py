@@ -1,0 +1,104 @@
+"""The TrainingStage workload end to end on CPU: real Ray Train, two gloo workers, tiny model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tokenmill.layout import hf_export_uri
+from tokenmill.store import CheckpointStore, read_progress, write_run_spec
+from tokenmill.trainer.train import workload
+from tokenmill.trainer.train.loop import STOP_AFTER_ENV, read_history
+from tokenmill.workloads import NOT_BUILT_EXIT_CODE, PHASE_SUCCEEDED
+
+REPO = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("make_data", REPO / "examples" / "train-only" / "make_data.py")
+make_data = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(make_data)
+
+SEQ = 64
+BATCH = 8
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def docs_uri(tmp_path_factory) -> str:
+    target = tmp_path_factory.mktemp("data") / "docs"
+    make_data.write(target, 400)
+    return target.as_uri()
+
+
+def stage_spec(docs: str, **overrides: Any) -> dict[str, Any]:
+    spec = {
+        "stage": "pretrain",
+        "model": {"config": "tiny"},
+        "tokenizer": "byte",
+        "datasets": [{"uri": docs, "name": "docs", "weight": 1.0, "epochs": 4}],
+        "sequenceLength": SEQ,
+        "optimization": {
+            "globalBatchSequences": BATCH, "microBatchSequences": 2, "peakLearningRate": 3e-3,
+            "warmupSteps": 2, "decay": "linear", "minLearningRateRatio": 0.1,
+            "totalTokens": STEPS * BATCH * SEQ,
+        },
+        "checkpoint": {"intervalSteps": 4, "keepLast": 2},
+        "execution": {"precision": "fp32", "seed": 7},
+        "ray": {"workers": {"replicas": 2, "gpusPerWorker": 0}},
+    }
+    for key, value in overrides.items():
+        spec[key] = value
+    return spec
+
+
+def write_spec(output: str, spec: dict[str, Any], name: str = "pretrain", attempt: int = 1) -> str:
+    document = {"runSpecVersion": 1, "kind": "TrainingStage", "metadata": {"name": name},
+                "attempt": attempt, "output": output, "spec": spec}
+    return write_run_spec(output, document)
+
+
+def test_pretrain_resume_and_hf_export(ray_cluster, docs_uri, tmp_path, monkeypatch, capfd) -> None:
+    # Uninterrupted run.
+    full = (tmp_path / "full").as_uri()
+    assert workload.run(write_spec(full, stage_spec(docs_uri))) == 0
+    losses = [row["loss"] for row in read_history(full)]
+    assert len(losses) == STEPS
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.5, losses
+    assert read_progress(full).phase == PHASE_SUCCEEDED
+    assert CheckpointStore.for_output(full).steps() == [8, 12]  # keepLast 2
+    state = CheckpointStore.for_output(full).read_state(12)
+    assert state["tokens_seen"] == STEPS * BATCH * SEQ and len(state["rng"]) == 2
+
+    # Interrupted after step 6: the last committed checkpoint is step 4; the rerun resumes there.
+    broken = (tmp_path / "broken").as_uri()
+    monkeypatch.setenv(STOP_AFTER_ENV, "6")
+    assert workload.run(write_spec(broken, stage_spec(docs_uri))) != 0
+    assert CheckpointStore.for_output(broken).latest().step == 4
+    assert read_progress(broken).phase != PHASE_SUCCEEDED
+    monkeypatch.delenv(STOP_AFTER_ENV)
+    assert workload.run(write_spec(broken, stage_spec(docs_uri), attempt=2)) == 0
+    resumed = [row["loss"] for row in read_history(broken)]
+    assert resumed == pytest.approx(losses, abs=1e-6, rel=0)
+    assert "resumed from" in capfd.readouterr().out
+
+    # The export loads in transformers and generates.
+    transformers = pytest.importorskip("transformers")
+    hf_dir = Path(hf_export_uri(full).removeprefix("file://"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    assert type(model).__name__ == "Phi3ForCausalLM"
+    inputs = tokenizer("The sun was", return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 12
+    assert isinstance(tokenizer.decode(out[0]), str)

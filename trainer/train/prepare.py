@@ -1,0 +1,255 @@
+"""Everything a TrainingStage checks and loads before any compute: model, positions, data, plan.
+
+`prepare(doc)` runs on the driver first (so bad input fails before Ray Train starts) and again
+on every worker (each worker tokenizes and packs the committed datasets itself, so no large
+arrays travel through Ray; the result is deterministic, and the plan fingerprint is checked
+against the driver's). Errors are `TrainingInputError` with a message naming the field.
+
+Data path: committed datasets with the `documents` schema (text) or the `token_sequences`
+schema (already tokenized, one document per row) are tokenized and packed in memory with
+`trainer.data.packing` (documents separated by end-of-text, attention kept inside documents).
+This holds every packed row in memory, which suits the tiny local recipes; large stages need
+the token-shard cache in the store (not built yet in `trainer/data`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tokenmill.api.training import TrainingStageSpec
+from tokenmill.model_configs import ModelConfig, get_model_config
+from tokenmill.store import (
+    DOCUMENTS,
+    TOKEN_SEQUENCES,
+    CheckpointStore,
+    ManifestNotFoundError,
+    StoreError,
+    open_dataset,
+)
+from tokenmill.trainer.data.loader import ArraySource
+from tokenmill.trainer.data.midtrain import ALL_LENGTHS, LengthBucket, bucket_source_name, length_buckets
+from tokenmill.trainer.data.packing import TOKEN_DTYPE, pack_documents
+from tokenmill.trainer.data.plan import MixtureError, MixturePlan
+from tokenmill.trainer.data.midtrain import plan_for_stage
+from tokenmill.trainer.tokenizer import Tokenizer, get_tokenizer
+
+BUILT_STAGES = ("pretrain", "midtrain")
+_STEP_DIR = re.compile(r"^(?P<base>.+)/step-(?P<step>\d{8,})/?$")
+
+
+class TrainingInputError(ValueError):
+    """Input that cannot be trained on; raised before any compute is spent."""
+
+
+@dataclass(frozen=True)
+class ModelSetup:
+    config: ModelConfig
+    rope_theta: float
+    max_positions: int
+    tokenizer_name: str
+    parent_uri: str | None = None
+    """Committed checkpoint whose model weights initialise this stage (midtrain)."""
+
+    def to_state(self) -> dict[str, Any]:
+        """What a checkpoint records so a child stage can rebuild the same network."""
+        return {
+            "config": self.config.name,
+            "rope_theta": self.rope_theta,
+            "max_positions": self.max_positions,
+            "tokenizer": self.tokenizer_name,
+        }
+
+
+@dataclass
+class Prepared:
+    doc: dict[str, Any]
+    spec: TrainingStageSpec
+    output: str
+    model: ModelSetup
+    tokenizer: Tokenizer
+    plan: MixturePlan
+    sources: dict[str, ArraySource] = field(repr=False)
+    dataset_names: list[str] = field(default_factory=list)
+
+
+def parse_spec(doc: Mapping[str, Any]) -> TrainingStageSpec:
+    try:
+        return TrainingStageSpec.model_validate(doc["spec"])
+    except Exception as error:  # pydantic's message lists every field
+        raise TrainingInputError(f"the run spec is not a valid TrainingStage spec: {error}") from error
+
+
+def split_checkpoint_uri(uri: str) -> tuple[CheckpointStore, int]:
+    """`<output>/checkpoints/step-XXXXXXXX` as its checkpoint store and step."""
+    match = _STEP_DIR.match(uri)
+    if not match:
+        raise TrainingInputError(
+            f"model.parent {uri!r} is not a checkpoint directory (<output>/checkpoints/step-XXXXXXXX)"
+        )
+    return CheckpointStore(match.group("base")), int(match.group("step"))
+
+
+def resolve_model(spec: TrainingStageSpec) -> ModelSetup:
+    """The architecture, RoPE base and positions this stage trains; checks the sequence length."""
+    parent_uri = None
+    if spec.model.config is not None:
+        try:
+            config = get_model_config(spec.model.config)
+        except KeyError as error:
+            raise TrainingInputError(f"model.config: {error.args[0]}") from None
+        base_theta, base_positions = config.rope_theta, config.max_position_embeddings
+        tokenizer_name = spec.tokenizer or config.tokenizer
+    else:
+        parent = spec.model.parent
+        parent_uri = parent.uri if parent is not None else None
+        if not parent_uri:
+            raise TrainingInputError("model.parent has no resolved uri (the run spec must carry committed URIs)")
+        store, step = split_checkpoint_uri(parent_uri)
+        try:
+            state = store.read_state(step)
+        except StoreError as error:
+            raise TrainingInputError(f"model.parent {parent_uri}: no committed checkpoint ({error})") from None
+        saved = state.get("model") or {}
+        try:
+            config = get_model_config(saved["config"])
+        except KeyError as error:
+            raise TrainingInputError(f"model.parent {parent_uri}: unknown model config ({error})") from None
+        base_theta = float(saved.get("rope_theta", config.rope_theta))
+        base_positions = int(saved.get("max_positions", config.max_position_embeddings))
+        tokenizer_name = spec.tokenizer or saved.get("tokenizer") or config.tokenizer
+    try:
+        tokenizer = get_tokenizer(tokenizer_name)
+    except KeyError as error:
+        raise TrainingInputError(f"tokenizer: {error.args[0]}") from None
+    if tokenizer.vocab_size > config.vocab_size:
+        raise TrainingInputError(
+            f"tokenizer {tokenizer_name!r} has {tokenizer.vocab_size} ids but model {config.name!r} "
+            f"only {config.vocab_size} embeddings"
+        )
+    rope_theta = float(spec.rope_base) if spec.rope_base is not None else base_theta
+    if spec.sequence_length > base_positions and rope_theta == base_theta:
+        raise TrainingInputError(
+            f"sequenceLength {spec.sequence_length} is beyond the {base_positions} positions "
+            f"model {config.name!r} was trained for, without a RoPE change: set ropeBase above "
+            f"{base_theta:g} (midtraining uses 250000 for 16384) or lower sequenceLength"
+        )
+    max_positions = max(base_positions, spec.sequence_length)
+    return ModelSetup(config, rope_theta, max_positions, tokenizer_name, parent_uri)
+
+
+def dataset_names(spec: TrainingStageSpec) -> list[str]:
+    """Each component's name: its `name`, else the last meaningful URI segment; made unique."""
+    names: list[str] = []
+    for index, dataset in enumerate(spec.datasets):
+        name = dataset.name
+        if not name:
+            segments = [s for s in (dataset.uri or "").rstrip("/").split("/") if s]
+            while len(segments) > 1 and segments[-1] == "data":
+                segments.pop()
+            name = segments[-1] if segments else f"dataset-{index}"
+            name = name.removeprefix("file:")
+        candidate, suffix = name, 2
+        while candidate in names:
+            candidate, suffix = f"{name}-{suffix}", suffix + 1
+        names.append(candidate)
+    return names
+
+
+def read_documents(uri: str, tokenizer: Tokenizer, where: str) -> list[list[int]]:
+    """Token lists of a committed dataset's documents (text or token_sequences rows)."""
+    try:
+        dataset = open_dataset(uri)
+    except ManifestNotFoundError:
+        raise TrainingInputError(f"{where}: no committed dataset at {uri} (its _manifest.json is missing)") from None
+    except StoreError as error:
+        raise TrainingInputError(f"{where}: cannot open dataset {uri}: {error}") from None
+    if dataset.manifest.summary.rows == 0:
+        raise TrainingInputError(f"{where}: dataset {uri} is empty (its manifest lists no rows)")
+    schema = dataset.schema
+    if schema.name == DOCUMENTS.name:
+        texts = [t for t in dataset.read_all(columns=["text"]).column("text").to_pylist() if t]
+        tokens = tokenizer.encode_batch(texts)
+    elif schema.name == TOKEN_SEQUENCES.name:
+        tokens = dataset.read_all(columns=["tokens"]).column("tokens").to_pylist()
+    else:
+        raise TrainingInputError(
+            f"{where}: dataset {uri} has schema {schema.name!r}; pretrain and midtrain read "
+            f"{DOCUMENTS.name!r} or {TOKEN_SEQUENCES.name!r}"
+        )
+    tokens = [t for t in tokens if t]
+    if not tokens:
+        raise TrainingInputError(f"{where}: dataset {uri} holds no text to train on")
+    return tokens
+
+
+def _pack(documents: Sequence[Sequence[int]], seq_len: int, tokenizer: Tokenizer) -> np.ndarray:
+    if not documents:
+        return np.empty((0, seq_len + 1), dtype=TOKEN_DTYPE)
+    return pack_documents(documents, seq_len, tokenizer.eot_id, tokenizer.pad_id)
+
+
+def load_sources(
+    spec: TrainingStageSpec, names: Sequence[str], tokenizer: Tokenizer
+) -> tuple[dict[str, ArraySource], dict[str, int | dict[str, int]]]:
+    """Packed rows per sampler source, and each dataset's sequence counts for the plan."""
+    boosts = list(spec.long_document_boost)
+    sources: dict[str, ArraySource] = {}
+    sizes: dict[str, int | dict[str, int]] = {}
+    for index, (dataset, name) in enumerate(zip(spec.datasets, names)):
+        where = f"datasets[{index}] ({name})"
+        if not dataset.uri:
+            raise TrainingInputError(f"{where}: no resolved uri (the run spec must carry committed URIs)")
+        documents = read_documents(dataset.uri, tokenizer, where)
+        boosted = spec.stage == "midtrain" and dataset.role == "new" and boosts
+        buckets: tuple[LengthBucket, ...] = length_buckets(boosts) if boosted else (ALL_LENGTHS,)
+        per_bucket: dict[str, int] = {}
+        for bucket in buckets:
+            rows = _pack([d for d in documents if bucket.contains(len(d))], spec.sequence_length, tokenizer)
+            per_bucket[bucket.label] = int(rows.shape[0])
+            if rows.shape[0]:
+                sources[bucket_source_name(name, bucket)] = ArraySource(rows)
+        sizes[name] = per_bucket if boosted else per_bucket[ALL_LENGTHS.label]
+    return sources, sizes
+
+
+def prepare(doc: Mapping[str, Any]) -> Prepared:
+    """Validate the run spec against the model and the committed data; plan the mixture."""
+    spec = parse_spec(doc)
+    if spec.stage not in BUILT_STAGES:
+        raise TrainingInputError(f"stage {spec.stage!r} is not built here")
+    output = doc.get("output")
+    if not output:
+        raise TrainingInputError("the run spec has no output URI")
+    model = resolve_model(spec)
+    tokenizer = get_tokenizer(model.tokenizer_name)
+    names = dataset_names(spec)
+    sources, sizes = load_sources(spec, names, tokenizer)
+    try:
+        plan = plan_for_stage(spec, sizes, names)
+    except MixtureError as error:
+        raise TrainingInputError(f"datasets: {error}") from None
+    if plan.num_steps < 1:
+        raise TrainingInputError("the stage has no optimizer step (totalTokens below one global batch)")
+    return Prepared(dict(doc), spec, output, model, tokenizer, plan, sources, names)
+
+
+def describe(prepared: Prepared) -> str:
+    """A few lines for the driver log."""
+    plan = prepared.plan
+    lines = [
+        f"model {prepared.model.config.name}: rope base {prepared.model.rope_theta:g}, "
+        f"{prepared.model.max_positions} positions, tokenizer {prepared.model.tokenizer_name}",
+        f"plan: {plan.num_steps} steps x {plan.global_batch_size} sequences x {plan.seq_len} tokens "
+        f"= {plan.total_tokens:,} tokens",
+    ]
+    for source in plan.sources:
+        lines.append(
+            f"  {source.name}: share {float(source.share):.1%}, {source.num_sequences} unique sequences, "
+            f"{source.draws} draws ({source.epochs:.2f} epochs)"
+        )
+    return "\n".join(lines)

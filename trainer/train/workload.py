@@ -1,0 +1,107 @@
+"""The TrainingStage workload: `python -m tokenmill.trainer training-stage --spec <uri>`.
+
+The driver reads the run spec, validates it against the model and the committed data and
+plans the mixture (`prepare`), all before any compute; then it runs `loop.train_loop` on Ray
+Train's `TorchTrainer` (one worker per GPU, or `ray.workers.replicas` CPU workers with gloo).
+Our own checkpoints in the store are the source of truth for resuming: every attempt gets a
+unique Ray Train run name, so Ray never resumes a run of its own. The last act, after the
+final checkpoint and the Hugging Face export are in the store, is the `succeeded` progress.
+Stages sft and dpo come with the post-training issue: they exit with NOT_BUILT_EXIT_CODE.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+import uuid
+from typing import Any
+
+from tokenmill.layout import hf_export_uri
+from tokenmill.store import Progress, StoreError, open_store, write_progress
+from tokenmill.store.runrecord import _object as _spec_object
+from tokenmill.workloads import NOT_BUILT_EXIT_CODE, PHASE_SUCCEEDED
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+
+
+def _error(message: str) -> None:
+    print(f"tokenmill training-stage: {message}", file=sys.stderr, flush=True)
+
+
+def read_spec_document(spec_uri: str) -> dict[str, Any]:
+    store, name = _spec_object(spec_uri)
+    return store.read_json(name)
+
+
+def run(spec_uri: str) -> int:
+    try:
+        doc = read_spec_document(spec_uri)
+    except StoreError as error:
+        _error(f"cannot read the run spec {spec_uri}: {error}")
+        return EXIT_BAD_INPUT
+    stage = (doc.get("spec") or {}).get("stage")
+    if stage in ("sft", "dpo"):
+        _error(f"stage {stage!r} is not built yet (post-training comes with a later issue); nothing was run")
+        return NOT_BUILT_EXIT_CODE
+
+    from tokenmill.trainer.train.prepare import TrainingInputError, describe, prepare
+
+    started = time.monotonic()
+    try:
+        job = prepare(doc)
+    except TrainingInputError as error:
+        _error(f"{error}; nothing was trained")
+        return EXIT_BAD_INPUT
+    print(describe(job), flush=True)
+    output = job.output
+    write_progress(output, Progress(phase="starting", done=0, total=job.plan.num_steps, unit="steps",
+                                    message="starting Ray Train workers"))
+    try:
+        train(doc, job)
+    except Exception as error:  # a failed worker: the next attempt resumes from the last checkpoint
+        _error(f"training failed: {error}")
+        write_progress(output, Progress(phase="failed", message=str(error)[:500]))
+        return EXIT_FAILED
+    if not open_store(hf_export_uri(output)).exists("config.json"):
+        _error(f"training ended without a Hugging Face export at {hf_export_uri(output)}")
+        return EXIT_FAILED
+    seconds = time.monotonic() - started
+    write_progress(output, Progress(
+        phase=PHASE_SUCCEEDED, done=job.plan.num_steps, total=job.plan.num_steps, unit="steps",
+        message=f"trained {job.plan.total_tokens:,} tokens in {seconds:.0f} s; export at {hf_export_uri(output)}"))
+    return 0
+
+
+def train(doc: dict[str, Any], job: Any) -> None:
+    import ray
+    import torch
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from tokenmill.trainer.train.loop import LOG_EVERY_ENV, STOP_AFTER_ENV, train_loop
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)
+    workers = job.spec.ray.workers
+    use_gpu = torch.cuda.is_available() and workers.gpus_per_worker > 0
+    if use_gpu:
+        scaling = ScalingConfig(num_workers=workers.replicas * workers.gpus_per_worker, use_gpu=True)
+    else:
+        scaling = ScalingConfig(num_workers=workers.replicas, use_gpu=False, resources_per_worker={"CPU": 1})
+    name = doc.get("metadata", {}).get("name") or "training-stage"
+    run_name = f"{name}-attempt{doc.get('attempt', 0)}-{uuid.uuid4().hex[:8]}"
+    storage = os.environ.get("TOKENMILL_RAY_STORAGE") or os.path.join(tempfile.gettempdir(), "tokenmill-ray-train")
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "doc": doc, "fingerprint": job.plan.fingerprint(),
+            "stop_after": os.environ.get(STOP_AFTER_ENV), "log_every": os.environ.get(LOG_EVERY_ENV),
+        },
+        scaling_config=scaling,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(name=run_name, storage_path=storage),
+    )
+    trainer.fit()
