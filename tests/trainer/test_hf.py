@@ -177,5 +177,7 @@ def test_unsupported_phi3_configs_are_rejected():
         config_from_hf(longrope)
     with pytest.raises(ValueError, match="no tokenizer has a vocabulary of 32064"):
         config_from_hf({**base, "vocab_size": 32064, "tokenmill": None})
+    with pytest.raises(ValueError, match="more than the model's vocabulary of 320"):
+        hf_config(CONFIG, tokenizer_name="phi-4")
     with pytest.raises(ValueError, match="dtype must be one of"):
         export_hf({}, CONFIG, "unused", dtype="int8")

@@ -97,7 +97,10 @@ def test_documents_do_not_attend_across_boundaries(small):
         perturbed = small(torch.cat([other_first, second], dim=1), document_ids=documents)
         alone = small(second)
         unmasked = small(packed)
+        restarted = torch.cat([torch.arange(12), torch.arange(20)])
+        reset = small(packed, document_ids=documents, position_ids=restarted)
     torch.testing.assert_close(logits[:, 12:], perturbed[:, 12:], rtol=0, atol=0)
+    torch.testing.assert_close(reset[:, 12:], alone, rtol=1e-5, atol=1e-5)
     # RoPE is relative: without restarting positions the document sees what it sees alone.
     torch.testing.assert_close(logits[:, 12:], alone, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(logits[:, :12], unmasked[:, :12])

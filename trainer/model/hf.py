@@ -124,6 +124,11 @@ def hf_config(
     theta = float(rope_theta if rope_theta is not None else config.rope_theta)
     positions = max_positions or config.max_position_embeddings
     tokenizer = get_tokenizer(tokenizer_name or config.tokenizer)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(
+            f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} ids, more than the "
+            f"model's vocabulary of {config.vocab_size}"
+        )
     return {
         "architectures": ["Phi3ForCausalLM"],
         "model_type": "phi3",

@@ -69,7 +69,7 @@ class Transformer(nn.Module):
         document_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids [batch, seq]; position_ids default to 0..seq-1.
+        """input_ids [batch, seq]; position_ids ([batch or 1, seq] or [seq]) default to 0..seq-1.
 
         `document_ids` [batch, seq] confine attention to runs of equal ids (packed
         documents); `attention_mask` (boolean, True = may attend, broadcastable to
@@ -82,7 +82,9 @@ class Transformer(nn.Module):
             )
         x = self.embed(input_ids)
         if position_ids is None:
-            position_ids = torch.arange(seq_len, device=input_ids.device)[None]
+            position_ids = torch.arange(seq_len, device=input_ids.device)
+        if position_ids.dim() == 1:
+            position_ids = position_ids[None]
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.rope_theta, x.dtype)
         cos, sin = cos[:, None], sin[:, None]
         plan = plan_attention(document_ids, attention_mask, seq_len, x.device, x.dtype)

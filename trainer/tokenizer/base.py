@@ -31,9 +31,16 @@ class Tokenizer(ABC):
     vocab_size: int
     special_tokens: dict[str, int]
     pad_token: str
+    # The pre-tokenizer's split pattern (tiktoken's regex syntax); None splits nothing.
+    pattern: str | None = None
 
     def __init__(self) -> None:
         self._special_by_id = {token_id: token for token, token_id in self.special_tokens.items()}
+
+    @property
+    @abstractmethod
+    def byte_ranks(self) -> dict[bytes, int]:
+        """The byte-level BPE vocabulary, token bytes to id, special tokens excluded."""
 
     @abstractmethod
     def encode(self, text: str, *, allow_special: bool = False) -> list[int]:

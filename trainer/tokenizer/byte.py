@@ -24,7 +24,6 @@ class ByteTokenizer(Tokenizer):
     name = "byte"
     vocab_size = BYTE_VOCAB_SIZE
     pad_token = BYTE_PAD_TOKEN
-    pattern: str | None = None
 
     def __init__(self) -> None:
         self.special_tokens = byte_special_tokens()

@@ -31,10 +31,11 @@ class Phi4Tokenizer(Tokenizer):
             raise RuntimeError("the bundled cl100k_base does not have 100,256 BPE tokens")
         self.special_tokens = phi4_special_tokens()
         self.pattern: str = base["pat_str"]
+        self._ranks: dict[bytes, int] = base["mergeable_ranks"]
         self.encoding = tiktoken.Encoding(
             name="phi-4",
             pat_str=self.pattern,
-            mergeable_ranks=base["mergeable_ranks"],
+            mergeable_ranks=self._ranks,
             special_tokens=self.special_tokens,
             explicit_n_vocab=PHI4_VOCAB_SIZE,
         )
@@ -42,8 +43,7 @@ class Phi4Tokenizer(Tokenizer):
 
     @property
     def byte_ranks(self) -> dict[bytes, int]:
-        """The BPE vocabulary: token bytes to id (special tokens excluded)."""
-        return self.encoding._mergeable_ranks
+        return self._ranks
 
     def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
         if allow_special:
