@@ -49,9 +49,15 @@ def register(registry: kopf.OperatorRegistry) -> kopf.OperatorRegistry:
     return registry
 
 
-def login(**kwargs: Any) -> Any:
-    """kopf's own login through the `kubernetes` client: in-cluster token, else kubeconfig."""
-    return kopf.login_via_client(**kwargs)
+def login(settings: kopf.OperatorSettings, **_: Any) -> Any:
+    """In-cluster service account, else $KUBECONFIG: the same credentials the reconciler uses."""
+    from tokenmill.operator.kube import connection_info, load_configuration
+
+    try:
+        configuration = load_configuration()
+    except Exception as error:  # kubernetes.config.ConfigException, unreadable files
+        raise kopf.LoginError(f"cannot authenticate in-cluster or with a kubeconfig: {error}") from None
+    return connection_info(configuration, trust_env=settings.networking.trust_env)
 
 
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
@@ -78,8 +84,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 
     executor = ThreadPoolExecutor(max_workers=config.api_threads, thread_name_prefix="tokenmill-io")
     kube = Kube(configuration, executor, pool_size=config.api_threads)
-    versions = await kube.served_versions(rayjob.RAY_GROUP)
-    if rayjob.RAY_VERSION not in versions:
+    served = await kube.served_resources(rayjob.RAY_GROUP, rayjob.RAY_VERSION)
+    if rayjob.RAY_PLURAL not in served:
         kube.close()
         raise kopf.PermanentError(
             f"the API server does not serve {rayjob.RAY_API_VERSION} RayJobs: install KubeRay (>= 1.1) first"

@@ -41,15 +41,43 @@ class Conflict(ApiError):
 
 
 def load_configuration(kubeconfig: str | None = None, context: str | None = None) -> Any:
-    """The client configuration: in-cluster service account, else KUBECONFIG / ~/.kube/config."""
+    """The client configuration: in-cluster service account, else $KUBECONFIG or ~/.kube/config.
+
+    KUBECONFIG is read now (the client library reads it once, when it is first imported).
+    """
+    import os
+
     from kubernetes import client, config
 
     configuration = client.Configuration()
     try:
         config.load_incluster_config(client_configuration=configuration)
     except config.ConfigException:
-        config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=configuration)
+        path = kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+        config.load_kube_config(config_file=path, context=context, client_configuration=configuration)
     return configuration
+
+
+def connection_info(configuration: Any, *, trust_env: bool = False) -> Any:
+    """kopf's credentials from the same client configuration the operator's own calls use."""
+    import kopf
+
+    header = (configuration.get_api_key_with_prefix("BearerToken")
+              or configuration.get_api_key_with_prefix("authorization"))
+    parts = header.split(" ", 1) if header else []
+    scheme, token = (None, None) if not parts else (None, parts[0]) if len(parts) == 1 else (parts[0], parts[1])
+    return kopf.ConnectionInfo(
+        server=configuration.host,
+        ca_path=configuration.ssl_ca_cert,
+        insecure=not configuration.verify_ssl,
+        username=configuration.username or None,
+        password=configuration.password or None,
+        scheme=scheme,
+        token=token,
+        certificate_path=configuration.cert_file,
+        private_key_path=configuration.key_file,
+        trust_env=trust_env,
+    )
 
 
 class Kube:
@@ -155,15 +183,19 @@ class Kube:
         return await self._call(lambda: self._custom.get_namespaced_custom_object(
             "kopf.dev", "v1", namespace, "kopfpeerings", name))
 
-    async def served_versions(self, group: str) -> set[str]:
-        """The versions of `group` the API server serves (API discovery; no RBAC needed)."""
+    async def served_resources(self, group: str, version: str) -> set[str]:
+        """The resources the API server serves in group/version (API discovery; needs no RBAC).
+        Empty when the group/version is not served."""
         def discover() -> set[str]:
-            from kubernetes import client
+            data = self._api_client.call_api(
+                f"/apis/{group}/{version}", "GET", response_types_map={200: "object"}, auth_settings=["BearerToken"],
+                _return_http_data_only=True)
+            return {str(item.get("name")) for item in (data or {}).get("resources") or []}
 
-            groups = client.ApisApi(self._api_client).get_api_versions()
-            return {version.version for g in groups.groups if g.name == group for version in g.versions}
-
-        return await self._call(discover)
+        try:
+            return await self._call(discover)
+        except NotFound:
+            return set()
 
 
 def _translate(error: Any) -> ApiError:
