@@ -48,6 +48,8 @@ class Run:
     attempt: int
     outcome: str = "running"
     returncode: int | None = None
+    seen_at: float = field(default_factory=time.monotonic)
+    ended_at: float | None = None
 
 
 class KubeRayStandIn:
@@ -102,6 +104,7 @@ class KubeRayStandIn:
                 attempt = int(body["metadata"].get("labels", {}).get("tokenmill.dev/attempt", "0"))
                 self.runs[name] = Run(name, attempt)
                 self._tasks[uid] = asyncio.create_task(self._run(body))
+                self._tasks[uid].add_done_callback(lambda _, run=self.runs[name]: setattr(run, "ended_at", time.monotonic()))
             await asyncio.sleep(self.poll_seconds)
 
     def _current(self, body: dict[str, Any]) -> dict[str, Any] | None:
