@@ -11,11 +11,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -104,13 +103,62 @@ def test_config(store: str, **changes: Any) -> OperatorConfig:
     return base.with_overrides(**changes)
 
 
-@dataclass
 class OperatorHandle:
-    config: OperatorConfig
-    task: asyncio.Task[None]
-    stop_flag: asyncio.Event
-    memo: kopf.Memo
-    controllers: list[Controller] = field(default_factory=list)
+    """The real operator (kopf.operator with our handlers) on its own thread and event loop.
+
+    Its own loop, because kopf treats every task of its loop as its own and cancels them when
+    it stops: an operator sharing the test's loop would take the emulator, the stand-in and a
+    second operator down with it.
+    """
+
+    def __init__(self, config: OperatorConfig, *, standalone: bool, priority: int, peering: str,
+                 settings: kopf.OperatorSettings):
+        self.config = config
+        self.memo = kopf.Memo({MEMO_CONFIG: config})
+        self.stop_flag = threading.Event()
+        self.error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._arguments = dict(
+            registry=register(kopf.OperatorRegistry()),
+            settings=settings,
+            clusterwide=config.clusterwide,
+            namespaces=list(config.namespaces),
+            standalone=standalone,
+            peering_name=None if standalone else peering,
+            priority=priority,
+            memo=self.memo,
+            stop_flag=self.stop_flag,
+        )
+        self.thread = threading.Thread(target=self._main, name="operator", daemon=True)
+
+    def _main(self) -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        self._loop = loop
+        self._task = loop.create_task(kopf.operator(**self._arguments))
+        try:
+            loop.run_until_complete(self._task)
+        except BaseException as error:  # cancellation (kill) or a crash, kept for the test
+            self.error = error
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    async def start(self) -> OperatorHandle:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while MEMO_CONTROLLER not in self.memo:
+            if not self.thread.is_alive():
+                raise RuntimeError(f"the operator exited: {self.error!r}")
+            if time.monotonic() > deadline:
+                raise TimeoutError("the operator did not start")
+            await asyncio.sleep(0.02)
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.thread.is_alive()
 
     @property
     def controller(self) -> Controller:
@@ -123,20 +171,13 @@ class OperatorHandle:
     async def stop(self) -> None:
         """Graceful shutdown, as on SIGTERM."""
         self.stop_flag.set()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait_for(self.task, 30)
+        await asyncio.to_thread(self.thread.join, 30)
 
     async def kill(self) -> None:
-        """Abrupt stop: the kopf task and the reconciler's tasks are cancelled where they are."""
-        controller = self.memo.get(MEMO_CONTROLLER)
-        self.task.cancel()
-        if controller is not None:
-            await controller.stop()
-            server = getattr(controller, "health_server", None)
-            if server is not None:
-                await server.stop()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self.task
+        """Abrupt stop: every task of the operator is cancelled wherever it is."""
+        if self._loop is not None and self._task is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._task.cancel)
+        await asyncio.to_thread(self.thread.join, 30)
 
 
 @pytest.fixture
@@ -146,35 +187,16 @@ async def start_operator(kube: Emulator, store_root: str) -> AsyncIterator[Calla
     async def start(*, standalone: bool = True, priority: int = 0, peering: str = "tokenmill",
                     **changes: Any) -> OperatorHandle:
         config = test_config(changes.pop("store", store_root), standalone=standalone, **changes)
-        memo = kopf.Memo({MEMO_CONFIG: config})
-        stop_flag = asyncio.Event()
-        ready = asyncio.Event()
-        registry = register(kopf.OperatorRegistry())
-        task = asyncio.create_task(kopf.operator(
-            registry=registry,
-            clusterwide=config.clusterwide,
-            namespaces=list(config.namespaces),
-            standalone=standalone,
-            peering_name=None if standalone else peering,
-            priority=priority,
-            memo=memo,
-            stop_flag=stop_flag,
-            ready_flag=ready,
-        ))
-        handle = OperatorHandle(config, task, stop_flag, memo)
+        settings = kopf.OperatorSettings()
+        settings.queueing.idle_timeout = 0.3  # per-object workers linger 5 s by default: slow exits
+        settings.queueing.exit_timeout = 0.5
+        handle = OperatorHandle(config, standalone=standalone, priority=priority, peering=peering, settings=settings)
         handles.append(handle)
-        deadline = time.monotonic() + 30
-        while MEMO_CONTROLLER not in memo:
-            if task.done():
-                task.result()
-            if time.monotonic() > deadline:
-                raise TimeoutError("the operator did not start")
-            await asyncio.sleep(0.02)
-        return handle
+        return await handle.start()
 
     yield start
     for handle in handles:
-        if not handle.task.done():
+        if handle.running:
             await handle.stop()
 
 
