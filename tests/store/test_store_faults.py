@@ -156,3 +156,21 @@ def test_head_forbidden_on_bulk_read_is_access_denied(fault_proxy: FaultProxy, s
     with pytest.raises(AccessDeniedError, match=f"{s3_bucket.uri}/x/k"):
         store.read_bulk("k")
     assert len(fault_proxy.log) == 1
+
+
+def test_streamed_write_starts_over_after_a_fault(fault_proxy: FaultProxy, s3_bucket) -> None:  # type: ignore[no-untyped-def]
+    store = open_store(f"{s3_bucket.uri}/stream")
+    payload = os.urandom(12 << 20)
+    calls = []
+
+    def produce(stream) -> None:  # type: ignore[no-untyped-def]
+        calls.append(1)
+        for start in range(0, len(payload), 1 << 20):
+            stream.write(payload[start:start + (1 << 20)])
+
+    # More failures in a row than pyarrow's own per-request retries absorb (3 attempts):
+    # the whole upload fails, and our retry starts it over, producing the bytes again.
+    fault_proxy.add(Fault.error(500, "InternalError"), method="POST", query_contains="uploadId", times=3)
+    store.write_stream("obj", produce)
+    assert len(calls) == 2
+    assert store.read_bulk("obj") == payload

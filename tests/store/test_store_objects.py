@@ -170,3 +170,29 @@ def test_missing_bucket_fails_fast_with_a_clear_error(s3_bucket) -> None:  # typ
 def test_errors_are_store_errors(base_uri: str) -> None:
     with pytest.raises(StoreError):
         open_store(base_uri).read_json("absent.json")
+
+
+def test_write_stream(base_uri: str, backend: str) -> None:
+    store = open_store(base_uri)
+    chunks = [os.urandom(1 << 20) for _ in range(3)]
+
+    def produce(stream) -> None:  # type: ignore[no-untyped-def]
+        for chunk in chunks:
+            stream.write(chunk)
+
+    store.write_stream("streamed.bin", produce)
+    assert store.read_bulk("streamed.bin") == b"".join(chunks)
+
+    class Bug(Exception):
+        pass
+
+    def broken(stream) -> None:  # type: ignore[no-untyped-def]
+        stream.write(b"half")
+        raise Bug("the producer's own error")
+
+    with pytest.raises(Bug, match="the producer's own error"):  # not turned into a StoreError
+        store.write_stream("broken.bin", broken)
+    if backend == "file":
+        assert not store.exists("broken.bin")
+        assert [o.key for o in store.list()] == ["streamed.bin"]
+        assert sorted(os.listdir(store.local_path())) == ["streamed.bin"]  # type: ignore[attr-defined]

@@ -28,6 +28,7 @@ import secrets
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from tokenmill.layout import MANIFEST_NAME
 from tokenmill.store.backends.base import Store
@@ -51,7 +52,7 @@ from tokenmill.store.manifest import (
 from tokenmill.store.opener import open_store
 from tokenmill.store.retry import RetryPolicy
 from tokenmill.store.schemas import DatasetSchema, TableLike, validate_table
-from tokenmill.store.shards import ParquetOptions, encode_shard
+from tokenmill.store.shards import EncodedShard, ParquetOptions, count_tokens, write_parquet
 from tokenmill.store.uri import StoreURI
 
 log = logging.getLogger("tokenmill.store")
@@ -100,12 +101,18 @@ class DatasetWriter:
         """Validate and store a shard's bytes under a key unique to this write."""
         name = shard_name(shard)
         table = validate_table(data, self.schema)
-        encoded = encode_shard(table, self.options, tokens, self.schema)
         path = f"{name}.{secrets.token_hex(6)}.parquet"
-        self.store.write_bytes(path, encoded.data)
+        written: list[EncodedShard] = []
+
+        def produce(stream: BinaryIO) -> None:
+            written[:] = [write_parquet(table, stream, self.options)]
+
+        self.store.write_stream(path, produce)
+        if tokens is None:
+            tokens = count_tokens(table, self.schema)
         return StagedShard(
-            shard=name, path=path, rows=encoded.rows, bytes=encoded.data.size,
-            sha256=encoded.sha256, tokens=encoded.tokens,
+            shard=name, path=path, rows=table.num_rows, bytes=written[0].bytes,
+            sha256=written[0].sha256, tokens=tokens,
         )
 
     def commit(self, staged: StagedShard) -> ShardInfo:

@@ -19,6 +19,15 @@ log = logging.getLogger("tokenmill.store")
 Classifier = Callable[[BaseException, str, str], StoreError]
 
 
+class Passthrough(Exception):
+    """Carries an exception that is not the store's (raised by caller code running inside a
+    store operation) through call_with_retry, which re-raises it at once, untouched."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(repr(error))
+        self.error = error
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """How often and how patiently a transient error is retried.
@@ -76,6 +85,8 @@ def call_with_retry(
     while True:
         try:
             return fn()
+        except Passthrough:
+            raise
         except Exception as exc:  # noqa: BLE001 - classified below, re-raised as StoreError
             error = exc if isinstance(exc, StoreError) else classify(exc, uri, operation)
             if not isinstance(error, TransientStoreError) or attempt >= policy.max_attempts:

@@ -1,11 +1,14 @@
-"""Encoding a table into one Parquet shard and decoding it back with its checksum verified."""
+"""Encoding a table as a Parquet shard (hashed as it is written) and decoding it back with
+its checksum verified."""
 
 from __future__ import annotations
 
 import hashlib
+import queue
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -30,26 +33,89 @@ class ParquetOptions:
 
 @dataclass(frozen=True)
 class EncodedShard:
-    data: pa.Buffer
-    rows: int
+    """What writing a shard produced: its size and sha256."""
+
+    bytes: int
     sha256: str
-    tokens: int | None
 
 
-def encode_shard(
-    table: pa.Table, options: ParquetOptions, tokens: int | None = None,
-    schema: DatasetSchema | None = None,
-) -> EncodedShard:
-    """`table` as Parquet bytes with their sha256 and, where the schema knows, token count."""
-    sink = pa.BufferOutputStream()
-    pq.write_table(
-        table, sink, compression=options.compression,
-        compression_level=options.compression_level, row_group_size=options.row_group_rows,
-    )
-    data = sink.getvalue()
-    if tokens is None and schema is not None:
-        tokens = count_tokens(table, schema)
-    return EncodedShard(data=data, rows=table.num_rows, sha256=sha256_hex(data), tokens=tokens)
+class HashingSink:
+    """A file-like sink for pq.write_table that passes bytes on to `target` and hashes them
+    in a second thread, so the hash overlaps the encoding instead of adding to it."""
+
+    def __init__(self, target: BinaryIO) -> None:
+        self._target = target
+        self._size = 0
+        self._hash = hashlib.sha256()
+        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._drain, daemon=True)
+        self._thread.start()
+        self.closed = False
+
+    def write(self, data: bytes | memoryview) -> int:
+        chunk = bytes(data)  # the Parquet writer reuses its buffer once we return
+        self._target.write(chunk)
+        self._queue.put(chunk)
+        self._size += len(chunk)
+        return len(chunk)
+
+    def tell(self) -> int:
+        return self._size
+
+    def flush(self) -> None:
+        pass
+
+    def writable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        """Stop the hashing thread (the target stays open: its owner closes it)."""
+        if not self.closed:
+            self.closed = True
+            self._queue.put(None)
+            self._thread.join()
+
+    def result(self) -> EncodedShard:
+        self.close()
+        return EncodedShard(bytes=self._size, sha256=self._hash.hexdigest())
+
+    def _drain(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            self._hash.update(chunk)
+
+
+def write_parquet(table: pa.Table, target: BinaryIO, options: ParquetOptions) -> EncodedShard:
+    """Encode `table` as Parquet into `target`; returns the size and sha256 of the bytes."""
+    sink = HashingSink(target)
+    try:
+        pq.write_table(
+            table, sink, compression=options.compression,
+            compression_level=options.compression_level, row_group_size=options.row_group_rows,
+        )
+    finally:
+        sink.close()
+    return sink.result()
+
+
+class Sha256Job:
+    """The sha256 of a buffer, computed in a second thread (hashlib releases the GIL) so that
+    it overlaps the upload or the Parquet decoding the caller does meanwhile."""
+
+    def __init__(self, data: bytes | pa.Buffer | memoryview) -> None:
+        self._digest: list[str] = []
+        self._thread: threading.Thread | None = None
+        if memoryview(data).nbytes < _PARALLEL_HASH_BYTES:
+            self._digest.append(sha256_hex(data))
+        else:
+            self._thread = threading.Thread(
+                target=lambda: self._digest.append(sha256_hex(data)), daemon=True
+            )
+            self._thread.start()
+
+    def result(self) -> str:
+        if self._thread is not None:
+            self._thread.join()
+        return self._digest[0]
 
 
 def count_tokens(table: pa.Table, schema: DatasetSchema) -> int | None:
@@ -69,31 +135,22 @@ def decode_shard(
 ) -> pa.Table:
     """Parse a shard's bytes, raising ChecksumMismatchError unless they are the committed ones.
 
-    The hash runs in a second thread while Parquet decodes (hashlib releases the GIL), so
-    verification costs little wall time; the table is only returned once both agree.
+    The hash runs while Parquet decodes; the table is only returned once both agree.
     """
     if len(data) != info.bytes:
         raise ChecksumMismatchError(
             f"shard {info.shard!r} at {uri} has {len(data)} bytes, its commit says {info.bytes}",
             uri,
         )
-    digest: list[str] = []
-    hasher = None
-    if len(data) >= _PARALLEL_HASH_BYTES:
-        hasher = threading.Thread(target=lambda: digest.append(sha256_hex(data)), daemon=True)
-        hasher.start()
-    else:
-        digest.append(sha256_hex(data))
+    digest = Sha256Job(data)
     try:
         table = pq.read_table(pa.BufferReader(data), columns=None if columns is None else list(columns))
         error: Exception | None = None
     except (pa.ArrowException, OSError) as exc:
         table, error = None, exc
-    if hasher is not None:
-        hasher.join()
-    if digest[0] != info.sha256:
+    if digest.result() != info.sha256:
         raise ChecksumMismatchError(
-            f"shard {info.shard!r} at {uri} is corrupt: sha256 {digest[0][:16]}… "
+            f"shard {info.shard!r} at {uri} is corrupt: sha256 {digest.result()[:16]}… "
             f"differs from the committed {info.sha256[:16]}…",
             uri,
         )

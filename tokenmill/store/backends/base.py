@@ -10,10 +10,10 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from tokenmill.store.errors import StoreError
-from tokenmill.store.retry import RetryPolicy, call_with_retry
+from tokenmill.store.retry import Passthrough, RetryPolicy, call_with_retry
 from tokenmill.store.uri import StoreURI
 
 if TYPE_CHECKING:
@@ -78,6 +78,15 @@ class Store(ABC):
         """Store `data` at `key` atomically: readers see the old object or the new one."""
 
     @abstractmethod
+    def write_stream(self, key: str, produce: Callable[[BinaryIO], None]) -> None:
+        """Store what `produce` writes into the stream it is given, atomically.
+
+        Nothing is buffered whole: the bytes go to the file or to S3 (multipart, in the
+        background) as they are produced. `produce` is called again if a transient error
+        makes the write start over, so it must write the same bytes every time.
+        """
+
+    @abstractmethod
     def exists(self, key: str) -> bool:
         """Whether an object (not a prefix) is stored at `key`."""
 
@@ -139,7 +148,18 @@ class Store(ABC):
         """The StoreError a backend exception stands for (transient or not)."""
 
     def _call(self, operation: str, key: str, fn: Callable[[], T]) -> T:
-        return call_with_retry(
-            fn, policy=self.retry, classify=self._classify, uri=self.uri_of(key),
-            operation=operation, chain=self.chain_causes,
-        )
+        try:
+            return call_with_retry(
+                fn, policy=self.retry, classify=self._classify, uri=self.uri_of(key),
+                operation=operation, chain=self.chain_causes,
+            )
+        except Passthrough as wrapped:
+            raise wrapped.error  # noqa: B904 - the caller's own exception, as it was raised
+
+
+def run_producer(produce: Callable[[BinaryIO], None], stream: BinaryIO) -> None:
+    """Call a write_stream producer, marking its own exceptions as not the store's."""
+    try:
+        produce(stream)
+    except Exception as exc:
+        raise Passthrough(exc) from exc

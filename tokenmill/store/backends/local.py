@@ -6,9 +6,10 @@ import errno
 import os
 import secrets
 import shutil
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, BinaryIO
 
-from tokenmill.store.backends.base import BytesLike, ObjectInfo, Store
+from tokenmill.store.backends.base import BytesLike, ObjectInfo, Store, run_producer
 from tokenmill.store.errors import (
     AccessDeniedError,
     ObjectNotFoundError,
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 
 _TMP_SUFFIX = ".tmp"
 _COPY_CHUNK = 8 << 20
+_WRITE_BUFFER = 1 << 20
 
 
 def is_temp_name(name: str) -> bool:
@@ -31,7 +33,12 @@ def is_temp_name(name: str) -> bool:
 
 
 def atomic_write(path: str, data: BytesLike, *, durable: bool = True) -> None:
-    """Write `data` to `path` through a temp file in the same directory and a rename.
+    """Write `data` to `path` through a temp file in the same directory and a rename."""
+    atomic_stream(path, lambda handle: handle.write(data), durable=durable)
+
+
+def atomic_stream(path: str, produce: Callable[[BinaryIO], object], *, durable: bool = True) -> None:
+    """Let `produce` write a temp file in `path`'s directory, then rename it to `path`.
 
     With `durable`, the file is fsynced before the rename and the directory after it,
     so a commit marker written this way survives a power loss together with its data.
@@ -41,8 +48,8 @@ def atomic_write(path: str, data: BytesLike, *, durable: bool = True) -> None:
     tmp = _temp_name(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+        with os.fdopen(fd, "wb", buffering=_WRITE_BUFFER) as handle:
+            produce(handle)
             handle.flush()
             if durable:
                 os.fsync(handle.fileno())
@@ -102,6 +109,12 @@ class FileStore(Store):
 
     def write_bytes(self, key: str, data: BytesLike) -> None:
         self._call("write", key, lambda: atomic_write(self.local_path(key), data))
+
+    def write_stream(self, key: str, produce: Callable[[BinaryIO], None]) -> None:
+        self._call(
+            "write", key,
+            lambda: atomic_stream(self.local_path(key), lambda f: run_producer(produce, f)),
+        )
 
     def exists(self, key: str) -> bool:
         return os.path.isfile(self.local_path(key))

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import urlsplit
 
-from tokenmill.store.backends.base import BytesLike, ObjectInfo, Store
+from tokenmill.store.backends.base import BytesLike, ObjectInfo, Store, run_producer
 from tokenmill.store.backends.local import _temp_name, _unlink_quietly
 from tokenmill.store.backends.s3_errors import (
     TRANSIENT_CODES,
@@ -177,8 +178,9 @@ class S3Store(Store):
         """Like read_bytes, through pyarrow's S3 client: faster for large objects."""
 
         def read() -> bytes:
-            with self._clients.arrow.open_input_stream(self.arrow_path(key)) as stream:
-                return stream.readall()
+            # A random-access file reads in one ranged GET; a stream's readall() crawls.
+            with self._clients.arrow.open_input_file(self.arrow_path(key)) as source:
+                return source.read()
 
         return self._call_checked("read", key, read)
 
@@ -190,6 +192,16 @@ class S3Store(Store):
         else:
             def put() -> None:
                 self._boto.put_object(Bucket=self.bucket, Key=self.full_key(key), Body=bytes(data))
+
+        self._call_checked("write", key, put)
+
+    def write_stream(self, key: str, produce: Callable[[BinaryIO], None]) -> None:
+        # An exception inside `produce` still completes the upload (pyarrow cannot abort
+        # one): the partial object sits under the given key, so callers stream only to
+        # keys that nothing refers to until they commit them.
+        def put() -> None:
+            with self._clients.arrow.open_output_stream(self.arrow_path(key)) as stream:
+                run_producer(produce, stream)  # type: ignore[arg-type]
 
         self._call_checked("write", key, put)
 
@@ -251,7 +263,7 @@ class S3Store(Store):
         def download() -> None:
             tmp = _temp_name(os.path.abspath(local_path))
             try:
-                with self._clients.arrow.open_input_stream(self.arrow_path(key)) as source, \
+                with self._clients.arrow.open_input_file(self.arrow_path(key)) as source, \
                         open(tmp, "xb") as target:
                     while chunk := source.read(_STREAM_CHUNK):
                         target.write(chunk)
