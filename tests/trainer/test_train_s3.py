@@ -1,0 +1,50 @@
+"""Training against the S3 server: checkpoints, resume and the Hugging Face export all through S3."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.fixtures.s3 import moto_s3_server, s3_bucket  # noqa: F401 - fixtures used by name
+from tests.trainer.test_train_stage import BATCH, SEQ, stage_spec, write_spec
+from tokenmill.layout import hf_export_uri
+from tokenmill.store import CheckpointStore, open_store, read_progress
+from tokenmill.trainer.train import workload
+from tokenmill.trainer.train.loop import STOP_AFTER_ENV, read_history
+from tokenmill.workloads import PHASE_SUCCEEDED
+
+STEPS = 4
+
+
+@pytest.fixture
+def ray_with_s3_environment(s3_bucket):  # noqa: F811
+    """A Ray started after the bucket's endpoint and credentials are in the environment, so workers inherit them."""
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield s3_bucket
+    ray.shutdown()
+
+
+def test_checkpoints_resume_and_export_on_s3(ray_with_s3_environment, tmp_path, monkeypatch):
+    from tests.trainer.test_train_stage import make_data
+
+    bucket = ray_with_s3_environment
+    docs = tmp_path / "docs"
+    make_data.write(docs, 200)
+    output = f"{bucket.uri}/runs/pretrain"
+    spec = stage_spec(docs.as_uri(), checkpoint={"intervalSteps": 2, "keepLast": 2})
+    spec["optimization"]["totalTokens"] = STEPS * BATCH * SEQ
+
+    monkeypatch.setenv(STOP_AFTER_ENV, "3")
+    assert workload.run(write_spec(output, spec)) != 0
+    checkpoints = CheckpointStore.for_output(output)
+    assert checkpoints.latest().step == 2 and checkpoints.latest().uri.startswith("s3://")
+    monkeypatch.delenv(STOP_AFTER_ENV)
+
+    assert workload.run(write_spec(output, spec, attempt=2)) == 0
+    assert checkpoints.steps() == [2, 4]
+    assert checkpoints.read_state(4)["tokens_seen"] == STEPS * BATCH * SEQ
+    assert len(read_history(output)) == STEPS
+    assert open_store(hf_export_uri(output)).exists("config.json")
+    assert read_progress(output).phase == PHASE_SUCCEEDED
