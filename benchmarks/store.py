@@ -1,6 +1,6 @@
 """Shard write and read throughput through tokenmill.store against raw pyarrow.
 
-    python benchmarks/store.py [--shards 4] [--rows 16000] [--repeat 3] [--backends file,s3]
+    python benchmarks/store.py [--shards 4] [--rows 32000] [--repeat 5] [--backends file,s3]
 
 Both sides encode the same documents tables as Parquet with zstd and move them through the
 same pyarrow filesystem: raw pyarrow is `pq.write_table` / `pq.read_table` on a path; the
@@ -17,6 +17,7 @@ this process (moto's own CPU time is not in it).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import socket
 import statistics
@@ -27,10 +28,12 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 
 import boto3
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from tokenmill.store import DOCUMENTS, DatasetWriter, open_dataset, open_store
@@ -43,8 +46,7 @@ def make_tables(shards: int, rows: int, seed: int = 0) -> list[pa.Table]:
     rng = np.random.default_rng(seed)
     letters = np.frombuffer(b"etaoinshrdlcumwfgypbvkjxqz", dtype=np.uint8)
     vocabulary = [
-        bytes(rng.choice(letters, size=int(n))).decode()
-        for n in rng.integers(2, 11, size=30_000)
+        bytes(rng.choice(letters, size=int(n))).decode() for n in rng.integers(2, 11, size=30_000)
     ]
     ranks = np.minimum(rng.zipf(1.2, size=3_000_000), len(vocabulary)) - 1
     corpus = " ".join(vocabulary[i] for i in ranks)  # ~18 MB to cut documents from
@@ -52,13 +54,20 @@ def make_tables(shards: int, rows: int, seed: int = 0) -> list[pa.Table]:
     for shard in range(shards):
         starts = rng.integers(0, len(corpus) - 8_000, size=rows)
         lengths = rng.integers(200, 4_000, size=rows)
-        texts = [corpus[s:s + n] for s, n in zip(starts.tolist(), lengths.tolist())]
+        texts = [corpus[s : s + n] for s, n in zip(starts.tolist(), lengths.tolist(), strict=True)]
         ids = [f"doc-{shard}-{i}" for i in range(rows)]
-        tables.append(pa.Table.from_pydict(
-            {"id": ids, "text": texts, "source": ["web"] * rows, "lang": ["en"] * rows,
-             "meta": [f'{{"n": {i}}}' for i in range(rows)]},
-            schema=DOCUMENTS.arrow,
-        ))
+        tables.append(
+            pa.Table.from_pydict(
+                {
+                    "id": ids,
+                    "text": texts,
+                    "source": ["web"] * rows,
+                    "lang": ["en"] * rows,
+                    "meta": [f'{{"n": {i}}}' for i in range(rows)],
+                },
+                schema=DOCUMENTS.arrow,
+            )
+        )
     return tables
 
 
@@ -69,7 +78,8 @@ def moto_server() -> Iterator[str]:
         port = sock.getsockname()[1]
     process = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     endpoint = f"http://127.0.0.1:{port}"
     try:
@@ -95,6 +105,28 @@ def timed(fn: Callable[[], object]) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
+def raw_write(tables: list[pa.Table], fs: pafs.FileSystem, paths: list[str]) -> None:
+    for table, path in zip(tables, paths, strict=True):
+        pq.write_table(table, path, filesystem=fs, compression=COMPRESSION)
+
+
+def raw_read(fs: pafs.FileSystem, paths: list[str]) -> None:
+    for path in paths:
+        pq.read_table(path, filesystem=fs)
+
+
+def store_write(tables: list[pa.Table], uri: str) -> None:
+    writer = DatasetWriter(uri, DOCUMENTS)
+    for index, table in enumerate(tables):
+        writer.write_shard(index, table)
+    writer.finalize(expected=range(len(tables)))
+
+
+def store_read(uri: str) -> None:
+    for _ in open_dataset(uri).iter_tables(prefetch=0):
+        pass
+
+
 def run_backend(
     name: str, root: str, tables: list[pa.Table], repeat: int
 ) -> dict[str, list[tuple[float, float]]]:
@@ -103,82 +135,102 @@ def run_backend(
     times: dict[str, list[tuple[float, float]]] = {
         k: [] for k in ("raw_write", "store_write", "raw_read", "store_read")
     }
-
     for round_ in range(repeat):
-        raw_paths = [store.arrow_path(f"raw-{round_}/shard-{i}.parquet") for i in range(len(tables))]
-        dataset_uri = store.uri_of(f"dataset-{round_}")
+        raw_dir, dataset_dir = f"raw-{round_}", f"dataset-{round_}"
+        paths = [store.arrow_path(f"{raw_dir}/shard-{i}.parquet") for i in range(len(tables))]
+        uri = store.uri_of(dataset_dir)
         if name == "file":
-            os.makedirs(store.child(f"raw-{round_}").local_path(), exist_ok=True)  # type: ignore[attr-defined]
-
-        def raw_write() -> None:
-            for table, path in zip(tables, raw_paths):
-                pq.write_table(table, path, filesystem=fs, compression=COMPRESSION)
-
-        def store_write() -> None:
-            writer = DatasetWriter(dataset_uri, DOCUMENTS)
-            for index, table in enumerate(tables):
-                writer.write_shard(index, table)
-            writer.finalize(expected=range(len(tables)))
-
-        def raw_read() -> None:
-            for path in raw_paths:
-                pq.read_table(path, filesystem=fs)
-
-        def store_read() -> None:
-            for _ in open_dataset(dataset_uri).iter_tables(prefetch=0):
-                pass
-
-        pairs = [("raw_write", raw_write), ("store_write", store_write)]
-        for key, fn in pairs if round_ % 2 == 0 else pairs[::-1]:
-            times[key].append(timed(fn))
-        pairs = [("raw_read", raw_read), ("store_read", store_read)]
-        for key, fn in pairs if round_ % 2 == 0 else pairs[::-1]:
-            times[key].append(timed(fn))
-        store.delete_prefix(f"raw-{round_}")
-        store.delete_prefix(f"dataset-{round_}")
+            os.makedirs(store.arrow_path(raw_dir), exist_ok=True)
+        writes = [
+            ("raw_write", partial(raw_write, tables, fs, paths)),
+            ("store_write", partial(store_write, tables, uri)),
+        ]
+        reads = [
+            ("raw_read", partial(raw_read, fs, paths)),
+            ("store_read", partial(store_read, uri)),
+        ]
+        for pairs in (writes, reads):
+            for key, fn in pairs if round_ % 2 == 0 else pairs[::-1]:
+                times[key].append(timed(fn))
+        store.delete_prefix(raw_dir)
+        store.delete_prefix(dataset_dir)
     return times
+
+
+def sha256_seconds(tables: list[pa.Table]) -> tuple[float, float]:
+    """Parquet megabytes of the tables, and the best time to sha256 them in one thread."""
+    buffers = []
+    for table in tables:
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression=COMPRESSION)
+        buffers.append(sink.getvalue())
+    best = min(timed(lambda: [hashlib.sha256(b).digest() for b in buffers])[1] for _ in range(3))
+    return sum(b.size for b in buffers) / 1e6, best
 
 
 def report(name: str, tables: list[pa.Table], times: dict[str, list[tuple[float, float]]]) -> None:
     megabytes = sum(t.nbytes for t in tables) / 1e6
-    print(f"\n{name}: {len(tables)} shards, {megabytes:.0f} MB of Arrow data per pass")
-    print(f"  {'':6} {'raw pyarrow':>14} {'tokenmill.store':>16} {'overhead':>9} {'CPU':>7}"
-          "   wall overhead per round")
+    parquet_mb, hashing = sha256_seconds(tables)
+    print(
+        f"\n{name}: {len(tables)} shards, {megabytes:.0f} MB of Arrow data "
+        f"({parquet_mb:.0f} MB of Parquet) per pass"
+    )
+    print(
+        f"  {'':6} {'raw pyarrow':>14} {'tokenmill.store':>16} {'overhead':>9} {'CPU':>7}"
+        "   wall overhead per round"
+    )
+    shares = []
     for op in ("write", "read"):
         raw, ours = times[f"raw_{op}"], times[f"store_{op}"]
-        wall = [(o[0] / r[0] - 1) * 100 for o, r in zip(ours, raw)]
-        cpu = [(o[1] / r[1] - 1) * 100 for o, r in zip(ours, raw)]
+        wall = [(o[0] / r[0] - 1) * 100 for o, r in zip(ours, raw, strict=True)]
+        cpu = [(o[1] / r[1] - 1) * 100 for o, r in zip(ours, raw, strict=True)]
         best_raw, best_ours = min(r[0] for r in raw), min(o[0] for o in ours)
-        print(f"  {op:6} {megabytes / best_raw:10.0f} MB/s {megabytes / best_ours:12.0f} MB/s "
-              f"{statistics.median(wall):+8.1f}% {statistics.median(cpu):+6.1f}%   "
-              + " ".join(f"{x:+.0f}" for x in wall))
+        print(
+            f"  {op:6} {megabytes / best_raw:10.0f} MB/s {megabytes / best_ours:12.0f} MB/s "
+            f"{statistics.median(wall):+8.1f}% {statistics.median(cpu):+6.1f}%   "
+            + " ".join(f"{x:+.0f}" for x in wall)
+        )
+        shares.append(hashing / min(r[1] for r in raw) * 100)
+    print(
+        f"  of which the sha256 of the shard bytes alone costs {hashing * 1000:.0f} ms of CPU: "
+        f"{shares[0]:.1f}% of raw write, {shares[1]:.1f}% of raw read"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shards", type=int, default=4)
-    parser.add_argument("--rows", type=int, default=16_000, help="documents per shard")
+    parser.add_argument("--rows", type=int, default=32_000, help="documents per shard")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--backends", default="file,s3")
     args = parser.parse_args()
 
     tables = make_tables(args.shards, args.rows)
-    print(f"pyarrow {pa.__version__}, compression {COMPRESSION}, best of {args.repeat} rounds, "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"pyarrow {pa.__version__}, compression {COMPRESSION}, best of {args.repeat} rounds, "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+    )
     for name in args.backends.split(","):
         if name == "file":
             with tempfile.TemporaryDirectory(prefix="tokenmill-bench-") as tmp:
                 report("file://", tables, run_backend("file", tmp, tables, args.repeat))
         elif name == "s3":
             with moto_server() as endpoint:
-                os.environ.update({
-                    "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench",
-                    "AWS_SECRET_ACCESS_KEY": "bench-secret", "AWS_REGION": "us-east-1",
-                    "AWS_EC2_METADATA_DISABLED": "true",
-                })
+                os.environ.update(
+                    {
+                        "AWS_ENDPOINT_URL": endpoint,
+                        "AWS_ACCESS_KEY_ID": "bench",
+                        "AWS_SECRET_ACCESS_KEY": "bench-secret",
+                        "AWS_REGION": "us-east-1",
+                        "AWS_EC2_METADATA_DISABLED": "true",
+                    }
+                )
                 boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
-                report("s3:// (moto server on 127.0.0.1)", tables,
-                       run_backend("s3", "s3://bench/run", tables, args.repeat))
+                report(
+                    "s3:// (moto server on 127.0.0.1)",
+                    tables,
+                    run_backend("s3", "s3://bench/run", tables, args.repeat),
+                )
         else:
             parser.error(f"unknown backend {name!r}; use file and/or s3")
 

@@ -9,6 +9,7 @@ stall before or after forwarding (a slow server; the client may time out and ret
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import socket
 import struct
@@ -18,8 +19,16 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
-               "proxy-connection", "expect"}
+_HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-connection",
+    "expect",
+}
 
 
 @dataclass
@@ -49,8 +58,8 @@ class Rule:
     method: str | None = None
     path_contains: str | None = None
     query_contains: str | None = None
-    every: int = 1          # fire on every n-th matching request …
-    times: int | None = 1   # … at most this many times (None: without limit)
+    every: int = 1  # fire on every n-th matching request …
+    times: int | None = 1  # … at most this many times (None: without limit)
     matched: int = 0
     fired: int = 0
 
@@ -135,13 +144,13 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     owner: FaultProxy
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - base signature
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         self._proxy()
 
-    do_PUT = do_POST = do_DELETE = do_HEAD = do_GET
+    do_PUT = do_POST = do_DELETE = do_HEAD = do_GET  # noqa: N815 - http.server's naming
 
     def _proxy(self) -> None:
         body = self._read_body()
@@ -229,14 +238,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _reset(self) -> None:
         """Abort the connection with a TCP RST, as a crashing load balancer would."""
         self.close_connection = True
-        try:
+        with contextlib.suppress(OSError):
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self.connection.close()
-        except OSError:
-            pass
 
     def finish(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             super().finish()
-        except OSError:
-            pass

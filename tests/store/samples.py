@@ -6,7 +6,13 @@ import json
 
 import pyarrow as pa
 
-from tokenmill.store import CHAT_SAMPLES, DOCUMENTS, PREFERENCE_PAIRS, TOKEN_SEQUENCES, DatasetSchema
+from tokenmill.store import (
+    CHAT_SAMPLES,
+    DOCUMENTS,
+    PREFERENCE_PAIRS,
+    TOKEN_SEQUENCES,
+    DatasetSchema,
+)
 
 
 def sample_table(schema: DatasetSchema, rows: int, start: int = 0) -> pa.Table:
@@ -15,34 +21,49 @@ def sample_table(schema: DatasetSchema, rows: int, start: int = 0) -> pa.Table:
     if schema is DOCUMENTS:
         data = {
             "id": ids,
-            "text": [f"document {n} " + "lorem ipsum " * (n % 7) for n in range(start, start + rows)],
+            "text": [
+                f"document {n} " + "lorem ipsum " * (n % 7) for n in range(start, start + rows)
+            ],
             "source": ["web" if n % 2 else "books" for n in range(start, start + rows)],
             "lang": ["en"] * rows,
             "meta": [json.dumps({"n": n}) for n in range(start, start + rows)],
         }
     elif schema is TOKEN_SEQUENCES:
-        tokens = [[(n * 7 + i) % 100352 for i in range(1 + n % 13)] for n in range(start, start + rows)]
+        tokens = [
+            [(n * 7 + i) % 100352 for i in range(1 + n % 13)] for n in range(start, start + rows)
+        ]
         data = {
             "id": ids,
             "tokens": tokens,
-            "loss_mask": [[i % 2 == 0 for i in range(len(t))] if n % 3 else None
-                          for n, t in zip(range(start, start + rows), tokens)],
+            "loss_mask": [
+                [i % 2 == 0 for i in range(len(t))] if n % 3 else None
+                for n, t in zip(range(start, start + rows), tokens, strict=True)
+            ],
             "source": ["math"] * rows,
         }
     elif schema is CHAT_SAMPLES:
         data = {
             "id": ids,
-            "messages": [[{"role": "user", "content": f"question {n}"},
-                          {"role": "assistant", "content": f"answer {n}"}]
-                         for n in range(start, start + rows)],
+            "messages": [
+                [
+                    {"role": "user", "content": f"question {n}"},
+                    {"role": "assistant", "content": f"answer {n}"},
+                ]
+                for n in range(start, start + rows)
+            ],
             "source": ["synthetic"] * rows,
             "meta": [None] * rows,
         }
     elif schema is PREFERENCE_PAIRS:
         data = {
             "id": ids,
-            "prompt": [[{"role": "user", "content": f"solve {n}"},
-                        {"role": "assistant", "content": "Let x ="}] for n in range(start, start + rows)],
+            "prompt": [
+                [
+                    {"role": "user", "content": f"solve {n}"},
+                    {"role": "assistant", "content": "Let x ="},
+                ]
+                for n in range(start, start + rows)
+            ],
             "chosen": [f" {n}" for n in range(start, start + rows)],
             "rejected": [f" {n + 1}" for n in range(start, start + rows)],
             "source": ["pts"] * rows,

@@ -14,6 +14,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from tests.store.samples import sample_table
+from tests.store.workers import write_document_shards
 from tokenmill.store import (
     DOCUMENTS,
     SCHEMAS,
@@ -34,8 +36,6 @@ from tokenmill.store import (
     read_manifest,
     shard_name,
 )
-from tests.store.samples import sample_table
-from tests.store.workers import write_document_shards
 
 RUN = Producer(kind="CorpusFilter", name="web", uid="uid-1", generation=3, attempt=1)
 
@@ -82,18 +82,36 @@ def test_manifest_records_everything(base_uri: str) -> None:
     raw = open_store(uri).read_json("_manifest.json")
     assert raw["format"] == "tokenmill.dataset" and raw["format_version"] == 1
     assert raw["schema"] == {"name": "token_sequences", "version": 1}
-    assert raw["producer"] == {"kind": "CorpusFilter", "name": "web", "uid": "uid-1",
-                               "generation": 3, "attempt": 1}
+    assert raw["producer"] == {
+        "kind": "CorpusFilter",
+        "name": "web",
+        "uid": "uid-1",
+        "generation": 3,
+        "attempt": 1,
+    }
     assert raw["created_at"] <= raw["committed_at"]
     assert [s["shard"] for s in raw["shards"]] == ["math-00", "part-000007"]
     first = raw["shards"][0]
-    assert set(first) == {"shard", "path", "rows", "bytes", "sha256", "tokens", "attempt", "written_at"}
+    assert set(first) == {
+        "shard",
+        "path",
+        "rows",
+        "bytes",
+        "sha256",
+        "tokens",
+        "attempt",
+        "written_at",
+    }
     assert raw["shards"][1]["tokens"] == 12345  # the caller's count wins when given
     stored = open_store(uri).read_bytes(first["path"])
     assert first["bytes"] == len(stored) == info.bytes
     assert first["sha256"] == hashlib.sha256(stored).hexdigest()
-    assert raw["summary"] == {"shards": 2, "rows": 20, "bytes": sum(s["bytes"] for s in raw["shards"]),
-                              "tokens": first["tokens"] + 12345}
+    assert raw["summary"] == {
+        "shards": 2,
+        "rows": 20,
+        "bytes": sum(s["bytes"] for s in raw["shards"]),
+        "tokens": first["tokens"] + 12345,
+    }
     assert read_manifest(uri).summary.as_dict() == raw["summary"]
     parquet = pq.ParquetFile(pa.BufferReader(stored))
     assert parquet.metadata.row_group(0).column(0).compression == "ZSTD"
@@ -122,10 +140,15 @@ def test_commit_without_finalize_is_resumable_but_not_readable(base_uri: str) ->
     writer = DatasetWriter(uri, DOCUMENTS, producer=RUN)
     writer.write_shard(0, sample_table(DOCUMENTS, 5))
     writer.finalize()
-    writer.write_shard(1, sample_table(DOCUMENTS, 5, 5))  # committed, the driver dies before finalize
-    writer.stage(2, sample_table(DOCUMENTS, 5, 10))       # staged only
+    writer.write_shard(
+        1, sample_table(DOCUMENTS, 5, 5)
+    )  # committed, the driver dies before finalize
+    writer.stage(2, sample_table(DOCUMENTS, 5, 10))  # staged only
     assert ids_of(open_dataset(uri).read_all()) == [f"documents-{n:06d}" for n in range(5)]
-    assert sorted(DatasetWriter(uri, DOCUMENTS, producer=RUN).committed()) == ["part-000000", "part-000001"]
+    assert sorted(DatasetWriter(uri, DOCUMENTS, producer=RUN).committed()) == [
+        "part-000000",
+        "part-000001",
+    ]
 
 
 def test_resume_skips_committed_shards(base_uri: str) -> None:
@@ -189,7 +212,9 @@ def test_new_generation_discards_stale_data_on_resume(base_uri: str) -> None:
 
 def test_other_schema_is_stale_too(base_uri: str) -> None:
     uri = f"{base_uri}/data"
-    DatasetWriter(uri, TOKEN_SEQUENCES, producer=RUN).write_shard(0, sample_table(TOKEN_SEQUENCES, 2))
+    DatasetWriter(uri, TOKEN_SEQUENCES, producer=RUN).write_shard(
+        0, sample_table(TOKEN_SEQUENCES, 2)
+    )
     writer = DatasetWriter(uri, DOCUMENTS, producer=RUN)
     assert not writer.is_committed(0)
     with pytest.raises(DatasetConflictError, match="token_sequences/1"):
@@ -210,7 +235,7 @@ def test_finalize_refuses_an_incomplete_dataset(base_uri: str) -> None:
 def test_invalid_table_is_rejected_before_anything_is_written(base_uri: str) -> None:
     uri = f"{base_uri}/data"
     writer = DatasetWriter(uri, DOCUMENTS, producer=RUN)
-    with pytest.raises(SchemaValidationError, match="'text'.*documents/1"):
+    with pytest.raises(SchemaValidationError, match=r"'text'.*documents/1"):
         writer.write_shard(0, {"id": ["a", "b"], "text": ["x", None]})
     with pytest.raises(SchemaValidationError, match="no column"):
         writer.write_shard(0, pa.table({"id": ["a"], "text": ["x"], "body": ["y"]}))
@@ -230,7 +255,7 @@ def test_corrupted_shard_is_detected(base_uri: str) -> None:
 
     dataset = open_dataset(uri)
     assert dataset.read_shard(0).num_rows == 50  # the intact shard still reads
-    with pytest.raises(ChecksumMismatchError, match="part-000001.*corrupt") as caught:
+    with pytest.raises(ChecksumMismatchError, match=r"part-000001.*corrupt") as caught:
         dataset.read_shard(1)
     assert victim.path in caught.value.uri
     with pytest.raises(ChecksumMismatchError):
@@ -262,14 +287,34 @@ def test_malformed_manifest_is_an_error(base_uri: str) -> None:
     store.write_bytes("_manifest.json", b"{not json")
     with pytest.raises(ManifestError):
         open_dataset(uri)
-    store.write_json("_manifest.json", {"format": "tokenmill.dataset", "format_version": 99,
-                                        "schema": {"name": "documents", "version": 1}, "shards": []})
+    store.write_json(
+        "_manifest.json",
+        {
+            "format": "tokenmill.dataset",
+            "format_version": 99,
+            "schema": {"name": "documents", "version": 1},
+            "shards": [],
+        },
+    )
     with pytest.raises(ManifestError, match="format_version 99"):
         read_manifest(uri)
-    store.write_json("_manifest.json", {"format": "tokenmill.dataset", "format_version": 1,
-                                        "schema": {"name": "documents", "version": 1},
-                                        "shards": [{"shard": "x", "path": "../../etc/passwd", "rows": 1,
-                                                    "bytes": 1, "sha256": "0" * 64}]})
+    store.write_json(
+        "_manifest.json",
+        {
+            "format": "tokenmill.dataset",
+            "format_version": 1,
+            "schema": {"name": "documents", "version": 1},
+            "shards": [
+                {
+                    "shard": "x",
+                    "path": "../../etc/passwd",
+                    "rows": 1,
+                    "bytes": 1,
+                    "sha256": "0" * 64,
+                }
+            ],
+        },
+    )
     with pytest.raises(ManifestError, match="path"):
         read_manifest(uri)
 
@@ -289,6 +334,7 @@ def test_invalid_shard_ids() -> None:
 
 
 # -- concurrency ---------------------------------------------------------------------------
+
 
 def test_concurrent_writer_threads_lose_nothing(base_uri: str) -> None:
     uri = f"{base_uri}/data"
@@ -314,8 +360,10 @@ def test_concurrent_writer_processes_lose_nothing(base_uri: str) -> None:
     uri = f"{base_uri}/data"
     context = multiprocessing.get_context("spawn")
     with context.Pool(2) as pool:
-        results = [pool.apply_async(write_document_shards, (uri, RUN, list(range(k, 10, 2)), 11))
-                   for k in (0, 1)]
+        results = [
+            pool.apply_async(write_document_shards, (uri, RUN, list(range(k, 10, 2)), 11))
+            for k in (0, 1)
+        ]
         paths = [r.get(timeout=120) for r in results]
     assert len(paths[0]) == len(paths[1]) == 5
     manifest = DatasetWriter(uri, DOCUMENTS, producer=RUN).finalize(expected=range(10))

@@ -33,13 +33,24 @@ def puts_to(proxy: FaultProxy, fragment: str) -> int:
     return sum(1 for method, path, _ in proxy.log if method == "PUT" and fragment in path)
 
 
-def test_transient_faults_lose_no_data_and_duplicate_none(fault_proxy: FaultProxy, s3_bucket) -> None:  # type: ignore[no-untyped-def]
+def test_transient_faults_lose_no_data_and_duplicate_none(
+    fault_proxy: FaultProxy, s3_bucket
+) -> None:  # type: ignore[no-untyped-def]
     uri = f"{s3_bucket.uri}/out/data"
-    fault_proxy.add(Fault.error(503, "SlowDown", "Please reduce your request rate."),
-                    method="PUT", every=3, times=None)
+    fault_proxy.add(
+        Fault.error(503, "SlowDown", "Please reduce your request rate."),
+        method="PUT",
+        every=3,
+        times=None,
+    )
     fault_proxy.add(Fault.error(500, "InternalError"), method="GET", every=4, times=None)
-    fault_proxy.add(Fault.reset(after_forward=True), method="PUT", path_contains="/_commits/",
-                    every=2, times=None)
+    fault_proxy.add(
+        Fault.reset(after_forward=True),
+        method="PUT",
+        path_contains="/_commits/",
+        every=2,
+        times=None,
+    )
     fault_proxy.add(Fault.reset(), every=7, times=None)
     fault_proxy.add(Fault.error(503, "ServiceUnavailable"), method="DELETE", times=2)
     fault_proxy.add(Fault.stall(1.5), method="PUT", path_contains="_manifest.json", times=1)
@@ -59,10 +70,14 @@ def test_transient_faults_lose_no_data_and_duplicate_none(fault_proxy: FaultProx
     assert sorted(parquet) == sorted(s.path for s in manifest.shards)
 
 
-def test_commit_retried_after_a_lost_response_is_idempotent(fault_proxy: FaultProxy, s3_bucket) -> None:  # type: ignore[no-untyped-def]
+def test_commit_retried_after_a_lost_response_is_idempotent(
+    fault_proxy: FaultProxy, s3_bucket
+) -> None:  # type: ignore[no-untyped-def]
     uri = f"{s3_bucket.uri}/out/data"
     # The server stores the record and the manifest, but the client never hears so.
-    fault_proxy.add(Fault.reset(after_forward=True), method="PUT", path_contains="/_commits/part-000000")
+    fault_proxy.add(
+        Fault.reset(after_forward=True), method="PUT", path_contains="/_commits/part-000000"
+    )
     fault_proxy.add(Fault.reset(after_forward=True), method="PUT", path_contains="_manifest.json")
     writer = DatasetWriter(uri, DOCUMENTS, producer=RUN)
     info = writer.write_shard(0, sample_table(DOCUMENTS, 5))
@@ -76,7 +91,9 @@ def test_commit_retried_after_a_lost_response_is_idempotent(fault_proxy: FaultPr
 def test_bulk_transfers_survive_faults(fault_proxy: FaultProxy, s3_bucket) -> None:  # type: ignore[no-untyped-def]
     store = open_store(f"{s3_bucket.uri}/bulk")
     payload = os.urandom(11 << 20)  # multipart upload through pyarrow
-    fault_proxy.add(Fault.error(503, "SlowDown"), method="PUT", query_contains="partNumber", times=4)
+    fault_proxy.add(
+        Fault.error(503, "SlowDown"), method="PUT", query_contains="partNumber", times=4
+    )
     fault_proxy.add(Fault.reset(), method="POST", query_contains="uploadId", times=1)
     fault_proxy.add(Fault.error(500, "InternalError"), method="GET", times=2)
     fault_proxy.add(Fault.reset(), method="GET", times=1)
@@ -98,7 +115,9 @@ def test_slow_response_times_out_and_is_retried(fault_proxy: FaultProxy, s3_buck
     assert [m for m, _, outcome in fault_proxy.log if outcome.startswith("stall")] == ["GET", "PUT"]
 
 
-def test_checkpoint_commit_survives_a_lost_marker_response(fault_proxy: FaultProxy, s3_bucket, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_checkpoint_commit_survives_a_lost_marker_response(
+    fault_proxy: FaultProxy, s3_bucket, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
     checkpoints = CheckpointStore.for_output(f"{s3_bucket.uri}/out")
     fault_proxy.add(Fault.reset(after_forward=True), method="PUT", path_contains="_COMMITTED")
     fault_proxy.add(Fault.error(503, "SlowDown"), method="PUT", path_contains="state.json")
@@ -129,11 +148,17 @@ def test_retries_give_up_with_a_transient_error(fault_proxy: FaultProxy, s3_buck
     ],
 )
 def test_permanent_errors_fail_fast_without_secrets(
-    fault_proxy: FaultProxy, s3_bucket, status: int, code: str, error: type  # type: ignore[no-untyped-def]
+    fault_proxy: FaultProxy,
+    s3_bucket,
+    status: int,
+    code: str,
+    error: type,  # type: ignore[no-untyped-def]
 ) -> None:
     uri = f"{s3_bucket.uri}/out/data"
     # Real S3 echoes the key id in such bodies; none of it may reach our message.
-    fault_proxy.add(Fault.error(status, code, f"rejected {ACCESS_KEY_ID} {SECRET_ACCESS_KEY}"), times=None)
+    fault_proxy.add(
+        Fault.error(status, code, f"rejected {ACCESS_KEY_ID} {SECRET_ACCESS_KEY}"), times=None
+    )
     writer = DatasetWriter(uri, DOCUMENTS, producer=RUN)
     started = time.monotonic()
     with pytest.raises(PermanentStoreError) as caught:
@@ -166,11 +191,13 @@ def test_streamed_write_starts_over_after_a_fault(fault_proxy: FaultProxy, s3_bu
     def produce(stream) -> None:  # type: ignore[no-untyped-def]
         calls.append(1)
         for start in range(0, len(payload), 1 << 20):
-            stream.write(payload[start:start + (1 << 20)])
+            stream.write(payload[start : start + (1 << 20)])
 
     # More failures in a row than pyarrow's own per-request retries absorb (3 attempts):
     # the whole upload fails, and our retry starts it over, producing the bytes again.
-    fault_proxy.add(Fault.error(500, "InternalError"), method="POST", query_contains="uploadId", times=3)
+    fault_proxy.add(
+        Fault.error(500, "InternalError"), method="POST", query_contains="uploadId", times=3
+    )
     store.write_stream("obj", produce)
     assert len(calls) == 2
     assert store.read_bulk("obj") == payload

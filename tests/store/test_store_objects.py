@@ -74,7 +74,9 @@ def test_list_list_dirs_delete(base_uri: str) -> None:
     store.delete("y/4")  # deleting a missing object is fine
     assert not store.exists("y/4")
     assert store.delete_prefix("x") == 3
-    assert [o.key for o in store.list()] == ["x-sibling/5"]  # a prefix is a directory, not a string prefix
+    assert [o.key for o in store.list()] == [
+        "x-sibling/5"
+    ]  # a prefix is a directory, not a string prefix
 
 
 def test_child_store_is_rooted_below(base_uri: str) -> None:
@@ -159,9 +161,13 @@ def test_file_store_files_are_world_readable_like_other_files(tmp_path: Path) ->
 
 def test_missing_bucket_fails_fast_with_a_clear_error(s3_bucket) -> None:  # type: ignore[no-untyped-def]
     store = open_store("s3://no-such-bucket-here/x")
-    for operation in (lambda: store.read_bytes("k"), lambda: store.exists("k"),
-                      lambda: store.write_bytes("k", b"1"), lambda: store.list(),
-                      lambda: store.write_bytes("big", bytes(9 << 20))):
+    for operation in (
+        lambda: store.read_bytes("k"),
+        lambda: store.exists("k"),
+        lambda: store.write_bytes("k", b"1"),
+        lambda: store.list(),
+        lambda: store.write_bytes("big", bytes(9 << 20)),
+    ):
         with pytest.raises(BucketNotFoundError) as caught:
             operation()
         assert "no-such-bucket-here" in str(caught.value)
@@ -183,14 +189,15 @@ def test_write_stream(base_uri: str, backend: str) -> None:
     store.write_stream("streamed.bin", produce)
     assert store.read_bulk("streamed.bin") == b"".join(chunks)
 
-    class Bug(Exception):
+    class ProducerError(Exception):
         pass
 
     def broken(stream) -> None:  # type: ignore[no-untyped-def]
         stream.write(b"half")
-        raise Bug("the producer's own error")
+        raise ProducerError("the producer's own error")
 
-    with pytest.raises(Bug, match="the producer's own error"):  # not turned into a StoreError
+    # the producer's own exception comes out as it is, not as a StoreError
+    with pytest.raises(ProducerError, match="the producer's own error"):
         store.write_stream("broken.bin", broken)
     if backend == "file":
         assert not store.exists("broken.bin")

@@ -29,17 +29,27 @@ RUN = Producer(kind="CorpusFilter", name="ray", uid="uid-ray", generation=1, att
 @pytest.fixture(scope="module")
 def local_ray(moto_s3_server: MotoS3Server) -> Iterator[None]:
     # Workers get the S3 test server's environment; the driver gets it from s3_bucket.
-    env = {**s3_environment(moto_s3_server.endpoint_url),
-           "TOKENMILL_STORE_RETRY_BASE_S": "0.005", "TOKENMILL_STORE_RETRY_MAX_S": "0.1"}
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": env}, ignore_reinit_error=False)
+    env = {
+        **s3_environment(moto_s3_server.endpoint_url),
+        "TOKENMILL_STORE_RETRY_BASE_S": "0.005",
+        "TOKENMILL_STORE_RETRY_MAX_S": "0.1",
+    }
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": env},
+        ignore_reinit_error=False,
+    )
     try:
         yield
     finally:
         ray.shutdown()
 
 
-def test_ray_tasks_write_concurrently_and_ray_data_reads_committed_shards(local_ray: None, base_uri: str) -> None:
+def test_ray_tasks_write_concurrently_and_ray_data_reads_committed_shards(
+    local_ray: None, base_uri: str
+) -> None:
     uri = f"{base_uri}/data"
     write = ray.remote(write_document_shards)
     shares = [list(range(k, 12, 3)) for k in range(3)]
@@ -69,7 +79,7 @@ def test_ray_data_read_verifies_checksums(local_ray: None, base_uri: str) -> Non
     data = bytearray(store.read_bytes(victim.path))
     data[-20] ^= 0x55
     store.write_bytes(victim.path, bytes(data))
-    with pytest.raises(Exception, match="part-000000.*corrupt"):
+    with pytest.raises(Exception, match=r"part-000000.*corrupt"):
         open_dataset(uri).to_ray().materialize()
 
 

@@ -27,7 +27,10 @@ def read_object(uri: str) -> bytes:
 
 
 def test_run_spec_round_trip(base_uri: str) -> None:
-    spec = {"kind": "TrainingStage", "spec": {"stage": "sft", "datasets": [{"uri": "s3://x/y", "weight": 0.4}]}}
+    spec = {
+        "kind": "TrainingStage",
+        "spec": {"stage": "sft", "datasets": [{"uri": "s3://x/y", "weight": 0.4}]},
+    }
     assert write_run_spec(base_uri, spec) == run_spec_uri(base_uri)
     assert read_run_spec(base_uri) == spec
     with pytest.raises(ObjectNotFoundError):
@@ -36,11 +39,25 @@ def test_run_spec_round_trip(base_uri: str) -> None:
 
 def test_progress_round_trip(base_uri: str) -> None:
     assert read_progress(base_uri) is None
-    written = write_progress(base_uri, Progress(phase="train", done=250, total=1000, unit="steps",
-                                                metrics={"loss": 2.5, "bad": float("nan")}))
+    written = write_progress(
+        base_uri,
+        Progress(
+            phase="train",
+            done=250,
+            total=1000,
+            unit="steps",
+            metrics={"loss": 2.5, "bad": float("nan")},
+        ),
+    )
     read = read_progress(base_uri)
-    assert read == Progress(phase="train", done=250, total=1000, unit="steps",
-                            metrics={"loss": 2.5}, updated_at=written.updated_at)
+    assert read == Progress(
+        phase="train",
+        done=250,
+        total=1000,
+        unit="steps",
+        metrics={"loss": 2.5},
+        updated_at=written.updated_at,
+    )
     assert read is not None and read.fraction == 0.25 and read.updated_at.endswith("Z")
     raw = open_store(progress_uri(base_uri).rsplit("/", 1)[0]).read_json("progress.json")
     assert raw["fraction"] == 0.25 and "bad" not in raw["metrics"]
@@ -83,9 +100,8 @@ def test_final_upload_failure_is_raised_unless_already_failing(tmp_path: Path) -
     log.write_text("x")
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where the output directory should be")
-    with pytest.raises(StoreError):
-        with DriverLogUploader(log, blocked.as_uri(), interval_s=60):
-            pass
-    with pytest.raises(KeyError):  # the workload's own error is not masked by the upload's
-        with DriverLogUploader(log, blocked.as_uri(), interval_s=60):
-            raise KeyError("workload failed")
+    with pytest.raises(StoreError), DriverLogUploader(log, blocked.as_uri(), interval_s=60):
+        pass
+    # the workload's own error is not masked by the upload's
+    with pytest.raises(KeyError), DriverLogUploader(log, blocked.as_uri(), interval_s=60):
+        raise KeyError("workload failed")

@@ -80,16 +80,23 @@ def test_unsupported_scheme_lists_allowed_forms() -> None:
 def test_join() -> None:
     assert join_uri("s3://bkt", "a", "b/c/") == "s3://bkt/a/b/c"
     assert join_uri("s3://bkt/base/", "/x") == "s3://bkt/base/x"
-    assert join_uri("file:///tmp/r", "data", "_manifest.json") == "file:///tmp/r/data/_manifest.json"
+    assert (
+        join_uri("file:///tmp/r", "data", "_manifest.json") == "file:///tmp/r/data/_manifest.json"
+    )
     with pytest.raises(InvalidURIError, match=r"\.\."):
         join_uri("s3://bkt/base", "../escape")
 
 
 # -- credentials --------------------------------------------------------------------------
 
+
 def test_settings_from_environment() -> None:
-    env = {"AWS_ACCESS_KEY_ID": "AKIAENV", "AWS_SECRET_ACCESS_KEY": "envsecret",
-           "AWS_ENDPOINT_URL": "http://127.0.0.1:9000/", "AWS_DEFAULT_REGION": "eu-west-1"}
+    env = {
+        "AWS_ACCESS_KEY_ID": "AKIAENV",
+        "AWS_SECRET_ACCESS_KEY": "envsecret",
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9000/",
+        "AWS_DEFAULT_REGION": "eu-west-1",
+    }
     settings = resolve_s3_settings(env)
     assert (settings.access_key_id, settings.secret_access_key) == ("AKIAENV", "envsecret")
     assert settings.endpoint_url == "http://127.0.0.1:9000"
@@ -108,8 +115,12 @@ def test_settings_from_mounted_secret_dir_win_over_environment(tmp_path) -> None
     (tmp_path / "AWS_ACCESS_KEY_ID").write_text("AKIADIR\n")
     (tmp_path / "AWS_SECRET_ACCESS_KEY").write_text("dirsecret\n")
     (tmp_path / "AWS_ENDPOINT_URL").write_text("http://minio.storage:9000\n")
-    env = {"TOKENMILL_S3_CREDENTIALS_DIR": str(tmp_path), "AWS_ACCESS_KEY_ID": "AKIAENV",
-           "AWS_SECRET_ACCESS_KEY": "envsecret", "AWS_ENDPOINT_URL": "http://other:1"}
+    env = {
+        "TOKENMILL_S3_CREDENTIALS_DIR": str(tmp_path),
+        "AWS_ACCESS_KEY_ID": "AKIAENV",
+        "AWS_SECRET_ACCESS_KEY": "envsecret",
+        "AWS_ENDPOINT_URL": "http://other:1",
+    }
     settings = resolve_s3_settings(env)
     assert (settings.access_key_id, settings.secret_access_key) == ("AKIADIR", "dirsecret")
     assert settings.session_token is None
@@ -144,6 +155,7 @@ def test_endpoint_with_credentials_is_rejected_without_echoing_them() -> None:
 
 # -- retry ----------------------------------------------------------------------------------
 
+
 def test_backoff_grows_exponentially_with_jitter_and_a_cap() -> None:
     policy = RetryPolicy(max_attempts=10, base_delay_s=0.1, max_delay_s=1.0)
     rng = random.Random(7)
@@ -154,8 +166,9 @@ def test_backoff_grows_exponentially_with_jitter_and_a_cap() -> None:
 
 
 def test_retry_policy_from_environment() -> None:
-    policy = RetryPolicy.from_env({"TOKENMILL_STORE_RETRY_ATTEMPTS": "3",
-                                   "TOKENMILL_STORE_RETRY_BASE_S": "0.5"})
+    policy = RetryPolicy.from_env(
+        {"TOKENMILL_STORE_RETRY_ATTEMPTS": "3", "TOKENMILL_STORE_RETRY_BASE_S": "0.5"}
+    )
     assert (policy.max_attempts, policy.base_delay_s, policy.max_delay_s) == (3, 0.5, 10.0)
 
 
@@ -170,8 +183,14 @@ def test_call_with_retry_retries_transient_then_gives_up() -> None:
         return TransientStoreError(f"{op} {uri}: {exc}", uri)
 
     with pytest.raises(TransientStoreError, match="gave up after 4 attempts"):
-        call_with_retry(flaky, policy=RetryPolicy(4, 0.01, 0.02), classify=classify,
-                        uri="s3://b/k", operation="read", sleep=sleeps.append)
+        call_with_retry(
+            flaky,
+            policy=RetryPolicy(4, 0.01, 0.02),
+            classify=classify,
+            uri="s3://b/k",
+            operation="read",
+            sleep=sleeps.append,
+        )
     assert len(calls) == 4 and len(sleeps) == 3
 
 
@@ -183,9 +202,14 @@ def test_call_with_retry_does_not_retry_permanent_errors() -> None:
         raise PermissionError("no")
 
     with pytest.raises(StoreError, match="denied"):
-        call_with_retry(denied, policy=RetryPolicy(5, 0, 0),
-                        classify=lambda e, u, o: StoreError(f"{o} {u}: denied", u),
-                        uri="s3://b/k", operation="read", sleep=lambda s: None)
+        call_with_retry(
+            denied,
+            policy=RetryPolicy(5, 0, 0),
+            classify=lambda e, u, o: StoreError(f"{o} {u}: denied", u),
+            uri="s3://b/k",
+            operation="read",
+            sleep=lambda s: None,
+        )
     assert len(calls) == 1
 
 
@@ -198,7 +222,12 @@ def test_call_with_retry_returns_after_recovery() -> None:
             raise value
         return value
 
-    result = call_with_retry(sometimes, policy=RetryPolicy(5, 0, 0),
-                             classify=lambda e, u, o: TransientStoreError("t", u),
-                             uri="s3://b/k", operation="read", sleep=lambda s: None)
+    result = call_with_retry(
+        sometimes,
+        policy=RetryPolicy(5, 0, 0),
+        classify=lambda e, u, o: TransientStoreError("t", u),
+        uri="s3://b/k",
+        operation="read",
+        sleep=lambda s: None,
+    )
     assert result == 42

@@ -42,6 +42,7 @@ STATE_NAME = "state.json"
 MARKER_FORMAT = "tokenmill.checkpoint"
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 _READ_CONCURRENCY = 16
+_COPY_CONCURRENCY = 8
 
 
 def step_dir(step: int) -> str:
@@ -50,7 +51,9 @@ def step_dir(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def retention_plan(committed: list[int], keep_last: int, keep_every: int | None = None) -> list[int]:
+def retention_plan(
+    committed: list[int], keep_last: int, keep_every: int | None = None
+) -> list[int]:
     """The committed steps to delete so that only the last `keep_last` and the multiples of
     `keep_every` remain. The newest checkpoint is always kept."""
     if keep_last < 1:
@@ -125,7 +128,9 @@ class CheckpointStore:
     def get(self, step: int) -> CheckpointInfo:
         info = self._info(step)
         if info is None:
-            raise CheckpointError(f"checkpoint {self.uri_for(step)} is not committed", self.uri_for(step))
+            raise CheckpointError(
+                f"checkpoint {self.uri_for(step)} is not committed", self.uri_for(step)
+            )
         return info
 
     def is_committed(self, step: int) -> bool:
@@ -183,21 +188,26 @@ class CheckpointStore:
         directory = step_dir(step)
         self.store.write_json(f"{directory}/{STATE_NAME}", {**state, "step": step})
         files = tuple(
-            CheckpointFile(o.key[len(directory) + 1:], o.size)
+            CheckpointFile(o.key[len(directory) + 1 :], o.size)
             for o in self.store.list(directory)
             if o.key != f"{directory}/{COMMIT_MARKER_NAME}"
         )
         committed_at = utc_now()
         marker = {
-            "format": MARKER_FORMAT, "format_version": 1, "step": step,
-            "committed_at": committed_at, "state": STATE_NAME,
+            "format": MARKER_FORMAT,
+            "format_version": 1,
+            "step": step,
+            "committed_at": committed_at,
+            "state": STATE_NAME,
             "files": [{"path": f.path, "bytes": f.bytes} for f in files],
         }
         self.store.write_json(f"{directory}/{COMMIT_MARKER_NAME}", marker)
         return CheckpointInfo(step, self.uri_for(step), committed_at, files)
 
     @contextmanager
-    def staging(self, step: int, state: Mapping[str, Any], *, overwrite: bool = False) -> Iterator[Path]:
+    def staging(
+        self, step: int, state: Mapping[str, Any], *, overwrite: bool = False
+    ) -> Iterator[Path]:
         """A directory to save the checkpoint into; committed when the block ends cleanly."""
         self.prepare(step, overwrite=overwrite)
         final = self.local_dir(step)
@@ -214,8 +224,9 @@ class CheckpointStore:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def save_dir(self, step: int, local_dir: str | Path, state: Mapping[str, Any],
-                 *, overwrite: bool = False) -> CheckpointInfo:
+    def save_dir(
+        self, step: int, local_dir: str | Path, state: Mapping[str, Any], *, overwrite: bool = False
+    ) -> CheckpointInfo:
         """prepare + upload_dir + commit, for a checkpoint already written to `local_dir`."""
         self.prepare(step, overwrite=overwrite)
         self.upload_dir(step, local_dir)
@@ -240,26 +251,37 @@ class CheckpointStore:
             self.delete(step)
         return sorted(doomed)
 
-    def copy_to(self, dst: str | StoreURI | Store | CheckpointStore,
-                steps: list[int] | None = None) -> list[int]:
+    def copy_to(
+        self, dst: str | StoreURI | Store | CheckpointStore, steps: list[int] | None = None
+    ) -> list[int]:
         """Copy committed checkpoints (all, or `steps`) to another checkpoint store, marker
         last; steps already committed there are skipped. Returns the steps copied."""
-        target = dst if isinstance(dst, CheckpointStore) else CheckpointStore(dst, retry=self.store.retry)
+        target = (
+            dst
+            if isinstance(dst, CheckpointStore)
+            else CheckpointStore(dst, retry=self.store.retry)
+        )
         copied = []
         for step in steps if steps is not None else self.steps():
             info = self.get(step)
-            if target.is_committed(step):
-                continue
-            target.prepare(step)
-            source_dir, target_dir = self.store.child(step_dir(step)), target.store.child(step_dir(step))
-            keys = [f.path for f in info.files]
-            with ThreadPoolExecutor(max_workers=8) as pool:
-                list(pool.map(lambda k: copy_object(source_dir, k, target_dir, k), keys))
-            copy_object(source_dir, COMMIT_MARKER_NAME, target_dir, COMMIT_MARKER_NAME)
-            copied.append(step)
+            if not target.is_committed(step):
+                self._copy_one(info, target)
+                copied.append(step)
         return copied
 
     # -- internals -----------------------------------------------------------------------
+
+    def _copy_one(self, info: CheckpointInfo, target: CheckpointStore) -> None:
+        target.prepare(info.step)
+        source = self.store.child(step_dir(info.step))
+        destination = target.store.child(step_dir(info.step))
+
+        def copy(key: str) -> None:
+            copy_object(source, key, destination, key)
+
+        with ThreadPoolExecutor(max_workers=_COPY_CONCURRENCY) as pool:
+            list(pool.map(copy, [f.path for f in info.files]))
+        copy(COMMIT_MARKER_NAME)
 
     def _info(self, step: int) -> CheckpointInfo | None:
         key = f"{step_dir(step)}/{COMMIT_MARKER_NAME}"
@@ -272,8 +294,9 @@ class CheckpointStore:
             if marker.get("format") != MARKER_FORMAT or int(marker["step"]) != step:
                 raise ValueError("wrong format or step")
         except (KeyError, TypeError, ValueError) as exc:
-            raise StoreError(f"malformed commit marker {self.store.uri_of(key)}: {exc}",
-                             self.store.uri_of(key)) from exc
+            raise StoreError(
+                f"malformed commit marker {self.store.uri_of(key)}: {exc}", self.store.uri_of(key)
+            ) from exc
         return CheckpointInfo(step, self.uri_for(step), str(marker.get("committed_at", "")), files)
 
     def _infos(self, steps: list[int]) -> list[CheckpointInfo | None]:

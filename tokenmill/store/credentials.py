@@ -28,8 +28,13 @@ from urllib.parse import urlsplit
 from tokenmill.store.errors import InvalidCredentialsError, InvalidURIError
 
 CREDENTIALS_DIR_ENV = "TOKENMILL_S3_CREDENTIALS_DIR"
-_DIR_FILES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-              "AWS_ENDPOINT_URL", "AWS_REGION")
+_DIR_FILES = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_ENDPOINT_URL",
+    "AWS_REGION",
+)
 
 
 @dataclass(frozen=True)
@@ -54,9 +59,15 @@ class S3Settings:
     def cache_key(self) -> str:
         """A digest identifying these settings, usable as a dictionary key without the secrets."""
         raw = "\x00".join(
-            str(v) for v in (
-                self.endpoint_url, self.region, self.access_key_id, self.secret_access_key,
-                self.session_token, self.addressing_style, self.connect_timeout_s,
+            str(v)
+            for v in (
+                self.endpoint_url,
+                self.region,
+                self.access_key_id,
+                self.secret_access_key,
+                self.session_token,
+                self.addressing_style,
+                self.connect_timeout_s,
                 self.read_timeout_s,
             )
         )
@@ -89,12 +100,20 @@ def resolve_s3_settings(environ: Mapping[str, str] | None = None) -> S3Settings:
     else:
         key_id = secret = token = None
         source = "default-chain"
-    endpoint = (from_dir.get("AWS_ENDPOINT_URL") or env.get("AWS_ENDPOINT_URL_S3")
-                or env.get("AWS_ENDPOINT_URL") or None)
+    endpoint = (
+        from_dir.get("AWS_ENDPOINT_URL")
+        or env.get("AWS_ENDPOINT_URL_S3")
+        or env.get("AWS_ENDPOINT_URL")
+        or None
+    )
     if endpoint:
         _check_endpoint(endpoint)
-    region = (from_dir.get("AWS_REGION") or env.get("AWS_REGION")
-              or env.get("AWS_DEFAULT_REGION") or "us-east-1")
+    region = (
+        from_dir.get("AWS_REGION")
+        or env.get("AWS_REGION")
+        or env.get("AWS_DEFAULT_REGION")
+        or "us-east-1"
+    )
     style = env.get("TOKENMILL_S3_ADDRESSING_STYLE") or ("path" if endpoint else "auto")
     if style not in ("path", "virtual", "auto"):
         raise ValueError(

@@ -58,7 +58,10 @@ class Dataset:
 
     def __repr__(self) -> str:
         summary = self.manifest.summary
-        return f"Dataset({self.uri!r}, {self.manifest.schema_ref}, {summary.shards} shards, {summary.rows} rows)"
+        return (
+            f"Dataset({self.uri!r}, {self.manifest.schema_ref}, "
+            f"{summary.shards} shards, {summary.rows} rows)"
+        )
 
     @property
     def uri(self) -> str:
@@ -81,7 +84,9 @@ class Dataset:
             )
         return self
 
-    def read_shard(self, shard: ShardInfo | int | str, columns: Sequence[str] | None = None) -> pa.Table:
+    def read_shard(
+        self, shard: ShardInfo | int | str, columns: Sequence[str] | None = None
+    ) -> pa.Table:
         info = shard if isinstance(shard, ShardInfo) else self.manifest.shard(shard)
         uri = self.store.uri_of(info.path)
         try:
@@ -92,14 +97,18 @@ class Dataset:
             ) from exc
         return decode_shard(data, info, uri, columns)
 
-    def iter_tables(self, columns: Sequence[str] | None = None, *, prefetch: int = 1) -> Iterator[pa.Table]:
+    def iter_tables(
+        self, columns: Sequence[str] | None = None, *, prefetch: int = 1
+    ) -> Iterator[pa.Table]:
         """One verified table per shard, in manifest order, reading `prefetch` shards ahead."""
         if prefetch <= 0 or len(self.shards) <= 1:
             for info in self.shards:
                 yield self.read_shard(info, columns)
             return
         with ThreadPoolExecutor(max_workers=prefetch) as pool:
-            pending = [pool.submit(self.read_shard, info, columns) for info in self.shards[:prefetch]]
+            pending = [
+                pool.submit(self.read_shard, info, columns) for info in self.shards[:prefetch]
+            ]
             for index in range(len(self.shards)):
                 table = pending.pop(0).result()
                 upcoming = index + prefetch
@@ -107,7 +116,9 @@ class Dataset:
                     pending.append(pool.submit(self.read_shard, self.shards[upcoming], columns))
                 yield table
 
-    def iter_batches(self, batch_size: int = 8192, columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
+    def iter_batches(
+        self, batch_size: int = 8192, columns: Sequence[str] | None = None
+    ) -> Iterator[pa.RecordBatch]:
         for table in self.iter_tables(columns):
             yield from table.to_batches(max_chunksize=batch_size)
 
@@ -131,7 +142,9 @@ class Dataset:
         if not items:
             return ray.data.from_arrow(self.read_all(columns))
         return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            _load_shards, batch_size=1, batch_format="pyarrow",
+            _load_shards,
+            batch_size=1,
+            batch_format="pyarrow",
             fn_kwargs={"columns": None if columns is None else list(columns)},
         )
 

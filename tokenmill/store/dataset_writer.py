@@ -83,13 +83,13 @@ class DatasetWriter:
         schema: DatasetSchema,
         *,
         producer: Producer | None = None,
-        options: ParquetOptions = ParquetOptions(),
+        options: ParquetOptions | None = None,
         retry: RetryPolicy | None = None,
     ) -> None:
         self.store = open_store(uri, retry=retry)
         self.schema = schema
         self.producer = producer
-        self.options = options
+        self.options = options or ParquetOptions()
 
     @property
     def uri(self) -> str:
@@ -111,22 +111,33 @@ class DatasetWriter:
         if tokens is None:
             tokens = count_tokens(table, self.schema)
         return StagedShard(
-            shard=name, path=path, rows=table.num_rows, bytes=written[0].bytes,
-            sha256=written[0].sha256, tokens=tokens,
+            shard=name,
+            path=path,
+            rows=table.num_rows,
+            bytes=written[0].bytes,
+            sha256=written[0].sha256,
+            tokens=tokens,
         )
 
     def commit(self, staged: StagedShard) -> ShardInfo:
         """Record a staged shard as done: one PUT of this shard's own commit record."""
         info = ShardInfo(
-            shard=staged.shard, path=staged.path, rows=staged.rows, bytes=staged.bytes,
-            sha256=staged.sha256, tokens=staged.tokens,
-            attempt=self.producer.attempt if self.producer else 0, written_at=utc_now(),
+            shard=staged.shard,
+            path=staged.path,
+            rows=staged.rows,
+            bytes=staged.bytes,
+            sha256=staged.sha256,
+            tokens=staged.tokens,
+            attempt=self.producer.attempt if self.producer else 0,
+            written_at=utc_now(),
         )
         record = CommitRecord(info, self.schema.name, self.schema.version, self.producer)
         self.store.write_json(commit_record_key(info.shard), record.to_dict())
         return info
 
-    def write_shard(self, shard: int | str, data: TableLike, *, tokens: int | None = None) -> ShardInfo:
+    def write_shard(
+        self, shard: int | str, data: TableLike, *, tokens: int | None = None
+    ) -> ShardInfo:
         """Stage and commit one shard. Writing a committed shard again replaces it."""
         return self.commit(self.stage(shard, data, tokens=tokens))
 
@@ -196,10 +207,13 @@ class DatasetWriter:
                     self.uri,
                 )
         manifest = Manifest(
-            schema_name=self.schema.name, schema_version=self.schema.version, shards=shards,
+            schema_name=self.schema.name,
+            schema_version=self.schema.version,
+            shards=shards,
             producer=self.producer,
             created_at=min((s.written_at for s in shards), default=utc_now()),
-            committed_at=utc_now(), uri=self.uri,
+            committed_at=utc_now(),
+            uri=self.uri,
         )
         self.store.write_json(MANIFEST_NAME, manifest.to_dict())
         self._delete_unreferenced({s.path for s in shards})
@@ -234,7 +248,9 @@ class DatasetWriter:
         except ManifestError:
             return True
         same_schema = (manifest.schema_name, manifest.schema_version) == (
-            self.schema.name, self.schema.version)
+            self.schema.name,
+            self.schema.version,
+        )
         if self.producer is None or manifest.producer is None:
             return not (same_schema and self.producer is None and manifest.producer is None)
         return not (same_schema and manifest.producer.same_run(self.producer))
@@ -248,4 +264,5 @@ class DatasetWriter:
 def _describe(producer: Producer | None) -> str:
     if producer is None:
         return "no producer"
-    return f"{producer.kind or '?'}/{producer.name or '?'} uid {producer.uid!r} generation {producer.generation}"
+    name = f"{producer.kind or '?'}/{producer.name or '?'}"
+    return f"{name} uid {producer.uid!r} generation {producer.generation}"

@@ -5,7 +5,8 @@
     {
       "format": "tokenmill.dataset", "format_version": 1,
       "schema": {"name": "documents", "version": 1},
-      "producer": {"kind": "CorpusFilter", "name": "web", "uid": "…", "generation": 2, "attempt": 1},
+      "producer": {"kind": "CorpusFilter", "name": "web", "uid": "…", "generation": 2,
+                   "attempt": 1},
       "created_at": "2025-01-01T00:00:00Z", "committed_at": "2025-01-01T00:10:00Z",
       "summary": {"shards": 2, "rows": 2000, "bytes": 123456, "tokens": null},
       "shards": [{"shard": "part-000000", "path": "part-000000.3f9a1c2b7d4e.parquet",
@@ -23,7 +24,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from tokenmill.store.errors import ManifestError
@@ -36,7 +37,7 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def utc_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def shard_name(shard: int | str) -> str:
@@ -86,8 +87,10 @@ class Producer:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Producer:
         return cls(
-            kind=str(data.get("kind", "")), name=str(data.get("name", "")),
-            uid=str(data.get("uid", "")), generation=int(data.get("generation", 0)),
+            kind=str(data.get("kind", "")),
+            name=str(data.get("name", "")),
+            uid=str(data.get("uid", "")),
+            generation=int(data.get("generation", 0)),
             attempt=int(data.get("attempt", 0)),
         )
 
@@ -112,10 +115,14 @@ class ShardInfo:
     def from_dict(cls, data: Mapping[str, Any], where: str = "") -> ShardInfo:
         try:
             info = cls(
-                shard=shard_name(str(data["shard"])), path=str(data["path"]),
-                rows=int(data["rows"]), bytes=int(data["bytes"]), sha256=str(data["sha256"]),
+                shard=shard_name(str(data["shard"])),
+                path=str(data["path"]),
+                rows=int(data["rows"]),
+                bytes=int(data["bytes"]),
+                sha256=str(data["sha256"]),
                 tokens=None if data.get("tokens") is None else int(data["tokens"]),
-                attempt=int(data.get("attempt", 0)), written_at=str(data.get("written_at", "")),
+                attempt=int(data.get("attempt", 0)),
+                written_at=str(data.get("written_at", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ManifestError(f"malformed shard entry in {where}: {exc!r}", where) from exc
@@ -150,7 +157,8 @@ class CommitRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
             "schema": {"name": self.schema_name, "version": self.schema_version},
             "producer": self.producer.to_dict() if self.producer else None,
             "shard": self.shard.to_dict(),
@@ -163,7 +171,8 @@ class CommitRecord:
         producer = data.get("producer")
         return cls(
             shard=ShardInfo.from_dict(_mapping(data.get("shard"), where), where),
-            schema_name=schema[0], schema_version=schema[1],
+            schema_name=schema[0],
+            schema_version=schema[1],
             producer=Producer.from_dict(producer) if producer else None,
         )
 
@@ -187,7 +196,9 @@ class Manifest:
             shards=len(self.shards),
             rows=sum(s.rows for s in self.shards),
             bytes=sum(s.bytes for s in self.shards),
-            tokens=None if any(t is None for t in tokens) else sum(t for t in tokens if t is not None),
+            tokens=None
+            if any(t is None for t in tokens)
+            else sum(t for t in tokens if t is not None),
         )
 
     @property
@@ -203,7 +214,8 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
             "schema": {"name": self.schema_name, "version": self.schema_version},
             "producer": self.producer.to_dict() if self.producer else None,
             "created_at": self.created_at,
@@ -226,10 +238,13 @@ class Manifest:
             raise ManifestError(f"{where} lists a shard twice", uri)
         producer = data.get("producer")
         return cls(
-            schema_name=name, schema_version=version, shards=shards,
+            schema_name=name,
+            schema_version=version,
+            shards=shards,
             producer=Producer.from_dict(producer) if producer else None,
             created_at=str(data.get("created_at", "")),
-            committed_at=str(data.get("committed_at", "")), uri=uri,
+            committed_at=str(data.get("committed_at", "")),
+            uri=uri,
         )
 
 

@@ -19,7 +19,7 @@ log = logging.getLogger("tokenmill.store")
 Classifier = Callable[[BaseException, str, str], StoreError]
 
 
-class Passthrough(Exception):
+class CallerError(Exception):
     """Carries an exception that is not the store's (raised by caller code running inside a
     store operation) through call_with_retry, which re-raises it at once, untouched."""
 
@@ -32,7 +32,7 @@ class Passthrough(Exception):
 class RetryPolicy:
     """How often and how patiently a transient error is retried.
 
-    The n-th retry waits a random time in [d/2, d] with d = min(max_delay_s, base_delay_s * 2**(n-1)),
+    The n-th retry waits a random time in [d/2, d], d = min(max_delay_s, base_delay_s * 2**(n-1)),
     so many workers hitting one throttled bucket spread out instead of retrying in step.
     """
 
@@ -85,9 +85,9 @@ def call_with_retry(
     while True:
         try:
             return fn()
-        except Passthrough:
+        except CallerError:
             raise
-        except Exception as exc:  # noqa: BLE001 - classified below, re-raised as StoreError
+        except Exception as exc:
             error = exc if isinstance(exc, StoreError) else classify(exc, uri, operation)
             if not isinstance(error, TransientStoreError) or attempt >= policy.max_attempts:
                 if isinstance(error, TransientStoreError):
@@ -98,7 +98,12 @@ def call_with_retry(
             wait = policy.delay(attempt)
             log.warning(
                 "%s %s failed (%s); retry %d of %d in %.2fs",
-                operation, uri, error, attempt, policy.max_attempts - 1, wait,
+                operation,
+                uri,
+                error,
+                attempt,
+                policy.max_attempts - 1,
+                wait,
             )
             sleep(wait)
             attempt += 1

@@ -74,8 +74,10 @@ class Progress:
         total = data.get("total")
         metrics = data.get("metrics") or {}
         return cls(
-            phase=str(data.get("phase", "")), done=float(data.get("done", 0)),
-            total=None if total is None else float(total), unit=str(data.get("unit", "")),
+            phase=str(data.get("phase", "")),
+            done=float(data.get("done", 0)),
+            total=None if total is None else float(total),
+            unit=str(data.get("unit", "")),
             message=str(data.get("message", "")),
             metrics={str(k): float(v) for k, v in metrics.items()},
             updated_at=str(data.get("updated_at", "")),
@@ -111,7 +113,9 @@ class DriverLogUploader:
             run_the_workload()
     """
 
-    def __init__(self, local_path: str | os.PathLike[str], output: str, *, interval_s: float = 30.0) -> None:
+    def __init__(
+        self, local_path: str | os.PathLike[str], output: str, *, interval_s: float = 30.0
+    ) -> None:
         if interval_s <= 0:
             raise ValueError("interval_s must be positive")
         self.local_path = os.fspath(local_path)
@@ -126,7 +130,9 @@ class DriverLogUploader:
 
     def start(self) -> DriverLogUploader:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="tokenmill-log-upload", daemon=True)
+            self._thread = threading.Thread(
+                target=self._run, name="tokenmill-log-upload", daemon=True
+            )
             self._thread.start()
         return self
 
@@ -156,8 +162,9 @@ class DriverLogUploader:
     def __enter__(self) -> DriverLogUploader:
         return self.start()
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         try:
             self.stop()
         except StoreError:

@@ -18,10 +18,12 @@ from tokenmill.store.errors import SchemaValidationError
 #: Parquet key-value metadata naming a shard's schema, e.g. b"documents/1".
 SCHEMA_METADATA_KEY = b"tokenmill.schema"
 
-_MESSAGE = pa.struct([
-    pa.field("role", pa.string(), nullable=False),
-    pa.field("content", pa.string(), nullable=False),
-])
+_MESSAGE = pa.struct(
+    [
+        pa.field("role", pa.string(), nullable=False),
+        pa.field("content", pa.string(), nullable=False),
+    ]
+)
 _MESSAGES = pa.list_(pa.field("item", _MESSAGE, nullable=False))
 
 
@@ -44,52 +46,66 @@ class DatasetSchema:
 
 
 DOCUMENTS = DatasetSchema(
-    "documents", 1,
-    pa.schema([
-        pa.field("id", pa.string(), nullable=False),
-        pa.field("text", pa.string(), nullable=False),
-        pa.field("source", pa.string()),
-        pa.field("lang", pa.string()),
-        pa.field("meta", pa.string()),
-    ]),
+    "documents",
+    1,
+    pa.schema(
+        [
+            pa.field("id", pa.string(), nullable=False),
+            pa.field("text", pa.string(), nullable=False),
+            pa.field("source", pa.string()),
+            pa.field("lang", pa.string()),
+            pa.field("meta", pa.string()),
+        ]
+    ),
     "raw or filtered documents; meta is a JSON object",
 )
 
 TOKEN_SEQUENCES = DatasetSchema(
-    "token_sequences", 1,
-    pa.schema([
-        pa.field("id", pa.string(), nullable=False),
-        pa.field("tokens", pa.list_(pa.field("item", pa.int32(), nullable=False)), nullable=False),
-        # Per-token: True where the loss is taken; null means every token is trained on.
-        pa.field("loss_mask", pa.list_(pa.field("item", pa.bool_(), nullable=False))),
-        pa.field("source", pa.string()),
-    ]),
+    "token_sequences",
+    1,
+    pa.schema(
+        [
+            pa.field("id", pa.string(), nullable=False),
+            pa.field(
+                "tokens", pa.list_(pa.field("item", pa.int32(), nullable=False)), nullable=False
+            ),
+            # Per-token: True where the loss is taken; null means every token is trained on.
+            pa.field("loss_mask", pa.list_(pa.field("item", pa.bool_(), nullable=False))),
+            pa.field("source", pa.string()),
+        ]
+    ),
     "tokenized sequences for pretraining and SFT",
     token_column="tokens",
 )
 
 CHAT_SAMPLES = DatasetSchema(
-    "chat_samples", 1,
-    pa.schema([
-        pa.field("id", pa.string(), nullable=False),
-        pa.field("messages", _MESSAGES, nullable=False),
-        pa.field("source", pa.string()),
-        pa.field("meta", pa.string()),
-    ]),
+    "chat_samples",
+    1,
+    pa.schema(
+        [
+            pa.field("id", pa.string(), nullable=False),
+            pa.field("messages", _MESSAGES, nullable=False),
+            pa.field("source", pa.string()),
+            pa.field("meta", pa.string()),
+        ]
+    ),
     "conversations as role/content messages; meta is a JSON object",
 )
 
 PREFERENCE_PAIRS = DatasetSchema(
-    "preference_pairs", 1,
-    pa.schema([
-        pa.field("id", pa.string(), nullable=False),
-        # The conversation so far; a final assistant message is a prefix to continue (PTS).
-        pa.field("prompt", _MESSAGES, nullable=False),
-        pa.field("chosen", pa.string(), nullable=False),
-        pa.field("rejected", pa.string(), nullable=False),
-        pa.field("source", pa.string()),
-        pa.field("meta", pa.string()),
-    ]),
+    "preference_pairs",
+    1,
+    pa.schema(
+        [
+            pa.field("id", pa.string(), nullable=False),
+            # The conversation so far; a final assistant message is a prefix to continue (PTS).
+            pa.field("prompt", _MESSAGES, nullable=False),
+            pa.field("chosen", pa.string(), nullable=False),
+            pa.field("rejected", pa.string(), nullable=False),
+            pa.field("source", pa.string()),
+            pa.field("meta", pa.string()),
+        ]
+    ),
     "DPO pairs: a prompt with a chosen and a rejected continuation; meta is a JSON object",
 )
 
@@ -97,7 +113,13 @@ SCHEMAS: dict[str, DatasetSchema] = {
     s.ref: s for s in (DOCUMENTS, TOKEN_SEQUENCES, CHAT_SAMPLES, PREFERENCE_PAIRS)
 }
 
-TableLike = pa.Table | pa.RecordBatch | Sequence[pa.RecordBatch] | Mapping[str, Any] | Sequence[Mapping[str, Any]]
+TableLike = (
+    pa.Table
+    | pa.RecordBatch
+    | Sequence[pa.RecordBatch]
+    | Mapping[str, Any]
+    | Sequence[Mapping[str, Any]]
+)
 
 
 def get_schema(name: str, version: int | None = None) -> DatasetSchema:
@@ -176,8 +198,9 @@ def _cast(column: pa.ChunkedArray, field: pa.Field, schema: DatasetSchema) -> pa
         ) from exc
 
 
-def _check_nulls(array: pa.ChunkedArray | pa.Array, field: pa.Field, path: str,
-                 schema: DatasetSchema) -> None:
+def _check_nulls(
+    array: pa.ChunkedArray | pa.Array, field: pa.Field, path: str, schema: DatasetSchema
+) -> None:
     nulls = array.null_count
     if nulls and not field.nullable:
         raise SchemaValidationError(
@@ -191,7 +214,9 @@ def _check_nulls(array: pa.ChunkedArray | pa.Array, field: pa.Field, path: str,
         for index, child in enumerate(kind):
             # A null struct has no children to check; only rows where the struct is set count.
             values = [c.filter(c.is_valid()).field(index) for c in chunks]
-            _check_nulls(pa.chunked_array(values, child.type), child, f"{path}.{child.name}", schema)
+            _check_nulls(
+                pa.chunked_array(values, child.type), child, f"{path}.{child.name}", schema
+            )
 
 
 def _from_columns(columns: dict[str, Any], schema: DatasetSchema) -> pa.Table:

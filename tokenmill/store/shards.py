@@ -89,8 +89,11 @@ def write_parquet(table: pa.Table, target: BinaryIO, options: ParquetOptions) ->
     sink = HashingSink(target)
     try:
         pq.write_table(
-            table, sink, compression=options.compression,
-            compression_level=options.compression_level, row_group_size=options.row_group_rows,
+            table,
+            sink,
+            compression=options.compression,
+            compression_level=options.compression_level,
+            row_group_size=options.row_group_rows,
         )
     finally:
         sink.close()
@@ -144,7 +147,9 @@ def decode_shard(
         )
     digest = Sha256Job(data)
     try:
-        table = pq.read_table(pa.BufferReader(data), columns=None if columns is None else list(columns))
+        table = pq.read_table(
+            pa.BufferReader(data), columns=None if columns is None else list(columns)
+        )
         error: Exception | None = None
     except (pa.ArrowException, OSError) as exc:
         table, error = None, exc

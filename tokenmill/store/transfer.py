@@ -66,8 +66,11 @@ def upload_dir(
     root = Path(local_dir)
     keys = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
     final = set(last)
-    _parallel(lambda key: target.upload_file(str(root / key), key),
-              [k for k in keys if k not in final], concurrency)
+    _parallel(
+        lambda key: target.upload_file(str(root / key), key),
+        [k for k in keys if k not in final],
+        concurrency,
+    )
     for key in (k for k in keys if k in final):
         target.upload_file(str(root / key), key)
     return keys

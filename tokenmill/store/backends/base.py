@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from tokenmill.store.errors import StoreError
-from tokenmill.store.retry import Passthrough, RetryPolicy, call_with_retry
+from tokenmill.store.retry import CallerError, RetryPolicy, call_with_retry
 from tokenmill.store.uri import StoreURI
 
 if TYPE_CHECKING:
@@ -135,7 +135,9 @@ class Store(ABC):
         try:
             return json.loads(data)
         except ValueError as exc:
-            raise StoreError(f"{self.uri_of(key)} is not valid JSON: {exc}", self.uri_of(key)) from exc
+            raise StoreError(
+                f"{self.uri_of(key)} is not valid JSON: {exc}", self.uri_of(key)
+            ) from exc
 
     def write_json(self, key: str, value: Any) -> None:
         text = json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
@@ -150,11 +152,16 @@ class Store(ABC):
     def _call(self, operation: str, key: str, fn: Callable[[], T]) -> T:
         try:
             return call_with_retry(
-                fn, policy=self.retry, classify=self._classify, uri=self.uri_of(key),
-                operation=operation, chain=self.chain_causes,
+                fn,
+                policy=self.retry,
+                classify=self._classify,
+                uri=self.uri_of(key),
+                operation=operation,
+                chain=self.chain_causes,
             )
-        except Passthrough as wrapped:
-            raise wrapped.error  # noqa: B904 - the caller's own exception, as it was raised
+        except CallerError as wrapped:
+            error = wrapped.error
+        raise error  # outside the except block: the caller's exception exactly as raised
 
 
 def run_producer(produce: Callable[[BinaryIO], None], stream: BinaryIO) -> None:
@@ -162,4 +169,4 @@ def run_producer(produce: Callable[[BinaryIO], None], stream: BinaryIO) -> None:
     try:
         produce(stream)
     except Exception as exc:
-        raise Passthrough(exc) from exc
+        raise CallerError(exc) from exc

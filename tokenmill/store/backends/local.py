@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
@@ -37,7 +38,9 @@ def atomic_write(path: str, data: BytesLike, *, durable: bool = True) -> None:
     atomic_stream(path, lambda handle: handle.write(data), durable=durable)
 
 
-def atomic_stream(path: str, produce: Callable[[BinaryIO], object], *, durable: bool = True) -> None:
+def atomic_stream(
+    path: str, produce: Callable[[BinaryIO], object], *, durable: bool = True
+) -> None:
     """Let `produce` write a temp file in `path`'s directory, then rename it to `path`.
 
     With `durable`, the file is fsynced before the rename and the directory after it,
@@ -112,7 +115,8 @@ class FileStore(Store):
 
     def write_stream(self, key: str, produce: Callable[[BinaryIO], None]) -> None:
         self._call(
-            "write", key,
+            "write",
+            key,
             lambda: atomic_stream(self.local_path(key), lambda f: run_producer(produce, f)),
         )
 
@@ -200,10 +204,8 @@ def _temp_name(path: str) -> str:
 
 
 def _unlink_quietly(path: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _fsync_dir(directory: str) -> None:

@@ -113,7 +113,9 @@ def _make_arrow_fs(settings: S3Settings) -> pyarrow.fs.S3FileSystem:
         "region": settings.region,
         "connect_timeout": settings.connect_timeout_s,
         "request_timeout": settings.read_timeout_s,
-        "retry_strategy": pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=_ARROW_REQUEST_ATTEMPTS),
+        "retry_strategy": pyarrow.fs.AwsStandardS3RetryStrategy(
+            max_attempts=_ARROW_REQUEST_ATTEMPTS
+        ),
         "force_virtual_addressing": settings.addressing_style == "virtual",
     }
     if settings.access_key_id:
@@ -162,7 +164,9 @@ class S3Store(Store):
 
     def same_account(self, other: Store) -> bool:
         """Whether a server-side copy from `other` to this store is possible."""
-        return isinstance(other, S3Store) and other.settings.cache_key() == self.settings.cache_key()
+        return (
+            isinstance(other, S3Store) and other.settings.cache_key() == self.settings.cache_key()
+        )
 
     # -- objects -------------------------------------------------------------------------
 
@@ -186,10 +190,12 @@ class S3Store(Store):
 
     def write_bytes(self, key: str, data: BytesLike) -> None:
         if memoryview(data).nbytes >= BULK_THRESHOLD:
+
             def put() -> None:
                 with self._clients.arrow.open_output_stream(self.arrow_path(key)) as stream:
                     stream.write(data)
         else:
+
             def put() -> None:
                 self._boto.put_object(Bucket=self.bucket, Key=self.full_key(key), Body=bytes(data))
 
@@ -220,7 +226,7 @@ class S3Store(Store):
         found: list[ObjectInfo] = []
         for page in self._pages(prefix, delimiter=None):
             for item in page.get("Contents", []):
-                relative = item["Key"][len(base) + 1:] if base else item["Key"]
+                relative = item["Key"][len(base) + 1 :] if base else item["Key"]
                 found.append(ObjectInfo(relative, int(item["Size"])))
         return sorted(found, key=lambda info: info.key)
 
@@ -233,7 +239,8 @@ class S3Store(Store):
 
     def delete(self, key: str) -> None:
         self._call_checked(
-            "delete", key,
+            "delete",
+            key,
             lambda: self._boto.delete_object(Bucket=self.bucket, Key=self.full_key(key)),
         )
 
@@ -242,7 +249,7 @@ class S3Store(Store):
         if prefix and self.exists(prefix):
             keys.append(prefix)
         for start in range(0, len(keys), _DELETE_BATCH):
-            batch = keys[start:start + _DELETE_BATCH]
+            batch = keys[start : start + _DELETE_BATCH]
             self._call_checked("delete", prefix, lambda b=batch: self._delete_batch(b))
         return len(keys)
 
@@ -250,8 +257,10 @@ class S3Store(Store):
 
     def upload_file(self, local_path: str, key: str) -> None:
         def upload() -> None:
-            with open(local_path, "rb") as source, \
-                    self._clients.arrow.open_output_stream(self.arrow_path(key)) as target:
+            with (
+                open(local_path, "rb") as source,
+                self._clients.arrow.open_output_stream(self.arrow_path(key)) as target,
+            ):
                 while chunk := source.read(_STREAM_CHUNK):
                     target.write(chunk)
 
@@ -263,8 +272,10 @@ class S3Store(Store):
         def download() -> None:
             tmp = _temp_name(os.path.abspath(local_path))
             try:
-                with self._clients.arrow.open_input_file(self.arrow_path(key)) as source, \
-                        open(tmp, "xb") as target:
+                with (
+                    self._clients.arrow.open_input_file(self.arrow_path(key)) as source,
+                    open(tmp, "xb") as target,
+                ):
                     while chunk := source.read(_STREAM_CHUNK):
                         target.write(chunk)
                 os.replace(tmp, local_path)
@@ -277,10 +288,12 @@ class S3Store(Store):
     def copy_from(self, source: S3Store, source_key: str, key: str) -> None:
         """Server-side copy (multipart for large objects) from a store with the same account."""
         self._call_checked(
-            "copy", key,
+            "copy",
+            key,
             lambda: self._boto.copy(
                 {"Bucket": source.bucket, "Key": source.full_key(source_key)},
-                self.bucket, self.full_key(key),
+                self.bucket,
+                self.full_key(key),
             ),
         )
 

@@ -20,17 +20,41 @@ from tokenmill.store.errors import (
 )
 
 # S3 error codes; pyarrow spells the same conditions in upper snake case (see _ARROW_CODES).
-TRANSIENT_CODES = frozenset({
-    "InternalError", "InternalFailure", "ServiceUnavailable", "SlowDown", "Throttling",
-    "ThrottlingException", "ThrottledException", "RequestThrottled", "TooManyRequests",
-    "RequestLimitExceeded", "RequestTimeout", "RequestTimeoutException", "OperationAborted",
-    "PriorRequestNotComplete", "BandwidthLimitExceeded", "EC2ThrottledException",
-    "500", "502", "503", "504",
-})
-CREDENTIAL_CODES = frozenset({
-    "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
-    "TokenRefreshRequired", "InvalidClientTokenId", "AuthorizationHeaderMalformed",
-})
+TRANSIENT_CODES = frozenset(
+    {
+        "InternalError",
+        "InternalFailure",
+        "ServiceUnavailable",
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottled",
+        "TooManyRequests",
+        "RequestLimitExceeded",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "OperationAborted",
+        "PriorRequestNotComplete",
+        "BandwidthLimitExceeded",
+        "EC2ThrottledException",
+        "500",
+        "502",
+        "503",
+        "504",
+    }
+)
+CREDENTIAL_CODES = frozenset(
+    {
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "InvalidToken",
+        "ExpiredToken",
+        "TokenRefreshRequired",
+        "InvalidClientTokenId",
+        "AuthorizationHeaderMalformed",
+    }
+)
 ACCESS_CODES = frozenset({"AccessDenied", "AllAccessDisabled", "AccountProblem", "403"})
 BUCKET_CODES = frozenset({"NoSuchBucket"})
 NOT_FOUND_CODES = frozenset({"NoSuchKey", "NotFound", "404", "NoSuchUpload"})
@@ -99,8 +123,17 @@ def classify_s3_exception(exc: BaseException, uri: str, operation: str) -> Store
         return InvalidCredentialsError(
             f"{where}: no S3 credentials found (set TOKENMILL_S3_CREDENTIALS_DIR or AWS_*)", uri
         )
-    if isinstance(exc, (bce.HTTPClientError, bce.ResponseStreamingError, bce.IncompleteReadError,
-                        ConnectionError, TimeoutError, socket.timeout)):
+    if isinstance(
+        exc,
+        (
+            bce.HTTPClientError,
+            bce.ResponseStreamingError,
+            bce.IncompleteReadError,
+            ConnectionError,
+            TimeoutError,
+            socket.timeout,
+        ),
+    ):
         return TransientStoreError(f"{where}: connection problem ({type(exc).__name__})", uri)
     if isinstance(exc, FileNotFoundError):
         return ObjectNotFoundError(f"{where}: no such object", uri)
