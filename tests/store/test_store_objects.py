@@ -13,11 +13,13 @@ import pytest
 from tokenmill.store import (
     BucketNotFoundError,
     FileStore,
+    InvalidURIError,
     ObjectNotFoundError,
     S3Store,
     StoreError,
     copy_tree,
     download_dir,
+    open_parent,
     open_store,
     upload_dir,
 )
@@ -203,3 +205,12 @@ def test_write_stream(base_uri: str, backend: str) -> None:
         assert not store.exists("broken.bin")
         assert [o.key for o in store.list()] == ["streamed.bin"]
         assert sorted(os.listdir(store.local_path())) == ["streamed.bin"]  # type: ignore[attr-defined]
+
+
+def test_open_parent(base_uri: str) -> None:
+    store, name = open_parent(f"{base_uri}/a/b/spec.json")
+    assert (store.uri, name) == (f"{base_uri}/a/b", "spec.json")
+    store.write_json(name, {"x": 1})
+    assert open_store(base_uri).read_json("a/b/spec.json") == {"x": 1}
+    with pytest.raises(InvalidURIError):
+        open_parent("s3://bucket-only")

@@ -46,7 +46,7 @@ from tokenmill.store.errors import (
     TransientStoreError,
 )
 from tokenmill.store.manifest import Manifest, Producer, ShardInfo, Summary, shard_name
-from tokenmill.store.opener import open_store
+from tokenmill.store.opener import open_parent, open_store
 from tokenmill.store.retry import RetryPolicy
 from tokenmill.store.runrecord import (
     DriverLogUploader,
@@ -123,6 +123,7 @@ __all__ = [
     "join_uri",
     "normalize_uri",
     "open_dataset",
+    "open_parent",
     "open_store",
     "parse_uri",
     "read_manifest",

@@ -12,32 +12,27 @@ from types import TracebackType
 from typing import Any
 
 from tokenmill.layout import driver_log_uri, progress_uri, run_spec_uri
-from tokenmill.store.backends.base import Store
 from tokenmill.store.errors import ObjectNotFoundError, StoreError
 from tokenmill.store.manifest import utc_now
-from tokenmill.store.opener import open_store
-from tokenmill.store.uri import parse_uri
+from tokenmill.store.opener import open_parent
 
 log = logging.getLogger("tokenmill.store")
 
 
-def _object(uri: str) -> tuple[Store, str]:
-    """The store of `uri`'s parent and the object's name in it."""
-    parsed = parse_uri(uri)
-    parent, _, name = str(parsed).rpartition("/")
-    return open_store(parent), name
+# Existing callers imported this helper under its first, private name.
+_object = open_parent
 
 
 def write_run_spec(output: str, spec: Mapping[str, Any]) -> str:
     """Write the resolved spec the workload runs from; returns its URI."""
     uri = run_spec_uri(output)
-    store, name = _object(uri)
+    store, name = open_parent(uri)
     store.write_json(name, dict(spec))
     return uri
 
 
 def read_run_spec(output: str) -> dict[str, Any]:
-    store, name = _object(run_spec_uri(output))
+    store, name = open_parent(run_spec_uri(output))
     return store.read_json(name)
 
 
@@ -87,14 +82,14 @@ class Progress:
 def write_progress(output: str, progress: Progress) -> Progress:
     """Replace the progress record (stamping updated_at); returns what was written."""
     stamped = Progress(**{**asdict(progress), "updated_at": utc_now()})
-    store, name = _object(progress_uri(output))
+    store, name = open_parent(progress_uri(output))
     store.write_json(name, stamped.to_dict())
     return stamped
 
 
 def read_progress(output: str) -> Progress | None:
     """The last progress written, or None if the workload has not written any yet."""
-    store, name = _object(progress_uri(output))
+    store, name = open_parent(progress_uri(output))
     try:
         return Progress.from_dict(store.read_json(name))
     except ObjectNotFoundError:
@@ -121,7 +116,7 @@ class DriverLogUploader:
         self.local_path = os.fspath(local_path)
         self.uri = driver_log_uri(output)
         self.interval_s = interval_s
-        self._store, self._name = _object(self.uri)
+        self._store, self._name = open_parent(self.uri)
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
