@@ -35,6 +35,7 @@ from tokenmill.operator.kube import ApiError, Conflict, Kube, NotFound
 from tokenmill.operator.metrics import Metrics
 from tokenmill.operator.reconcile import (
     NEED_OUTPUTS,
+    NEED_PREVIOUS_RUN,
     NEED_PROGRESS,
     NEED_URI_CHECKS,
     CreateRayJob,
@@ -458,6 +459,9 @@ class Controller:
             changes["progress_read"] = True
         if NEED_OUTPUTS in needs and obs.output is not None:
             changes["output_check"] = await self._io(storage.check_outputs, kind, obs.output, uid)
+        if NEED_PREVIOUS_RUN in needs and obs.output is not None:
+            changes["previous_run"] = await self._io(storage.read_run_spec, obs.output)
+            changes["previous_run_read"] = True
         return Observation(**{**obs.__dict__, **changes})
 
     async def _execute(self, key: Key, body: Mapping[str, Any], decision: Decision) -> None:

@@ -61,6 +61,12 @@ from tokenmill.resolve import MODEL_FIELDS, UnresolvedInput, resolve_spec, run_s
 NEED_URI_CHECKS = "uri_checks"
 NEED_PROGRESS = "progress"
 NEED_OUTPUTS = "outputs"
+NEED_PREVIOUS_RUN = "previous_run"
+
+# Spec fields that do not change what an attempt produces: a run spec that differs only in
+# these continues the same run (same generation in the store's producer records), so a retry
+# or a resume after a suspension keeps the shards and checkpoints already committed.
+RUN_NEUTRAL_FIELDS = frozenset({"suspend", "backoffLimit"})
 
 # Fields whose `uri` names a dataset that must hold a committed manifest.
 DATASET_FIELDS = frozenset({"inputs", "seeds", "datasets", "problems", "annotations", "benchmarks", "allowList"})
@@ -91,6 +97,9 @@ class Observation:
     progress: Any = None
     progress_read: bool = False
     output_check: OutputCheck | None = None
+    previous_run: Mapping[str, Any] | None = None
+    """The run spec the previous attempt ran from (<output>/_run/spec.json), when read."""
+    previous_run_read: bool = False
 
 
 # ---- what the controller does -------------------------------------------------------------
@@ -195,6 +204,23 @@ def input_uris(resource: AnyResource) -> list[tuple[str, str, str]]:
 
     walk(resource.spec.to_wire(), "spec", "spec")
     return found
+
+
+def same_run(previous: Mapping[str, Any] | None, document: Mapping[str, Any]) -> bool:
+    """Whether `document` continues the run of `previous`: the same resource (uid) and the same
+    resolved spec apart from RUN_NEUTRAL_FIELDS (a suspension toggles spec.suspend, which bumps
+    metadata.generation without changing what the workload computes)."""
+    if not previous or not isinstance(previous.get("metadata"), Mapping) or not isinstance(previous.get("spec"), Mapping):
+        return False
+    if previous["metadata"].get("uid") != document["metadata"].get("uid") or previous.get("kind") != document.get("kind"):
+        return False
+    if previous.get("output") != document.get("output"):
+        return False
+
+    def neutral(spec: Mapping[str, Any]) -> dict[str, Any]:
+        return {key: value for key, value in spec.items() if key not in RUN_NEUTRAL_FIELDS}
+
+    return neutral(previous["spec"]) == neutral(document["spec"])
 
 
 def retry_delay(config: OperatorConfig, failed_before: int) -> float:
@@ -589,7 +615,12 @@ def _start(decision: Decision, st: _Status, old: Mapping[str, Any], resource: An
 
     assert obs.output is not None
     namespace = (obs.body.get("metadata") or {}).get("namespace") or "default"
+    if attempt > 1 and not obs.previous_run_read:
+        decision.needs.add(NEED_PREVIOUS_RUN)
+        return decision
     document = run_spec(resource, output=obs.output, attempt=attempt, resolved=resolved)
+    if same_run(obs.previous_run, document):
+        document["metadata"]["generation"] = obs.previous_run["metadata"]["generation"]  # type: ignore[index]
     spec_uri = run_spec_uri(obs.output)
     manifest = rayjob.render(resource, namespace=namespace, attempt=attempt, spec_uri=spec_uri, config=config)
     name = manifest["metadata"]["name"]

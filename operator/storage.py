@@ -21,6 +21,17 @@ def write_run_spec(output: str, document: dict[str, Any]) -> str:
     return write(output, document)
 
 
+def read_run_spec(output: str) -> dict[str, Any] | None:
+    """The run spec the last attempt was started with, or None."""
+    from tokenmill.store import StoreError, read_run_spec as read
+
+    try:
+        document = read(output)
+    except StoreError:
+        return None
+    return document if isinstance(document, dict) else None
+
+
 def read_progress(output: str) -> Any:
     """The workload's last progress record (tokenmill.store.Progress), or None."""
     from tokenmill.store import StoreError, read_progress as read

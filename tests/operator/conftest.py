@@ -178,6 +178,9 @@ class OperatorHandle:
         if self._loop is not None and self._task is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._task.cancel)
         await asyncio.to_thread(self.thread.join, 30)
+        # kopf waits for a threading stop-flag in an executor thread; release it, or that
+        # thread blocks the interpreter's exit.
+        self.stop_flag.set()
 
 
 @pytest.fixture
