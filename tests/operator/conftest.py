@@ -112,7 +112,7 @@ class OperatorHandle:
     """
 
     def __init__(self, config: OperatorConfig, *, standalone: bool, priority: int, peering: str,
-                 settings: kopf.OperatorSettings):
+                 settings: kopf.OperatorSettings, liveness: str | None = None):
         self.config = config
         self.memo = kopf.Memo({MEMO_CONFIG: config})
         self.stop_flag = threading.Event()
@@ -129,6 +129,7 @@ class OperatorHandle:
             priority=priority,
             memo=self.memo,
             stop_flag=self.stop_flag,
+            liveness_endpoint=liveness,
         )
         self.thread = threading.Thread(target=self._main, name="operator", daemon=True)
 
@@ -188,12 +189,13 @@ async def start_operator(kube: Emulator, store_root: str) -> AsyncIterator[Calla
     handles: list[OperatorHandle] = []
 
     async def start(*, standalone: bool = True, priority: int = 0, peering: str = "tokenmill",
-                    **changes: Any) -> OperatorHandle:
+                    liveness: str | None = None, **changes: Any) -> OperatorHandle:
         config = test_config(changes.pop("store", store_root), standalone=standalone, **changes)
         settings = kopf.OperatorSettings()
         settings.queueing.idle_timeout = 0.3  # per-object workers linger 5 s by default: slow exits
         settings.queueing.exit_timeout = 0.5
-        handle = OperatorHandle(config, standalone=standalone, priority=priority, peering=peering, settings=settings)
+        handle = OperatorHandle(config, standalone=standalone, priority=priority, peering=peering, settings=settings,
+                                liveness=liveness)
         handles.append(handle)
         return await handle.start()
 
