@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from tests.fixtures.s3 import moto_s3_server, s3_bucket  # noqa: F401  (fixtures)
-from tests.operator.emulator import Emulator, ResourceSpec
+from tests.operator.emulator import Call, Emulator, ResourceSpec
 from tests.operator.standin import KubeRayStandIn
 from tokenmill.api.crd import all_crds
 from tokenmill.operator.config import OperatorConfig
@@ -58,8 +58,14 @@ def crd_specs() -> dict[str, ResourceSpec]:
 KINDS = crd_specs()
 
 
+@pytest.fixture(scope="session")
+def recorded_calls() -> list[Call]:
+    """Every HTTP call any emulator of this session received (for the RBAC test)."""
+    return []
+
+
 @pytest.fixture
-async def kube(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Emulator]:
+async def kube(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, recorded_calls: list[Call]) -> AsyncIterator[Emulator]:
     emulator = Emulator()
     for spec in (*KINDS.values(), RAYJOBS, SECRETS, EVENTS, PEERINGS, NS_PEERINGS):
         emulator.register(spec)
@@ -77,7 +83,10 @@ async def kube(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator
         monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
         emulator.api_url = url  # type: ignore[attr-defined]
         emulator.kubeconfig = kubeconfig  # type: ignore[attr-defined]
-        yield emulator
+        try:
+            yield emulator
+        finally:
+            recorded_calls.extend(emulator.calls)
 
 
 @pytest.fixture
