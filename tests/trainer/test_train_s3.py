@@ -1,4 +1,4 @@
-"""Training against the S3 server: checkpoints, resume and the Hugging Face export all through S3."""
+"""Training against the S3 server: checkpoints, resume, midtraining from a parent and the export, all through S3."""
 
 from __future__ import annotations
 
@@ -48,3 +48,19 @@ def test_checkpoints_resume_and_export_on_s3(ray_with_s3_environment, tmp_path, 
     assert len(read_history(output)) == STEPS
     assert open_store(hf_export_uri(output)).exists("config.json")
     assert read_progress(output).phase == PHASE_SUCCEEDED
+
+    # Midtraining continues from the S3 checkpoint with a longer context and a larger RoPE base.
+    midtrain_output = f"{bucket.uri}/runs/midtrain"
+    parent = checkpoints.latest().uri
+    midtrain = stage_spec(
+        docs.as_uri(), stage="midtrain", model={"parent": {"uri": parent}}, sequenceLength=2 * SEQ * 4,
+        ropeBase=250000.0, checkpoint={"intervalSteps": 2, "keepLast": 1},
+    )
+    midtrain["optimization"] = {**spec["optimization"], "peakLearningRate": 3e-4, "globalBatchSequences": 4,
+                                "totalTokens": 2 * 4 * 2 * SEQ * 4}
+    assert workload.run(write_spec(midtrain_output, midtrain, name="midtrain")) == 0
+    history = read_history(midtrain_output)
+    assert len(history) == 2
+    assert history[0]["loss"] < read_history(output)[0]["loss"], "midtraining must start from the trained parent"
+    config = open_store(hf_export_uri(midtrain_output)).read_json("config.json")
+    assert config["rope_theta"] == 250000.0 and config["max_position_embeddings"] == 2 * SEQ * 4
