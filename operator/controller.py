@@ -59,16 +59,22 @@ Key = tuple[str, str, str]  # (namespace, kind, name)
 
 
 def newer(candidate: Mapping[str, Any], current: Mapping[str, Any] | None) -> bool:
-    """Whether `candidate` is at least as new as `current` (resourceVersions compared as numbers
-    where both are numeric, as every API server backed by etcd writes them)."""
+    """Whether `candidate` is a newer version than `current`.
+
+    resourceVersions are compared as numbers where both are numeric, as every API server
+    backed by etcd writes them; an equal version is the same object (the watch event of a
+    write whose response the cache already holds), so it is not newer.
+    """
     if current is None:
         return True
     a = (candidate.get("metadata") or {}).get("resourceVersion")
     b = (current.get("metadata") or {}).get("resourceVersion")
-    if a is None or b is None or a == b:
+    if a is None or b is None:
         return True
+    if a == b:
+        return False
     try:
-        return int(a) >= int(b)
+        return int(a) > int(b)
     except ValueError:
         return True
 
@@ -140,11 +146,13 @@ class Cache:
             self._readers.setdefault(target, set()).add(key)
         self._reads[key] = targets
 
-    def put_rayjob(self, owner: Key, body: Mapping[str, Any]) -> None:
+    def put_rayjob(self, owner: Key, body: Mapping[str, Any]) -> bool:
         name = str((body.get("metadata") or {}).get("name"))
         jobs = self.rayjobs.setdefault(owner, {})
-        if newer(body, jobs.get(name)):
-            jobs[name] = copy.deepcopy(dict(body))
+        if not newer(body, jobs.get(name)):
+            return False
+        jobs[name] = copy.deepcopy(dict(body))
+        return True
 
     def drop_rayjob(self, owner: Key, name: str) -> None:
         jobs = self.rayjobs.get(owner)
@@ -259,8 +267,8 @@ class Controller:
             return
         if event_type == "DELETED":
             self.cache.drop_rayjob(owner, str(body["metadata"]["name"]))
-        else:
-            self.cache.put_rayjob(owner, body)
+        elif not self.cache.put_rayjob(owner, body):
+            return  # already known (the response to the operator's own create)
         self._enqueue(owner)
 
     def _enqueue(self, key: Key) -> None:

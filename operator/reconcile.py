@@ -467,7 +467,7 @@ def _finish(decision: Decision, st: _Status, old: Mapping[str, Any]) -> Decision
     decision.status = st.build()
     before = (old.get("phase"), old.get("reason"))
     after = (decision.status.get("phase"), decision.status.get("reason"))
-    if before != after:
+    if before != after and not decision.events:  # an action's own event already tells this step
         warning = after[0] in ("Failed", "Invalid")
         message = _transition_message(decision.status)
         decision.events.append(Event(WARNING if warning else NORMAL, str(after[1] or after[0]), message))

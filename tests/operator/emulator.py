@@ -188,11 +188,12 @@ class Emulator(k8s.KubernetesEmulator):
         return copy.deepcopy(self.objects[key].raw)
 
     def list(self, spec: ResourceSpec, namespace: str | None = None) -> list[dict[str, Any]]:
-        out = []
-        for (resource, ns, _), obj in list(self.objects.items()):
-            if resource == spec.key and not obj.deleted and (namespace is None or ns == namespace):
-                out.append(copy.deepcopy(obj.raw))
-        return out
+        return [copy.deepcopy(body) for body in self.peek(spec, namespace)]
+
+    def peek(self, spec: ResourceSpec, namespace: str | None = None) -> list[dict[str, Any]]:
+        """The stored objects themselves (not copies): read them, never change them."""
+        return [obj.raw for (resource, ns, _), obj in list(self.objects.items())
+                if resource == spec.key and not obj.deleted and (namespace is None or ns == namespace)]
 
     # -- request handling -----------------------------------------------------------------
 
@@ -310,8 +311,9 @@ class Emulator(k8s.KubernetesEmulator):
         spec = self.spec_of(request.resource)
         requirements = parse_selector(request.params.get("labelSelector", ""))
         items = []
-        for body in self.list(spec, request.namespace):
-            if matches_selector((body.get("metadata") or {}).get("labels") or {}, requirements):
+        for stored in self.peek(spec, request.namespace):
+            if matches_selector((stored.get("metadata") or {}).get("labels") or {}, requirements):
+                body = copy.deepcopy(stored)
                 body.setdefault("apiVersion", spec.api_version)
                 body.setdefault("kind", spec.kind)
                 items.append(body)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import os
 import shlex
 import sys
@@ -95,11 +96,12 @@ class KubeRayStandIn:
 
     async def _watch(self) -> None:
         while True:
-            for body in self.emulator.list(self.rayjobs):
-                uid = body["metadata"]["uid"]
-                if uid in self.seen or body["metadata"].get("deletionTimestamp"):
+            for stored in self.emulator.peek(self.rayjobs):
+                uid = stored["metadata"]["uid"]
+                if uid in self.seen or stored["metadata"].get("deletionTimestamp"):
                     continue
                 self.seen.add(uid)
+                body = copy.deepcopy(stored)
                 name = body["metadata"]["name"]
                 attempt = int(body["metadata"].get("labels", {}).get("tokenmill.dev/attempt", "0"))
                 self.runs[name] = Run(name, attempt)
@@ -109,7 +111,9 @@ class KubeRayStandIn:
 
     def _current(self, body: dict[str, Any]) -> dict[str, Any] | None:
         meta = body["metadata"]
-        current = self.emulator.get(self.rayjobs, meta["namespace"], meta["name"])
+        key = (self.rayjobs.key, meta["namespace"], meta["name"])
+        stored = self.emulator.objects[key] if key in self.emulator.objects else None
+        current = None if stored is None or stored.deleted else stored.raw
         if current is None or current["metadata"]["uid"] != meta["uid"] or current["metadata"].get("deletionTimestamp"):
             return None
         return current

@@ -87,7 +87,7 @@ def test_first_reconcile_writes_the_run_spec_then_creates_attempt_one():
     assert found["Running"] == {"type": "Running", "status": "False", "reason": "Initializing",
                                 "message": "RayJob cf-web-1 created (attempt 1)",
                                 "lastTransitionTime": "2026-01-01T12:00:00Z", "observedGeneration": 1}
-    assert [event.reason for event in decision.events] == ["AttemptStarted", "Initializing"]
+    assert [event.reason for event in decision.events] == ["AttemptStarted"]
 
 
 def test_decisions_reach_a_fixed_point_and_keep_transition_times():
