@@ -51,6 +51,10 @@ def cmd_operator(args: argparse.Namespace) -> int:
         peering_priority=args.priority,
     )
     kopf.configure(verbose=args.verbose)
+    if not args.verbose:  # kopf logs every handler call at INFO; the operator logs what matters
+        import logging
+
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     registry = register(kopf.OperatorRegistry())
     asyncio.run(kopf.operator(
         registry=registry,

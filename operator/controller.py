@@ -210,6 +210,7 @@ class Controller:
         self._tasks: list[asyncio.Task[Any]] = []
         self._failures: dict[Key, int] = {}
         self._committed_inputs: set[str] = set()
+        self._peering_missing_logged = False
         self._resume = asyncio.Event()
         if self.active:
             self._resume.set()
@@ -323,9 +324,12 @@ class Controller:
                     body = await self.kube.get_peering(self.peering.name, namespace)
                     active = active and self._peering_allows(body)
             except NotFound:
-                active = False
-                log.error("peering object %r not found: this replica stays paused (create it, or run standalone)",
-                          self.peering.name)
+                # kopf itself runs without peers when the object is missing; do the same.
+                active = True
+                if not self._peering_missing_logged:
+                    log.warning("peering object %r not found: replicas cannot coordinate (create it, or run "
+                                "standalone)", self.peering.name)
+                    self._peering_missing_logged = True
             except Exception as error:  # keep the last known state through API hiccups
                 active = self.active
                 log.warning("cannot read the peering object: %s", error)

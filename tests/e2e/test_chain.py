@@ -89,7 +89,8 @@ def test_chain_on_a_real_cluster(tmp_path):
     namespace = f"tokenmill-e2e-{run}"
     store = f"{store}/{run}"
     for name in ("raw", "problems"):
-        copy_tree((REPO / "examples" / "tiny" / "data" / name).as_uri(), f"{store}/inputs/{name}")
+        copy_tree((REPO / "examples" / "tiny" / "data" / name).as_uri(), f"{store}/inputs/{name}",
+                  last=("_manifest.json",))
     core.create_namespace({"metadata": {"name": namespace}})
     operator = None
     try:
