@@ -123,7 +123,7 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
                "TOKENMILL_API_THREADS": str(args.api_threads), "TOKENMILL_RETRY_BACKOFF_SECONDS": "0"}
         env.pop("KUBERNETES_SERVICE_HOST", None)
         log = open(workdir / "operator.log", "wb")
-        operator = subprocess.Popen([sys.executable, "-m", "tokenmill.operator", "--liveness", ""], env=env,
+        operator = subprocess.Popen([sys.executable, *os.environ.get("BENCH_PYTHON_ARGS", "").split(), "-m", "tokenmill.operator", "--liveness", ""], env=env,
                                     stdout=log, stderr=log)
         try:
             # Ready when it has discovered the API (its first request) and started watching.

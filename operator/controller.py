@@ -16,7 +16,6 @@ is alive.
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import uuid
 from collections.abc import Iterable, Mapping
@@ -51,6 +50,7 @@ from tokenmill.operator.reconcile import (
     refs_of,
 )
 from tokenmill.operator.status import InputState, RayJobView
+from tokenmill.layout import join
 from tokenmill.resolve import output_uri
 
 log = logging.getLogger("tokenmill.operator")
@@ -90,7 +90,7 @@ class Cache:
     def __init__(self) -> None:
         self.resources: dict[Key, dict[str, Any]] = {}
         self.rayjobs: dict[Key, dict[str, dict[str, Any]]] = {}
-        self._parsed: dict[Key, tuple[str | None, AnyResource | None, list[Problem]]] = {}
+        self._parsed: dict[Key, tuple[Any, AnyResource | None, list[Problem]]] = {}
         self._reads: dict[Key, set[Key]] = {}
         self._readers: dict[Key, set[Key]] = {}
 
@@ -98,7 +98,9 @@ class Cache:
         """Store `body` unless an equal or newer version is cached; returns whether stored."""
         if not newer(body, self.resources.get(key)):
             return False
-        self.resources[key] = copy.deepcopy(dict(body))
+        # Cached bodies are read-only for the operator (decisions build new dicts), and kopf
+        # hands over freshly decoded JSON, so a shallow copy is enough.
+        self.resources[key] = dict(body)
         self._index_reads(key)
         return True
 
@@ -112,9 +114,9 @@ class Cache:
         body = self.resources.get(key)
         if body is None:
             return None, [Problem("the resource is gone")]
-        version = (body.get("metadata") or {}).get("resourceVersion")
+        version = _parse_key(body)
         cached = self._parsed.get(key)
-        if cached is not None and cached[0] == version and version is not None:
+        if cached is not None and cached[0] == version:
             return cached[1], cached[2]
         document = {k: v for k, v in body.items() if k != "status"}  # status is ours, not input
         resource, problems = parse_resource(document)
@@ -151,7 +153,7 @@ class Cache:
         jobs = self.rayjobs.setdefault(owner, {})
         if not newer(body, jobs.get(name)):
             return False
-        jobs[name] = copy.deepcopy(dict(body))
+        jobs[name] = dict(body)
         return True
 
     def drop_rayjob(self, owner: Key, name: str) -> None:
@@ -163,10 +165,22 @@ class Cache:
 
     def replace_rayjobs(self, owner: Key, bodies: Iterable[Mapping[str, Any]]) -> None:
         """Replace what is known of an owner's RayJobs with an authoritative listing."""
-        self.rayjobs[owner] = {str(b["metadata"]["name"]): copy.deepcopy(dict(b)) for b in bodies}
+        self.rayjobs[owner] = {str(b["metadata"]["name"]): dict(b) for b in bodies}
 
     def bodies(self) -> list[dict[str, Any]]:
         return list(self.resources.values())
+
+
+def _parse_key(body: Mapping[str, Any]) -> Any:
+    """What parsing a resource depends on: not its status, nor its resourceVersion (which every
+    status write changes). A spec change bumps metadata.generation."""
+    meta = body.get("metadata") or {}
+    return (
+        meta.get("uid"), meta.get("generation"), meta.get("namespace"),
+        tuple(sorted((meta.get("labels") or {}).items())),
+        tuple(sorted((meta.get("annotations") or {}).items())),
+        None if meta.get("generation") is not None else repr(body.get("spec")),
+    )
 
 
 def rayjob_owner(body: Mapping[str, Any]) -> Key | None:
@@ -414,7 +428,10 @@ class Controller:
             elif self.config.store:
                 output = output_uri(resource, self.config.store)
         elif (body.get("metadata") or {}).get("deletionTimestamp"):
+            # Unparsable but being deleted: its outputs are still where they were written.
             output = ((body.get("spec") or {}).get("output") or {}).get("uri")
+            if not output and self.config.store:
+                output = join(self.config.store, namespace, KINDS[kind].plural, name)
         uid = (body.get("metadata") or {}).get("uid")
         jobs = []
         for job_body in (self.cache.rayjobs.get(key) or {}).values():

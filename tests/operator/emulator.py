@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import datetime
+import functools
 import json
 import re
 import uuid
@@ -67,7 +68,7 @@ class ResourceSpec:
     def api_version(self) -> str:
         return f"{self.group}/{self.version}" if self.group else self.version
 
-    @property
+    @functools.cached_property
     def key(self) -> kmock.resource:
         return kmock.resource(self.group, self.version, self.plural)
 
@@ -192,8 +193,10 @@ class Emulator(k8s.KubernetesEmulator):
 
     def peek(self, spec: ResourceSpec, namespace: str | None = None) -> list[dict[str, Any]]:
         """The stored objects themselves (not copies): read them, never change them."""
+        wanted = spec.key
         return [obj.raw for (resource, ns, _), obj in list(self.objects.items())
-                if resource == spec.key and not obj.deleted and (namespace is None or ns == namespace)]
+                if resource is wanted or resource == wanted
+                if not obj.deleted and (namespace is None or ns == namespace)]
 
     # -- request handling -----------------------------------------------------------------
 
