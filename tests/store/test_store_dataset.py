@@ -8,6 +8,7 @@ import json
 import multiprocessing
 import pickle
 import threading
+import time
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -15,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.store.samples import sample_table
-from tests.store.workers import write_document_shards
+from tests.store.workers import die_while_uploading, write_document_shards
 from tokenmill.store import (
     DOCUMENTS,
     SCHEMAS,
@@ -133,6 +134,30 @@ def test_crash_between_shard_write_and_commit_leaves_nothing_visible(base_uri: s
     assert manifest.shards == ()
     assert open_dataset(uri).read_all().num_rows == 0
     assert data_files(uri) == []  # the orphan is collected once the manifest is written
+
+
+def test_process_killed_mid_upload_leaves_nothing_visible(base_uri: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    uri = f"{base_uri}/data"
+    ready = tmp_path / "ready"
+    process = multiprocessing.get_context("spawn").Process(
+        target=die_while_uploading, args=(uri, RUN, str(ready))
+    )
+    process.start()
+    deadline = time.monotonic() + 60
+    while not ready.exists() and process.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ready.exists(), "the writer never reached its upload"
+    process.kill()  # SIGKILL: no cleanup, no exception handler, an upload in flight
+    process.join()
+
+    with pytest.raises(ManifestNotFoundError):
+        open_dataset(uri)
+    writer = DatasetWriter(uri, DOCUMENTS, producer=RUN)
+    assert sorted(writer.resume()) == ["part-000000"]
+    manifest = writer.finalize()
+    assert [s.shard for s in manifest.shards] == ["part-000000"]
+    assert ids_of(open_dataset(uri).read_all()) == [f"documents-{n:06d}" for n in range(5)]
+    assert data_files(uri) == [manifest.shards[0].path]
 
 
 def test_commit_without_finalize_is_resumable_but_not_readable(base_uri: str) -> None:

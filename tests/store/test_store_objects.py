@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -214,3 +216,15 @@ def test_open_parent(base_uri: str) -> None:
     assert open_store(base_uri).read_json("a/b/spec.json") == {"x": 1}
     with pytest.raises(InvalidURIError):
         open_parent("s3://bucket-only")
+
+
+def test_importing_the_store_pulls_in_neither_torch_nor_ray() -> None:
+    code = (
+        "import sys, tokenmill.store\n"
+        "heavy = sorted(m for m in ('torch', 'ray', 'boto3') if m in sys.modules)\n"
+        "print(','.join(heavy))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == ""  # boto3 too is imported only when S3 is first used
