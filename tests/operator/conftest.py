@@ -96,7 +96,7 @@ def store_root(tmp_path: Path) -> str:
     return root.as_uri()
 
 
-def test_config(store: str, **changes: Any) -> OperatorConfig:
+def operator_config(store: str, **changes: Any) -> OperatorConfig:
     base = OperatorConfig(
         store=store,
         resync_seconds=1.0,
@@ -199,7 +199,7 @@ async def start_operator(kube: Emulator, store_root: str) -> AsyncIterator[Calla
 
     async def start(*, standalone: bool = True, priority: int = 0, peering: str = "tokenmill",
                     liveness: str | None = None, **changes: Any) -> OperatorHandle:
-        config = test_config(changes.pop("store", store_root), standalone=standalone, **changes)
+        config = operator_config(changes.pop("store", store_root), standalone=standalone, **changes)
         settings = kopf.OperatorSettings()
         settings.queueing.idle_timeout = 0.3  # per-object workers linger 5 s by default: slow exits
         settings.queueing.exit_timeout = 0.5
