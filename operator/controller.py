@@ -16,6 +16,7 @@ is alive.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 from collections.abc import Iterable, Mapping
@@ -491,7 +492,7 @@ class Controller:
         if NEED_PREVIOUS_RUN in needs and obs.output is not None:
             changes["previous_run"] = await self._io(storage.read_run_spec, obs.output)
             changes["previous_run_read"] = True
-        return Observation(**{**obs.__dict__, **changes})
+        return dataclasses.replace(obs, **changes)
 
     async def _execute(self, key: Key, body: Mapping[str, Any], decision: Decision) -> None:
         namespace, kind, name = key

@@ -22,7 +22,6 @@ but it is a plain JSON store. This subclass fills the gaps, in test code only:
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import datetime
 import functools

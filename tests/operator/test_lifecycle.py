@@ -15,7 +15,6 @@ from tests.operator.conftest import (
     commit_dataset,
     condition,
     corpus,
-    eventually,
     phase_is,
     pts,
     rayjobs,
