@@ -15,6 +15,7 @@ stuck initializing (image pull, no GPUs) fails instead of hanging. KubeRay's own
 
 from __future__ import annotations
 
+import copy
 import shlex
 from typing import Any
 
@@ -30,6 +31,9 @@ WORKER_GROUP = "workers"
 SHM_VOLUME = "dshm"
 GPU_RESOURCE = "nvidia.com/gpu"
 TRAINER_MODULE = "tokenmill.trainer"
+# The OpenAI-compatible endpoint's key of a SyntheticDataJob (generator.apiKeySecret), given to
+# the workload from the Secret by the kubelet: its value never appears in a spec or status.
+GENERATOR_API_KEY_ENV = "TOKENMILL_GENERATOR_API_KEY"
 
 
 def entrypoint(kind: str, spec_uri: str) -> str:
@@ -88,6 +92,11 @@ def render(
     env_from = [{"secretRef": {"name": secret}}] if secret else []
     env = [{"name": key, "value": value} for key, value in sorted(config.ray_env.items())]
     env.append({"name": "TOKENMILL_ATTEMPT", "value": str(attempt)})
+    generator = getattr(spec, "generator", None)
+    api_key = getattr(generator, "api_key_secret", None)
+    if api_key is not None:
+        env.append({"name": GENERATOR_API_KEY_ENV,
+                    "valueFrom": {"secretKeyRef": {"name": api_key.name, "key": api_key.key}}})
     image = ray.image or config.image
     node_selector = dict(ray.node_selector) if ray.node_selector is not None else dict(config.node_selector)
     if ray.tolerations is not None:
@@ -112,7 +121,7 @@ def render(
             "name": name,
             "image": image,
             "resources": {"requests": dict(resources), "limits": dict(resources)},
-            "env": [dict(item) for item in env],
+            "env": [copy.deepcopy(item) for item in env],
         }
         if env_from:
             out["envFrom"] = [dict(item) for item in env_from]

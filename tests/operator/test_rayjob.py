@@ -218,3 +218,21 @@ def test_render_command_reports_problems(write_recipe, capsys):
     err = capsys.readouterr().err
     assert "relative file: URIs are only for the local runner" in err
     assert "spec.output.uri: required: no default store" in err
+
+
+def test_generator_api_key_comes_from_its_secret():
+    document = {
+        "apiVersion": "tokenmill.dev/v1alpha1", "kind": "SyntheticDataJob", "metadata": {"name": "teacher-data"},
+        "spec": {"seeds": [{"uri": "s3://bucket/seeds"}], "datasetType": "math",
+                 "workflow": [{"type": "rewrite", "rewrite": {"targets": ["exercise"]}}],
+                 "generator": {"engine": "openai", "endpoint": "https://llm.example.com/v1", "modelName": "teacher",
+                               "apiKeySecret": {"name": "llm-key", "key": "token"}}},
+    }
+    manifest = rayjob.render(parsed(document), namespace="default", attempt=1, spec_uri="s3://bucket/s/_run/spec.json",
+                             config=OperatorConfig())
+    for group in (manifest["spec"]["rayClusterSpec"]["headGroupSpec"],
+                  *manifest["spec"]["rayClusterSpec"]["workerGroupSpecs"]):
+        env = group["template"]["spec"]["containers"][0]["env"]
+        assert {"name": "TOKENMILL_GENERATOR_API_KEY",
+                "valueFrom": {"secretKeyRef": {"name": "llm-key", "key": "token"}}} in env
+    assert manifest["metadata"]["name"] == "sdj-teacher-data-1"
