@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from tokenmill.layout import MANIFEST_NAME
-from tokenmill.store.backends.base import Store
+from tokenmill.store.backends.base import ObjectInfo, Store
 from tokenmill.store.errors import (
     DatasetConflictError,
     IncompleteDatasetError,
@@ -185,7 +185,8 @@ class DatasetWriter:
         IncompleteDatasetError is raised and no manifest is written. Records of another
         run raise DatasetConflictError (call resume() first). Idempotent.
         """
-        records = self._records()
+        listing = self.store.list("")
+        records = self._records(listing)
         foreign = [r for r in records if not self._ours(r)]
         if foreign:
             first = foreign[0]
@@ -216,7 +217,7 @@ class DatasetWriter:
             uri=self.uri,
         )
         self.store.write_json(MANIFEST_NAME, manifest.to_dict())
-        self._delete_unreferenced({s.path for s in shards})
+        self._delete_unreferenced(listing, {s.path for s in shards})
         return manifest
 
     # -- internals -----------------------------------------------------------------------
@@ -228,8 +229,12 @@ class DatasetWriter:
             return self.producer is None and record.producer is None
         return record.producer.same_run(self.producer)
 
-    def _records(self) -> list[CommitRecord]:
-        keys = [info.key for info in self.store.list(COMMITS_DIR) if info.key.endswith(".json")]
+    def _records(self, listing: list[ObjectInfo] | None = None) -> list[CommitRecord]:
+        """Every commit record, from `listing` (of the whole dataset) or a fresh listing."""
+        if listing is None:
+            listing = self.store.list(COMMITS_DIR)
+        prefix = f"{COMMITS_DIR}/"
+        keys = [o.key for o in listing if o.key.startswith(prefix) and o.key.endswith(".json")]
         if len(keys) <= 1:
             return [self._record(k) for k in keys]
         with ThreadPoolExecutor(max_workers=min(_READ_CONCURRENCY, len(keys))) as pool:
@@ -255,8 +260,10 @@ class DatasetWriter:
             return not (same_schema and self.producer is None and manifest.producer is None)
         return not (same_schema and manifest.producer.same_run(self.producer))
 
-    def _delete_unreferenced(self, referenced: set[str]) -> None:
-        for info in self.store.list(""):
+    def _delete_unreferenced(self, listing: list[ObjectInfo], referenced: set[str]) -> None:
+        """Delete the data files in `listing` (taken before the manifest was written, so a
+        file staged since is spared) that no committed shard refers to."""
+        for info in listing:
             if "/" not in info.key and info.key.endswith(".parquet") and info.key not in referenced:
                 self.store.delete(info.key)
 
