@@ -7,7 +7,9 @@ import os
 import subprocess
 import sys
 
-from tests.operator.conftest import apply, commit_dataset, corpus, phase_is, rayjobs
+import pytest
+
+from tests.operator.conftest import RAYJOBS, apply, commit_dataset, corpus, phase_is, rayjobs
 from tokenmill.cli import build_parser
 
 
@@ -42,3 +44,11 @@ def test_the_cli_has_operator_and_render_commands(capsys):
     assert args.namespaces == ["ml", "research"] and args.standalone and args.metrics_port == 9100
     assert args.func.__name__ == "cmd_operator"
     assert parser.parse_args(["render", "recipe/"]).func.__name__ == "cmd_render"
+
+
+async def test_the_operator_refuses_to_start_without_kuberay(kube, start_operator, caplog):
+    del kube.resources[RAYJOBS.key]
+    kube.specs.pop(RAYJOBS.key)
+    with pytest.raises(RuntimeError, match="the operator exited: ActivityError"):
+        await start_operator()
+    assert "the API server does not serve ray.io/v1 RayJobs: install KubeRay" in caplog.text
