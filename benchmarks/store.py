@@ -1,17 +1,20 @@
 """Shard write and read throughput through tokenmill.store against raw pyarrow.
 
-    python benchmarks/store.py [--shards 4] [--rows 32000] [--repeat 5] [--backends file,s3]
+    python benchmarks/store.py [--shards 4] [--rows 32000] [--repeat 5]
+                               [--backends file,file-nofsync,s3]
 
 Both sides encode the same documents tables as Parquet with zstd and move them through the
 same pyarrow filesystem: raw pyarrow is `pq.write_table` / `pq.read_table` on a path; the
-store adds schema validation, the sha256, the atomic write (fsync + rename on file://), a
-commit record per shard and the manifest on write; the manifest read and the checksum
-check on read. s3 runs against moto's S3 server started here on 127.0.0.1.
+store adds schema validation, the sha256, the atomic write (temp file + rename on file://,
+fsynced unless TOKENMILL_STORE_FSYNC=0), a commit record per shard and the manifest on
+write; the manifest read and the checksum check on read. s3 runs against moto's S3 server
+started here on 127.0.0.1.
+
 Throughput is Arrow (uncompressed) bytes per second, from the best of `--repeat` rounds
-(on a shared machine other work only ever adds time). Raw and store run back to back in
-each round, in alternating order; "overhead" is the median over rounds of store time /
-raw time (both sides of each ratio saw the same load), "CPU" the same for the CPU time of
-this process (moto's own CPU time is not in it).
+(on a shared machine other work only ever adds time). Each round runs every operation
+twice, raw, store, store, raw, and averages the two; "overhead" is the median over rounds
+of store time / raw time (both sides of each ratio saw the same load), "CPU" the same for
+the CPU time of this process (moto's own CPU time is not in it).
 """
 
 from __future__ import annotations
@@ -130,30 +133,36 @@ def store_read(uri: str) -> None:
 def run_backend(
     name: str, root: str, tables: list[pa.Table], repeat: int
 ) -> dict[str, list[tuple[float, float]]]:
+    """Per round, the wall and CPU seconds of each operation, each run twice in the order
+    raw, store, store, raw (the first run after a phase change pays for warming up)."""
     store = open_store(root)
     fs = store.arrow_filesystem()
     times: dict[str, list[tuple[float, float]]] = {
         k: [] for k in ("raw_write", "store_write", "raw_read", "store_read")
     }
     for round_ in range(repeat):
-        raw_dir, dataset_dir = f"raw-{round_}", f"dataset-{round_}"
-        paths = [store.arrow_path(f"{raw_dir}/shard-{i}.parquet") for i in range(len(tables))]
-        uri = store.uri_of(dataset_dir)
-        if name == "file":
-            os.makedirs(store.arrow_path(raw_dir), exist_ok=True)
-        writes = [
-            ("raw_write", partial(raw_write, tables, fs, paths)),
-            ("store_write", partial(store_write, tables, uri)),
-        ]
-        reads = [
-            ("raw_read", partial(raw_read, fs, paths)),
-            ("store_read", partial(store_read, uri)),
-        ]
-        for pairs in (writes, reads):
-            for key, fn in pairs if round_ % 2 == 0 else pairs[::-1]:
-                times[key].append(timed(fn))
-        store.delete_prefix(raw_dir)
-        store.delete_prefix(dataset_dir)
+        runs = {}
+        for copy in "ab":
+            raw_dir = f"raw-{round_}{copy}"
+            paths = [store.arrow_path(f"{raw_dir}/shard-{i}.parquet") for i in range(len(tables))]
+            uri = store.uri_of(f"dataset-{round_}{copy}")
+            if name == "file":
+                os.makedirs(store.arrow_path(raw_dir), exist_ok=True)
+            runs[copy] = {
+                "raw_write": partial(raw_write, tables, fs, paths),
+                "store_write": partial(store_write, tables, uri),
+                "raw_read": partial(raw_read, fs, paths),
+                "store_read": partial(store_read, uri),
+            }
+        for op in ("write", "read"):
+            order = [("raw", "a"), ("store", "a"), ("store", "b"), ("raw", "b")]
+            measured = {(side, copy): timed(runs[copy][f"{side}_{op}"]) for side, copy in order}
+            for side in ("raw", "store"):
+                first, second = measured[(side, "a")], measured[(side, "b")]
+                times[f"{side}_{op}"].append(
+                    ((first[0] + second[0]) / 2, (first[1] + second[1]) / 2)
+                )
+        store.delete_prefix("")
     return times
 
 
@@ -202,7 +211,12 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--rows", type=int, default=32_000, help="documents per shard")
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--backends", default="file,s3")
+    parser.add_argument(
+        "--backends",
+        default="file,file-nofsync,s3",
+        help="file (fsync, the default), file-nofsync (TOKENMILL_STORE_FSYNC=0, no more "
+        "durable than raw pyarrow), s3",
+    )
     args = parser.parse_args()
 
     tables = make_tables(args.shards, args.rows)
@@ -211,9 +225,11 @@ def main() -> None:
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
     )
     for name in args.backends.split(","):
-        if name == "file":
+        if name in ("file", "file-nofsync"):
+            os.environ["TOKENMILL_STORE_FSYNC"] = "0" if name == "file-nofsync" else "1"
+            title = "file:// without fsync" if name == "file-nofsync" else "file:// (fsync)"
             with tempfile.TemporaryDirectory(prefix="tokenmill-bench-") as tmp:
-                report("file://", tables, run_backend("file", tmp, tables, args.repeat))
+                report(title, tables, run_backend("file", tmp, tables, args.repeat))
         elif name == "s3":
             with moto_server() as endpoint:
                 os.environ.update(
@@ -232,7 +248,7 @@ def main() -> None:
                     run_backend("s3", "s3://bench/run", tables, args.repeat),
                 )
         else:
-            parser.error(f"unknown backend {name!r}; use file and/or s3")
+            parser.error(f"unknown backend {name!r}; use file, file-nofsync and/or s3")
 
 
 if __name__ == "__main__":

@@ -199,6 +199,22 @@ def test_resume_skips_committed_shards(base_uri: str) -> None:
     assert ids_of(table) == [f"documents-{n:06d}" for n in range(20)]
 
 
+def test_resume_rewrites_a_committed_shard_whose_data_was_lost(base_uri: str) -> None:
+    uri = f"{base_uri}/data"
+    writer = DatasetWriter(uri, DOCUMENTS, producer=RUN)
+    infos = [writer.write_shard(n, sample_table(DOCUMENTS, 4, 4 * n)) for n in range(3)]
+    store = open_store(uri)
+    store.delete(infos[0].path)  # gone
+    store.write_bytes(infos[2].path, store.read_bytes(infos[2].path)[:10])  # torn by a crash
+    done = DatasetWriter(uri, DOCUMENTS, producer=RUN).resume()
+    assert sorted(done) == ["part-000001"]
+    assert sorted(o.key for o in store.list("_commits")) == ["_commits/part-000001.json"]
+    for n in (0, 2):
+        writer.write_shard(n, sample_table(DOCUMENTS, 4, 4 * n))
+    assert writer.finalize(expected=range(3)).summary.rows == 12
+    assert ids_of(open_dataset(uri).read_all()) == [f"documents-{n:06d}" for n in range(12)]
+
+
 def test_rewriting_a_shard_replaces_it(base_uri: str) -> None:
     uri = f"{base_uri}/data"
     writer = DatasetWriter(uri, DOCUMENTS, producer=RUN)

@@ -25,7 +25,7 @@ from tokenmill.store import (
     open_store,
     upload_dir,
 )
-from tokenmill.store.backends.local import atomic_write
+from tokenmill.store.backends.local import atomic_write, fsync_enabled
 
 
 def test_open_store_picks_backend(base_uri: str, backend: str) -> None:
@@ -228,3 +228,20 @@ def test_importing_the_store_pulls_in_neither_torch_nor_ray() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == ""  # boto3 too is imported only when S3 is first used
+
+
+def test_file_writes_are_fsynced_unless_switched_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    open_store(tmp_path.as_uri()).write_bytes("a", b"1")
+    assert len(synced) == 2  # the file before its rename, the directory after it
+    monkeypatch.setenv("TOKENMILL_STORE_FSYNC", "0")
+    store = open_store(tmp_path.as_uri())
+    store.write_bytes("b", b"2")
+    store.write_stream("c", lambda stream: stream.write(b"3"))
+    assert len(synced) == 2 and store.read_bytes("b") == b"2" and store.read_bytes("c") == b"3"
+    assert fsync_enabled({}) and fsync_enabled({"TOKENMILL_STORE_FSYNC": "1"})
+    assert not fsync_enabled({"TOKENMILL_STORE_FSYNC": "false"})

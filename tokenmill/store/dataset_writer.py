@@ -155,21 +155,31 @@ class DatasetWriter:
         return self._ours(record)
 
     def resume(self) -> dict[str, ShardInfo]:
-        """Discard what other runs left here, then return the shards this run committed.
+        """Discard what other runs left here, then return the intact shards this run committed.
 
         Another run is another producer uid or generation, or another schema: its shards
         are stale (the resource changed), so its manifest, records and data are deleted.
+        A record of ours whose data file is gone or has the wrong size (lost to a crash or
+        a hand) is dropped too, so that shard is written again.
         """
-        records = self._records()
+        listing = self.store.list("")
+        sizes = {o.key: o.size for o in listing}
+        records = self._records(listing)
         stale = [r for r in records if not self._ours(r)]
-        if stale:
-            if self._manifest_is_stale():
-                self.store.delete(MANIFEST_NAME)
-            for record in stale:
-                self.store.delete(commit_record_key(record.shard.shard))
-                self.store.delete(record.shard.path)
-            log.info("discarded %d stale shards of %s", len(stale), self.uri)
-        return {r.shard.shard: r.shard for r in records if self._ours(r)}
+        broken = [r for r in records if self._ours(r) and sizes.get(r.shard.path) != r.shard.bytes]
+        if stale and self._manifest_is_stale():
+            self.store.delete(MANIFEST_NAME)
+        for record in stale + broken:
+            self.store.delete(commit_record_key(record.shard.shard))
+            self.store.delete(record.shard.path)
+        if stale or broken:
+            log.warning(
+                "%s: discarded %d stale shards and %d with lost data",
+                self.uri,
+                len(stale),
+                len(broken),
+            )
+        return {r.shard.shard: r.shard for r in records if self._ours(r) and r not in broken}
 
     def reset(self) -> None:
         """Delete the whole dataset: manifest first, so no reader sees a half-deleted one."""

@@ -7,7 +7,7 @@ import errno
 import os
 import secrets
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, BinaryIO
 
 from tokenmill.store.backends.base import BytesLike, ObjectInfo, Store, run_producer
@@ -64,7 +64,7 @@ def atomic_stream(
         _fsync_dir(directory)
 
 
-def atomic_copy(src: str, dst: str) -> None:
+def atomic_copy(src: str, dst: str, *, durable: bool = True) -> None:
     """Copy a local file to `dst` through a temp file and a rename."""
     directory = os.path.dirname(dst)
     os.makedirs(directory, exist_ok=True)
@@ -73,12 +73,21 @@ def atomic_copy(src: str, dst: str) -> None:
         with open(src, "rb") as source, open(tmp, "xb") as target:
             shutil.copyfileobj(source, target, _COPY_CHUNK)
             target.flush()
-            os.fsync(target.fileno())
+            if durable:
+                os.fsync(target.fileno())
         os.replace(tmp, dst)
     except BaseException:
         _unlink_quietly(tmp)
         raise
-    _fsync_dir(directory)
+    if durable:
+        _fsync_dir(directory)
+
+
+def fsync_enabled(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether file:// writes are fsynced: yes unless TOKENMILL_STORE_FSYNC is 0/false/no
+    (for scratch runs that may lose their last writes to a power cut)."""
+    value = (os.environ if environ is None else environ).get("TOKENMILL_STORE_FSYNC", "1")
+    return value.strip().lower() not in ("0", "false", "no", "off")
 
 
 class FileStore(Store):
@@ -88,6 +97,7 @@ class FileStore(Store):
         if root.scheme != "file":
             raise ValueError(f"FileStore needs a file:// URI, not {root}")
         super().__init__(root, retry)
+        self.durable = fsync_enabled()
 
     @classmethod
     def from_uri(cls, uri: str, retry: RetryPolicy | None = None) -> FileStore:
@@ -111,13 +121,17 @@ class FileStore(Store):
         return self._call("read", key, read)
 
     def write_bytes(self, key: str, data: BytesLike) -> None:
-        self._call("write", key, lambda: atomic_write(self.local_path(key), data))
+        self._call(
+            "write", key, lambda: atomic_write(self.local_path(key), data, durable=self.durable)
+        )
 
     def write_stream(self, key: str, produce: Callable[[BinaryIO], None]) -> None:
         self._call(
             "write",
             key,
-            lambda: atomic_stream(self.local_path(key), lambda f: run_producer(produce, f)),
+            lambda: atomic_stream(
+                self.local_path(key), lambda f: run_producer(produce, f), durable=self.durable
+            ),
         )
 
     def exists(self, key: str) -> bool:
@@ -173,10 +187,18 @@ class FileStore(Store):
         return self._call("delete", prefix, remove)
 
     def upload_file(self, local_path: str, key: str) -> None:
-        self._call("upload", key, lambda: atomic_copy(local_path, self.local_path(key)))
+        self._call(
+            "upload",
+            key,
+            lambda: atomic_copy(local_path, self.local_path(key), durable=self.durable),
+        )
 
     def download_file(self, key: str, local_path: str) -> None:
-        self._call("download", key, lambda: atomic_copy(self.local_path(key), local_path))
+        self._call(
+            "download",
+            key,
+            lambda: atomic_copy(self.local_path(key), local_path, durable=self.durable),
+        )
 
     def arrow_filesystem(self) -> pyarrow.fs.FileSystem:
         import pyarrow.fs
