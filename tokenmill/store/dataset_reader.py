@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
@@ -88,14 +88,7 @@ class Dataset:
         self, shard: ShardInfo | int | str, columns: Sequence[str] | None = None
     ) -> pa.Table:
         info = shard if isinstance(shard, ShardInfo) else self.manifest.shard(shard)
-        uri = self.store.uri_of(info.path)
-        try:
-            data = self.store.read_bulk(info.path)
-        except ObjectNotFoundError as exc:
-            raise MissingShardError(
-                f"shard {info.shard!r} of {self.uri} is committed but {uri} is missing", uri
-            ) from exc
-        return decode_shard(data, info, uri, columns)
+        return read_verified_shard(self.store, info, columns)
 
     def iter_tables(
         self, columns: Sequence[str] | None = None, *, prefetch: int = 1
@@ -149,11 +142,24 @@ class Dataset:
         )
 
 
+def read_verified_shard(
+    store: Store, info: ShardInfo, columns: Sequence[str] | None = None
+) -> pa.Table:
+    """One shard of the dataset at `store`, checked against its size and sha256."""
+    uri = store.uri_of(info.path)
+    try:
+        data = store.read_bulk(info.path)
+    except ObjectNotFoundError as exc:
+        raise MissingShardError(
+            f"shard {info.shard!r} of {store.uri} is committed but {uri} is missing", uri
+        ) from exc
+    return decode_shard(data, info, uri, columns)
+
+
 def _load_shards(batch: pa.Table, columns: list[str] | None) -> pa.Table:
     """Ray Data UDF: the rows of the shards described in `batch` (store URI + shard JSON)."""
     tables = []
     for row in batch.to_pylist():
-        store: Any = open_store(row["store"])
         info = ShardInfo.from_dict(json.loads(row["shard"]), row["store"])
-        tables.append(Dataset(store, Manifest("", 0, (info,))).read_shard(info, columns))
+        tables.append(read_verified_shard(open_store(row["store"]), info, columns))
     return pa.concat_tables(tables)
