@@ -18,6 +18,7 @@ so nothing is copied. This module never imports torch.
 
 from __future__ import annotations
 
+import builtins
 import re
 import shutil
 import tempfile
@@ -52,8 +53,8 @@ def step_dir(step: int) -> str:
 
 
 def retention_plan(
-    committed: list[int], keep_last: int, keep_every: int | None = None
-) -> list[int]:
+    committed: builtins.list[int], keep_last: int, keep_every: int | None = None
+) -> builtins.list[int]:
     """The committed steps to delete so that only the last `keep_last` and the multiples of
     `keep_every` remain. The newest checkpoint is always kept."""
     if keep_last < 1:
@@ -106,14 +107,14 @@ class CheckpointStore:
 
     # -- reading -------------------------------------------------------------------------
 
-    def steps(self, *, include_uncommitted: bool = False) -> list[int]:
+    def steps(self, *, include_uncommitted: bool = False) -> builtins.list[int]:
         """Steps with a directory here, ascending; only committed ones unless asked."""
         found = sorted(int(m.group(1)) for m in map(_STEP_DIR.match, self.store.list_dirs()) if m)
         if include_uncommitted:
             return found
         return [info.step for info in self._infos(found) if info is not None]
 
-    def list(self) -> list[CheckpointInfo]:
+    def list(self) -> builtins.list[CheckpointInfo]:
         """Every committed checkpoint, oldest first."""
         return [i for i in self._infos(self.steps(include_uncommitted=True)) if i is not None]
 
@@ -179,7 +180,7 @@ class CheckpointStore:
             return Path(self.store.local_path(step_dir(step)))
         return None
 
-    def upload_dir(self, step: int, local_dir: str | Path) -> list[str]:
+    def upload_dir(self, step: int, local_dir: str | Path) -> builtins.list[str]:
         """Upload a directory of checkpoint files (one rank's share); commits nothing."""
         return upload_dir(local_dir, self.store.child(step_dir(step)))
 
@@ -239,7 +240,7 @@ class CheckpointStore:
         self.store.delete(f"{step_dir(step)}/{COMMIT_MARKER_NAME}")
         self.store.delete_prefix(step_dir(step))
 
-    def apply_retention(self, keep_last: int, keep_every: int | None = None) -> list[int]:
+    def apply_retention(self, keep_last: int, keep_every: int | None = None) -> builtins.list[int]:
         """Delete committed checkpoints outside the policy (see retention_plan) and the
         uncommitted leftovers older than the newest committed one; returns deleted steps."""
         every = self.steps(include_uncommitted=True)
@@ -252,8 +253,8 @@ class CheckpointStore:
         return sorted(doomed)
 
     def copy_to(
-        self, dst: str | StoreURI | Store | CheckpointStore, steps: list[int] | None = None
-    ) -> list[int]:
+        self, dst: str | StoreURI | Store | CheckpointStore, steps: builtins.list[int] | None = None
+    ) -> builtins.list[int]:
         """Copy committed checkpoints (all, or `steps`) to another checkpoint store, marker
         last; steps already committed there are skipped. Returns the steps copied."""
         target = (
@@ -299,7 +300,7 @@ class CheckpointStore:
             ) from exc
         return CheckpointInfo(step, self.uri_for(step), str(marker.get("committed_at", "")), files)
 
-    def _infos(self, steps: list[int]) -> list[CheckpointInfo | None]:
+    def _infos(self, steps: builtins.list[int]) -> builtins.list[CheckpointInfo | None]:
         if len(steps) <= 1:
             return [self._info(s) for s in steps]
         with ThreadPoolExecutor(max_workers=min(_READ_CONCURRENCY, len(steps))) as pool:

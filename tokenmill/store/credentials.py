@@ -85,6 +85,9 @@ def resolve_s3_settings(environ: Mapping[str, str] | None = None) -> S3Settings:
     env = os.environ if environ is None else environ
     secret_dir = env.get(CREDENTIALS_DIR_ENV)
     from_dir = _read_credentials_dir(secret_dir) if secret_dir else {}
+    key_id: str | None
+    secret: str | None
+    token: str | None
     if from_dir:
         key_id, secret = from_dir["AWS_ACCESS_KEY_ID"], from_dir["AWS_SECRET_ACCESS_KEY"]
         token = from_dir.get("AWS_SESSION_TOKEN")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
@@ -134,11 +135,9 @@ class Dataset:
         items = [{"store": self.uri, "shard": json.dumps(s.to_dict())} for s in self.shards]
         if not items:
             return ray.data.from_arrow(self.read_all(columns))
+        load = partial(_load_shards, columns=None if columns is None else list(columns))
         return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            _load_shards,
-            batch_size=1,
-            batch_format="pyarrow",
-            fn_kwargs={"columns": None if columns is None else list(columns)},
+            load, batch_size=1, batch_format="pyarrow"
         )
 
 

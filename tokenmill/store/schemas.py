@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -113,7 +113,7 @@ SCHEMAS: dict[str, DatasetSchema] = {
     s.ref: s for s in (DOCUMENTS, TOKEN_SEQUENCES, CHAT_SAMPLES, PREFERENCE_PAIRS)
 }
 
-TableLike = (
+TableLike: TypeAlias = (
     pa.Table
     | pa.RecordBatch
     | Sequence[pa.RecordBatch]

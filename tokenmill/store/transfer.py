@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,8 +19,8 @@ DEFAULT_CONCURRENCY = 8
 
 def copy_object(src: Store, src_key: str, dst: Store, dst_key: str) -> None:
     """Copy one object, server-side when both stores share an S3 account, else streaming."""
-    if isinstance(dst, S3Store) and dst.same_account(src):
-        dst.copy_from(src, src_key, dst_key)  # type: ignore[arg-type]
+    if isinstance(dst, S3Store) and isinstance(src, S3Store) and dst.same_account(src):
+        dst.copy_from(src, src_key, dst_key)
     elif isinstance(src, FileStore):
         dst.upload_file(src.local_path(src_key), dst_key)
     elif isinstance(dst, FileStore):
@@ -91,7 +91,7 @@ def download_dir(
     return root
 
 
-def _parallel(fn, items: list[str], concurrency: int) -> None:  # type: ignore[no-untyped-def]
+def _parallel(fn: Callable[[str], object], items: list[str], concurrency: int) -> None:
     if len(items) <= 1 or concurrency <= 1:
         for item in items:
             fn(item)

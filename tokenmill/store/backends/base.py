@@ -6,6 +6,7 @@ itself). Keys use '/' on every backend and never contain '.' or '..' segments.
 
 from __future__ import annotations
 
+import builtins
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -47,7 +48,7 @@ class Store(ABC):
         return f"{type(self).__name__}({self.uri!r})"
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and other.root == self.root  # type: ignore[attr-defined]
+        return isinstance(other, Store) and type(other) is type(self) and other.root == self.root
 
     def __hash__(self) -> int:
         return hash((type(self), self.root))
@@ -95,11 +96,11 @@ class Store(ABC):
         """The object's size in bytes; ObjectNotFoundError when it does not exist."""
 
     @abstractmethod
-    def list(self, prefix: str = "") -> list[ObjectInfo]:
+    def list(self, prefix: str = "") -> builtins.list[ObjectInfo]:
         """Every object below `prefix` (as a directory), recursively, sorted by key."""
 
     @abstractmethod
-    def list_dirs(self, prefix: str = "") -> list[str]:
+    def list_dirs(self, prefix: str = "") -> builtins.list[str]:
         """The names of the immediate sub-directories (common prefixes) of `prefix`, sorted."""
 
     @abstractmethod

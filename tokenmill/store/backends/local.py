@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import errno
 import os
 import secrets
 import shutil
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from tokenmill.store.backends.base import BytesLike, ObjectInfo, Store, run_producer
 from tokenmill.store.errors import (
@@ -103,7 +104,7 @@ class FileStore(Store):
     def from_uri(cls, uri: str, retry: RetryPolicy | None = None) -> FileStore:
         return cls(parse_uri(uri), retry)
 
-    def __reduce__(self) -> tuple:
+    def __reduce__(self) -> tuple[Any, ...]:
         return (FileStore.from_uri, (self.uri, self.retry))
 
     def child(self, key: str) -> FileStore:
@@ -140,10 +141,10 @@ class FileStore(Store):
     def size(self, key: str) -> int:
         return self._call("stat", key, lambda: os.stat(self.local_path(key)).st_size)
 
-    def list(self, prefix: str = "") -> list[ObjectInfo]:
+    def list(self, prefix: str = "") -> builtins.list[ObjectInfo]:
         top = self.local_path(prefix)
         base = self.local_path()
-        found: list[ObjectInfo] = []
+        found: builtins.list[ObjectInfo] = []
 
         def walk() -> None:
             for directory, _, files in os.walk(top):
@@ -160,7 +161,7 @@ class FileStore(Store):
         self._call("list", prefix, walk)
         return sorted(found, key=lambda info: info.key)
 
-    def list_dirs(self, prefix: str = "") -> list[str]:
+    def list_dirs(self, prefix: str = "") -> builtins.list[str]:
         top = self.local_path(prefix)
         try:
             with os.scandir(top) as entries:

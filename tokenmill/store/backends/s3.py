@@ -7,6 +7,7 @@ unpickled (a Ray worker), so secrets never travel inside task arguments.
 
 from __future__ import annotations
 
+import builtins
 import os
 import threading
 from collections.abc import Callable
@@ -149,7 +150,7 @@ class S3Store(Store):
     def from_uri(cls, uri: str, retry: RetryPolicy | None = None) -> S3Store:
         return cls(parse_uri(uri), retry)
 
-    def __reduce__(self) -> tuple:
+    def __reduce__(self) -> tuple[Any, ...]:
         return (S3Store.from_uri, (self.uri, self.retry))
 
     def child(self, key: str) -> S3Store:
@@ -207,7 +208,7 @@ class S3Store(Store):
         # keys that nothing refers to until they commit them.
         def put() -> None:
             with self._clients.arrow.open_output_stream(self.arrow_path(key)) as stream:
-                run_producer(produce, stream)  # type: ignore[arg-type]
+                run_producer(produce, stream)
 
         self._call_checked("write", key, put)
 
@@ -221,17 +222,17 @@ class S3Store(Store):
     def size(self, key: str) -> int:
         return int(self._head(key)["ContentLength"])
 
-    def list(self, prefix: str = "") -> list[ObjectInfo]:
+    def list(self, prefix: str = "") -> builtins.list[ObjectInfo]:
         base = self.full_key()
-        found: list[ObjectInfo] = []
+        found: builtins.list[ObjectInfo] = []
         for page in self._pages(prefix, delimiter=None):
             for item in page.get("Contents", []):
                 relative = item["Key"][len(base) + 1 :] if base else item["Key"]
                 found.append(ObjectInfo(relative, int(item["Size"])))
         return sorted(found, key=lambda info: info.key)
 
-    def list_dirs(self, prefix: str = "") -> list[str]:
-        names: list[str] = []
+    def list_dirs(self, prefix: str = "") -> builtins.list[str]:
+        names: builtins.list[str] = []
         for page in self._pages(prefix, delimiter="/"):
             for common in page.get("CommonPrefixes", []):
                 names.append(common["Prefix"].rstrip("/").rsplit("/", 1)[-1])
@@ -341,7 +342,7 @@ class S3Store(Store):
             pass  # object-level permissions may still allow what was asked
         self._clients.verified_buckets.add(self.bucket)
 
-    def _head(self, key: str) -> dict:
+    def _head(self, key: str) -> dict[str, Any]:
         return self._call_checked(
             "stat", key, lambda: self._boto.head_object(Bucket=self.bucket, Key=self.full_key(key))
         )
@@ -358,7 +359,7 @@ class S3Store(Store):
                 return
             kwargs["ContinuationToken"] = page["NextContinuationToken"]
 
-    def _delete_batch(self, keys: list[str]) -> None:
+    def _delete_batch(self, keys: builtins.list[str]) -> None:
         response = self._boto.delete_objects(
             Bucket=self.bucket,
             Delete={"Objects": [{"Key": self.full_key(k)} for k in keys], "Quiet": True},
