@@ -53,8 +53,8 @@ def step_dir(step: int) -> str:
 
 
 def retention_plan(
-    committed: builtins.list[int], keep_last: int, keep_every: int | None = None
-) -> builtins.list[int]:
+    committed: list[int], keep_last: int, keep_every: int | None = None
+) -> list[int]:
     """The committed steps to delete so that only the last `keep_last` and the multiples of
     `keep_every` remain. The newest checkpoint is always kept."""
     if keep_last < 1:
