@@ -19,10 +19,6 @@ from tokenmill.store.opener import open_parent
 log = logging.getLogger("tokenmill.store")
 
 
-# Existing callers imported this helper under its first, private name.
-_object = open_parent
-
-
 def write_run_spec(output: str, spec: Mapping[str, Any]) -> str:
     """Write the resolved spec the workload runs from; returns its URI."""
     uri = run_spec_uri(output)

@@ -20,7 +20,7 @@ from typing import Any
 
 from tokenmill.layout import hf_export_uri
 from tokenmill.store import Progress, StoreError, open_store, write_progress
-from tokenmill.store.runrecord import _object as _spec_object
+from tokenmill.store import open_parent
 from tokenmill.workloads import NOT_BUILT_EXIT_CODE, PHASE_SUCCEEDED
 
 EXIT_BAD_INPUT = 2
@@ -32,7 +32,7 @@ def _error(message: str) -> None:
 
 
 def read_spec_document(spec_uri: str) -> dict[str, Any]:
-    store, name = _spec_object(spec_uri)
+    store, name = open_parent(spec_uri)
     return store.read_json(name)
 
 
