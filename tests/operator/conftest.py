@@ -212,6 +212,9 @@ async def start_operator(kube: Emulator, store_root: str) -> AsyncIterator[Calla
     for handle in handles:
         if handle.running:
             await handle.stop()
+        # kopf waits for a threading stop-flag in an executor thread even after a failed start;
+        # release it, or that thread blocks the interpreter's exit.
+        handle.stop_flag.set()
 
 
 @pytest.fixture
