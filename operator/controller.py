@@ -221,6 +221,7 @@ class Controller:
         self.instance = instance or f"tokenmill-operator-{uuid.uuid4().hex[:8]}"
         self.active = self.peering.standalone
         self.started = False
+        self.health_server: Any = None  # metrics.HealthServer, started by the kopf start-up handler
         self._gate_known = self.peering.standalone
         self._tasks: list[asyncio.Task[Any]] = []
         self._failures: dict[Key, int] = {}

@@ -94,7 +94,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     await controller.start()
     server = HealthServer(controller.metrics, lambda: controller.ready, port=config.metrics_port)
     port = await server.start()
-    controller.health_server = server  # type: ignore[attr-defined]
+    controller.health_server = server
     memo[MEMO_CONTROLLER] = controller
     log.info("tokenmill operator started: metrics on :%d/metrics, %s, %s", port,
              "all namespaces" if config.clusterwide else f"namespaces {', '.join(config.namespaces)}",
@@ -105,9 +105,8 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     controller = memo.get(MEMO_CONTROLLER)
     if controller is None:
         return
-    server = getattr(controller, "health_server", None)
-    if server is not None:
-        await server.stop()
+    if controller.health_server is not None:
+        await controller.health_server.stop()
     await controller.stop()
     controller.kube.close()
 

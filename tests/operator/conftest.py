@@ -176,7 +176,7 @@ class OperatorHandle:
 
     @property
     def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.controller.health_server.port}"  # type: ignore[attr-defined]
+        return f"http://127.0.0.1:{self.controller.health_server.port}"
 
     async def stop(self) -> None:
         """Graceful shutdown, as on SIGTERM."""
