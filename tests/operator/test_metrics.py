@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -54,7 +56,16 @@ async def test_metrics_count_runs_phases_and_errors(kube, start_operator, standi
     await phase_is(kube, "CorpusFilter", "good", "Succeeded")
     await phase_is(kube, "CorpusFilter", "bad", "Failed")
 
-    samples = await scrape(operator.metrics_url)
+    # The operator counts a finished attempt once the API server confirmed the status write,
+    # a moment after the status is visible here: scrape until it has.
+    for _ in range(100):
+        samples = await scrape(operator.metrics_url)
+        if value(samples, "tokenmill_resources", kind="CorpusFilter", phase="Failed") == 1 and \
+                value(samples, "tokenmill_resources", kind="CorpusFilter", phase="Succeeded") == 1 and \
+                value(samples, "tokenmill_stage_runs_total", kind="CorpusFilter", result="failed") == 1 and \
+                value(samples, "tokenmill_stage_runs_total", kind="CorpusFilter", result="succeeded") == 1:
+            break
+        await asyncio.sleep(0.1)
     assert value(samples, "tokenmill_stage_runs_total", kind="CorpusFilter", result="succeeded") == 1
     assert value(samples, "tokenmill_stage_runs_total", kind="CorpusFilter", result="failed") == 1
     assert value(samples, "tokenmill_stage_runs_total", kind="TrainingStage", result="succeeded") == 0
