@@ -13,10 +13,9 @@ from typing import Any
 
 import yaml
 
-from tokenmill.api.graph import topological_order
-from tokenmill.api.loader import load_recipe
-from tokenmill.api.problems import Problem, RecipeError
-from tokenmill.api.semantic import validate
+from tokenmill.api.loader import LoadedResource
+from tokenmill.api.problems import Problem
+from tokenmill.api.recipe import checked_recipe
 from tokenmill.layout import run_spec_uri
 from tokenmill.operator import rayjob
 from tokenmill.operator.config import OperatorConfig
@@ -25,26 +24,15 @@ from tokenmill.resolve import output_uri
 
 def render_recipe(path: str | Path, config: OperatorConfig, *, namespace: str = "default") -> list[dict[str, Any]]:
     """The RayJobs of the recipe at `path`, in dependency order; raises RecipeError listing every problem."""
-    loaded = load_recipe(path)
-    resources = [item.resource for item in loaded]
-    by_key = {resource.key: resource for resource in resources}
-    problems = [
-        problem.located(file=item.file)
-        for item in loaded
-        for problem in validate(item.resource, lambda kind, name: by_key.get((kind, name)))
-    ]
-    for item in loaded:
-        if not item.resource.spec.output.uri and not config.store:
-            problems.append(Problem(
-                "required: no default store is configured (TOKENMILL_STORE or --store)",
-                "spec.output.uri", "/".join(item.resource.key), item.file,
-            ))
-    try:
-        ordered = topological_order(resources)
-    except RecipeError as error:
-        raise RecipeError(problems + error.problems) from None
-    if problems:
-        raise RecipeError(problems)
+    def needs_a_store(item: LoadedResource) -> list[Problem]:
+        if item.resource.spec.output.uri or config.store:
+            return []
+        return [Problem(
+            "required: no default store is configured (TOKENMILL_STORE or --store)",
+            "spec.output.uri", "/".join(item.resource.key), item.file,
+        )]
+
+    ordered = checked_recipe(path, local=False, extra_checks=needs_a_store)
     manifests = []
     for resource in ordered:
         target = resource.metadata.namespace or namespace

@@ -1,15 +1,14 @@
-"""Pure planning for the local runner: load, validate, absolutise paths, order."""
+"""Planning for the local runner: check the recipe, order it, make relative paths absolute."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from tokenmill.api.graph import topological_order
-from tokenmill.api.loader import load_recipe, parse_resource
+from tokenmill.api.loader import parse_resource
 from tokenmill.api.problems import RecipeError
+from tokenmill.api.recipe import checked_recipe
 from tokenmill.api.resources import AnyResource
-from tokenmill.api.semantic import validate
 
 
 def absolutise(resource: AnyResource, base_dir: Path) -> AnyResource:
@@ -40,21 +39,8 @@ def _absolute(uri: str, base_dir: Path) -> str:
 
 
 def plan_recipe(path: str | Path) -> list[AnyResource]:
-    """The recipe's resources in dependency order; raises RecipeError with every problem found."""
+    """The recipe's resources in dependency order, paths made absolute; raises RecipeError with every problem."""
     path = Path(path)
-    loaded = load_recipe(path)
-    resources = [item.resource for item in loaded]
-    by_key = {resource.key: resource for resource in resources}
-    problems = [
-        problem.located(file=item.file)
-        for item in loaded
-        for problem in validate(item.resource, lambda kind, name: by_key.get((kind, name)), local=True)
-    ]
-    try:
-        ordered = topological_order(resources)
-    except RecipeError as error:  # missing refs and cycles, reported with everything else
-        raise RecipeError(problems + error.problems) from None
-    if problems:
-        raise RecipeError(problems)
+    ordered = checked_recipe(path, local=True)
     base_dir = path if path.is_dir() else path.parent
     return [absolutise(resource, base_dir) for resource in ordered]
