@@ -16,6 +16,7 @@ is alive.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import uuid
@@ -521,10 +522,8 @@ class Controller:
                     self.queue.add_after(key, 0.2)
                     return
             elif isinstance(action, DeleteRayJob):
-                try:
+                with contextlib.suppress(NotFound):  # already gone: the goal is reached
                     await self.kube.delete_rayjob(namespace, action.name)
-                except NotFound:
-                    pass
             elif isinstance(action, DeleteOutputs):
                 deleted = await self._io(storage.delete_outputs, action.uri)
                 log.info("deleted %d object(s) under %s", deleted, action.uri)

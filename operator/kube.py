@@ -33,11 +33,11 @@ class ApiError(Exception):
 
 
 class NotFound(ApiError):
-    pass
+    """The object does not exist (HTTP 404)."""
 
 
 class Conflict(ApiError):
-    pass
+    """The write was based on a stale resourceVersion or the object exists (HTTP 409)."""
 
 
 def load_configuration(kubeconfig: str | None = None, context: str | None = None) -> Any:

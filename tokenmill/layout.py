@@ -4,7 +4,7 @@
     <output>/_run/progress.json    progress the operator and the local runner read
     <output>/_run/driver.log       the driver's log, uploaded while the job runs
     <output>/data/                 the resource's dataset (Parquet shards + _manifest.json)
-    <output>/checkpoints/step-XXXXXXXX/   distributed checkpoints, commit marker last
+    <output>/checkpoints/step-NNNNNNNN/   distributed checkpoints, commit marker last
     <output>/hf/                   the Hugging Face export of the final checkpoint
 """
 

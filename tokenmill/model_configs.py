@@ -5,7 +5,7 @@ This module stays free of torch so that the operator and the validator can use i
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -42,62 +42,41 @@ class ModelConfig:
 
 # `phi-4` is the pretraining shape: 4,096 positions. The pretraining RoPE base is not
 # published; we use 10,000 and midtraining raises it to 250,000 for 16,384 positions.
+PHI_4 = ModelConfig(
+    name="phi-4",
+    vocab_size=100_352,
+    hidden_size=5120,
+    num_layers=40,
+    num_heads=40,
+    num_kv_heads=10,
+    intermediate_size=17_920,
+    max_position_embeddings=4096,
+    rope_theta=10_000.0,
+    tokenizer="phi-4",
+)
+TINY = ModelConfig(
+    name="tiny",
+    vocab_size=320,
+    hidden_size=128,
+    num_layers=2,
+    num_heads=2,
+    num_kv_heads=1,
+    intermediate_size=384,
+    max_position_embeddings=256,
+    rope_theta=10_000.0,
+    tokenizer="byte",
+)
+
 MODEL_CONFIGS: dict[str, ModelConfig] = {
     config.name: config
     for config in (
-        ModelConfig(
-            name="phi-4",
-            vocab_size=100_352,
-            hidden_size=5120,
-            num_layers=40,
-            num_heads=40,
-            num_kv_heads=10,
-            intermediate_size=17_920,
-            max_position_embeddings=4096,
-            rope_theta=10_000.0,
-            tokenizer="phi-4",
-        ),
-        ModelConfig(
-            name="tiny",
-            vocab_size=320,
-            hidden_size=128,
-            num_layers=2,
-            num_heads=2,
-            num_kv_heads=1,
-            intermediate_size=384,
-            max_position_embeddings=256,
-            rope_theta=10_000.0,
-            tokenizer="byte",
-        ),
-        ModelConfig(
-            name="tiny-phi4-vocab",
-            vocab_size=100_352,
-            hidden_size=128,
-            num_layers=2,
-            num_heads=2,
-            num_kv_heads=1,
-            intermediate_size=384,
-            max_position_embeddings=512,
-            rope_theta=10_000.0,
-            tokenizer="phi-4",
-        ),
+        PHI_4,
+        TINY,
+        replace(TINY, name="tiny-phi4-vocab", vocab_size=100_352, max_position_embeddings=512, tokenizer="phi-4"),
         # Phi-4's width and vocabulary with 4 of its 40 layers: the GPU throughput benchmark.
-        ModelConfig(
-            name="phi-4-width-4l",
-            vocab_size=100_352,
-            hidden_size=5120,
-            num_layers=4,
-            num_heads=40,
-            num_kv_heads=10,
-            intermediate_size=17_920,
-            max_position_embeddings=4096,
-            rope_theta=10_000.0,
-            tokenizer="phi-4",
-        ),
+        replace(PHI_4, name="phi-4-width-4l", num_layers=4),
     )
 }
-
-TOKENIZERS = ("phi-4", "byte")
 
 
 def get_model_config(name: str) -> ModelConfig:

@@ -11,15 +11,13 @@ def summarize_outputs(output: str) -> OutputSummary:
     """Read the committed dataset manifest, the latest committed checkpoint and the HF export, where present."""
     summary = OutputSummary(uri=output)
     try:
-        manifest = read_manifest(dataset_uri(output))
-    except ManifestNotFoundError:
-        pass
-    else:
-        counts = manifest.summary
+        counts = read_manifest(dataset_uri(output)).summary
         summary = summary.model_copy(
             update={"dataset": dataset_uri(output), "shards": counts.shards, "rows": counts.rows,
                     "bytes": counts.bytes, "tokens": counts.tokens}
         )
+    except ManifestNotFoundError:  # the resource produces no dataset, or has not committed one yet
+        summary = OutputSummary(uri=output)
     latest = CheckpointStore.for_output(output).latest()
     if latest is not None:
         summary = summary.model_copy(update={"checkpoint": latest.uri})

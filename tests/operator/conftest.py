@@ -23,7 +23,6 @@ import kopf
 import pytest
 import yaml
 
-from tests.fixtures.s3 import moto_s3_server, s3_bucket  # noqa: F401  (fixtures)
 from tests.operator.emulator import Call, Emulator, ResourceSpec
 from tests.operator.standin import KubeRayStandIn
 from tokenmill.api.crd import all_crds

@@ -107,10 +107,7 @@ def main(argv: list[str]) -> int:
                 (directory / "model.bin").write_bytes(b"\0" * 64)
             written.append(step)
             write_progress(output, Progress(phase="training", done=step, total=30, unit="steps"))
-            if hold and len(written) == 1:
-                while not os.path.exists(hold):
-                    time.sleep(0.05)
-            if fail_after >= 0 and len(written) >= fail_after:
+            if _scripted_failure_due(written, hold, fail_after):
                 _report(kind, meta, attempt, written, skipped, inputs_seen, failed=True)
                 return 3
             time.sleep(pause)
@@ -128,10 +125,7 @@ def main(argv: list[str]) -> int:
             written.append(shard)
             write_progress(output, Progress(phase="filtering", done=len(done) + len(written), total=SHARDS,
                                             unit="shards"))
-            if hold and len(written) == 1:
-                while not os.path.exists(hold):
-                    time.sleep(0.05)
-            if fail_after >= 0 and len(written) >= fail_after:
+            if _scripted_failure_due(written, hold, fail_after):
                 _report(kind, meta, attempt, written, skipped, inputs_seen, failed=True)
                 return 3
             time.sleep(pause)
@@ -148,6 +142,14 @@ def _rows(schema: str, shard: int) -> list[dict]:
     return [{"id": f"{shard}-{i}", "text": f"document {shard}-{i}", "source": "fake", "lang": "en", "meta": "{}"}
             for i in range(ROWS)]
 
+
+
+def _scripted_failure_due(written: list, hold: str | None, fail_after: int) -> bool:
+    """After each unit of work: wait at the hold file after the first, and say whether to fail now."""
+    if hold and len(written) == 1:
+        while not os.path.exists(hold):
+            time.sleep(0.05)
+    return fail_after >= 0 and len(written) >= fail_after
 
 def _report(kind: str, meta: dict, attempt: int, written: list, skipped: list, inputs: dict, *, failed: bool) -> None:
     target = os.environ.get("FAKE_REPORT")

@@ -18,6 +18,7 @@ runs nothing: it calls `complete(rayjob)` in a thread and reports Complete at on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import base64
 import copy
 import os
@@ -192,10 +193,8 @@ class KubeRayStandIn:
                                               "message": f"the RayJob ran longer than {deadline} seconds",
                                               "endTime": now_rfc3339()})
                     return
-                try:
+                with contextlib.suppress(TimeoutError):  # still running: check the deadline again
                     await asyncio.wait_for(process.wait(), self.poll_seconds)
-                except TimeoutError:
-                    pass
         finally:
             if process.returncode is None:
                 process.kill()

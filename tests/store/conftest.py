@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.fixtures.s3 import S3Bucket, moto_s3_server, s3_bucket  # noqa: F401 - fixtures
+from tests.fixtures.s3 import S3Bucket
 from tests.store.s3_fault_proxy import FaultProxy
 
 
@@ -33,7 +33,7 @@ def base_uri(backend: str, request: pytest.FixtureRequest, tmp_path) -> str:  # 
 
 
 @pytest.fixture
-def fault_proxy(s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProxy]:  # noqa: F811
+def fault_proxy(s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProxy]:
     """A fault-injecting proxy in front of the test server; the environment points at it.
 
     Short timeouts make injected stalls look like a hung connection to both clients.

@@ -145,7 +145,7 @@ class _Handler(BaseHTTPRequestHandler):
     owner: FaultProxy
 
     def log_message(self, format: str, *args: object) -> None:
-        pass
+        """Silence the per-request access log."""
 
     def do_GET(self) -> None:
         self._proxy()
@@ -197,8 +197,9 @@ class _Handler(BaseHTTPRequestHandler):
             while True:
                 size = int(self.rfile.readline().split(b";")[0].strip(), 16)
                 if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass
+                    trailer = self.rfile.readline()
+                    while trailer not in (b"\r\n", b"\n", b""):
+                        trailer = self.rfile.readline()
                     return b"".join(chunks)
                 chunks.append(self.rfile.read(size))
                 self.rfile.readline()

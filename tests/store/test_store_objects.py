@@ -194,7 +194,7 @@ def test_write_stream(base_uri: str, backend: str) -> None:
     assert store.read_bulk("streamed.bin") == b"".join(chunks)
 
     class ProducerError(Exception):
-        pass
+        """The producer's own failure, which must reach the caller unchanged."""
 
     def broken(stream) -> None:  # type: ignore[no-untyped-def]
         stream.write(b"half")

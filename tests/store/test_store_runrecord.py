@@ -101,7 +101,7 @@ def test_final_upload_failure_is_raised_unless_already_failing(tmp_path: Path) -
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where the output directory should be")
     with pytest.raises(StoreError), DriverLogUploader(log, blocked.as_uri(), interval_s=60):
-        pass
+        log.write_text("a line the uploader cannot store\n")
     # the workload's own error is not masked by the upload's
     with pytest.raises(KeyError), DriverLogUploader(log, blocked.as_uri(), interval_s=60):
         raise KeyError("workload failed")

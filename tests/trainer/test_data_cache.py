@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from tests.fixtures.s3 import S3Bucket, moto_s3_server, s3_bucket  # noqa: F401  (fixtures)
+from tests.fixtures.s3 import S3Bucket
 from tokenmill.store import (
     CHAT_SAMPLES,
     DOCUMENTS,

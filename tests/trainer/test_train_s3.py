@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from tests.fixtures.s3 import moto_s3_server, s3_bucket  # noqa: F401 - fixtures used by name
 from tests.trainer.test_train_stage import BATCH, SEQ, stage_spec, write_spec
 from tokenmill.layout import hf_export_uri
 from tokenmill.store import CheckpointStore, open_store, read_progress
@@ -16,7 +15,7 @@ STEPS = 4
 
 
 @pytest.fixture
-def ray_with_s3_environment(s3_bucket):  # noqa: F811
+def ray_with_s3_environment(s3_bucket):
     """A Ray started after the bucket's endpoint and credentials are in the environment, so workers inherit them."""
     ray = pytest.importorskip("ray")
     if ray.is_initialized():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ from tokenmill.layout import hf_export_uri
 from tokenmill.store import CheckpointStore, read_progress, write_run_spec
 from tokenmill.trainer.train import workload
 from tokenmill.trainer.train.loop import STOP_AFTER_ENV, read_history
-from tokenmill.workloads import NOT_BUILT_EXIT_CODE, PHASE_SUCCEEDED
+from tokenmill.workloads import PHASE_SUCCEEDED
 
 REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("make_data", REPO / "examples" / "train-only" / "make_data.py")

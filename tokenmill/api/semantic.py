@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tokenmill.api.common import DataSource, ModelSource, ObjectRef
+from tokenmill.api.common import ModelSource, ObjectRef
 from tokenmill.api.corpus import CorpusFilterSpec
 from tokenmill.api.problems import Problem, found
 from tokenmill.api.pts import PTSJobSpec
@@ -336,16 +336,3 @@ def _mixture(spec: TrainingStageSpec) -> list[Problem]:
         return [found(str(error), f"spec.datasets[{error.index}].epochs", spec.datasets[error.index].epochs)]
     return []
 
-
-def data_sources(resource: AnyResource) -> list[tuple[str, DataSource | MixtureComponent]]:
-    """(field path, source) of every dataset input of the resource."""
-    spec = resource.spec
-    if isinstance(spec, CorpusFilterSpec):
-        return [(f"spec.inputs[{i}]", s) for i, s in enumerate(spec.inputs)]
-    if isinstance(spec, SyntheticDataJobSpec):
-        return [(f"spec.seeds[{i}]", s) for i, s in enumerate(spec.seeds)]
-    if isinstance(spec, TrainingStageSpec):
-        return [(f"spec.datasets[{i}]", s) for i, s in enumerate(spec.datasets)]
-    if isinstance(spec, PTSJobSpec):
-        return [("spec.problems", spec.problems)]
-    return []

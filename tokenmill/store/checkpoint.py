@@ -1,4 +1,4 @@
-"""Checkpoints under `<output>/checkpoints/step-XXXXXXXX/`, each committed by a marker written last.
+"""Checkpoints under `<output>/checkpoints/step-NNNNNNNN/`, each committed by a marker written last.
 
 A checkpoint directory holds the `torch.distributed.checkpoint` files, `state.json` (step,
 tokens seen, data-loader position, RNG: whatever the trainer passes) and `_COMMITTED`,

@@ -28,15 +28,15 @@ class PermanentStoreError(StoreError):
 
 
 class BucketNotFoundError(PermanentStoreError):
-    pass
+    """The bucket does not exist."""
 
 
 class AccessDeniedError(PermanentStoreError):
-    pass
+    """The credentials are valid but not allowed to do this."""
 
 
 class InvalidCredentialsError(PermanentStoreError):
-    pass
+    """The access key is unknown or the signature does not match."""
 
 
 class TransientStoreError(StoreError):
@@ -48,11 +48,11 @@ class IntegrityError(StoreError):
 
 
 class ChecksumMismatchError(IntegrityError):
-    pass
+    """A shard's bytes do not match the checksum its manifest records."""
 
 
 class MissingShardError(IntegrityError):
-    pass
+    """A shard the manifest lists is not in the store."""
 
 
 class ManifestError(StoreError):
@@ -60,7 +60,7 @@ class ManifestError(StoreError):
 
 
 class ManifestNotFoundError(ManifestError):
-    pass
+    """The prefix holds no committed dataset."""
 
 
 class SchemaValidationError(StoreError):

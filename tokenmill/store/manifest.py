@@ -146,6 +146,16 @@ class Summary:
         return asdict(self)
 
 
+def _header(schema_name: str, schema_version: int, producer: Producer | None) -> dict[str, Any]:
+    """The fields a manifest and a commit record share: format, schema and producer."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "schema": {"name": schema_name, "version": schema_version},
+        "producer": producer.to_dict() if producer else None,
+    }
+
+
 @dataclass(frozen=True)
 class CommitRecord:
     """`_commits/<shard>.json`: a shard, the schema it follows and who produced it."""
@@ -157,10 +167,7 @@ class CommitRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "schema": {"name": self.schema_name, "version": self.schema_version},
-            "producer": self.producer.to_dict() if self.producer else None,
+            **_header(self.schema_name, self.schema_version, self.producer),
             "shard": self.shard.to_dict(),
         }
 
@@ -214,10 +221,7 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "schema": {"name": self.schema_name, "version": self.schema_version},
-            "producer": self.producer.to_dict() if self.producer else None,
+            **_header(self.schema_name, self.schema_version, self.producer),
             "created_at": self.created_at,
             "committed_at": self.committed_at,
             "summary": self.summary.as_dict(),

@@ -63,7 +63,7 @@ class HashingSink:
         return self._size
 
     def flush(self) -> None:
-        pass
+        self._target.flush()
 
     def writable(self) -> bool:
         return True

@@ -44,7 +44,7 @@ METRICS_NAME = "train_metrics.jsonl"
 
 
 class StopForTest(RuntimeError):
-    pass
+    """Raised on every rank after the step named by the test-only stop variable."""
 
 
 class LearningRateSchedule:

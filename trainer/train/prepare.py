@@ -85,11 +85,11 @@ def parse_spec(doc: Mapping[str, Any]) -> TrainingStageSpec:
 
 
 def split_checkpoint_uri(uri: str) -> tuple[CheckpointStore, int]:
-    """`<output>/checkpoints/step-XXXXXXXX` as its checkpoint store and step."""
+    """`<output>/checkpoints/step-NNNNNNNN` as its checkpoint store and step."""
     match = _STEP_DIR.match(uri)
     if not match:
         raise TrainingInputError(
-            f"model.parent {uri!r} is not a checkpoint directory (<output>/checkpoints/step-XXXXXXXX)"
+            f"model.parent {uri!r} is not a checkpoint directory (<output>/checkpoints/step-NNNNNNNN)"
         )
     return CheckpointStore(match.group("base")), int(match.group("step"))
 

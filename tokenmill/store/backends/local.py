@@ -67,21 +67,8 @@ def atomic_stream(
 
 def atomic_copy(src: str, dst: str, *, durable: bool = True) -> None:
     """Copy a local file to `dst` through a temp file and a rename."""
-    directory = os.path.dirname(dst)
-    os.makedirs(directory, exist_ok=True)
-    tmp = _temp_name(dst)
-    try:
-        with open(src, "rb") as source, open(tmp, "xb") as target:
-            shutil.copyfileobj(source, target, _COPY_CHUNK)
-            target.flush()
-            if durable:
-                os.fsync(target.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-    if durable:
-        _fsync_dir(directory)
+    with open(src, "rb") as source:
+        atomic_stream(dst, lambda target: shutil.copyfileobj(source, target, _COPY_CHUNK), durable=durable)
 
 
 def fsync_enabled(environ: Mapping[str, str] | None = None) -> bool:
