@@ -4,6 +4,9 @@
     <output>/_run/progress.json    progress the operator and the local runner read
     <output>/_run/driver.log       the driver's log, uploaded while the job runs
     <output>/data/                 the resource's dataset (Parquet shards + _manifest.json)
+    <output>/tokens/<dataset>/<tokenizer>-L<length>/<bucket>/
+                                   a training stage's token cache: each input dataset packed
+                                   into sequences (token_sequences datasets, one per bucket)
     <output>/checkpoints/step-NNNNNNNN/   distributed checkpoints, commit marker last
     <output>/hf/                   the Hugging Face export of the final checkpoint
 """
@@ -48,3 +51,7 @@ def checkpoint_uri(output: str, step: int) -> str:
 
 def hf_export_uri(output: str) -> str:
     return join(output, "hf")
+
+
+def token_cache_uri(output: str, dataset: str, tokenizer: str, seq_len: int) -> str:
+    return join(output, "tokens", dataset, f"{tokenizer}-L{seq_len}")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from tests.fixtures.s3 import S3Bucket
+from tokenmill.layout import token_cache_uri
 from tokenmill.store import (
     CHAT_SAMPLES,
     DOCUMENTS,
@@ -26,7 +27,7 @@ from tokenmill.trainer.data.midtrain import ALL_LENGTHS, LengthBucket, dataset_b
 from tokenmill.trainer.data.plan import plan_mixture
 from tokenmill.trainer.data.sampler import MixtureSampler
 from tokenmill.trainer.data.sources import TokenCacheSource, cache_sizes, open_token_cache
-from tokenmill.trainer.data.stage import StageDataset, build_stage_sources, token_cache_uri
+from tokenmill.trainer.data.stage import StageDataset, build_stage_sources
 from tokenmill.trainer.tokenizer import get_tokenizer
 
 WORDS = "the quick brown fox jumps over a lazy dog while data flows into packed sequences über naïve 数据".split()

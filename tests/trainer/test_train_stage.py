@@ -8,8 +8,10 @@ from typing import Any
 
 import pytest
 
-from tokenmill.layout import hf_export_uri
-from tokenmill.store import CheckpointStore, read_progress, write_run_spec
+from tokenmill.layout import hf_export_uri, token_cache_uri
+from tokenmill.store import CheckpointStore, open_dataset, read_progress, write_run_spec
+from tokenmill.trainer.data.cache import bucket_uri
+from tokenmill.trainer.data.midtrain import ALL_LENGTHS
 from tokenmill.trainer.train import workload
 from tokenmill.trainer.train.loop import STOP_AFTER_ENV, read_history
 from tokenmill.workloads import PHASE_SUCCEEDED
@@ -78,6 +80,10 @@ def test_pretrain_resume_and_hf_export(ray_cluster, docs_uri, tmp_path, monkeypa
     assert CheckpointStore.for_output(full).steps() == [8, 12]  # keepLast 2
     state = CheckpointStore.for_output(full).read_state(12)
     assert state["tokens_seen"] == STEPS * BATCH * SEQ and len(state["rng"]) == 2
+    # The data was tokenized once into the token cache in the store, one shard per input shard.
+    cache = open_dataset(bucket_uri(token_cache_uri(full, "docs", "byte", SEQ), ALL_LENGTHS))
+    assert [s.shard for s in cache.shards] == [s.shard for s in open_dataset(docs_uri).shards]
+    assert cache.schema.name == "token_sequences" and cache.manifest.summary.rows > 0
 
     # Interrupted after step 6: the last committed checkpoint is step 4; the rerun resumes there.
     broken = (tmp_path / "broken").as_uri()

@@ -37,7 +37,8 @@ def local_ray(address: str | None, start: bool) -> Iterator[str | None]:
     except ImportError:  # the trainer extra is not installed: workloads start their own Ray
         yield None
         return
-    context = ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
+    context = ray.init(include_dashboard=True, log_to_driver=False, configure_logging=False)
     try:
         yield context.address_info["gcs_address"]
     finally:

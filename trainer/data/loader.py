@@ -33,7 +33,7 @@ class SequenceSource(Protocol):
 
 
 class ArraySource:
-    """A source held in memory (tests, tiny local runs)."""
+    """A source of packed rows held in memory (tests and in-process use)."""
 
     def __init__(self, rows: np.ndarray) -> None:
         if rows.ndim != 2:

@@ -1,10 +1,13 @@
 """A training stage's data: committed datasets to the sampler's sources, through the token cache.
 
 Each dataset is cached under the stage's output at
-``<output>/tokens/<dataset name>/<tokenizer>-L<seq_len>/<bucket label>/`` (see `cache`), built
-in parallel on Ray and resumed after a failure. The result is what `midtrain.plan_for_stage`
-and `loader.MicroBatchIterator` take: sources keyed by sampler source name, and each dataset's
-sequence count (per bucket label for bucketed data).
+``<output>/tokens/<dataset name>/<tokenizer>-L<seq_len>/<bucket label>/`` (see `cache`). The
+driver builds every cache once, in parallel on Ray and resumed after a failure
+(`build_stage_caches`); each training worker then opens the committed caches
+(`open_stage_sources`), which checks that every bucket was built from the dataset's current
+shards with the stage's tokenizer, length and buckets. The result is what
+`midtrain.plan_for_stage` and `loader.MicroBatchIterator` take: sources keyed by sampler source
+name, and each dataset's sequence count (per bucket label for bucketed data).
 """
 
 from __future__ import annotations
@@ -12,12 +15,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tokenmill.store import join_uri
-from tokenmill.trainer.data.cache import CacheSpec, bucket_uri, build_token_cache
+from tokenmill.layout import token_cache_uri
+from tokenmill.store import ManifestNotFoundError, StoreError, open_dataset
+from tokenmill.trainer.data.cache import CacheSpec, bucket_uri, build_token_cache, cache_key
 from tokenmill.trainer.data.midtrain import ALL_LENGTHS, LengthBucket, bucket_source_name
 from tokenmill.trainer.data.sources import Granularity, TokenCacheSource
 
 Sizes = dict[str, int | dict[str, int]]
+
+WHOLE_SHARD_LIMIT_BYTES = 256 * 1024 * 1024
+"""A bucket at most this large on the store is read in whole shards and kept in memory; a
+larger one is read a Parquet row group at a time (see `sources`)."""
+
+
+class TokenCacheMismatchError(StoreError):
+    """A committed token cache that was not built from the stage's data and settings."""
 
 
 @dataclass(frozen=True)
@@ -29,8 +41,59 @@ class StageDataset:
     buckets: tuple[LengthBucket, ...] = (ALL_LENGTHS,)
 
 
-def token_cache_uri(output: str, dataset: str, tokenizer: str, seq_len: int) -> str:
-    return join_uri(output, "tokens", dataset, f"{tokenizer}-L{seq_len}")
+def cache_spec(dataset: StageDataset, tokenizer: str, seq_len: int) -> CacheSpec:
+    return CacheSpec(tokenizer=tokenizer, seq_len=seq_len, buckets=dataset.buckets, name=dataset.name)
+
+
+def build_stage_caches(
+    datasets: Sequence[StageDataset], *, output: str, tokenizer: str, seq_len: int, use_ray: bool = True
+) -> None:
+    """Build (or finish) every dataset's token cache; committed shards are reused."""
+    for dataset in datasets:
+        cache = token_cache_uri(output, dataset.name, tokenizer, seq_len)
+        build_token_cache(dataset.uri, cache, cache_spec(dataset, tokenizer, seq_len), use_ray=use_ray)
+
+
+def open_stage_sources(
+    datasets: Sequence[StageDataset],
+    *,
+    output: str,
+    tokenizer: str,
+    seq_len: int,
+    granularity: Granularity | None = None,
+    max_cached: int = 8,
+) -> tuple[dict[str, TokenCacheSource], Sizes]:
+    """Open the committed caches' non-empty buckets as sources (granularity by size unless given)."""
+    sources: dict[str, TokenCacheSource] = {}
+    sizes: Sizes = {}
+    for dataset in datasets:
+        cache = token_cache_uri(output, dataset.name, tokenizer, seq_len)
+        key = cache_key(open_dataset(dataset.uri).manifest, cache_spec(dataset, tokenizer, seq_len))
+        per_bucket: dict[str, int] = {}
+        for bucket in dataset.buckets:
+            uri = bucket_uri(cache, bucket)
+            try:
+                committed = open_dataset(uri)
+            except ManifestNotFoundError:
+                raise TokenCacheMismatchError(
+                    f"the token cache of dataset {dataset.name!r} is not built at {uri}", uri
+                ) from None
+            producer = committed.manifest.producer
+            if producer is None or producer.uid != key:
+                raise TokenCacheMismatchError(
+                    f"the token cache at {uri} was built from other data or settings than dataset "
+                    f"{dataset.name!r} at {dataset.uri} (did the dataset change during the run?)",
+                    uri,
+                )
+            summary = committed.manifest.summary
+            per_bucket[bucket.label] = summary.rows
+            if summary.rows:
+                mode = granularity or ("shard" if summary.bytes <= WHOLE_SHARD_LIMIT_BYTES else "row_group")
+                source = TokenCacheSource(committed, seq_len, granularity=mode, max_cached=max_cached)
+                sources[bucket_source_name(dataset.name, bucket)] = source
+        bucketed = dataset.buckets != (ALL_LENGTHS,)
+        sizes[dataset.name] = per_bucket if bucketed else per_bucket[ALL_LENGTHS.label]
+    return sources, sizes
 
 
 def build_stage_sources(
@@ -40,22 +103,11 @@ def build_stage_sources(
     tokenizer: str,
     seq_len: int,
     use_ray: bool = True,
-    granularity: Granularity = "shard",
+    granularity: Granularity | None = None,
     max_cached: int = 8,
 ) -> tuple[dict[str, TokenCacheSource], Sizes]:
-    """Build (or reuse) every dataset's token cache; open its non-empty buckets as sources."""
-    sources: dict[str, TokenCacheSource] = {}
-    sizes: Sizes = {}
-    for dataset in datasets:
-        cache = token_cache_uri(output, dataset.name, tokenizer, seq_len)
-        spec = CacheSpec(tokenizer=tokenizer, seq_len=seq_len, buckets=dataset.buckets, name=dataset.name)
-        manifests = build_token_cache(dataset.uri, cache, spec, use_ray=use_ray)
-        per_bucket = {label: manifest.summary.rows for label, manifest in manifests.items()}
-        for bucket in dataset.buckets:
-            if per_bucket[bucket.label]:
-                name = bucket_source_name(dataset.name, bucket)
-                uri = bucket_uri(cache, bucket)
-                sources[name] = TokenCacheSource(uri, seq_len, granularity=granularity, max_cached=max_cached)
-        bucketed = dataset.buckets != (ALL_LENGTHS,)
-        sizes[dataset.name] = per_bucket if bucketed else per_bucket[ALL_LENGTHS.label]
-    return sources, sizes
+    """`build_stage_caches`, then `open_stage_sources`."""
+    build_stage_caches(datasets, output=output, tokenizer=tokenizer, seq_len=seq_len, use_ray=use_ray)
+    return open_stage_sources(
+        datasets, output=output, tokenizer=tokenizer, seq_len=seq_len, granularity=granularity, max_cached=max_cached
+    )

@@ -131,11 +131,14 @@ def load_model_weights(parent_uri: str, model: nn.Module) -> None:
         set_model_state_dict(model, loaded["model"])
 
 
-def export_hf(job: Any, model: nn.Module, rank: int, device: torch.device) -> None:
-    """The final weights as a `Phi3ForCausalLM` directory with tokenizer files at `<output>/hf`."""
+def export_hf(job: Any, model: nn.Module, rank: int, device: torch.device) -> str | None:
+    """The final weights as a `Phi3ForCausalLM` directory with tokenizer files at `<output>/hf`.
+
+    Every rank takes part in gathering the weights; rank 0 writes them and returns the URI.
+    """
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank != 0:
-        return
+        return None
     setup = job.model
     dtype = "bfloat16" if device.type == "cuda" and job.spec.execution.precision == "bf16" else "float32"
     target = open_store(hf_export_uri(job.output))
@@ -144,4 +147,4 @@ def export_hf(job: Any, model: nn.Module, rank: int, device: torch.device) -> No
                  tokenizer_name=setup.tokenizer_name, dtype=dtype)
         target.delete_prefix("")
         upload_dir(tmp, target, last=["config.json"])
-    print(f"exported the Hugging Face model to {target.uri}", flush=True)
+    return target.uri

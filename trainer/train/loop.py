@@ -111,8 +111,11 @@ def _all_reduce(value: torch.Tensor) -> torch.Tensor:
 
 
 def _log(rank: int, text: str) -> None:
+    # Written to the stream rather than print()ed: Ray Train patches print() on its workers to
+    # also log each line, which would reach the driver twice.
     if rank == 0:
-        print(text, flush=True)
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -255,7 +258,9 @@ def run(job: Prepared, rank: int, world: int, device: torch.device, *, stop_afte
         if stop_after and step == stop_after and step < num_steps:
             raise StopForTest(f"{STOP_AFTER_ENV}={stop_after}: stopping after step {step}")
 
-    ckpt.export_hf(job, model, rank, device)
+    exported = ckpt.export_hf(job, model, rank, device)
+    if exported:
+        _log(rank, f"exported the Hugging Face model to {exported}")
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     _log(rank, f"finished {spec.stage}: {num_steps} steps, {tokens_seen:,} tokens")

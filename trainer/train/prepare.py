@@ -1,15 +1,16 @@
 """Everything a TrainingStage checks and loads before any compute: model, positions, data, plan.
 
-`prepare(doc)` runs on the driver first (so bad input fails before Ray Train starts) and again
-on every worker (each worker tokenizes and packs the committed datasets itself, so no large
-arrays travel through Ray; the result is deterministic, and the plan fingerprint is checked
-against the driver's). Errors are `TrainingInputError` with a message naming the field.
+The driver calls `prepare(doc, build_caches=True)` before Ray Train starts, so bad input fails
+first: it checks the model and every dataset's manifest (missing, empty, wrong schema), then
+builds each dataset's token cache in the store (tokenized and packed on Ray, see
+`trainer.data.stage`) and plans the mixture. Every training worker calls `prepare(doc)`, which
+opens the committed caches (checking they match the data) and plans again; the plan fingerprint
+is checked against the driver's, so no large arrays travel through Ray. Errors are
+`TrainingInputError` with a message naming the field.
 
-Data path: committed datasets with the `documents` schema (text) or the `token_sequences`
-schema (already tokenized, one document per row) are tokenized and packed in memory with
-`trainer.data.packing` (documents separated by end-of-text, attention kept inside documents).
-This holds every packed row in memory, which suits the tiny local recipes; large stages need
-the token-shard cache in the store (not built yet in `trainer/data`).
+Data: committed datasets with the `documents` schema (text) or the `token_sequences` schema
+(already tokenized, one document per row) become packed sequences: documents separated by
+end-of-text, attention kept inside documents (see `trainer.data.packing`).
 """
 
 from __future__ import annotations
@@ -19,23 +20,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from tokenmill.api.training import TrainingStageSpec
 from tokenmill.model_configs import ModelConfig, get_model_config
-from tokenmill.store import (
-    DOCUMENTS,
-    TOKEN_SEQUENCES,
-    CheckpointStore,
-    ManifestNotFoundError,
-    StoreError,
-    open_dataset,
-)
-from tokenmill.trainer.data.loader import ArraySource
-from tokenmill.trainer.data.midtrain import ALL_LENGTHS, LengthBucket, bucket_source_name, length_buckets
-from tokenmill.trainer.data.packing import TOKEN_DTYPE, pack_documents
+from tokenmill.store import CheckpointStore, ManifestNotFoundError, StoreError, open_dataset
+from tokenmill.trainer.data.cache import INPUT_SCHEMAS
+from tokenmill.trainer.data.midtrain import dataset_buckets, plan_for_stage
 from tokenmill.trainer.data.plan import MixtureError, MixturePlan
-from tokenmill.trainer.data.midtrain import plan_for_stage
+from tokenmill.trainer.data.sources import TokenCacheSource
+from tokenmill.trainer.data.stage import Sizes, StageDataset, build_stage_caches, open_stage_sources
 from tokenmill.trainer.tokenizer import Tokenizer, get_tokenizer
 
 BUILT_STAGES = ("pretrain", "midtrain")
@@ -73,7 +65,7 @@ class Prepared:
     model: ModelSetup
     tokenizer: Tokenizer
     plan: MixturePlan
-    sources: dict[str, ArraySource] = field(repr=False)
+    sources: dict[str, TokenCacheSource] = field(repr=False)
     dataset_names: list[str] = field(default_factory=list)
 
 
@@ -160,65 +152,58 @@ def dataset_names(spec: TrainingStageSpec) -> list[str]:
     return names
 
 
-def read_documents(uri: str, tokenizer: Tokenizer, where: str) -> list[list[int]]:
-    """Token lists of a committed dataset's documents (text or token_sequences rows)."""
+def check_dataset(uri: str | None, where: str) -> None:
+    """A committed, non-empty dataset of a schema pretrain and midtrain read."""
+    if not uri:
+        raise TrainingInputError(f"{where}: no resolved uri (the run spec must carry committed URIs)")
     try:
         dataset = open_dataset(uri)
     except ManifestNotFoundError:
         raise TrainingInputError(f"{where}: no committed dataset at {uri} (its _manifest.json is missing)") from None
     except StoreError as error:
         raise TrainingInputError(f"{where}: cannot open dataset {uri}: {error}") from None
+    if dataset.schema.name not in INPUT_SCHEMAS:
+        raise TrainingInputError(
+            f"{where}: dataset {uri} has schema {dataset.schema.name!r}; pretrain and midtrain read "
+            f"{' or '.join(repr(name) for name in INPUT_SCHEMAS)}"
+        )
     if dataset.manifest.summary.rows == 0:
         raise TrainingInputError(f"{where}: dataset {uri} is empty (its manifest lists no rows)")
-    schema = dataset.schema
-    if schema.name == DOCUMENTS.name:
-        texts = [t for t in dataset.read_all(columns=["text"]).column("text").to_pylist() if t]
-        tokens = tokenizer.encode_batch(texts)
-    elif schema.name == TOKEN_SEQUENCES.name:
-        tokens = dataset.read_all(columns=["tokens"]).column("tokens").to_pylist()
-    else:
-        raise TrainingInputError(
-            f"{where}: dataset {uri} has schema {schema.name!r}; pretrain and midtrain read "
-            f"{DOCUMENTS.name!r} or {TOKEN_SEQUENCES.name!r}"
-        )
-    tokens = [t for t in tokens if t]
-    if not tokens:
-        raise TrainingInputError(f"{where}: dataset {uri} holds no text to train on")
-    return tokens
 
 
-def _pack(documents: Sequence[Sequence[int]], seq_len: int, tokenizer: Tokenizer) -> np.ndarray:
-    if not documents:
-        return np.empty((0, seq_len + 1), dtype=TOKEN_DTYPE)
-    return pack_documents(documents, seq_len, tokenizer.eot_id, tokenizer.pad_id)
+def stage_datasets(spec: TrainingStageSpec, names: Sequence[str]) -> list[StageDataset]:
+    """The stage's datasets with their length buckets, each checked in the store."""
+    datasets = []
+    for index, (dataset, name) in enumerate(zip(spec.datasets, names)):
+        check_dataset(dataset.uri, f"datasets[{index}] ({name})")
+        datasets.append(StageDataset(name, str(dataset.uri), dataset_buckets(spec, dataset)))
+    return datasets
 
 
 def load_sources(
-    spec: TrainingStageSpec, names: Sequence[str], tokenizer: Tokenizer
-) -> tuple[dict[str, ArraySource], dict[str, int | dict[str, int]]]:
-    """Packed rows per sampler source, and each dataset's sequence counts for the plan."""
-    boosts = list(spec.long_document_boost)
-    sources: dict[str, ArraySource] = {}
-    sizes: dict[str, int | dict[str, int]] = {}
-    for index, (dataset, name) in enumerate(zip(spec.datasets, names)):
-        where = f"datasets[{index}] ({name})"
-        if not dataset.uri:
-            raise TrainingInputError(f"{where}: no resolved uri (the run spec must carry committed URIs)")
-        documents = read_documents(dataset.uri, tokenizer, where)
-        boosted = spec.stage == "midtrain" and dataset.role == "new" and boosts
-        buckets: tuple[LengthBucket, ...] = length_buckets(boosts) if boosted else (ALL_LENGTHS,)
-        per_bucket: dict[str, int] = {}
-        for bucket in buckets:
-            rows = _pack([d for d in documents if bucket.contains(len(d))], spec.sequence_length, tokenizer)
-            per_bucket[bucket.label] = int(rows.shape[0])
-            if rows.shape[0]:
-                sources[bucket_source_name(name, bucket)] = ArraySource(rows)
-        sizes[name] = per_bucket if boosted else per_bucket[ALL_LENGTHS.label]
+    spec: TrainingStageSpec, datasets: Sequence[StageDataset], output: str, tokenizer: str, *, build: bool
+) -> tuple[dict[str, TokenCacheSource], Sizes]:
+    """Sampler sources and sequence counts from the token caches (built first when `build`)."""
+    options = {"output": output, "tokenizer": tokenizer, "seq_len": spec.sequence_length}
+    try:
+        if build:
+            build_stage_caches(datasets, use_ray=True, **options)
+        sources, sizes = open_stage_sources(datasets, **options)
+    except StoreError as error:
+        raise TrainingInputError(f"datasets: {error}") from None
+    for dataset in datasets:
+        counts = sizes[dataset.name]
+        if not (sum(counts.values()) if isinstance(counts, dict) else counts):
+            raise TrainingInputError(f"datasets ({dataset.name}): dataset {dataset.uri} holds no text to train on")
     return sources, sizes
 
 
-def prepare(doc: Mapping[str, Any]) -> Prepared:
-    """Validate the run spec against the model and the committed data; plan the mixture."""
+def prepare(doc: Mapping[str, Any], *, build_caches: bool = False) -> Prepared:
+    """Validate the run spec against the model and the committed data; plan the mixture.
+
+    `build_caches` (the driver) builds the token caches; without it (the workers) they must
+    already be committed.
+    """
     spec = parse_spec(doc)
     if spec.stage not in BUILT_STAGES:
         raise TrainingInputError(f"stage {spec.stage!r} is not built here")
@@ -228,7 +213,8 @@ def prepare(doc: Mapping[str, Any]) -> Prepared:
     model = resolve_model(spec)
     tokenizer = get_tokenizer(model.tokenizer_name)
     names = dataset_names(spec)
-    sources, sizes = load_sources(spec, names, tokenizer)
+    datasets = stage_datasets(spec, names)
+    sources, sizes = load_sources(spec, datasets, output, model.tokenizer_name, build=build_caches)
     try:
         plan = plan_for_stage(spec, sizes, names)
     except MixtureError as error:

@@ -1,8 +1,8 @@
 """The TrainingStage workload: `python -m tokenmill.trainer training-stage --spec <uri>`.
 
-The driver reads the run spec, validates it against the model and the committed data and
-plans the mixture (`prepare`), all before any compute; then it runs `loop.train_loop` on Ray
-Train's `TorchTrainer` (one worker per GPU, or `ray.workers.replicas` CPU workers with gloo).
+The driver reads the run spec, validates it against the model and the committed data, builds
+the token caches and plans the mixture (`prepare`), all before any training; then it runs
+`loop.train_loop` on Ray Train's `TorchTrainer` (one worker per GPU, or `ray.workers.replicas` CPU workers with gloo).
 Our own checkpoints in the store are the source of truth for resuming: every attempt gets a
 unique Ray Train run name, so Ray never resumes a run of its own. The last act, after the
 final checkpoint and the Hugging Face export are in the store, is the `succeeded` progress.
@@ -51,7 +51,7 @@ def run(spec_uri: str) -> int:
 
     started = time.monotonic()
     try:
-        job = prepare(doc)
+        job = prepare(doc, build_caches=True)
     except TrainingInputError as error:
         _error(f"{error}; nothing was trained")
         return EXIT_BAD_INPUT
