@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -107,3 +111,54 @@ def test_pretrain_resume_and_hf_export(ray_cluster, docs_uri, tmp_path, monkeypa
     out = model.generate(**inputs, max_new_tokens=12, min_new_tokens=12, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 12
     assert isinstance(tokenizer.decode(out[0]), str)
+
+
+def train_worker_pids() -> list[int]:
+    """Processes of Ray Train workers on this machine (their title starts ray::RayTrainWorker)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            title = cmdline.read_bytes().split(b"\0")[0]
+        except OSError:
+            continue
+        if title.startswith(b"ray::RayTrainWorker"):
+            pids.append(int(cmdline.parent.name))
+    return pids
+
+
+def kill_a_worker_after_checkpoint(output: str, step: int, done: threading.Event, killed: list[int]) -> None:
+    """SIGKILL one training worker as soon as the checkpoint at `step` is committed."""
+    checkpoints = CheckpointStore.for_output(output)
+    while not done.is_set():
+        latest = checkpoints.latest()
+        pids = train_worker_pids()
+        if latest is not None and latest.step >= step and pids:
+            os.kill(pids[-1], signal.SIGKILL)
+            killed.append(latest.step)
+            return
+        time.sleep(0.01)
+
+
+def test_a_killed_worker_is_replaced_and_the_run_continues_exactly(ray_cluster, docs_uri, tmp_path, capfd) -> None:
+    steps = 40
+    spec = stage_spec(docs_uri, optimization={**stage_spec(docs_uri)["optimization"], "totalTokens": steps * BATCH * SEQ})
+    reference = (tmp_path / "reference").as_uri()
+    assert workload.run(write_spec(reference, spec)) == 0
+    expected = [row["loss"] for row in read_history(reference)]
+    capfd.readouterr()
+
+    output = (tmp_path / "killed").as_uri()
+    done, killed = threading.Event(), []
+    killer = threading.Thread(target=kill_a_worker_after_checkpoint, args=(output, 4, done, killed))
+    killer.start()
+    try:
+        code = workload.run(write_spec(output, spec))
+    finally:
+        done.set()
+        killer.join()
+    assert killed and killed[0] < steps, "no worker was killed while the run was training"
+    assert code == 0  # the same attempt: Ray Train replaced the worker group
+    out = capfd.readouterr().out
+    assert "resumed from" in out
+    assert [row["loss"] for row in read_history(output)] == pytest.approx(expected, abs=1e-6, rel=0)
+    assert read_progress(output).phase == PHASE_SUCCEEDED

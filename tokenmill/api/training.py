@@ -125,6 +125,10 @@ class Execution(ApiModel):
     """Denominator of MFU: 989e12 is an H100's dense bf16 peak."""
     seed: int = Field(default=0, ge=0)
     """Seed of initialisation and data order."""
+    max_worker_restarts: int = Field(default=3, ge=0, le=100)
+    """Times Ray Train restarts the training workers within one attempt after one dies (a lost
+    node, an out-of-memory kill); each restart resumes from the last committed checkpoint.
+    After that the attempt fails and the resource's retries apply."""
 
 
 class TrainingStageSpec(CommonSpec):

@@ -4,7 +4,9 @@ The driver reads the run spec, validates it against the model and the committed 
 the token caches and plans the mixture (`prepare`), all before any training; then it runs
 `loop.train_loop` on Ray Train's `TorchTrainer` (one worker per GPU, or `ray.workers.replicas` CPU workers with gloo).
 Our own checkpoints in the store are the source of truth for resuming: every attempt gets a
-unique Ray Train run name, so Ray never resumes a run of its own. The last act, after the
+unique Ray Train run name, so Ray never resumes a run of its own, and when a worker dies Ray
+Train restarts the worker group (up to `execution.maxWorkerRestarts` times), whose ranks load
+the last committed checkpoint. The last act, after the
 final checkpoint and the Hugging Face export are in the store, is the `succeeded` progress.
 Stages sft and dpo come with the post-training issue: they exit with NOT_BUILT_EXIT_CODE.
 """
@@ -78,7 +80,7 @@ def run(spec_uri: str) -> int:
 def train(doc: dict[str, Any], job: Any) -> None:
     import ray
     import torch
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from tokenmill.trainer.train.loop import LOG_EVERY_ENV, STOP_AFTER_ENV, train_loop
@@ -102,6 +104,9 @@ def train(doc: dict[str, Any], job: Any) -> None:
         },
         scaling_config=scaling,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(name=run_name, storage_path=storage),
+        run_config=RunConfig(
+            name=run_name, storage_path=storage,
+            failure_config=FailureConfig(max_failures=job.spec.execution.max_worker_restarts),
+        ),
     )
     trainer.fit()
