@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from tokenmill.model_configs import ModelConfig, get_model_config
 from tokenmill.trainer.model import build_model, flops_per_token, mfu
+from tokenmill.trainer.train.parallel import fully_shard_model
 
 H100_BF16_PEAK = 989e12
 
@@ -104,21 +105,14 @@ def _setup_distributed() -> tuple[int, int, torch.device]:
     return rank, world_size, device
 
 
-def _sharded_model(config: ModelConfig, args: argparse.Namespace, world_size: int,
+def _sharded_model(config: ModelConfig, args: argparse.Namespace,
                    device: torch.device) -> torch.nn.Module:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mesh = init_device_mesh("cuda", (world_size,))
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     model = build_model(config, device="meta", max_positions=args.seq_len,
                         activation_checkpointing=args.activation_checkpointing)
-    for index, block in enumerate(model.layers):
-        if args.compile:
+    if args.compile:
+        for block in model.layers:
             block.compile()
-        last = index == len(model.layers) - 1
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=not last)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+    fully_shard_model(model, "bf16", "cuda")  # the training loop's own sharding
     model.to_empty(device=device)
     model.init_weights()
     return model
@@ -138,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if args.check and rank == 0:
             print(f"varlen vs dense document attention, max |diff|: {check_varlen(device):.3e}")
         config = benchmark_config(args)
-        model = _sharded_model(config, args, world_size, device)
+        model = _sharded_model(config, args, device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=True)
         generator = torch.Generator(device=device).manual_seed(rank)
         shape = (args.batch_size, args.seq_len + 1)

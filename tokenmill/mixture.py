@@ -1,7 +1,9 @@
 """Plans a weighted data mixture: how many tokens each source supplies and how often it repeats.
 
-Pure arithmetic, shared by the validator (with declared sizes, before anything runs) and the
-trainer (with the committed manifests' token counts).
+Pure arithmetic in tokens, for the validator (with declared sizes, before anything runs). The
+trainer plans the same rule exactly in packed sequences once its token caches are built
+(`tokenmill.trainer.data.plan`): a source's share of the budget is its weight over the total
+weight, and it cannot be drawn more often than its epochs allow.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from tokenmill.layout import hf_export_uri, token_cache_uri
-from tokenmill.store import CheckpointStore, open_dataset, read_progress, write_run_spec
+from tokenmill.store import CheckpointStore, open_dataset, open_store, read_progress, write_run_spec
 from tokenmill.trainer.data.cache import bucket_uri
 from tokenmill.trainer.data.midtrain import ALL_LENGTHS
 from tokenmill.trainer.train import workload
@@ -73,11 +73,24 @@ def write_spec(output: str, spec: dict[str, Any], name: str = "pretrain", attemp
     return write_run_spec(output, document)
 
 
-def test_pretrain_resume_and_hf_export(ray_cluster, docs_uri, tmp_path, monkeypatch, capfd) -> None:
-    # Uninterrupted run.
-    full = (tmp_path / "full").as_uri()
-    assert workload.run(write_spec(full, stage_spec(docs_uri))) == 0
-    losses = [row["loss"] for row in read_history(full)]
+@pytest.fixture(scope="module")
+def reference_run(ray_cluster, docs_uri, tmp_path_factory) -> tuple[str, list[float]]:
+    """The default spec trained without interruption (DDP on CPU): its output and losses."""
+    output = tmp_path_factory.mktemp("reference").as_uri()
+    assert workload.run(write_spec(output, stage_spec(docs_uri))) == 0
+    return output, [row["loss"] for row in read_history(output)]
+
+
+def checkpoint_chunks(output: str, step: int, key: str) -> int:
+    """How many pieces the distributed checkpoint stores tensor `key` in."""
+    import torch.distributed.checkpoint as dcp
+
+    directory = CheckpointStore.for_output(output).uri_for(step).removeprefix("file://")
+    return len(dcp.FileSystemReader(directory).read_metadata().state_dict_metadata[key].chunks)
+
+
+def test_pretrain_resume_and_hf_export(reference_run, docs_uri, tmp_path, monkeypatch, capfd) -> None:
+    full, losses = reference_run
     assert len(losses) == STEPS
     assert sum(losses[-3:]) / 3 < losses[0] - 0.5, losses
     assert read_progress(full).phase == PHASE_SUCCEEDED
@@ -101,6 +114,9 @@ def test_pretrain_resume_and_hf_export(ray_cluster, docs_uri, tmp_path, monkeypa
     assert resumed == pytest.approx(losses, abs=1e-6, rel=0)
     assert "resumed from" in capfd.readouterr().out
 
+    # DDP keeps whole replicas: each tensor is stored once, in one piece.
+    assert checkpoint_chunks(full, 12, "model.embed.weight") == 1
+
     # The export loads in transformers and generates.
     transformers = pytest.importorskip("transformers")
     hf_dir = Path(hf_export_uri(full).removeprefix("file://"))
@@ -111,6 +127,28 @@ def test_pretrain_resume_and_hf_export(ray_cluster, docs_uri, tmp_path, monkeypa
     out = model.generate(**inputs, max_new_tokens=12, min_new_tokens=12, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 12
     assert isinstance(tokenizer.decode(out[0]), str)
+
+
+def test_fsdp2_shards_the_checkpoint_and_resumes_like_ddp(reference_run, docs_uri, tmp_path, monkeypatch) -> None:
+    _, ddp_losses = reference_run
+    spec = stage_spec(docs_uri, execution={"precision": "fp32", "seed": 7, "parallelism": "fsdp"})
+    output = (tmp_path / "fsdp").as_uri()
+    monkeypatch.setenv(STOP_AFTER_ENV, "6")
+    assert workload.run(write_spec(output, spec)) != 0
+    assert CheckpointStore.for_output(output).latest().step == 4
+    # Each of the two ranks saved its own shard of every parameter and of its optimizer state.
+    assert checkpoint_chunks(output, 4, "model.embed.weight") == 2
+    monkeypatch.delenv(STOP_AFTER_ENV)
+    assert workload.run(write_spec(output, spec, attempt=2)) == 0
+    losses = [row["loss"] for row in read_history(output)]
+    # The same training as DDP, up to the order of floating-point reductions.
+    assert losses == pytest.approx(ddp_losses, rel=1e-4)
+    assert open_store(hf_export_uri(output)).read_json("config.json")["torch_dtype"] == "float32"
+
+    # bf16 mixed precision: compute in bf16, fp32 master weights; the curve stays close to fp32's.
+    mixed = (tmp_path / "fsdp-bf16").as_uri()
+    assert workload.run(write_spec(mixed, {**spec, "execution": {**spec["execution"], "precision": "bf16"}})) == 0
+    assert [row["loss"] for row in read_history(mixed)] == pytest.approx(ddp_losses, rel=3e-2)
 
 
 def train_worker_pids() -> list[int]:

@@ -116,7 +116,11 @@ class Execution(ApiModel):
     """How the training loop runs on the workers."""
 
     precision: Literal["bf16", "fp32"] = "bf16"
-    """bf16 mixed precision on GPUs (fp32 master weights and reductions); fp32 everywhere on CPUs."""
+    """bf16: mixed precision with fp32 master weights and gradient reductions (FSDP2 computes
+    in bf16 on any device, DDP under bf16 autocast on GPUs only); fp32: fp32 throughout."""
+    parallelism: Literal["auto", "fsdp", "ddp"] = "auto"
+    """fsdp: FSDP2, parameters, gradients and optimizer state sharded across workers; ddp: a full
+    replica per worker; auto: fsdp on GPUs, ddp on CPUs."""
     compile: bool = False
     """torch.compile each transformer block."""
     activation_checkpointing: bool = False

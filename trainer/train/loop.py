@@ -1,7 +1,7 @@
 """The per-worker training loop that Ray Train's TorchTrainer runs on every rank.
 
-- Parallelism: DDP over gloo on CPU; FSDP2 (`fully_shard` per block and at the root, bf16
-  parameters with fp32 reductions) when CUDA is available.
+- Parallelism (`parallel.py`): FSDP2 on GPUs and DDP over gloo on CPUs by default
+  (`execution.parallelism`).
 - Optimizer: AdamW; weight decay on parameters with two or more dimensions (the projection
   matrices, embedding and LM head), none on the RMSNorm gains.
 - Batch: the global batch in sequences is fixed; each rank accumulates
@@ -18,7 +18,6 @@ import json
 import math
 import sys
 import time
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -33,6 +32,7 @@ from tokenmill.trainer.data.packing import IGNORE_INDEX
 from tokenmill.trainer.data.sampler import MixtureSampler
 from tokenmill.trainer.model import build_model, flops_per_token, mfu
 from tokenmill.trainer.train import checkpoint as ckpt
+from tokenmill.trainer.train.parallel import core, forward_precision, gradient_sync, parallelize, uses_fsdp
 from tokenmill.trainer.train.prepare import Prepared, prepare
 
 STOP_AFTER_ENV = "TOKENMILL_TRAIN_STOP_AFTER_STEP"
@@ -76,34 +76,6 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def parallelize(model: nn.Module, device: torch.device, precision: str, world: int) -> nn.Module:
-    if device.type == "cuda":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        param_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-        for block in model.layers:
-            fully_shard(block, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)
-        return model
-    if world > 1:
-        return nn.parallel.DistributedDataParallel(model)
-    return model
-
-
-def _core(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def _sync_context(model: nn.Module, last: bool):
-    """Skip the gradient all-reduce / reduce-scatter on all but the last micro-batch of a step."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        return nullcontext() if last else model.no_sync()
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(last)
-    return nullcontext()
-
-
 def _all_reduce(value: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(value)
@@ -144,18 +116,21 @@ def run(job: Prepared, rank: int, world: int, device: torch.device, *, stop_afte
     opt, execution = spec.optimization, spec.execution
     torch.manual_seed(execution.seed)
     on_gpu = device.type == "cuda"
+    fsdp = uses_fsdp(execution.parallelism, device)
+    meta_init = fsdp and on_gpu  # each GPU materialises only its own shards
     model = build_model(
-        setup.config, setup.rope_theta, "meta" if on_gpu else device, max_positions=setup.max_positions,
-        activation_checkpointing=execution.activation_checkpointing, seed=None if on_gpu else execution.seed,
+        setup.config, setup.rope_theta, "meta" if meta_init else device, max_positions=setup.max_positions,
+        activation_checkpointing=execution.activation_checkpointing, seed=None if meta_init else execution.seed,
     )
     if execution.compile:
         for block in model.layers:
             block.compile()
-    model = parallelize(model, device, execution.precision, world)
-    if on_gpu:
+    model = parallelize(model, device, fsdp=fsdp, precision=execution.precision, world=world)
+    if meta_init:
         model.to_empty(device=device)
         torch.manual_seed(execution.seed)
-        _core(model).init_weights()
+        core(model).init_weights()
+    autocast = forward_precision(device, fsdp=fsdp, precision=execution.precision)
     optimizer = torch.optim.AdamW(
         parameter_groups(model, opt.weight_decay), lr=opt.peak_learning_rate, betas=(opt.beta1, opt.beta2),
         eps=opt.epsilon, foreach=not on_gpu or None,
@@ -203,7 +178,7 @@ def run(job: Prepared, rank: int, world: int, device: torch.device, *, stop_afte
         global_labels = _all_reduce(label_tokens.clone()).item()
         loss_sum = torch.zeros((), dtype=torch.float64)
         for index, batch in enumerate(micro):
-            with _sync_context(model, index == len(micro) - 1):
+            with gradient_sync(model, index == len(micro) - 1), autocast:
                 logits = model(batch.input_ids.to(device), document_ids=batch.doc_ids.to(device))
                 token_loss = F.cross_entropy(
                     logits.float().reshape(-1, vocab), batch.labels.to(device).reshape(-1),
