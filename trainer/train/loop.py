@@ -38,7 +38,9 @@ from tokenmill.trainer.train.prepare import Prepared, prepare
 STOP_AFTER_ENV = "TOKENMILL_TRAIN_STOP_AFTER_STEP"
 """Tests only (read by the driver): fail every rank right after this step (and its checkpoint)."""
 LOG_EVERY_ENV = "TOKENMILL_TRAIN_LOG_EVERY"
-"""Log a metrics line every this many steps (default: about 25 lines per stage)."""
+"""Log a metrics line every this many steps (default: about 25 lines per stage, and at least
+every `MAX_LOG_INTERVAL` steps)."""
+MAX_LOG_INTERVAL = 100
 METRICS_NAME = "train_metrics.jsonl"
 """Per-logged-step metrics under `<output>/_run/`, rewritten by rank 0 at every log line."""
 
@@ -163,7 +165,7 @@ def run(job: Prepared, rank: int, world: int, device: torch.device, *, stop_afte
         raise RuntimeError(f"checkpoint step {step} and data position (step {batches.step}) disagree")
 
     num_steps = plan.num_steps
-    log_every = log_every or max(1, num_steps // 25)
+    log_every = log_every or min(MAX_LOG_INTERVAL, max(1, num_steps // 25))
     flops = flops_per_token(setup.config, plan.seq_len)
     step_tokens = plan.global_batch_size * plan.seq_len
     clip = opt.gradient_clip if opt.gradient_clip > 0 else math.inf
