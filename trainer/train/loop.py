@@ -180,8 +180,9 @@ def run(job: Prepared, rank: int, world: int, device: torch.device, *, stop_afte
         global_labels = _all_reduce(label_tokens.clone()).item()
         loss_sum = torch.zeros((), dtype=torch.float64)
         for index, batch in enumerate(micro):
-            with gradient_sync(model, index == len(micro) - 1), autocast:
-                logits = model(batch.input_ids.to(device), document_ids=batch.doc_ids.to(device))
+            with gradient_sync(model, index == len(micro) - 1):
+                with autocast:
+                    logits = model(batch.input_ids.to(device), document_ids=batch.doc_ids.to(device))
                 token_loss = F.cross_entropy(
                     logits.float().reshape(-1, vocab), batch.labels.to(device).reshape(-1),
                     ignore_index=IGNORE_INDEX, reduction="sum",
