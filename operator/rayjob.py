@@ -22,6 +22,7 @@ from typing import Any
 from tokenmill.api.resources import API_VERSION, KINDS, AnyResource
 from tokenmill.operator import naming
 from tokenmill.operator.config import OperatorConfig
+from tokenmill.workloads import METRICS_PORT, METRICS_PORT_ENV, METRICS_PORT_NAME
 
 RAY_API_VERSION = "ray.io/v1"
 RAY_GROUP = "ray.io"
@@ -129,7 +130,10 @@ def render(
             out["volumeMounts"] = mounts
         return out
 
-    head_resources = {"cpu": ray.head.cpus, "memory": ray.head.memory}
+    head = container("ray-head", {"cpu": ray.head.cpus, "memory": ray.head.memory}, [])
+    # The driver runs on the head; it serves the workload's metrics there for a PodMonitor.
+    head["env"].append({"name": METRICS_PORT_ENV, "value": str(METRICS_PORT)})
+    head["ports"] = [{"name": METRICS_PORT_NAME, "containerPort": METRICS_PORT, "protocol": "TCP"}]
     workers = ray.workers
     worker_resources = {"cpu": workers.cpus_per_worker, "memory": workers.memory_per_worker}
     if workers.gpus_per_worker:
@@ -150,7 +154,7 @@ def render(
                 "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
                 "template": {
                     "metadata": {"labels": dict(pod_labels)},
-                    "spec": pod_spec(container("ray-head", head_resources, []), []),
+                    "spec": pod_spec(head, []),
                 },
             },
             "workerGroupSpecs": [

@@ -26,3 +26,9 @@ def workload_built(cli_name: str) -> bool:
         return importlib.util.find_spec(WORKLOAD_MODULES[cli_name]) is not None
     except ModuleNotFoundError:  # a parent package is missing too
         return False
+
+# The workload's driver serves Prometheus metrics on this port when the variable is set; the
+# operator sets it on the head pod (where a RayJob's driver runs) and names the port.
+METRICS_PORT_ENV = "TOKENMILL_METRICS_PORT"
+METRICS_PORT = 9464
+METRICS_PORT_NAME = "tm-metrics"

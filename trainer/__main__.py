@@ -4,10 +4,27 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from tokenmill.api.resources import KINDS
-from tokenmill.workloads import NOT_BUILT_EXIT_CODE, WORKLOAD_MODULES, workload_built
+from tokenmill.workloads import METRICS_PORT_ENV, NOT_BUILT_EXIT_CODE, WORKLOAD_MODULES, workload_built
+
+
+def start_metrics(spec_uri: str) -> None:
+    """Serve the workload's Prometheus metrics when the operator asked for them; never fatal."""
+    port = os.environ.get(METRICS_PORT_ENV)
+    if not port:
+        return
+    from tokenmill.store import StoreError, open_parent
+    from tokenmill.trainer.metrics import serve_workload_metrics
+
+    try:
+        number = int(port)
+        store, name = open_parent(spec_uri)
+        serve_workload_metrics(store.read_json(name), number)
+    except (OSError, ValueError, StoreError) as error:
+        print(f"tokenmill: not serving metrics on port {port!r}: {error}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tokenmill: the {args.kind} workload is not built yet ({module_name} does not exist)", file=sys.stderr)
         return NOT_BUILT_EXIT_CODE
     workload = importlib.import_module(module_name)
+    start_metrics(args.spec)
     return int(workload.run(args.spec) or 0)
 
 

@@ -90,6 +90,11 @@ def test_rayjob_manifest_defaults():
     assert "nvidia.com/gpu" not in worker["containers"][0]["resources"]["limits"]  # gpusPerWorker: 0
     assert worker["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "256Gi"}}]
     assert "queue-name" not in str(meta["labels"])
+    # The driver runs on the head and serves the workload's metrics on a named port there.
+    assert head["containers"][0]["ports"] == [{"name": "tm-metrics", "containerPort": 9464, "protocol": "TCP"}]
+    assert {"name": "TOKENMILL_METRICS_PORT", "value": "9464"} in head["containers"][0]["env"]
+    assert "ports" not in worker["containers"][0]
+    assert all(item["name"] != "TOKENMILL_METRICS_PORT" for item in worker["containers"][0]["env"])
 
 
 def test_rayjob_spec_ray_overrides_defaults():

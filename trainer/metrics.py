@@ -1,0 +1,130 @@
+"""Prometheus metrics of a running workload, served by its driver for a PodMonitor to scrape.
+
+The values are the workload's own progress record (`<output>/_run/progress.json`, written by
+the workload as it goes: for training, by rank 0 at every metrics line), read when Prometheus
+scrapes and at most once per `refresh_seconds`, so serving metrics adds no work to the
+workload itself. Every series carries the resource's `kind`, `namespace` and `name`.
+
+- every workload: `tokenmill_workload_progress_ratio` and `tokenmill_workload_phase{phase}`
+  (1 for the current phase);
+- TrainingStage: `tokenmill_train_step`, `_loss`, `_learning_rate`, `_grad_norm`,
+  `_tokens_per_second`, `_mfu_ratio` and the counter `tokenmill_train_tokens_total`.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from tokenmill.store import Progress, StoreError, read_progress
+
+LABELS = ("kind", "namespace", "name")
+
+
+@dataclass(frozen=True)
+class Series:
+    """One figure of `Progress.metrics` and the metric it is exported as."""
+
+    key: str
+    name: str
+    help: str
+    counter: bool = False
+
+
+TRAINING_SERIES = (
+    Series("step", "tokenmill_train_step", "Optimizer steps completed."),
+    Series("loss", "tokenmill_train_loss", "Mean token cross-entropy of the last logged step."),
+    Series("lr", "tokenmill_train_learning_rate", "Learning rate of the last logged step."),
+    Series("grad_norm", "tokenmill_train_grad_norm", "Gradient norm before clipping, last logged step."),
+    Series("tokens_per_s", "tokenmill_train_tokens_per_second", "Training throughput over the last logging window."),
+    Series("mfu", "tokenmill_train_mfu_ratio", "Model FLOPs utilisation over the last logging window (0 to 1)."),
+    Series("tokens_seen", "tokenmill_train_tokens", "Tokens trained on so far.", counter=True),
+)
+SERIES_BY_KIND: Mapping[str, tuple[Series, ...]] = {"TrainingStage": TRAINING_SERIES}
+
+
+def resource_labels(doc: Mapping[str, Any]) -> dict[str, str]:
+    """The `kind`, `namespace` and `name` labels of a run spec document."""
+    metadata = doc.get("metadata") or {}
+    return {
+        "kind": str(doc.get("kind") or ""),
+        "namespace": str(metadata.get("namespace") or ""),
+        "name": str(metadata.get("name") or ""),
+    }
+
+
+def progress_metrics(progress: Progress | None, labels: Mapping[str, str]) -> list[Metric]:
+    """The metric families for one progress record (none before the workload wrote one)."""
+    if progress is None:
+        return []
+    names, values = list(LABELS), [labels.get(label, "") for label in LABELS]
+    families: list[Metric] = []
+    if progress.fraction is not None:
+        ratio = GaugeMetricFamily("tokenmill_workload_progress_ratio", "Fraction of the workload done (0 to 1).",
+                                  labels=names)
+        ratio.add_metric(values, progress.fraction)
+        families.append(ratio)
+    if progress.phase:
+        phase = GaugeMetricFamily("tokenmill_workload_phase", "1 for the workload's current phase.",
+                                  labels=[*names, "phase"])
+        phase.add_metric([*values, progress.phase], 1.0)
+        families.append(phase)
+    for series in SERIES_BY_KIND.get(labels.get("kind", ""), ()):
+        value = progress.metrics.get(series.key)
+        if value is None:
+            continue
+        family_type = CounterMetricFamily if series.counter else GaugeMetricFamily
+        family = family_type(series.name, series.help, labels=names)
+        family.add_metric(values, float(value))
+        families.append(family)
+    return families
+
+
+class ProgressCollector:
+    """A Prometheus collector over a workload's progress record, re-read at most every `refresh_seconds`."""
+
+    def __init__(
+        self,
+        read: Callable[[], Progress | None],
+        labels: Mapping[str, str],
+        *,
+        refresh_seconds: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._read, self._labels = read, dict(labels)
+        self._refresh, self._clock = refresh_seconds, clock
+        self._lock = threading.Lock()
+        self._progress: Progress | None = None
+        self._read_at: float | None = None
+
+    def current(self) -> Progress | None:
+        with self._lock:
+            now = self._clock()
+            if self._read_at is None or now - self._read_at >= self._refresh:
+                try:
+                    self._progress = self._read()
+                except StoreError as error:  # keep the last values; the next scrape tries again
+                    print(f"tokenmill metrics: cannot read progress: {error}", file=sys.stderr, flush=True)
+                self._read_at = now
+            return self._progress
+
+    def collect(self) -> Iterator[Metric]:
+        yield from progress_metrics(self.current(), self._labels)
+
+
+def serve_workload_metrics(doc: Mapping[str, Any], port: int, *, address: str = "0.0.0.0",
+                           refresh_seconds: float = 5.0):
+    """Serve `/metrics` for the workload of run spec `doc` on a daemon thread; returns the HTTP server."""
+    output = str(doc["output"])
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ProgressCollector(lambda: read_progress(output), resource_labels(doc),
+                                        refresh_seconds=refresh_seconds))
+    server, _thread = start_http_server(port, addr=address, registry=registry)
+    return server
