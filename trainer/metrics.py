@@ -95,7 +95,7 @@ class ProgressCollector:
         read: Callable[[], Progress | None],
         labels: Mapping[str, str],
         *,
-        refresh_seconds: float = 5.0,
+        refresh_seconds: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._read, self._labels = read, dict(labels)
@@ -120,7 +120,7 @@ class ProgressCollector:
 
 
 def serve_workload_metrics(doc: Mapping[str, Any], port: int, *, address: str = "0.0.0.0",
-                           refresh_seconds: float = 5.0):
+                           refresh_seconds: float = 1.0):
     """Serve `/metrics` for the workload of run spec `doc` on a daemon thread; returns the HTTP server."""
     output = str(doc["output"])
     registry = CollectorRegistry(auto_describe=False)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 
@@ -93,3 +98,43 @@ def test_a_bad_port_is_reported_and_never_stops_the_workload(monkeypatch, tmp_pa
     monkeypatch.setenv(METRICS_PORT_ENV, "not-a-port")
     start_metrics((tmp_path / "out" / "_run" / "spec.json").as_uri())
     assert "not serving metrics on port 'not-a-port': invalid literal for int()" in capsys.readouterr().err
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_the_training_entrypoint_serves_its_metrics_while_it_trains(tmp_path) -> None:
+    from tests.trainer.test_train_stage import make_data, stage_spec, write_spec
+
+    docs = tmp_path / "docs"
+    make_data.write(docs, 200)
+    spec = stage_spec(docs.as_uri())
+    spec["optimization"]["totalTokens"] *= 4  # 48 steps: several seconds of training to scrape
+    spec_uri = write_spec((tmp_path / "out").as_uri(), spec, name="metered")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env[METRICS_PORT_ENV] = str(port)
+    command = [sys.executable, "-m", "tokenmill.trainer", "training-stage", "--spec", spec_uri]
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen: list[float] = []
+    try:
+        while driver.poll() is None:
+            try:
+                found = scrape(f"http://127.0.0.1:{port}/metrics")
+            except OSError:  # not listening yet
+                found = {}
+            if "tokenmill_train_loss" in found:
+                labels, loss = found["tokenmill_train_loss"]
+                assert labels == {"kind": "TrainingStage", "namespace": "", "name": "metered"}
+                seen.append(loss)
+            time.sleep(0.2)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        stderr = driver.communicate()[1]
+    assert driver.returncode == 0, stderr[-2000:]
+    assert seen, "no training metrics were scraped while the stage ran"
+    assert len(set(seen)) >= 2, seen  # the served loss followed training

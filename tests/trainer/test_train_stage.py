@@ -93,7 +93,8 @@ def test_pretrain_resume_and_hf_export(reference_run, docs_uri, tmp_path, monkey
     full, losses = reference_run
     assert len(losses) == STEPS
     assert sum(losses[-3:]) / 3 < losses[0] - 0.5, losses
-    assert read_progress(full).phase == PHASE_SUCCEEDED
+    final = read_progress(full)
+    assert final.phase == PHASE_SUCCEEDED and final.metrics["step"] == STEPS  # the last figures stay
     assert CheckpointStore.for_output(full).steps() == [8, 12]  # keepLast 2
     state = CheckpointStore.for_output(full).read_state(12)
     assert state["tokens_seen"] == STEPS * BATCH * SEQ and len(state["rng"]) == 2

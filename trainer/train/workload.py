@@ -21,7 +21,7 @@ import uuid
 from typing import Any
 
 from tokenmill.layout import hf_export_uri
-from tokenmill.store import Progress, StoreError, open_store, write_progress
+from tokenmill.store import Progress, StoreError, open_store, read_progress, write_progress
 from tokenmill.store import open_parent
 from tokenmill.workloads import NOT_BUILT_EXIT_CODE, PHASE_SUCCEEDED
 
@@ -71,9 +71,11 @@ def run(spec_uri: str) -> int:
         _error(f"training ended without a Hugging Face export at {hf_export_uri(output)}")
         return EXIT_FAILED
     seconds = time.monotonic() - started
+    last = read_progress(output)  # the final step's metrics stay in the record
     write_progress(output, Progress(
         phase=PHASE_SUCCEEDED, done=job.plan.num_steps, total=job.plan.num_steps, unit="steps",
-        message=f"trained {job.plan.total_tokens:,} tokens in {seconds:.0f} s; export at {hf_export_uri(output)}"))
+        message=f"trained {job.plan.total_tokens:,} tokens in {seconds:.0f} s; export at {hf_export_uri(output)}",
+        metrics=dict(last.metrics) if last else {}))
     return 0
 
 
