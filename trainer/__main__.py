@@ -16,13 +16,12 @@ def start_metrics(spec_uri: str) -> None:
     port = os.environ.get(METRICS_PORT_ENV)
     if not port:
         return
-    from tokenmill.store import StoreError, open_parent
+    from tokenmill.store import StoreError, read_run_spec_at
     from tokenmill.trainer.metrics import serve_workload_metrics
 
     try:
         number = int(port)
-        store, name = open_parent(spec_uri)
-        serve_workload_metrics(store.read_json(name), number)
+        serve_workload_metrics(read_run_spec_at(spec_uri), number)
     except (OSError, ValueError, StoreError) as error:
         print(f"tokenmill: not serving metrics on port {port!r}: {error}", file=sys.stderr, flush=True)
 

@@ -27,7 +27,7 @@ from tokenmill.trainer.data.midtrain import ALL_LENGTHS, LengthBucket, dataset_b
 from tokenmill.trainer.data.plan import plan_mixture
 from tokenmill.trainer.data.sampler import MixtureSampler
 from tokenmill.trainer.data.sources import TokenCacheSource, cache_sizes, open_token_cache
-from tokenmill.trainer.data.stage import StageDataset, build_stage_sources
+from tokenmill.trainer.data.stage import StageDataset, build_stage_caches, open_stage_sources
 from tokenmill.trainer.tokenizer import get_tokenizer
 
 WORDS = "the quick brown fox jumps over a lazy dog while data flows into packed sequences über naïve 数据".split()
@@ -211,7 +211,8 @@ def test_stage_sources_feed_the_plan_and_the_iterator(corpus: tuple[str, list[li
     names = ["long", "replay"]
     datasets = [StageDataset(name, documents, dataset_buckets(spec, d)) for name, d in zip(names, spec.datasets)]
     output = (tmp_path / "stage").as_uri()
-    sources, sizes = build_stage_sources(datasets, output=output, tokenizer="byte", seq_len=32, use_ray=False)
+    build_stage_caches(datasets, output=output, tokenizer="byte", seq_len=32, use_ray=False)
+    sources, sizes = open_stage_sources(datasets, output=output, tokenizer="byte", seq_len=32)
     assert set(sizes["long"]) == {"len-0-63", "len-64-up"}  # type: ignore[arg-type]
     assert set(sources) == {"long/len-0-63", "long/len-64-up", "replay"}
     assert token_cache_uri(output, "long", "byte", 32).endswith("/tokens/long/byte-L32")

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.trainer.test_train_stage import make_data, stage_spec, write_spec
 from tokenmill.store import Progress, write_progress
 from tokenmill.trainer.__main__ import start_metrics
 from tokenmill.trainer.metrics import ProgressCollector, progress_metrics, serve_workload_metrics
@@ -107,8 +108,6 @@ def free_port() -> int:
 
 
 def test_the_training_entrypoint_serves_its_metrics_while_it_trains(tmp_path) -> None:
-    from tests.trainer.test_train_stage import make_data, stage_spec, write_spec
-
     docs = tmp_path / "docs"
     make_data.write(docs, 200)
     spec = stage_spec(docs.as_uri())

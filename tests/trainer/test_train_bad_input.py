@@ -11,7 +11,7 @@ from tokenmill.trainer.train import workload
 from tokenmill.trainer.train.prepare import TrainingInputError, prepare
 from tokenmill.workloads import NOT_BUILT_EXIT_CODE
 
-from tests.trainer.test_train_stage import make_data, ray_cluster, stage_spec, write_spec  # noqa: F401
+from tests.trainer.test_train_stage import make_data, stage_spec, write_spec
 
 
 @pytest.fixture(scope="module")

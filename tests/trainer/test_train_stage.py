@@ -31,15 +31,6 @@ STEPS = 12
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def docs_uri(tmp_path_factory) -> str:
     target = tmp_path_factory.mktemp("data") / "docs"
     make_data.write(target, 400)

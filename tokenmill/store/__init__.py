@@ -53,6 +53,7 @@ from tokenmill.store.runrecord import (
     Progress,
     read_progress,
     read_run_spec,
+    read_run_spec_at,
     write_progress,
     write_run_spec,
 )
@@ -129,6 +130,7 @@ __all__ = [
     "read_manifest",
     "read_progress",
     "read_run_spec",
+    "read_run_spec_at",
     "resolve_s3_settings",
     "retention_plan",
     "shard_name",

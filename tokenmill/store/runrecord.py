@@ -27,9 +27,14 @@ def write_run_spec(output: str, spec: Mapping[str, Any]) -> str:
     return uri
 
 
-def read_run_spec(output: str) -> dict[str, Any]:
-    store, name = open_parent(run_spec_uri(output))
+def read_run_spec_at(uri: str) -> dict[str, Any]:
+    """The run spec at its own URI: what a workload is given (`--spec <uri>`)."""
+    store, name = open_parent(uri)
     return store.read_json(name)
+
+
+def read_run_spec(output: str) -> dict[str, Any]:
+    return read_run_spec_at(run_spec_uri(output))
 
 
 @dataclass(frozen=True)

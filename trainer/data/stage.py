@@ -94,20 +94,3 @@ def open_stage_sources(
         bucketed = dataset.buckets != (ALL_LENGTHS,)
         sizes[dataset.name] = per_bucket if bucketed else per_bucket[ALL_LENGTHS.label]
     return sources, sizes
-
-
-def build_stage_sources(
-    datasets: Sequence[StageDataset],
-    *,
-    output: str,
-    tokenizer: str,
-    seq_len: int,
-    use_ray: bool = True,
-    granularity: Granularity | None = None,
-    max_cached: int = 8,
-) -> tuple[dict[str, TokenCacheSource], Sizes]:
-    """`build_stage_caches`, then `open_stage_sources`."""
-    build_stage_caches(datasets, output=output, tokenizer=tokenizer, seq_len=seq_len, use_ray=use_ray)
-    return open_stage_sources(
-        datasets, output=output, tokenizer=tokenizer, seq_len=seq_len, granularity=granularity, max_cached=max_cached
-    )

@@ -21,8 +21,7 @@ import uuid
 from typing import Any
 
 from tokenmill.layout import hf_export_uri
-from tokenmill.store import Progress, StoreError, open_store, read_progress, write_progress
-from tokenmill.store import open_parent
+from tokenmill.store import Progress, StoreError, open_store, read_progress, read_run_spec_at, write_progress
 from tokenmill.workloads import NOT_BUILT_EXIT_CODE, PHASE_SUCCEEDED
 
 EXIT_BAD_INPUT = 2
@@ -33,14 +32,9 @@ def _error(message: str) -> None:
     print(f"tokenmill training-stage: {message}", file=sys.stderr, flush=True)
 
 
-def read_spec_document(spec_uri: str) -> dict[str, Any]:
-    store, name = open_parent(spec_uri)
-    return store.read_json(name)
-
-
 def run(spec_uri: str) -> int:
     try:
-        doc = read_spec_document(spec_uri)
+        doc = read_run_spec_at(spec_uri)
     except StoreError as error:
         _error(f"cannot read the run spec {spec_uri}: {error}")
         return EXIT_BAD_INPUT
