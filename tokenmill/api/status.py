@@ -9,7 +9,7 @@ from pydantic import Field
 from tokenmill.api.base import ApiModel
 from tokenmill.api.fields import ShortText, StoreUri
 
-ConditionType = Literal["Valid", "InputsReady", "Running", "Succeeded", "Failed", "Suspended"]
+ConditionType = Literal["Valid", "InputsReady", "Running", "Succeeded", "Failed", "Suspended", "ActionFailed"]
 Phase = Literal["Pending", "Invalid", "Waiting", "Running", "Suspended", "Succeeded", "Failed"]
 PHASES: tuple[str, ...] = Phase.__args__  # type: ignore[attr-defined]
 
@@ -18,7 +18,8 @@ class Condition(ApiModel):
     """An observation of one aspect of the resource's state."""
 
     type: ConditionType
-    """Valid, InputsReady, Running, Succeeded, Failed or Suspended."""
+    """Valid, InputsReady, Running, Succeeded, Failed, Suspended or ActionFailed (the operator's last
+    action, such as creating the RayJob or writing the run spec, failed)."""
     status: Literal["True", "False", "Unknown"]
     """Whether the condition holds."""
     reason: str = Field(pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$", max_length=1024)
@@ -52,6 +53,21 @@ class OutputSummary(ApiModel):
     """The Hugging Face export of the final checkpoint (TrainingStage)."""
 
 
+class AttemptRecord(ApiModel):
+    """How one attempt ended; kept after its RayJob is gone."""
+
+    attempt: int = Field(ge=1)
+    """The attempt number."""
+    ray_job_name: ShortText | None = None
+    """The attempt's RayJob."""
+    result: Literal["Succeeded", "Failed", "Stopped", "Lost"]
+    """Failed and Lost (the RayJob vanished) count against backoffLimit; Stopped (suspension) does not."""
+    reason: str = Field(default="", max_length=1024)
+    """The reason, as in the Failed condition."""
+    end_time: str | None = None
+    """When the attempt ended (RFC 3339)."""
+
+
 class ResourceStatus(ApiModel):
     """Observed state, written by the operator."""
 
@@ -79,3 +95,7 @@ class ResourceStatus(ApiModel):
     """When the resource succeeded or finally failed (RFC 3339)."""
     outputs: OutputSummary | None = None
     """The committed outputs."""
+    output_uri: StoreUri | None = None
+    """The output prefix resolved at the first attempt; deletePolicy Delete removes only this."""
+    attempt_history: list[AttemptRecord] = Field(default_factory=list, max_length=1000)
+    """Every ended attempt, oldest first; counts failures even after their RayJobs are deleted."""
