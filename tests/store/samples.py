@@ -68,6 +68,9 @@ def sample_table(schema: DatasetSchema, rows: int, start: int = 0) -> pa.Table:
             "rejected": [f" {n + 1}" for n in range(start, start + rows)],
             "source": ["pts"] * rows,
             "meta": [json.dumps({"p_gain": 0.4})] * rows,
+            "prompt_tokens": [[7, 8, n] for n in range(start, start + rows)],
+            "chosen_tokens": [[n % 100] for n in range(start, start + rows)],
+            "rejected_tokens": [[n % 100 + 1] for n in range(start, start + rows)],
         }
     else:
         raise ValueError(schema.ref)

@@ -92,21 +92,32 @@ CHAT_SAMPLES = DatasetSchema(
     "conversations as role/content messages; meta is a JSON object",
 )
 
+_TOKEN_IDS = pa.list_(pa.field("item", pa.int32(), nullable=False))
+
 PREFERENCE_PAIRS = DatasetSchema(
     "preference_pairs",
-    1,
+    2,
     pa.schema(
         [
             pa.field("id", pa.string(), nullable=False),
-            # The conversation so far; a final assistant message is a prefix to continue (PTS).
-            pa.field("prompt", _MESSAGES, nullable=False),
-            pa.field("chosen", pa.string(), nullable=False),
-            pa.field("rejected", pa.string(), nullable=False),
+            # A pair is given either as token ids (prompt_tokens, chosen_tokens, rejected_tokens)
+            # or as chat text (prompt, chosen, rejected); the token form wins when both are set.
+            # Token form: a pair whose chosen and rejected are one id each is a one-token pair
+            # (Pivotal Token Search): both log-probs come from one next-token distribution.
+            pa.field("prompt_tokens", _TOKEN_IDS),
+            pa.field("chosen_tokens", _TOKEN_IDS),
+            pa.field("rejected_tokens", _TOKEN_IDS),
+            # Text form: the conversation so far; a final assistant message is a prefix that
+            # chosen and rejected continue, otherwise they are the next assistant turn.
+            pa.field("prompt", _MESSAGES),
+            pa.field("chosen", pa.string()),
+            pa.field("rejected", pa.string()),
             pa.field("source", pa.string()),
             pa.field("meta", pa.string()),
         ]
     ),
-    "DPO pairs: a prompt with a chosen and a rejected continuation; meta is a JSON object",
+    "DPO pairs: a prompt with a chosen and a rejected continuation, as token ids or chat text; "
+    "meta is a JSON object",
 )
 
 SCHEMAS: dict[str, DatasetSchema] = {
