@@ -6,7 +6,8 @@ file:// store or into a local directory that it then uploads; after a barrier ra
 `state.json` and the commit marker (`CheckpointStore.commit`), then applies retention.
 The DCP state is `{"model", "optim"}` from `get_state_dict`, so the same files load under
 DDP, FSDP2 (resharded) or a single process. `state.json` holds the step, tokens seen, the
-sampler position, the scheduler, every rank's torch RNG state and the model's shape.
+sampler position, the scheduler, every rank's RNG states (CPU, and CUDA on a GPU) and the
+model's shape.
 """
 
 from __future__ import annotations
@@ -39,28 +40,50 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _barrier() -> None:
+def _barrier(group: Any = None) -> None:
     if _distributed():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
-def rng_state() -> str:
-    return base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
+def _encode(state: torch.Tensor) -> str:
+    return base64.b64encode(state.numpy().tobytes()).decode()
 
 
-def gather_rng(world: int) -> list[str]:
-    mine = rng_state()
+def _decode(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def rng_state(device: torch.device, cuda: Any = torch.cuda) -> dict[str, str]:
+    """This process's generators: the CPU one, and the training GPU's when it trains on one."""
+    state = {"cpu": _encode(torch.get_rng_state())}
+    if device.type == "cuda":
+        state["cuda"] = _encode(cuda.get_rng_state(device))
+    return state
+
+
+def gather_rng(world: int, device: torch.device, group: Any = None) -> list[dict[str, str]]:
+    mine = rng_state(device)
     if not _distributed():
         return [mine]
     states: list[Any] = [None] * world
-    dist.all_gather_object(states, mine)
+    dist.all_gather_object(states, mine, group=group)
     return states
 
 
-def restore_rng(states: list[str], rank: int) -> None:
-    if rank < len(states):
-        raw = base64.b64decode(states[rank])
-        torch.set_rng_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+def restore_rng(states: list[Any], rank: int, device: torch.device, cuda: Any = torch.cuda) -> None:
+    """Set this rank's generators from a checkpoint (a rank it did not have keeps its own).
+
+    A state saved on a GPU restores its CUDA generator only on a GPU; checkpoints written
+    before CUDA states were kept hold the CPU state alone, as a string.
+    """
+    if rank >= len(states):
+        return
+    saved = states[rank]
+    if isinstance(saved, str):
+        saved = {"cpu": saved}
+    torch.set_rng_state(_decode(saved["cpu"]))
+    if device.type == "cuda" and "cuda" in saved:
+        cuda.set_rng_state(_decode(saved["cuda"]), device)
 
 
 @contextmanager
@@ -81,13 +104,17 @@ def _local_copy(store: CheckpointStore, step: int) -> Iterator[Path]:
 
 def save(
     store: CheckpointStore, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-    state: dict[str, Any], rank: int, world: int, policy: Any,
+    state: dict[str, Any], rank: int, world: int, policy: Any, *,
+    device: torch.device = torch.device("cpu"), group: Any = None,
 ) -> str | None:
-    """Write and commit checkpoint `step`; returns its URI on rank 0."""
-    state = {**state, "rng": gather_rng(world)}
+    """Write and commit checkpoint `step`; returns its URI on rank 0.
+
+    `group` serves the host-side collectives (see `parallel.host_group`).
+    """
+    state = {**state, "rng": gather_rng(world, device, group)}
     if rank == 0:
         store.prepare(step, overwrite=True)
-    _barrier()
+    _barrier(group)
     final = store.local_dir(step)
     tmp = None if final is not None else Path(tempfile.mkdtemp(prefix="tokenmill-save-"))
     target = final if final is not None else tmp
@@ -95,39 +122,41 @@ def save(
     target.mkdir(parents=True, exist_ok=True)
     try:
         model_state, optim_state = get_state_dict(model, optimizer)
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(target))
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(target), process_group=group)
         if tmp is not None:
             store.upload_dir(step, tmp)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    _barrier()
+    _barrier(group)
     uri = None
     if rank == 0:
         uri = store.commit(step, state).uri
         store.apply_retention(policy.keep_last, policy.keep_every)
-    _barrier()
+    _barrier(group)
     return uri
 
 
-def load(store: CheckpointStore, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def load(
+    store: CheckpointStore, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, *, group: Any = None
+) -> dict[str, Any]:
     """Load model and optimizer from committed checkpoint `step`; returns its state.json."""
     with _local_copy(store, step) as directory:
         model_state, optim_state = get_state_dict(model, optimizer)
         loaded = {"model": model_state, "optim": optim_state}
-        dcp.load(loaded, checkpoint_id=str(directory))
+        dcp.load(loaded, checkpoint_id=str(directory), process_group=group)
         set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
     return store.read_state(step)
 
 
-def load_model_weights(parent_uri: str, model: nn.Module) -> None:
+def load_model_weights(parent_uri: str, model: nn.Module, *, group: Any = None) -> None:
     """Only the model weights of a committed checkpoint (a parent stage's final one)."""
     from tokenmill.trainer.train.prepare import split_checkpoint_uri
 
     store, step = split_checkpoint_uri(parent_uri)
     with _local_copy(store, step) as directory:
         loaded = {"model": get_model_state_dict(model)}
-        dcp.load(loaded, checkpoint_id=str(directory))
+        dcp.load(loaded, checkpoint_id=str(directory), process_group=group)
         set_model_state_dict(model, loaded["model"])
 
 

@@ -32,7 +32,14 @@ from tokenmill.trainer.data.packing import IGNORE_INDEX
 from tokenmill.trainer.data.sampler import MixtureSampler
 from tokenmill.trainer.model import build_model, flops_per_token, mfu
 from tokenmill.trainer.train import checkpoint as ckpt
-from tokenmill.trainer.train.parallel import core, forward_precision, gradient_sync, parallelize, uses_fsdp
+from tokenmill.trainer.train.parallel import (
+    core,
+    forward_precision,
+    gradient_sync,
+    host_group,
+    parallelize,
+    uses_fsdp,
+)
 from tokenmill.trainer.train.prepare import Prepared, prepare
 
 STOP_AFTER_ENV = "TOKENMILL_TRAIN_STOP_AFTER_STEP"
@@ -78,9 +85,10 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _all_reduce(value: torch.Tensor) -> torch.Tensor:
+def _all_reduce(value: torch.Tensor, group: Any) -> torch.Tensor:
+    """Sum a host tensor over the ranks on `group` (a process group that serves CPU tensors)."""
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(value)
+        dist.all_reduce(value, group=group)
     return value
 
 
@@ -118,6 +126,7 @@ def run(job: Prepared, rank: int, world: int, device: torch.device, *, stop_afte
     opt, execution = spec.optimization, spec.execution
     torch.manual_seed(execution.seed)
     on_gpu = device.type == "cuda"
+    group = host_group()
     fsdp = uses_fsdp(execution.parallelism, device)
     meta_init = fsdp and on_gpu  # each GPU materialises only its own shards
     model = build_model(
@@ -144,12 +153,12 @@ def run(job: Prepared, rank: int, world: int, device: torch.device, *, stop_afte
     latest = checkpoints.latest()
     state: dict[str, Any] | None = None
     if latest is not None:
-        state = ckpt.load(checkpoints, latest.step, model, optimizer)
+        state = ckpt.load(checkpoints, latest.step, model, optimizer, group=group)
         scheduler.load_state_dict(state["scheduler"])
-        ckpt.restore_rng(state["rng"], rank)
+        ckpt.restore_rng(state["rng"], rank, device)
         _log(rank, f"resumed from {latest.uri} (step {latest.step}, {state['tokens_seen']:,} tokens seen)")
     elif setup.parent_uri:
-        ckpt.load_model_weights(setup.parent_uri, model)
+        ckpt.load_model_weights(setup.parent_uri, model, group=group)
         _log(rank, f"initialised the model weights from {setup.parent_uri} (optimizer state starts fresh)")
 
     tokenizer = job.tokenizer
@@ -177,7 +186,7 @@ def run(job: Prepared, rank: int, world: int, device: torch.device, *, stop_afte
     while step < num_steps:
         micro = [next(batches) for _ in range(batches.accumulation_steps)]
         label_tokens = torch.tensor(float(sum(int((m.labels != IGNORE_INDEX).sum()) for m in micro)))
-        global_labels = _all_reduce(label_tokens.clone()).item()
+        global_labels = _all_reduce(label_tokens.clone(), group).item()
         loss_sum = torch.zeros((), dtype=torch.float64)
         for index, batch in enumerate(micro):
             with gradient_sync(model, index == len(micro) - 1):
@@ -199,7 +208,7 @@ def run(job: Prepared, rank: int, world: int, device: torch.device, *, stop_afte
         step += 1
         tokens_seen += step_tokens
         window_tokens += step_tokens
-        loss = _all_reduce(loss_sum).item() / global_labels
+        loss = _all_reduce(loss_sum, group).item() / global_labels
 
         if step % log_every == 0 or step == num_steps:
             if on_gpu:
@@ -228,7 +237,8 @@ def run(job: Prepared, rank: int, world: int, device: torch.device, *, stop_afte
                 "scheduler": scheduler.state_dict(), "model": setup.to_state(), "loss": loss,
                 "plan": plan.fingerprint(),
             }
-            info = ckpt.save(checkpoints, step, model, optimizer, saved, rank, world, spec.checkpoint)
+            info = ckpt.save(checkpoints, step, model, optimizer, saved, rank, world, spec.checkpoint,
+                             device=device, group=group)
             if info:
                 _log(rank, f"checkpoint {info} committed")
             window_start = time.perf_counter()  # checkpoint time is not training throughput
@@ -240,7 +250,7 @@ def run(job: Prepared, rank: int, world: int, device: torch.device, *, stop_afte
     if exported:
         _log(rank, f"exported the Hugging Face model to {exported}")
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)
     _log(rank, f"finished {spec.stage}: {num_steps} steps, {tokens_seen:,} tokens")
 
 

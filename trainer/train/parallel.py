@@ -9,14 +9,34 @@
 
 `execution.parallelism: auto` picks FSDP2 on GPUs and DDP on CPUs. FSDP2 also runs on CPUs
 over gloo, which is how its sharded checkpoints are tested without a GPU.
+
+The training loop's own collectives (label-token counts, the loss, RNG states, barriers and
+the checkpoint's planning) move small host tensors and objects. On GPUs the default process
+group is NCCL, which serves CUDA tensors only, so they run on `host_group()`: the default
+group when it has a CPU backend, else a gloo group over the same ranks.
 """
 
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import torch
 from torch import nn
+
+
+def host_group() -> Any:
+    """A process group that serves CPU tensors, or None when not distributed.
+
+    Every rank must call it (a new group is a collective).
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    if "cpu:" in str(dist.get_backend_config()):  # e.g. "cpu:gloo,cuda:gloo"; NCCL is "cuda:nccl"
+        return dist.group.WORLD
+    return dist.new_group(backend="gloo")
 
 
 def uses_fsdp(parallelism: str, device: torch.device) -> bool:
