@@ -101,6 +101,15 @@ class DpoSpec(ApiModel):
     """The frozen reference policy, usually the SFT stage."""
 
 
+class SftSpec(ApiModel):
+    """How chat samples become training sequences (stage sft)."""
+
+    packing: Literal["pack", "single"] = "pack"
+    """pack: whole samples share a sequence, attention kept inside each; single: one sample per sequence."""
+    over_long: Literal["truncate", "drop"] = "truncate"
+    """A sample longer than the sequence is cut to it or dropped; either way it is counted."""
+
+
 class CheckpointPolicy(ApiModel):
     """When checkpoints are written and which are kept."""
 
@@ -141,6 +150,7 @@ class TrainingStageSpec(CommonSpec):
     cel_rules = (
         {"rule": "self.stage != 'dpo' || has(self.dpo)", "message": "stage dpo needs dpo (beta and referenceModel)"},
         {"rule": "self.stage == 'dpo' || !has(self.dpo)", "message": "dpo is only allowed with stage dpo"},
+        {"rule": "self.stage == 'sft' || !has(self.sft)", "message": "sft is only allowed with stage sft"},
         {"rule": "self.stage == 'pretrain' || has(self.model.parent)", "message": "stages midtrain, sft and dpo need model.parent"},
         {
             "rule": "self.stage == 'midtrain' || size(self.longDocumentBoost) == 0",
@@ -165,6 +175,8 @@ class TrainingStageSpec(CommonSpec):
     the positions the model was trained on (midtraining: 250000 for 16384)."""
     optimization: Optimization
     """Optimizer, schedule and batch."""
+    sft: SftSpec | None = None
+    """SFT settings (stage sft only; defaults apply when unset)."""
     dpo: DpoSpec | None = None
     """DPO settings (stage dpo only)."""
     checkpoint: CheckpointPolicy = Field(default_factory=CheckpointPolicy)
