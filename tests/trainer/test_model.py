@@ -161,6 +161,33 @@ def test_cpu_attention_plans():
     assert dense.kind == "dense" and dense.mask.shape == (1, 1, 8, 8)
 
 
+def test_attention_is_planned_for_the_autocast_dtype(small, monkeypatch):
+    """Under autocast the embedding output is fp32; attention must be planned for bf16, which on a
+    CUDA device selects the variable-length kernel instead of a dense S x S mask."""
+    from tokenmill.trainer.model import transformer
+
+    planned = []
+
+    def recording_plan(*args, **kwargs):
+        plan = plan_attention(*args, **kwargs)
+        planned.append((args[4], plan.kind))
+        return plan
+
+    monkeypatch.setattr(transformer, "plan_attention", recording_plan)
+    ids = _ids(1, 16)
+    documents = torch.zeros_like(ids)
+    documents[:, 8:] = 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        small(ids, document_ids=documents)
+    small(ids, document_ids=documents)
+    assert [dtype for dtype, _ in planned] == [torch.bfloat16, torch.float32]
+    assert [kind for _, kind in planned] == ["dense", "dense"]  # on a CPU the mask stays dense
+    cuda = torch.device("cuda", 0)
+    on_gpu = plan_attention(documents, None, 16, cuda, planned[0][0])
+    assert on_gpu.kind == "varlen" and on_gpu.mask is None and on_gpu.cu_seqlens.tolist() == [0, 8, 16]
+    assert plan_attention(documents, None, 16, cuda, torch.float32).kind == "dense"
+
+
 def test_sequence_longer_than_positions_fails():
     model = build_model(TINY)
     with pytest.raises(ValueError, match="exceeds the model's 256 positions"):

@@ -26,6 +26,19 @@ from tokenmill.trainer.model.layers import Attention, GatedMLP, RMSNorm, rope_co
 INIT_STD = 0.02
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the blocks compute in: autocast's when it is on for x's device, else x's own.
+
+    Under autocast the embedding output stays fp32 while every matmul and attention runs in
+    the autocast dtype, so attention is planned for that dtype (bf16 enables the
+    variable-length FlashAttention path on GPUs).
+    """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
 class Block(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -87,7 +100,7 @@ class Transformer(nn.Module):
             position_ids = position_ids[None]
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.rope_theta, x.dtype)
         cos, sin = cos[:, None], sin[:, None]
-        plan = plan_attention(document_ids, attention_mask, seq_len, x.device, x.dtype)
+        plan = plan_attention(document_ids, attention_mask, seq_len, x.device, compute_dtype(x))
         for layer in self.layers:
             if self.activation_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, plan, use_reentrant=False)
