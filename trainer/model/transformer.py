@@ -81,12 +81,15 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        logits_at: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """input_ids [batch, seq]; position_ids ([batch or 1, seq] or [seq]) default to 0..seq-1.
 
         `document_ids` [batch, seq] confine attention to runs of equal ids (packed
         documents); `attention_mask` (boolean, True = may attend, broadcastable to
-        [batch, heads, seq, seq]) is intersected with the causal mask.
+        [batch, heads, seq, seq]) is intersected with the causal mask. `logits_at` (rows,
+        positions), two [n] index tensors, returns only those positions' logits [n, vocab]:
+        the LM head, the largest matrix product for a large vocabulary, runs on them alone.
         """
         seq_len = input_ids.shape[1]
         if seq_len > self.max_positions:
@@ -106,6 +109,8 @@ class Transformer(nn.Module):
                 x = checkpoint(layer, x, cos, sin, plan, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, plan)
+        if logits_at is not None:
+            x = x[logits_at[0], logits_at[1]]
         return self.lm_head(self.norm(x))
 
     @torch.no_grad()
