@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from tokenmill.api.base import ApiModel
 from tokenmill.api.common import EXACTLY_ONE_OF_REF_URI, CommonSpec, ModelSource, ObjectRef
 from tokenmill.api.fields import Fraction, ShortText, StoreUri
 
 Stage = Literal["pretrain", "midtrain", "sft", "dpo"]
+ORGANIC_MIN_TOKENS = 8_192
+"""Midtraining's new organic data: documents over 8K tokens (RECIPE.md)."""
+SYNTHETIC_MIN_TOKENS = 4_096
+"""Midtraining's new synthetic data: samples over 4K tokens (RECIPE.md)."""
 
 
 class MixtureComponent(ApiModel):
@@ -32,6 +36,10 @@ class MixtureComponent(ApiModel):
     """Declared unique tokens, for planning before the data exists; the committed manifest wins at run time."""
     role: Literal["new", "replay"] = "new"
     """midtrain: new long-context data or replay of pretraining data."""
+    min_document_tokens: int | None = Field(default=None, ge=0, le=1_048_576)
+    """Only documents of at least this many tokens are trained on (0 keeps all). Default: for
+    new data in midtrain, 4096 from a SyntheticDataJob and 8192 otherwise (the report's
+    synthetic samples over 4K and organic samples over 8K); 0 everywhere else."""
 
 
 class LongDocumentBoost(ApiModel):
@@ -183,3 +191,12 @@ class TrainingStageSpec(CommonSpec):
     """Checkpointing and retention."""
     execution: Execution = Field(default_factory=Execution)
     """Precision, compilation, activation checkpointing, MFU peak, seed."""
+
+    @model_validator(mode="after")
+    def _default_length_filters(self) -> "TrainingStageSpec":
+        """Fill in midtraining's length filter while the ref still tells synthetic from organic data."""
+        for dataset in self.datasets:
+            if dataset.min_document_tokens is None and self.stage == "midtrain" and dataset.role == "new":
+                synthetic = dataset.ref is not None and dataset.ref.kind == "SyntheticDataJob"
+                dataset.min_document_tokens = SYNTHETIC_MIN_TOKENS if synthetic else ORGANIC_MIN_TOKENS
+        return self
