@@ -129,21 +129,12 @@ class Cache:
         return set(self._readers.get(key, ()))
 
     def _index_reads(self, key: Key) -> None:
+        """Who reads whom, from the spec's typed references (a spec that does not parse reads nothing)."""
         namespace = key[0]
+        resource, _ = self.parsed(key)
         targets: set[Key] = set()
-
-        def walk(node: Any) -> None:
-            if isinstance(node, dict):
-                ref = node.get("ref")
-                if isinstance(ref, dict) and isinstance(ref.get("kind"), str) and isinstance(ref.get("name"), str):
-                    targets.add((namespace, ref["kind"], ref["name"]))
-                for value in node.values():
-                    walk(value)
-            elif isinstance(node, list):
-                for item in node:
-                    walk(item)
-
-        walk(self.resources[key].get("spec") or {})
+        if resource is not None:
+            targets = {(namespace, kind, name) for kind, name in refs_of(resource)}
         for old in self._reads.get(key, set()) - targets:
             self._readers.get(old, set()).discard(key)
         for target in targets:

@@ -15,16 +15,11 @@ from __future__ import annotations
 import hashlib
 import re
 
+from tokenmill.api.resources import KINDS
+
 MAX_RAYJOB_NAME = 47
 MAX_LABEL_VALUE = 63
 HASH_CHARS = 8
-
-KIND_PREFIX = {
-    "CorpusFilter": "cf",
-    "SyntheticDataJob": "sdj",
-    "TrainingStage": "ts",
-    "PTSJob": "pts",
-}
 
 LABEL_KIND = "tokenmill.dev/kind"
 LABEL_NAME = "tokenmill.dev/name"
@@ -50,7 +45,7 @@ def rayjob_name(kind: str, name: str, attempt: int) -> str:
     """
     if attempt < 1:
         raise ValueError(f"attempts count from 1, not {attempt}")
-    prefix = KIND_PREFIX[kind]
+    prefix = KINDS[kind].prefix
     suffix = f"-{attempt}"
     plain = f"{prefix}-{name}{suffix}"
     if len(plain) <= MAX_RAYJOB_NAME and _CLEAN.match(name):

@@ -19,6 +19,7 @@ import copy
 import shlex
 from typing import Any
 
+from tokenmill.api.common import SecretKeyRef
 from tokenmill.api.resources import API_VERSION, KINDS, AnyResource
 from tokenmill.operator import naming
 from tokenmill.operator.config import OperatorConfig
@@ -32,9 +33,6 @@ WORKER_GROUP = "workers"
 SHM_VOLUME = "dshm"
 GPU_RESOURCE = "nvidia.com/gpu"
 TRAINER_MODULE = "tokenmill.trainer"
-# The OpenAI-compatible endpoint's key of a SyntheticDataJob (generator.apiKeySecret), given to
-# the workload from the Secret by the kubelet: its value never appears in a spec or status.
-GENERATOR_API_KEY_ENV = "TOKENMILL_GENERATOR_API_KEY"
 
 
 def entrypoint(kind: str, spec_uri: str) -> str:
@@ -42,6 +40,19 @@ def entrypoint(kind: str, spec_uri: str) -> str:
     if any(ch.isspace() for ch in spec_uri) or not spec_uri.startswith(("s3://", "file:///")):
         raise ValueError(f"the run spec URI must be an s3:// or file:/// URI without white space: {spec_uri!r}")
     return shlex.join(["python", "-m", TRAINER_MODULE, KINDS[kind].cli_name, "--spec", spec_uri])
+
+
+def secret_key_env(resource: AnyResource) -> list[dict[str, Any]]:
+    """The Secret keys the kind's workload reads (its descriptor's secret_key_env), as env entries
+    the kubelet fills from the Secret: their values never appear in a spec or status."""
+    descriptor = KINDS[resource.kind]
+    env = []
+    for reference in descriptor.references(resource.spec):
+        name = descriptor.secret_key_env.get(reference.field)
+        if name and isinstance(reference.secret, SecretKeyRef):
+            env.append({"name": name, "valueFrom": {"secretKeyRef": {"name": reference.secret.name,
+                                                                     "key": reference.secret.key}}})
+    return env
 
 
 def labels(resource: AnyResource, attempt: int) -> dict[str, str]:
@@ -93,11 +104,7 @@ def render(
     env_from = [{"secretRef": {"name": secret}}] if secret else []
     env = [{"name": key, "value": value} for key, value in sorted(config.ray_env.items())]
     env.append({"name": "TOKENMILL_ATTEMPT", "value": str(attempt)})
-    generator = getattr(spec, "generator", None)
-    api_key = getattr(generator, "api_key_secret", None)
-    if api_key is not None:
-        env.append({"name": GENERATOR_API_KEY_ENV,
-                    "valueFrom": {"secretKeyRef": {"name": api_key.name, "key": api_key.key}}})
+    env += secret_key_env(resource)
     image = ray.image or config.image
     node_selector = dict(ray.node_selector) if ray.node_selector is not None else dict(config.node_selector)
     if ray.tolerations is not None:

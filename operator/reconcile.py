@@ -33,9 +33,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from tokenmill.api.graph import references
 from tokenmill.api.problems import Problem
-from tokenmill.api.resources import AnyResource
+from tokenmill.api.resources import KINDS, AnyResource, references
 from tokenmill.layout import dataset_uri, run_spec_uri
 from tokenmill.operator import naming, rayjob
 from tokenmill.operator.conditions import (
@@ -55,7 +54,7 @@ from tokenmill.operator.conditions import (
 )
 from tokenmill.operator.config import OperatorConfig
 from tokenmill.operator.status import InputState, OutputCheck, RayJobView, UriCheck, progress_text
-from tokenmill.resolve import MODEL_FIELDS, UnresolvedInput, resolve_spec, run_spec
+from tokenmill.resolve import UnresolvedInput, resolve_spec, run_spec
 
 # Observations that cost object-store reads, requested through Decision.needs.
 NEED_URI_CHECKS = "uri_checks"
@@ -67,10 +66,6 @@ NEED_PREVIOUS_RUN = "previous_run"
 # these continues the same run (same generation in the store's producer records), so a retry
 # or a resume after a suspension keeps the shards and checkpoints already committed.
 RUN_NEUTRAL_FIELDS = frozenset({"suspend", "backoffLimit"})
-
-# Fields whose `uri` names a dataset that must hold a committed manifest.
-DATASET_FIELDS = frozenset({"inputs", "seeds", "datasets", "problems", "annotations", "benchmarks", "allowList"})
-DATASET_KINDS = frozenset({"CorpusFilter", "SyntheticDataJob", "PTSJob"})
 
 NORMAL, WARNING = "Normal", "Warning"
 
@@ -172,9 +167,9 @@ class Decision:
 def refs_of(resource: AnyResource) -> list[tuple[str, str]]:
     """(kind, name) of every resource this one reads, in field order, without repeats."""
     seen: list[tuple[str, str]] = []
-    for _, ref in references(resource):
-        if (ref.kind, ref.name) not in seen:
-            seen.append((ref.kind, ref.name))
+    for reference in references(resource):
+        if reference.ref is not None and (reference.ref.kind, reference.ref.name) not in seen:
+            seen.append((reference.ref.kind, reference.ref.name))
     return seen
 
 
@@ -182,28 +177,14 @@ def input_uris(resource: AnyResource) -> list[tuple[str, str, str]]:
     """(field path, uri, "dataset" | "model") of every input given by URI that must be committed.
 
     Dataset inputs need a committed _manifest.json; model inputs a checkpoint commit marker or
-    a Hugging Face export. Other URIs (such as a language-identification model file) are
+    a Hugging Face export. Opaque files (such as a language-identification model file) are
     passed to the workload unchecked.
     """
-    found: list[tuple[str, str, str]] = []
-
-    def walk(node: Any, path: str, field_name: str) -> None:
-        if isinstance(node, list):
-            for index, item in enumerate(node):
-                walk(item, f"{path}[{index}]", field_name)
-        elif isinstance(node, dict):
-            uri = node.get("uri")
-            if isinstance(uri, str) and field_name != "output":
-                if field_name in MODEL_FIELDS:
-                    found.append((f"{path}.uri", uri, "model"))
-                elif field_name in DATASET_FIELDS:
-                    found.append((f"{path}.uri", uri, "dataset"))
-            for key, value in node.items():
-                if key != "uri":
-                    walk(value, f"{path}.{key}", key)
-
-    walk(resource.spec.to_wire(), "spec", "spec")
-    return found
+    return [
+        (f"{reference.path}.uri", reference.uri, reference.role)
+        for reference in references(resource)
+        if reference.uri is not None and reference.role in ("dataset", "model")
+    ]
 
 
 def same_run(previous: Mapping[str, Any] | None, document: Mapping[str, Any]) -> bool:
@@ -641,4 +622,4 @@ def _start(decision: Decision, st: _Status, old: Mapping[str, Any], resource: An
 
 def expected_dataset(kind: str, output: str) -> str | None:
     """The dataset a kind commits under its output, or None (TrainingStage commits checkpoints)."""
-    return dataset_uri(output) if kind in DATASET_KINDS else None
+    return dataset_uri(output) if KINDS[kind].output == "dataset" else None

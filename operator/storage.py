@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tokenmill.api.resources import KINDS
 from tokenmill.api.status import OutputSummary
 from tokenmill.layout import COMMIT_MARKER_NAME, MANIFEST_NAME, dataset_uri, hf_export_uri
 from tokenmill.operator.status import OutputCheck, UriCheck
@@ -68,7 +69,7 @@ def check_outputs(kind: str, output: str, uid: str | None) -> OutputCheck:
     """What a finished attempt committed under `output`.
 
     Dataset kinds need a manifest written by this resource (its uid, when the manifest records
-    a producer); a TrainingStage needs a committed checkpoint or a Hugging Face export.
+    a producer); checkpoint kinds a committed checkpoint or a Hugging Face export.
 
     Transient store errors propagate, so the controller retries the read instead of
     counting a failed attempt.
@@ -76,7 +77,7 @@ def check_outputs(kind: str, output: str, uid: str | None) -> OutputCheck:
     from tokenmill.store import CheckpointStore, ManifestError, open_store, read_manifest
 
     try:
-        if kind == "TrainingStage":
+        if KINDS[kind].output == "checkpoint":
             latest = CheckpointStore.for_output(output).latest()
             hf = hf_export_uri(output)
             has_hf = open_store(hf).exists(HF_CONFIG)

@@ -8,12 +8,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from tokenmill.api.resources import API_VERSION, KINDS, AnyResource
+from tokenmill.api.refs import node_at
+from tokenmill.api.resources import API_VERSION, KINDS, AnyResource, references
 from tokenmill.api.status import OutputSummary
 from tokenmill.layout import join
 
 RUN_SPEC_VERSION = 1
-MODEL_FIELDS = {"model", "parent", "referenceModel"}
 
 
 class UnresolvedInput(LookupError):
@@ -31,30 +31,26 @@ def output_uri(resource: AnyResource, store_root: str) -> str:
 def resolve_spec(resource: AnyResource, inputs: Mapping[tuple[str, str], OutputSummary]) -> dict[str, Any]:
     """The spec on the wire with every `ref` replaced by the `uri` of the referenced output.
 
-    Dataset refs resolve to the input's committed dataset; model refs (fields model, parent,
-    referenceModel) to its final checkpoint.
+    Dataset refs resolve to the input's committed dataset; model refs (the fields the kind's
+    descriptor declares as models) to its final checkpoint.
     """
-    return _replace_refs(resource.spec.to_wire(), inputs, field="")
-
-
-def _replace_refs(node: Any, inputs: Mapping[tuple[str, str], OutputSummary], field: str) -> Any:
-    if isinstance(node, list):
-        return [_replace_refs(item, inputs, field) for item in node]
-    if not isinstance(node, dict):
-        return node
-    out = {key: _replace_refs(value, inputs, key) for key, value in node.items() if key != "ref"}
-    ref = node.get("ref")
-    if isinstance(ref, dict) and {"kind", "name"} <= ref.keys():
-        summary = inputs.get((ref["kind"], ref["name"]))
-        wants_model = field in MODEL_FIELDS
+    document = {"spec": resource.spec.to_wire()}
+    for reference in references(resource):
+        ref = reference.ref
+        if ref is None:
+            continue
+        summary = inputs.get((ref.kind, ref.name))
+        wants_model = reference.role == "model"
         uri = None if summary is None else (summary.checkpoint if wants_model else summary.dataset)
         if uri is None:
             what = "a committed checkpoint" if wants_model else "a committed dataset"
-            raise UnresolvedInput(f"{ref['kind']}/{ref['name']} has no {what} yet")
-        out["uri"] = uri
+            raise UnresolvedInput(f"{ref.kind}/{ref.name} has no {what} yet")
+        node = node_at(document, reference.location)
+        del node["ref"]
+        node["uri"] = uri
         if "weight" in node:  # a mixture component keeps the ref's name for its metrics
-            out.setdefault("name", ref["name"])
-    return out
+            node.setdefault("name", ref.name)
+    return document["spec"]
 
 
 def run_spec(resource: AnyResource, *, output: str, attempt: int, resolved: dict[str, Any]) -> dict[str, Any]:

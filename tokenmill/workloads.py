@@ -1,16 +1,12 @@
-"""Which module implements each kind's workload, and how a workload says it is not built."""
+"""How a workload says it is not built, and how to tell whether a kind's workload is.
+
+Each kind's descriptor (`tokenmill.api.resources.KINDS`) names its workload module, which
+exposes `run(spec_uri: str) -> int | None`.
+"""
 
 from __future__ import annotations
 
 import importlib.util
-
-# Each module exposes `run(spec_uri: str) -> int | None`.
-WORKLOAD_MODULES = {
-    "corpus-filter": "tokenmill.trainer.curate.workload",
-    "synthetic-data": "tokenmill.trainer.synth.workload",
-    "training-stage": "tokenmill.trainer.train.workload",
-    "pts": "tokenmill.trainer.pts.workload",
-}
 
 # Exit status of a workload (or a stage of one) that does not exist yet; 78 is EX_CONFIG.
 NOT_BUILT_EXIT_CODE = 78
@@ -20,10 +16,10 @@ NOT_BUILT_EXIT_CODE = 78
 PHASE_SUCCEEDED = "succeeded"
 
 
-def workload_built(cli_name: str) -> bool:
-    """Whether the workload module for a kind exists in this installation."""
+def workload_built(module: str) -> bool:
+    """Whether a kind's workload module (its descriptor's `workload_module`) exists in this installation."""
     try:
-        return importlib.util.find_spec(WORKLOAD_MODULES[cli_name]) is not None
+        return importlib.util.find_spec(module) is not None
     except ModuleNotFoundError:  # a parent package is missing too
         return False
 

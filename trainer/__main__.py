@@ -7,8 +7,8 @@ import importlib
 import os
 import sys
 
-from tokenmill.api.resources import KINDS
-from tokenmill.workloads import METRICS_PORT_ENV, NOT_BUILT_EXIT_CODE, WORKLOAD_MODULES, workload_built
+from tokenmill.api.resources import KINDS, by_cli_name
+from tokenmill.workloads import METRICS_PORT_ENV, NOT_BUILT_EXIT_CODE, workload_built
 
 
 def start_metrics(spec_uri: str) -> None:
@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("kind", choices=sorted(info.cli_name for info in KINDS.values()))
     parser.add_argument("--spec", required=True, help="URI of the run spec (<output>/_run/spec.json)")
     args = parser.parse_args(argv)
-    module_name = WORKLOAD_MODULES[args.kind]
-    if not workload_built(args.kind):
+    module_name = by_cli_name(args.kind).workload_module
+    if not workload_built(module_name):
         print(f"tokenmill: the {args.kind} workload is not built yet ({module_name} does not exist)", file=sys.stderr)
         return NOT_BUILT_EXIT_CODE
     workload = importlib.import_module(module_name)

@@ -107,9 +107,12 @@ def test_unbuilt_workload_is_named_not_pretended(recipe, calls, tmp_path, monkey
 
 
 def test_entrypoint_reports_a_missing_workload_module(monkeypatch, capsys):
-    from tokenmill import workloads
+    import dataclasses
+
+    from tokenmill.api.resources import KINDS
     from tokenmill.trainer.__main__ import main
 
-    monkeypatch.setitem(workloads.WORKLOAD_MODULES, "pts", "tokenmill.trainer.no_such_package.workload")
+    missing = dataclasses.replace(KINDS["PTSJob"], workload_module="tokenmill.trainer.no_such_package.workload")
+    monkeypatch.setitem(KINDS, "PTSJob", missing)
     assert main(["pts", "--spec", "file:///nowhere/_run/spec.json"]) == NOT_BUILT_EXIT_CODE
     assert "the pts workload is not built yet" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from pydantic import Field
 from tokenmill.api.base import ApiModel
 from tokenmill.api.common import CommonSpec, DataSource, NamedDataSource
 from tokenmill.api.fields import Fraction, PositiveFraction, ShortText
+from tokenmill.api.kinds import KindDescriptor, Resource, never
 
 PHI4_LANGUAGES = ["en", "de", "es", "fr", "pt", "it", "hi", "ja"]
 NON_STEM_TOPICS = ["arts", "history", "travel", "culture", "entertainment"]
@@ -150,3 +151,27 @@ class CorpusFilterSpec(CommonSpec):
     """Corrupt and binary text removal."""
     extraction: Literal["preserve-structure", "plain"] = "preserve-structure"
     """preserve-structure keeps TeX/MathML, code blocks, tables and thread structure; plain collapses them."""
+
+
+class CorpusFilter(Resource):
+    kind: Literal["CorpusFilter"]
+    spec: CorpusFilterSpec
+
+
+DESCRIPTOR = KindDescriptor(
+    kind="CorpusFilter",
+    plural="corpusfilters",
+    short_names=("cf",),
+    prefix="cf",
+    cli_name="corpus-filter",
+    workload_module="tokenmill.trainer.curate.workload",
+    output="dataset",
+    resource_model=CorpusFilter,
+    spec_model=CorpusFilterSpec,
+    dataset_fields=(
+        "spec.inputs", "spec.quality.annotations", "spec.decontamination.benchmarks", "spec.decontamination.allowList",
+    ),
+    file_fields=("spec.languages.model",),
+    needs_gpus=never,
+    dataset_types=lambda spec: frozenset({"documents"}),
+)

@@ -2,32 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import Any
-
-from pydantic import BaseModel
+from collections.abc import Sequence
 
 from tokenmill.api.common import ObjectRef
 from tokenmill.api.problems import Problem, RecipeError
 from tokenmill.api.resources import AnyResource
+from tokenmill.api.resources import references as all_references
 
 Key = tuple[str, str]
 
 
 def references(resource: AnyResource) -> list[tuple[str, ObjectRef]]:
     """Every (field path, ref) in the resource's spec, in field order."""
-    return list(_walk(resource.spec, "spec"))
-
-
-def _walk(value: Any, path: str) -> Iterator[tuple[str, ObjectRef]]:
-    if isinstance(value, ObjectRef):
-        yield path, value
-    elif isinstance(value, BaseModel):
-        for name, field in type(value).model_fields.items():
-            yield from _walk(getattr(value, name), f"{path}.{field.alias or name}")
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            yield from _walk(item, f"{path}[{index}]")
+    return [(f"{item.path}.ref", item.ref) for item in all_references(resource) if item.ref is not None]
 
 
 def dependencies(resource: AnyResource) -> list[Key]:

@@ -9,6 +9,7 @@ from pydantic import Field
 from tokenmill.api.base import ApiModel
 from tokenmill.api.common import CommonSpec, DataSource, ModelSource, SamplingParams
 from tokenmill.api.fields import Fraction
+from tokenmill.api.kinds import KindDescriptor, Resource, always
 
 
 class Oracle(ApiModel):
@@ -61,3 +62,25 @@ class PTSJobSpec(CommonSpec):
     """Sampling for solutions and rollouts."""
     seed: int = Field(default=0, ge=0)
     """Seed of sampling."""
+
+
+class PTSJob(Resource):
+    kind: Literal["PTSJob"]
+    spec: PTSJobSpec
+
+
+DESCRIPTOR = KindDescriptor(
+    kind="PTSJob",
+    plural="ptsjobs",
+    short_names=("pts",),
+    prefix="pts",
+    cli_name="pts",
+    workload_module="tokenmill.trainer.pts.workload",
+    output="dataset",
+    resource_model=PTSJob,
+    spec_model=PTSJobSpec,
+    dataset_fields=("spec.problems",),
+    model_fields=("spec.model",),
+    needs_gpus=always,
+    dataset_types=lambda spec: frozenset({"preference"}),
+)

@@ -1,123 +1,54 @@
-"""The four kinds as whole Kubernetes objects (apiVersion, kind, metadata, spec, status)."""
+"""The registry of kinds: each kind's resource class and descriptor, collected from its API module.
+
+Adding a kind: its API module (spec, resource class, DESCRIPTOR), one line in `_DESCRIPTORS`,
+and its workload module.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Literal
+from collections.abc import Iterator
 
-from pydantic import BaseModel, ConfigDict, Field
-from pydantic.alias_generators import to_camel
+from tokenmill.api import corpus, pts, synthetic, training
+from tokenmill.api.corpus import CorpusFilter
+from tokenmill.api.kinds import API_VERSION, CATEGORY, GROUP, VERSION, KindDescriptor, ObjectMeta, Resource
+from tokenmill.api.pts import PTSJob
+from tokenmill.api.refs import Reference
+from tokenmill.api.synthetic import SyntheticDataJob
+from tokenmill.api.training import TrainingStage
 
-from tokenmill.api.base import ApiModel
-from tokenmill.api.common import CommonSpec
-from tokenmill.api.corpus import CorpusFilterSpec
-from tokenmill.api.fields import LabelKey, ResourceName
-from tokenmill.api.pts import PTSJobSpec
-from tokenmill.api.status import ResourceStatus
-from tokenmill.api.synthetic import SyntheticDataJobSpec
-from tokenmill.api.training import TrainingStageSpec
-
-GROUP = "tokenmill.dev"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
-CATEGORY = "tokenmill"
-
-
-class ObjectMeta(BaseModel):
-    """The parts of metadata tokenmill reads; everything else the API server sets is accepted and ignored."""
-
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
-
-    name: ResourceName
-    namespace: ResourceName | None = None
-    uid: str | None = None
-    generation: int | None = None
-    labels: dict[LabelKey, str] = Field(default_factory=dict)
-    annotations: dict[str, str] = Field(default_factory=dict)
-
-
-class Resource(ApiModel):
-    """Fields common to the four kinds' objects."""
-
-    api_version: Literal["tokenmill.dev/v1alpha1"]
-    metadata: ObjectMeta
-    status: ResourceStatus | None = None
-
-    @property
-    def name(self) -> str:
-        return self.metadata.name
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.kind, self.metadata.name)  # type: ignore[attr-defined]
-
-
-class CorpusFilter(Resource):
-    kind: Literal["CorpusFilter"]
-    spec: CorpusFilterSpec
-
-
-class SyntheticDataJob(Resource):
-    kind: Literal["SyntheticDataJob"]
-    spec: SyntheticDataJobSpec
-
-
-class TrainingStage(Resource):
-    kind: Literal["TrainingStage"]
-    spec: TrainingStageSpec
-
-
-class PTSJob(Resource):
-    kind: Literal["PTSJob"]
-    spec: PTSJobSpec
-
+__all__ = [
+    "API_VERSION", "CATEGORY", "GROUP", "KINDS", "VERSION", "AnyResource", "CorpusFilter", "KindDescriptor",
+    "KindInfo", "ObjectMeta", "PTSJob", "Resource", "SyntheticDataJob", "TrainingStage", "by_cli_name",
+    "references",
+]
 
 AnyResource = CorpusFilter | SyntheticDataJob | TrainingStage | PTSJob
 
+_DESCRIPTORS = (corpus.DESCRIPTOR, synthetic.DESCRIPTOR, training.DESCRIPTOR, pts.DESCRIPTOR)
 
-@dataclass(frozen=True)
-class KindInfo:
-    """How a kind is named and served."""
+KINDS: dict[str, KindDescriptor] = {descriptor.kind: descriptor for descriptor in _DESCRIPTORS}
 
-    kind: str
-    plural: str
-    short_names: tuple[str, ...]
-    resource_model: type[Resource]
-    spec_model: type[CommonSpec]
-    extra_columns: tuple[dict[str, Any], ...] = ()
-
-    @property
-    def singular(self) -> str:
-        return self.kind.lower()
-
-    @property
-    def crd_name(self) -> str:
-        return f"{self.plural}.{GROUP}"
-
-    @property
-    def cli_name(self) -> str:
-        """Name of the workload entrypoint's sub-command: `python -m tokenmill.trainer <cli_name>`."""
-        return {
-            "CorpusFilter": "corpus-filter",
-            "SyntheticDataJob": "synthetic-data",
-            "TrainingStage": "training-stage",
-            "PTSJob": "pts",
-        }[self.kind]
+KindInfo = KindDescriptor  # the name the CRD generator and older callers use
 
 
-KINDS: dict[str, KindInfo] = {
-    info.kind: info
-    for info in (
-        KindInfo("CorpusFilter", "corpusfilters", ("cf",), CorpusFilter, CorpusFilterSpec),
-        KindInfo("SyntheticDataJob", "syntheticdatajobs", ("sdj",), SyntheticDataJob, SyntheticDataJobSpec),
-        KindInfo(
-            "TrainingStage",
-            "trainingstages",
-            ("ts", "stage"),
-            TrainingStage,
-            TrainingStageSpec,
-            ({"name": "Stage", "type": "string", "jsonPath": ".spec.stage"},),
-        ),
-        KindInfo("PTSJob", "ptsjobs", ("pts",), PTSJob, PTSJobSpec),
-    )
-}
+def by_cli_name(cli_name: str) -> KindDescriptor:
+    """The kind whose workload sub-command is `cli_name`."""
+    for descriptor in KINDS.values():
+        if descriptor.cli_name == cli_name:
+            return descriptor
+    raise KeyError(cli_name)
+
+
+def references(resource: AnyResource) -> Iterator[Reference]:
+    """Every reference in the resource's spec (refs, URIs, its output, Secrets), with field paths."""
+    return KINDS[resource.kind].references(resource.spec)
+
+
+def _check_unique() -> None:
+    for attribute in ("plural", "prefix", "cli_name"):
+        values = [getattr(descriptor, attribute) for descriptor in _DESCRIPTORS]
+        if len(set(values)) != len(values):
+            raise ValueError(f"two kinds share a {attribute}: {values}")
+
+
+_check_unique()

@@ -15,8 +15,8 @@ from tokenmill.api.common import ModelSource, ObjectRef
 from tokenmill.api.corpus import CorpusFilterSpec
 from tokenmill.api.problems import Problem, found
 from tokenmill.api.pts import PTSJobSpec
-from tokenmill.api.resources import AnyResource, SyntheticDataJob, TrainingStage
-from tokenmill.api.synthetic import SyntheticDataJobSpec
+from tokenmill.api.resources import KINDS, AnyResource, SyntheticDataJob, TrainingStage, references
+from tokenmill.api.synthetic import DOCUMENT_TYPES, SyntheticDataJobSpec
 from tokenmill.api.training import MixtureComponent, TrainingStageSpec
 from tokenmill.mixture import MixtureError, Source, plan_mixture
 from tokenmill.model_configs import MODEL_CONFIGS, ModelConfig
@@ -25,8 +25,6 @@ Lookup = Callable[[str, str], AnyResource | None]
 
 TOKENIZER_VOCAB = {"phi-4": 100_352, "byte": 320}
 
-# What each kind's output is, as a dataset or a model.
-DOCUMENT_TYPES = {"documents", "qa", "math", "code"}
 PROBLEM_TYPES = {"qa", "math", "code"}
 
 
@@ -63,16 +61,10 @@ def validate(resource: AnyResource, lookup: Lookup = no_lookup, *, local: bool =
 
 def _dataset_output(kind: str, target: AnyResource | None) -> set[str]:
     """Dataset types a resource of `kind` can produce (narrowed when the resource is known)."""
-    if kind == "CorpusFilter":
-        return {"documents"}
-    if kind == "SyntheticDataJob":
-        if isinstance(target, SyntheticDataJob):
-            produced = target.spec.dataset_type
-            return {"documents", produced} if produced in DOCUMENT_TYPES else {produced}
-        return DOCUMENT_TYPES | {"chat", "preference"}
-    if kind == "PTSJob":
-        return {"preference"}
-    return set()
+    descriptor = KINDS[kind]
+    if descriptor.output != "dataset":
+        return set()
+    return set(descriptor.dataset_types(target.spec if target is not None and target.kind == kind else None))
 
 
 def _check_dataset_ref(
@@ -84,9 +76,7 @@ def _check_dataset_ref(
     produced = _dataset_output(ref.kind, target)
     if produced & wanted:
         return []
-    producers = sorted(
-        kind for kind in ("CorpusFilter", "SyntheticDataJob", "PTSJob") if _dataset_output(kind, None) & wanted
-    )
+    producers = sorted(kind for kind in KINDS if _dataset_output(kind, None) & wanted)
     detail = f" (its datasetType is {target.spec.dataset_type})" if isinstance(target, SyntheticDataJob) else ""
     return [
         found(
@@ -99,11 +89,12 @@ def _check_dataset_ref(
 
 
 def _check_model_ref(source: ModelSource | None, path: str) -> list[Problem]:
-    if source is None or source.ref is None or source.ref.kind == "TrainingStage":
+    if source is None or source.ref is None or KINDS[source.ref.kind].output == "checkpoint":
         return []
+    producers = " or ".join(sorted(kind for kind, descriptor in KINDS.items() if descriptor.output == "checkpoint"))
     return [
         found(
-            "a model comes only from a TrainingStage (or a checkpoint URI)",
+            f"a model comes only from a {producers} (or a checkpoint URI)",
             f"{path}.ref.kind",
             source.ref.kind,
         )
@@ -114,26 +105,14 @@ def _uris(resource: AnyResource, context: Context) -> list[Problem]:
     if context.local:
         return []
     problems = []
-    for path, uri in _all_uris(resource.spec.model_dump(by_alias=True), "spec"):
-        if uri.startswith("file:") and not uri.startswith("file:///"):
+    for reference in references(resource):
+        uri = reference.uri
+        if uri is not None and uri.startswith("file:") and not uri.startswith("file:///"):
             problems.append(
-                found("relative file: URIs are only for the local runner; use s3:// or file:///", path, uri)
+                found("relative file: URIs are only for the local runner; use s3:// or file:///",
+                      f"{reference.path}.uri", uri)
             )
     return problems
-
-
-def _all_uris(value: object, path: str) -> list[tuple[str, str]]:
-    if isinstance(value, dict):
-        out = []
-        for key, item in value.items():
-            if key == "uri" and isinstance(item, str):
-                out.append((f"{path}.{key}", item))
-            else:
-                out += _all_uris(item, f"{path}.{key}")
-        return out
-    if isinstance(value, list):
-        return [pair for index, item in enumerate(value) for pair in _all_uris(item, f"{path}[{index}]")]
-    return []
 
 
 # ---- per kind ------------------------------------------------------------------------------

@@ -9,11 +9,18 @@ from pydantic import Field
 from tokenmill.api.base import ApiModel
 from tokenmill.api.common import CommonSpec, DataSource, ModelSource, SamplingParams, SecretKeyRef
 from tokenmill.api.fields import Fraction, LongText, PositiveFraction, ShortText
+from tokenmill.api.kinds import KindDescriptor, Resource
 
 StepType = Literal[
     "agreementFilter", "rewrite", "selfRevision", "instructionReversal", "multiTurn", "executionCheck"
 ]
 STEP_TYPES: tuple[str, ...] = StepType.__args__  # type: ignore[attr-defined]
+
+# Dataset types whose rows are documents or questions (a pretraining corpus or seeds).
+DOCUMENT_TYPES = frozenset({"documents", "qa", "math", "code"})
+# The OpenAI-compatible endpoint's key (generator.apiKeySecret), given to the workload from the
+# Secret by the kubelet: its value never appears in a spec or status.
+GENERATOR_API_KEY_ENV = "TOKENMILL_GENERATOR_API_KEY"
 
 
 class AgreementFilter(ApiModel):
@@ -167,3 +174,38 @@ class SyntheticDataJobSpec(CommonSpec):
     """Early-stop limits."""
     seed: int = Field(default=0, ge=0)
     """Seed for seed selection and sampling."""
+
+
+class SyntheticDataJob(Resource):
+    kind: Literal["SyntheticDataJob"]
+    spec: SyntheticDataJobSpec
+
+
+def _needs_gpus(spec: SyntheticDataJobSpec) -> bool:
+    """vllm and torch serve the teacher on the Ray cluster; openai calls an endpoint elsewhere."""
+    return spec.generator.engine != "openai"
+
+
+def _dataset_types(spec: SyntheticDataJobSpec | None) -> frozenset[str]:
+    if spec is None:
+        return DOCUMENT_TYPES | {"chat", "preference"}
+    produced = spec.dataset_type
+    return frozenset({"documents", produced}) if produced in DOCUMENT_TYPES else frozenset({produced})
+
+
+DESCRIPTOR = KindDescriptor(
+    kind="SyntheticDataJob",
+    plural="syntheticdatajobs",
+    short_names=("sdj",),
+    prefix="sdj",
+    cli_name="synthetic-data",
+    workload_module="tokenmill.trainer.synth.workload",
+    output="dataset",
+    resource_model=SyntheticDataJob,
+    spec_model=SyntheticDataJobSpec,
+    dataset_fields=("spec.seeds",),
+    model_fields=("spec.generator.model",),
+    secret_key_env={"spec.generator.apiKeySecret": GENERATOR_API_KEY_ENV},
+    needs_gpus=_needs_gpus,
+    dataset_types=_dataset_types,
+)

@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from tokenmill.api.base import ApiModel
 from tokenmill.api.common import EXACTLY_ONE_OF_REF_URI, CommonSpec, ModelSource, ObjectRef
 from tokenmill.api.fields import Fraction, ShortText, StoreUri
+from tokenmill.api.kinds import KindDescriptor, Resource, always
 
 Stage = Literal["pretrain", "midtrain", "sft", "dpo"]
 ORGANIC_MIN_TOKENS = 8_192
@@ -200,3 +201,25 @@ class TrainingStageSpec(CommonSpec):
                 synthetic = dataset.ref is not None and dataset.ref.kind == "SyntheticDataJob"
                 dataset.min_document_tokens = SYNTHETIC_MIN_TOKENS if synthetic else ORGANIC_MIN_TOKENS
         return self
+
+
+class TrainingStage(Resource):
+    kind: Literal["TrainingStage"]
+    spec: TrainingStageSpec
+
+
+DESCRIPTOR = KindDescriptor(
+    kind="TrainingStage",
+    plural="trainingstages",
+    short_names=("ts", "stage"),
+    prefix="ts",
+    cli_name="training-stage",
+    workload_module="tokenmill.trainer.train.workload",
+    output="checkpoint",
+    resource_model=TrainingStage,
+    spec_model=TrainingStageSpec,
+    dataset_fields=("spec.datasets",),
+    model_fields=("spec.model.parent", "spec.dpo.referenceModel"),
+    needs_gpus=always,
+    extra_columns=({"name": "Stage", "type": "string", "jsonPath": ".spec.stage"},),
+)

@@ -58,7 +58,7 @@ class LocalRunner:
             if blocked:
                 names = ", ".join(f"{kind}/{name} ({results[(kind, name)].result.lower()})" for kind, name in blocked)
                 result = StageResult(resource, "Blocked", f"inputs not available: {names}")
-                if not workload_built(KINDS[resource.kind].cli_name):
+                if not workload_built(KINDS[resource.kind].workload_module):
                     result.detail += f"; its {KINDS[resource.kind].cli_name} workload is not built yet either"
             else:
                 inputs = {key: results[key].outputs for key in dependencies(resource) if results[key].outputs}

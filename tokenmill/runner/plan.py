@@ -3,33 +3,25 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from tokenmill.api.loader import parse_resource
 from tokenmill.api.problems import RecipeError
 from tokenmill.api.recipe import checked_recipe
-from tokenmill.api.resources import AnyResource
+from tokenmill.api.refs import node_at
+from tokenmill.api.resources import AnyResource, references
 
 
 def absolutise(resource: AnyResource, base_dir: Path) -> AnyResource:
     """Rewrite relative `file:` URIs (relative to the recipe's folder) to absolute `file:///` ones."""
     document = resource.model_dump(by_alias=True, exclude_none=True, mode="json")
-    document["spec"] = _rewrite(document["spec"], base_dir.resolve())
+    for reference in references(resource):
+        if reference.uri is None:
+            continue
+        node_at(document, reference.location)["uri"] = _absolute(reference.uri, base_dir.resolve())
     parsed, problems = parse_resource(document)
     if parsed is None:
         raise RecipeError(problems)
     return parsed
-
-
-def _rewrite(node: Any, base_dir: Path) -> Any:
-    if isinstance(node, dict):
-        return {
-            key: (_absolute(value, base_dir) if key == "uri" and isinstance(value, str) else _rewrite(value, base_dir))
-            for key, value in node.items()
-        }
-    if isinstance(node, list):
-        return [_rewrite(item, base_dir) for item in node]
-    return node
 
 
 def _absolute(uri: str, base_dir: Path) -> str:
