@@ -24,6 +24,7 @@ test: $(STAMP)
 
 crds: $(STAMP)
 	$(BIN)/tokenmill crds --out crds
+	$(BIN)/tokenmill crds --out charts/tokenmill/crds
 
 clean:
 	rm -rf $(VENV) tokenmill-runs
