@@ -8,7 +8,7 @@ from pydantic import Field
 
 from tokenmill.api.base import ApiModel
 from tokenmill.api.common import CommonSpec, DataSource, NamedDataSource
-from tokenmill.api.fields import Fraction, PositiveFraction, ShortText
+from tokenmill.api.fields import Fraction, PositiveFraction, ShortText, StoreUri
 from tokenmill.api.kinds import KindDescriptor, Resource, never
 
 PHI4_LANGUAGES = ["en", "de", "es", "fr", "pt", "it", "hi", "ja"]
@@ -51,10 +51,17 @@ class QualityFilter(ApiModel):
             "rule": "has(self.keepFraction) != has(self.threshold)",
             "message": "set exactly one of keepFraction or threshold",
         },
+        {
+            "rule": "has(self.annotations) != has(self.classifier)",
+            "message": "set exactly one of annotations (to train a classifier) or classifier (to reuse one)",
+        },
     )
 
-    annotations: DataSource
-    """Documents with LLM-written quality labels (fields text and label in [0, 1]) to train the classifier on."""
+    annotations: DataSource | None = None
+    """Documents with LLM-written quality labels (text, and label in [0, 1] as a column or in meta;
+    optionally topic) to train the classifier and the non-STEM topic classifier on."""
+    classifier: StoreUri | None = None
+    """A classifier an earlier CorpusFilter saved (its <output>/quality), reused instead of training one."""
     keep_fraction: PositiveFraction | None = None
     """Keep this fraction of documents, best first."""
     threshold: Fraction | None = None
@@ -107,6 +114,9 @@ class Decontamination(ApiModel):
     """max shared/min(#doc n-grams, #item n-grams) above this marks a document partial (kept, reported)."""
     contaminated_threshold: Fraction = 0.5
     """max ratio at or above this marks a document contaminated (removed)."""
+    allow_list_min_documents: int | None = Field(default=None, ge=1)
+    """Also allow-list every benchmark n-gram found in at least this many distinct input documents
+    (common in ordinary text); omitted allow-lists only allowList's n-grams."""
 
 
 class OutlierFilter(ApiModel):
@@ -151,6 +161,8 @@ class CorpusFilterSpec(CommonSpec):
     """Corrupt and binary text removal."""
     extraction: Literal["preserve-structure", "plain"] = "preserve-structure"
     """preserve-structure keeps TeX/MathML, code blocks, tables and thread structure; plain collapses them."""
+    keep_dropped: bool = False
+    """Also write the dropped documents, with the step, reason and evidence in meta, to <output>/dropped."""
 
 
 class CorpusFilter(Resource):
