@@ -4,7 +4,8 @@ Every HTTP request the operator (kopf's client and the reconciler's) sends to th
 server is recorded with its user agent. This test runs a scenario that exercises every kind of
 call the operator can make (all four kinds, status conflicts, finalizers, deletion of outputs,
 RayJob deletion, events, peering), and adds the calls recorded by every earlier test of the
-session. Each call must be granted by a rule, and each rule must have been used.
+session. Each call must be granted by a rule, and each rule must have been used; the Helm
+chart's ClusterRole must have the same rules.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import yaml
 
 from tests.conftest import REPO
+from tests.helm.chart import only
+from tests.helm.chart import render as render_chart
 from tests.operator.conftest import (
     KINDS,
     PEERINGS,
@@ -85,3 +88,8 @@ async def test_clusterrole_grants_exactly_what_the_operator_uses(kube, start_ope
     used = operator_terms([*recorded_calls, *kube.calls])
     assert used - allowed == set(), "calls the ClusterRole does not grant"
     assert allowed - used == set(), "rules the operator never needs"
+
+    # The Helm chart's ClusterRole is the same, rule for rule.
+    chart_role, = only(render_chart(), "ClusterRole")
+    assert chart_role["rules"] == rules["rules"]
+    assert granted(chart_role["rules"]) == used
