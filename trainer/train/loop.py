@@ -27,7 +27,6 @@ from torch import nn
 
 from tokenmill.layout import join
 from tokenmill.store import CheckpointStore, Progress, open_store, write_progress
-from tokenmill.trainer.data.loader import MicroBatchIterator
 from tokenmill.trainer.data.packing import IGNORE_INDEX
 from tokenmill.trainer.data.sampler import MixtureSampler
 from tokenmill.trainer.model import build_model, flops_per_token, mfu
@@ -122,6 +121,10 @@ def train_loop(config: dict[str, Any]) -> None:
 
 def run(job: Prepared, rank: int, world: int, device: torch.device, *, stop_after: int = 0,
         log_every: int = 0) -> None:
+    if job.spec.stage == "dpo":
+        from tokenmill.trainer.train.dpo import run_dpo
+
+        return run_dpo(job, rank, world, device, stop_after=stop_after, log_every=log_every)
     spec, plan, setup = job.spec, job.plan, job.model
     opt, execution = spec.optimization, spec.execution
     torch.manual_seed(execution.seed)
@@ -162,7 +165,7 @@ def run(job: Prepared, rank: int, world: int, device: torch.device, *, stop_afte
         _log(rank, f"initialised the model weights from {setup.parent_uri} (optimizer state starts fresh)")
 
     tokenizer = job.tokenizer
-    batches = MicroBatchIterator(
+    batches = job.iterator(  # MicroBatchIterator; sft: labels on assistant tokens only
         MixtureSampler(plan, execution.seed), job.sources, rank=rank, world_size=world,
         micro_batch_size=opt.micro_batch_sequences, eot_id=tokenizer.eot_id, pad_id=tokenizer.pad_id,
         state=None if state is None else state["sampler"],
@@ -182,7 +185,7 @@ def run(job: Prepared, rank: int, world: int, device: torch.device, *, stop_afte
     _log(rank, f"training {spec.stage}: steps {step}..{num_steps}, world {world} on {device.type}, "
                f"{batches.accumulation_steps} micro-batches of {opt.micro_batch_sequences} per rank and step")
     model.train()
-    window_start, window_tokens = time.perf_counter(), 0
+    window_start, window_tokens, window_labels = time.perf_counter(), 0, 0.0
     while step < num_steps:
         micro = [next(batches) for _ in range(batches.accumulation_steps)]
         label_tokens = torch.tensor(float(sum(int((m.labels != IGNORE_INDEX).sum()) for m in micro)))
@@ -208,6 +211,7 @@ def run(job: Prepared, rank: int, world: int, device: torch.device, *, stop_afte
         step += 1
         tokens_seen += step_tokens
         window_tokens += step_tokens
+        window_labels += global_labels
         loss = _all_reduce(loss_sum, group).item() / global_labels
 
         if step % log_every == 0 or step == num_steps:
@@ -220,6 +224,7 @@ def run(job: Prepared, rank: int, world: int, device: torch.device, *, stop_afte
                 "tokens_per_s": tokens_per_s,
                 "mfu": mfu(tokens_per_s, flops, execution.peak_flops_per_device, world),
                 "tokens_seen": tokens_seen,
+                "trained_token_share": window_labels / max(window_tokens, 1),
             }
             _log(rank, f"step {step}/{num_steps} loss {loss:.4f} lr {lr:.3e} grad_norm {float(grad_norm):.3f} "
                        f"tokens/s {tokens_per_s:,.0f} mfu {metrics['mfu']:.2%}")
@@ -229,7 +234,7 @@ def run(job: Prepared, rank: int, world: int, device: torch.device, *, stop_afte
                 write_progress(job.output, Progress(
                     phase="training", done=step, total=num_steps, unit="steps",
                     message=f"step {step}/{num_steps} loss {loss:.4f}", metrics=metrics))
-            window_start, window_tokens = time.perf_counter(), 0
+            window_start, window_tokens, window_labels = time.perf_counter(), 0, 0.0
 
         if step % spec.checkpoint.interval_steps == 0 or step == num_steps:
             saved = {

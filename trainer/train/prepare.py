@@ -24,13 +24,21 @@ from tokenmill.api.training import TrainingStageSpec
 from tokenmill.model_configs import ModelConfig, get_model_config
 from tokenmill.store import CheckpointStore, ManifestNotFoundError, StoreError, open_dataset
 from tokenmill.trainer.data.cache import INPUT_SCHEMAS
+from tokenmill.trainer.data.loader import MicroBatchIterator
 from tokenmill.trainer.data.midtrain import dataset_buckets, plan_for_stage
 from tokenmill.trainer.data.plan import MixtureError, MixturePlan
 from tokenmill.trainer.data.sources import TokenCacheSource
-from tokenmill.trainer.data.stage import Sizes, StageDataset, build_stage_caches, open_stage_sources
+from tokenmill.trainer.data.stage import (
+    Sizes,
+    StageDataset,
+    build_stage_caches,
+    filter_report,
+    open_stage_sources,
+    stage_tokens,
+)
 from tokenmill.trainer.tokenizer import Tokenizer, get_tokenizer
 
-BUILT_STAGES = ("pretrain", "midtrain")
+BUILT_STAGES = ("pretrain", "midtrain", "sft", "dpo")
 _STEP_DIR = re.compile(r"^(?P<base>.+)/step-(?P<step>\d{8,})/?$")
 
 
@@ -65,8 +73,14 @@ class Prepared:
     model: ModelSetup
     tokenizer: Tokenizer
     plan: MixturePlan
-    sources: dict[str, TokenCacheSource] = field(repr=False)
+    sources: dict[str, Any] = field(repr=False)
     dataset_names: list[str] = field(default_factory=list)
+    iterator: type = MicroBatchIterator
+    """The micro-batch iterator over `sources` (sft: labels on assistant tokens only)."""
+    notes: list[str] = field(default_factory=list)
+    """Lines for the driver log (sample and pair counts)."""
+    reference_uri: str | None = None
+    """dpo: the frozen reference model's committed checkpoint."""
 
 
 def parse_spec(doc: Mapping[str, Any]) -> TrainingStageSpec:
@@ -213,15 +227,35 @@ def prepare(doc: Mapping[str, Any], *, build_caches: bool = False) -> Prepared:
     model = resolve_model(spec)
     tokenizer = get_tokenizer(model.tokenizer_name)
     names = dataset_names(spec)
-    datasets = stage_datasets(spec, names)
-    sources, sizes = load_sources(spec, datasets, output, model.tokenizer_name, build=build_caches)
+    extra: dict[str, Any] = {}
+    if spec.stage == "sft":
+        from tokenmill.trainer.data.chat import ChatMicroBatchIterator
+        from tokenmill.trainer.train.sft import SftInputError, describe_sft, sft_sources
+
+        try:
+            sources, sizes, counts = sft_sources(spec, names, output, model.tokenizer_name, build=build_caches)
+        except SftInputError as error:
+            raise TrainingInputError(str(error)) from None
+        extra = {"iterator": ChatMicroBatchIterator, "notes": describe_sft(counts)}
+    elif spec.stage == "dpo":
+        from tokenmill.trainer.train.dpo import DpoInputError, dpo_sources
+
+        try:
+            sources, sizes, extra = dpo_sources(spec, names, model, tokenizer)
+        except DpoInputError as error:
+            raise TrainingInputError(str(error)) from None
+    else:
+        datasets = stage_datasets(spec, names)
+        sources, sizes = load_sources(spec, datasets, output, model.tokenizer_name, build=build_caches)
     try:
-        plan = plan_for_stage(spec, sizes, names)
+        # Pretraining data is weighted by tokens: the plan corrects for padded rows.
+        tokens = stage_tokens(sources, sizes) if spec.stage in ("pretrain", "midtrain") else None
+        plan = plan_for_stage(spec, sizes, names, tokens)
     except MixtureError as error:
         raise TrainingInputError(f"datasets: {error}") from None
     if plan.num_steps < 1:
         raise TrainingInputError("the stage has no optimizer step (totalTokens below one global batch)")
-    return Prepared(dict(doc), spec, output, model, tokenizer, plan, sources, names)
+    return Prepared(dict(doc), spec, output, model, tokenizer, plan, sources, names, **extra)
 
 
 def describe(prepared: Prepared) -> str:
@@ -233,9 +267,15 @@ def describe(prepared: Prepared) -> str:
         f"plan: {plan.num_steps} steps x {plan.global_batch_size} sequences x {plan.seq_len} tokens "
         f"= {plan.total_tokens:,} tokens",
     ]
+    lines += prepared.notes
     for source in plan.sources:
         lines.append(
             f"  {source.name}: share {float(source.share):.1%}, {source.num_sequences} unique sequences, "
             f"{source.draws} draws ({source.epochs:.2f} epochs)"
+        )
+    if prepared.spec.stage in ("pretrain", "midtrain"):
+        lines += filter_report(
+            stage_datasets(prepared.spec, prepared.dataset_names), output=prepared.output,
+            tokenizer=prepared.model.tokenizer_name, seq_len=prepared.spec.sequence_length,
         )
     return "\n".join(lines)
