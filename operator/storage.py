@@ -8,12 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tokenmill.api.resources import KINDS
-from tokenmill.api.status import OutputSummary
-from tokenmill.layout import COMMIT_MARKER_NAME, MANIFEST_NAME, dataset_uri, hf_export_uri
+from tokenmill.layout import COMMIT_MARKER_NAME, HF_CONFIG_NAME as HF_CONFIG
 from tokenmill.operator.status import OutputCheck, UriCheck
-
-HF_CONFIG = "config.json"
 
 
 def write_run_spec(output: str, document: dict[str, Any]) -> str:
@@ -66,44 +62,15 @@ def check_input(path: str, uri: str, what: str) -> UriCheck:
 
 
 def check_outputs(kind: str, output: str, uid: str | None) -> OutputCheck:
-    """What a finished attempt committed under `output`.
-
-    Dataset kinds need a manifest written by this resource (its uid, when the manifest records
-    a producer); checkpoint kinds a committed checkpoint or a Hugging Face export.
+    """What a finished attempt committed under `output` (tokenmill.outputs.check_outputs).
 
     Transient store errors propagate, so the controller retries the read instead of
     counting a failed attempt.
     """
-    from tokenmill.store import CheckpointStore, ManifestError, open_store, read_manifest
+    from tokenmill.outputs import check_outputs as check
 
-    try:
-        if KINDS[kind].output == "checkpoint":
-            latest = CheckpointStore.for_output(output).latest()
-            hf = hf_export_uri(output)
-            has_hf = open_store(hf).exists(HF_CONFIG)
-            if latest is None and not has_hf:
-                return OutputCheck(False, message=f"{output} holds no committed checkpoint and no Hugging Face export")
-            outputs = OutputSummary(
-                uri=output,
-                checkpoint=latest.uri if latest is not None else None,
-                hf_export=hf if has_hf else None,
-                bytes=latest.bytes if latest is not None else None,
-            )
-            step = f"checkpoint step {latest.step}" if latest is not None else "a Hugging Face export"
-            return OutputCheck(True, outputs, f"committed {step}")
-        data = dataset_uri(output)
-        manifest = read_manifest(data)
-        if uid and manifest.producer is not None and manifest.producer.uid and manifest.producer.uid != uid:
-            return OutputCheck(False, message=f"{data}/{MANIFEST_NAME} was written by another resource "
-                                              f"({manifest.producer.kind}/{manifest.producer.name})")
-        summary = manifest.summary
-        outputs = OutputSummary(
-            uri=output, dataset=data, shards=summary.shards, rows=summary.rows, bytes=summary.bytes,
-            tokens=summary.tokens,
-        )
-        return OutputCheck(True, outputs, f"committed {summary.shards} shard(s), {summary.rows:,} rows")
-    except ManifestError as error:  # missing or malformed
-        return OutputCheck(False, message=str(error))
+    report = check(kind, output, uid)
+    return OutputCheck(report.committed, report.summary, report.message)
 
 
 def delete_outputs(output: str) -> int:

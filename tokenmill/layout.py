@@ -15,6 +15,7 @@ from __future__ import annotations
 
 MANIFEST_NAME = "_manifest.json"
 COMMIT_MARKER_NAME = "_COMMITTED"
+HF_CONFIG_NAME = "config.json"
 
 
 def join(base: str, *parts: str) -> str:

@@ -1,27 +1,66 @@
-"""What a resource has committed under its output URI, as the status.outputs summary."""
+"""What a resource has committed under its output URI: one check for the operator and the local runner.
+
+A kind's descriptor says what it commits: a dataset (`<output>/data/` with its manifest,
+written by this resource when the manifest names a producer) or checkpoints (a committed
+checkpoint under `<output>/checkpoints/`, or a Hugging Face export under `<output>/hf/`).
+
+Transient store errors propagate, so a caller retries the read instead of counting a failure.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from tokenmill.api.resources import KINDS
 from tokenmill.api.status import OutputSummary
-from tokenmill.layout import dataset_uri, hf_export_uri
-from tokenmill.store import CheckpointStore, ManifestNotFoundError, open_store, read_manifest
+from tokenmill.layout import HF_CONFIG_NAME, MANIFEST_NAME, dataset_uri, hf_export_uri
+from tokenmill.store import CheckpointStore, ManifestError, open_store, read_manifest
 
 
-def summarize_outputs(output: str) -> OutputSummary:
-    """Read the committed dataset manifest, the latest committed checkpoint and the HF export, where present."""
-    summary = OutputSummary(uri=output)
-    try:
-        counts = read_manifest(dataset_uri(output)).summary
-        summary = summary.model_copy(
-            update={"dataset": dataset_uri(output), "shards": counts.shards, "rows": counts.rows,
-                    "bytes": counts.bytes, "tokens": counts.tokens}
-        )
-    except ManifestNotFoundError:  # the resource produces no dataset, or has not committed one yet
-        summary = OutputSummary(uri=output)
+@dataclass(frozen=True)
+class OutputReport:
+    committed: bool
+    """Whether the output the kind must commit is there."""
+    summary: OutputSummary | None = None
+    """The status.outputs summary, when committed."""
+    message: str = ""
+    """What was found (committed) or what is missing (not committed)."""
+
+
+def check_outputs(kind: str, output: str, uid: str | None = None) -> OutputReport:
+    """What a resource of `kind` has committed under `output`; `uid` rejects another resource's dataset."""
+    if KINDS[kind].output == "checkpoint":
+        return _checkpoints(output)
+    return _dataset(output, uid)
+
+
+def _checkpoints(output: str) -> OutputReport:
     latest = CheckpointStore.for_output(output).latest()
-    if latest is not None:
-        summary = summary.model_copy(update={"checkpoint": latest.uri})
-    if open_store(hf_export_uri(output)).exists("config.json"):
-        summary = summary.model_copy(update={"hf_export": hf_export_uri(output)})
-    return summary
+    hf = hf_export_uri(output)
+    has_hf = open_store(hf).exists(HF_CONFIG_NAME)
+    if latest is None and not has_hf:
+        return OutputReport(False, message=f"{output} holds no committed checkpoint and no Hugging Face export")
+    summary = OutputSummary(
+        uri=output,
+        checkpoint=latest.uri if latest is not None else None,
+        hf_export=hf if has_hf else None,
+        bytes=latest.bytes if latest is not None else None,
+    )
+    step = f"checkpoint step {latest.step}" if latest is not None else "a Hugging Face export"
+    return OutputReport(True, summary, f"committed {step}")
 
+
+def _dataset(output: str, uid: str | None) -> OutputReport:
+    data = dataset_uri(output)
+    try:
+        manifest = read_manifest(data)
+    except ManifestError as error:  # missing or malformed: not committed
+        return OutputReport(False, message=str(error))
+    producer = manifest.producer
+    if uid and producer is not None and producer.uid and producer.uid != uid:
+        return OutputReport(False, message=f"{data}/{MANIFEST_NAME} was written by another resource "
+                                           f"({producer.kind}/{producer.name})")
+    counts = manifest.summary
+    summary = OutputSummary(uri=output, dataset=data, shards=counts.shards, rows=counts.rows, bytes=counts.bytes,
+                            tokens=counts.tokens)
+    return OutputReport(True, summary, f"committed {counts.shards} shard(s), {counts.rows:,} rows")

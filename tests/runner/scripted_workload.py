@@ -28,6 +28,8 @@ def main() -> int:
         print("scripted failure", file=sys.stderr)
         return 1
     print(f"{kind} {run['metadata']['name']} working")
+    if kind in os.environ.get("SCRIPTED_NO_OUTPUT", "").split(","):
+        return 0
     if kind == "training-stage":
         with tempfile.TemporaryDirectory() as local:
             Path(local, "weights.bin").write_bytes(b"\0" * 64)

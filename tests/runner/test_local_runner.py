@@ -98,6 +98,14 @@ def test_failure_blocks_dependents(recipe, calls, tmp_path, monkeypatch):
     assert [c["name"] for c in calls()] == ["web", "pretrain"]
 
 
+def test_exit_zero_without_committed_output_is_a_failure(recipe, calls, tmp_path, monkeypatch):
+    monkeypatch.setenv("SCRIPTED_NO_OUTPUT", "corpus-filter")
+    results = run(recipe, tmp_path / "store")
+    assert results["web"].result == "Failed"
+    assert "_manifest.json" in results["web"].detail
+    assert results["pretrain"].result == "Blocked"
+
+
 def test_unbuilt_workload_is_named_not_pretended(recipe, calls, tmp_path, monkeypatch):
     monkeypatch.setenv("SCRIPTED_MISSING", "corpus-filter")
     results = run(recipe, tmp_path / "store")

@@ -15,7 +15,7 @@ from tokenmill.api.graph import dependencies
 from tokenmill.api.resources import KINDS, AnyResource
 from tokenmill.api.status import OutputSummary
 from tokenmill.layout import run_spec_uri
-from tokenmill.outputs import summarize_outputs
+from tokenmill.outputs import check_outputs
 from tokenmill.resolve import UnresolvedInput, output_uri, resolve_spec, run_spec
 from tokenmill.store import ObjectNotFoundError, StoreError, read_progress, read_run_spec, write_run_spec
 from tokenmill.workloads import NOT_BUILT_EXIT_CODE, PHASE_SUCCEEDED, workload_built
@@ -75,8 +75,10 @@ class LocalRunner:
             return StageResult(resource, "Blocked", str(error), output=output)
         document = run_spec(resource, output=output, attempt=1, resolved=resolved)
         if _up_to_date(output, document):
-            return StageResult(resource, "Up to date", "outputs committed by an earlier run", output=output,
-                               outputs=summarize_outputs(output))
+            report = check_outputs(resource.kind, output)
+            if report.committed:
+                return StageResult(resource, "Up to date", "outputs committed by an earlier run", output=output,
+                                   outputs=report.summary)
         write_run_spec(output, document)
         self.events.started(resource)
         started = time.monotonic()
@@ -87,7 +89,10 @@ class LocalRunner:
                                seconds, output)
         if code != 0:
             return StageResult(resource, "Failed", f"workload exited with status {code}", seconds, output)
-        return StageResult(resource, "Succeeded", "", seconds, output, summarize_outputs(output))
+        report = check_outputs(resource.kind, output)
+        if not report.committed:
+            return StageResult(resource, "Failed", f"workload exited 0 but {report.message}", seconds, output)
+        return StageResult(resource, "Succeeded", "", seconds, output, report.summary)
 
     def _execute(self, resource: AnyResource, output: str) -> int:
         command = [*self.entrypoint, KINDS[resource.kind].cli_name, "--spec", run_spec_uri(output)]
