@@ -38,6 +38,7 @@ from tokenmill.operator.reconcile import (
     NEED_OUTPUTS,
     NEED_PREVIOUS_RUN,
     NEED_PROGRESS,
+    NEED_RAYJOBS,
     NEED_URI_CHECKS,
     CreateRayJob,
     Decision,
@@ -49,10 +50,10 @@ from tokenmill.operator.reconcile import (
     WriteRunSpec,
     decide,
     input_uris,
+    recorded_output,
     refs_of,
 )
-from tokenmill.operator.status import InputState, RayJobView
-from tokenmill.layout import join
+from tokenmill.operator.status import InputState, RayJobView, redact
 from tokenmill.resolve import output_uri
 
 log = logging.getLogger("tokenmill.operator")
@@ -217,6 +218,7 @@ class Controller:
         self._gate_known = self.peering.standalone
         self._tasks: list[asyncio.Task[Any]] = []
         self._failures: dict[Key, int] = {}
+        self._retry_at: dict[Key, float] = {}
         self._committed_inputs: set[str] = set()
         self._peering_missing_logged = False
         self._resume = asyncio.Event()
@@ -229,6 +231,10 @@ class Controller:
         from tokenmill.operator.workqueue import WorkQueue
 
         self.queue = WorkQueue()
+        if self.peering.standalone:
+            # Decide nothing before the caches hold every resource and RayJob: a decision made
+            # from a half-filled cache would take a running attempt for a lost one.
+            await self._relist()
         for number in range(self.config.workers):
             self._tasks.append(asyncio.create_task(self._worker(), name=f"tokenmill-worker-{number}"))
         self._tasks.append(asyncio.create_task(self._resync(), name="tokenmill-resync"))
@@ -299,10 +305,13 @@ class Controller:
                 with self.metrics.reconcile_duration.time():
                     await self.reconcile(key)
                 self._failures.pop(key, None)
+                self._retry_at.pop(key, None)
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # every failure is retried with back-off
                 self._retry_later(key, error)
+                if isinstance(error, ActionError):
+                    await self._record_action_failure(key, error)
             finally:
                 self.queue.done(key)
 
@@ -313,15 +322,44 @@ class Controller:
         self.metrics.reconcile_errors.labels(key[1], reason).inc()
         delay = min(self.config.error_backoff_max_seconds, self.config.error_backoff_seconds * 2 ** (failures - 1))
         log.warning("reconciling %s/%s/%s failed (%s), retrying in %.1fs: %s", key[0], key[1], key[2],
-                    reason, delay, error)
+                    reason, delay, redact(str(error)))
+        self._retry_at[key] = asyncio.get_running_loop().time() + delay
         self.queue.add_after(key, delay)
+
+    async def _record_action_failure(self, key: Key, error: ActionError) -> None:
+        """Show a failed action on the resource: the ActionFailed condition and, when it says
+        something new, a Warning event. Never raises: the retry is already scheduled."""
+        namespace, kind, name = key
+        body = self.cache.resources.get(key)
+        if body is None:
+            return
+        old = body.get("status") or {}
+        meta = body.get("metadata") or {}
+        found = conditions.Conditions(old.get("conditions"), now=datetime.now(timezone.utc),
+                                      generation=meta.get("generation"))
+        previous = found.get(conditions.ACTION_FAILED) or {}
+        message = error.message
+        if previous.get("status") == conditions.TRUE and previous.get("reason") == error.reason \
+                and previous.get("message") == message:
+            return
+        found.set(conditions.ACTION_FAILED, conditions.TRUE, error.reason, message)
+        try:
+            updated = await self.kube.patch_status(kind, namespace, name, {"conditions": found.to_list()}, None)
+        except Exception as patch_error:  # the API server itself may be what fails
+            log.warning("could not record the failure on %s/%s/%s: %s", namespace, kind, name,
+                        redact(str(patch_error)))
+        else:
+            self.cache.put_resource(key, updated)  # our own write: its watch event is not news
+        self._post_event(body, Event("Warning", error.reason, message))
 
     async def _resync(self) -> None:
         while True:
             await asyncio.sleep(self.config.resync_seconds)
             if self.active:
+                now = asyncio.get_running_loop().time()
                 for key in list(self.cache.resources):
-                    self._enqueue(key)
+                    if self._retry_at.get(key, 0.0) <= now:  # a failing key keeps its back-off
+                        self._enqueue(key)
 
     async def _peering_gate(self) -> None:
         namespaces: list[str | None] = [None] if self.peering.clusterwide else list(self.peering.namespaces)
@@ -415,17 +453,13 @@ class Controller:
         resource, problems = self.cache.parsed(key)
         if resource is not None:
             problems = validate(resource, self._lookup(namespace))
-        output = None
-        if resource is not None:
+        output = recorded_output(body)  # where the first attempt wrote stays where outputs are
+        if output is None and resource is not None:
             if resource.spec.output.uri:
                 output = resource.spec.output.uri
             elif self.config.store:
                 output = output_uri(resource, self.config.store)
-        elif (body.get("metadata") or {}).get("deletionTimestamp"):
-            # Unparsable but being deleted: its outputs are still where they were written.
-            output = ((body.get("spec") or {}).get("output") or {}).get("uri")
-            if not output and self.config.store:
-                output = join(self.config.store, namespace, KINDS[kind].plural, name)
+        deleting = bool((body.get("metadata") or {}).get("deletionTimestamp"))
         uid = (body.get("metadata") or {}).get("uid")
         jobs = []
         for job_body in (self.cache.rayjobs.get(key) or {}).values():
@@ -440,7 +474,7 @@ class Controller:
                                                 else InputState.missing(ref_kind, ref_name))
         observation = Observation(
             body=body, resource=resource, problems=problems, output=output, rayjobs=jobs, inputs=inputs,
-            now=datetime.now(timezone.utc),
+            now=datetime.now(timezone.utc), readers=self._active_readers(key) if deleting else (),
         )
         decision = decide(observation, self.config)
         for _ in range(3):
@@ -451,6 +485,28 @@ class Controller:
         if decision.needs:
             raise RuntimeError(f"the decision still needs {sorted(decision.needs)}")
         await self._execute(key, body, decision)
+
+    def _active_readers(self, key: Key) -> list[str]:
+        """Unfinished resources that read `key`'s output: by reference, or by a URI inside it."""
+        target = recorded_output(self.cache.resources.get(key) or {})
+        found: set[Key] = set(self.cache.readers(key))
+        if target is not None:
+            for other in list(self.cache.resources):
+                if other == key:
+                    continue
+                parsed = self.cache.parsed(other)[0]
+                if parsed is not None and any(uri == target or uri.startswith(target.rstrip("/") + "/")
+                                              for _, uri, _ in input_uris(parsed)):
+                    found.add(other)
+        active = []
+        for other in sorted(found):
+            other_body = self.cache.resources.get(other) or {}
+            found_conditions = (other_body.get("status") or {}).get("conditions")
+            finished = (conditions.is_true(found_conditions, conditions.SUCCEEDED)
+                        or conditions.is_true(found_conditions, conditions.FAILED))
+            if other_body and not finished and not (other_body.get("metadata") or {}).get("deletionTimestamp"):
+                active.append(f"{other[1]}/{other[2]}" if other[0] == key[0] else f"{other[1]}/{other[0]}/{other[2]}")
+        return active
 
     def _lookup(self, namespace: str) -> Any:
         def lookup(kind: str, name: str) -> AnyResource | None:
@@ -482,6 +538,14 @@ class Controller:
             changes["progress_read"] = True
         if NEED_OUTPUTS in needs and obs.output is not None:
             changes["output_check"] = await self._io(storage.check_outputs, kind, obs.output, uid)
+        if NEED_RAYJOBS in needs:
+            namespace = str((obs.body.get("metadata") or {}).get("namespace") or "default")
+            name = str((obs.body.get("metadata") or {}).get("name"))
+            listing = await self.kube.list_rayjobs(namespace, naming.owner_selector(kind, name))
+            ours = [job for job in listing if (RayJobView.from_body(job) or _NO_VIEW).owner_uid == uid]
+            self.cache.replace_rayjobs((namespace, kind, name), ours)
+            changes["rayjobs"] = [view for view in map(RayJobView.from_body, ours) if view is not None]
+            changes["rayjobs_listed"] = True
         if NEED_PREVIOUS_RUN in needs and obs.output is not None:
             changes["previous_run"] = await self._io(storage.read_run_spec, obs.output)
             changes["previous_run_read"] = True
@@ -491,6 +555,7 @@ class Controller:
         namespace, kind, name = key
         meta = body.get("metadata") or {}
         version = meta.get("resourceVersion")
+        pending_spec: WriteRunSpec | None = None
         for action in decision.actions:
             if isinstance(action, SetFinalizer):
                 current = list(meta.get("finalizers") or [])
@@ -504,20 +569,39 @@ class Controller:
                 except Conflict:
                     self.queue.add_after(key, 0.2)
                     return
+                except Exception as error:
+                    raise ActionError("FinalizerUpdateFailed", "updating the finalizers", error) from error
                 version = (updated.get("metadata") or {}).get("resourceVersion", version)
                 self.cache.put_resource(key, updated)
             elif isinstance(action, WriteRunSpec):
-                await self._io(storage.write_run_spec, action.output, action.document)
+                pending_spec = action  # written once the attempt's RayJob is known not to exist yet
             elif isinstance(action, CreateRayJob):
-                if not await self._create_rayjob(key, meta.get("uid"), action):
+                try:
+                    created = await self._create_rayjob(key, meta.get("uid"), action, pending_spec)
+                except ActionError:
+                    raise
+                except Exception as error:
+                    raise ActionError("RayJobCreateFailed", f"creating RayJob {action.name}", error) from error
+                pending_spec = None
+                if not created:
                     self.queue.add_after(key, 0.2)
                     return
             elif isinstance(action, DeleteRayJob):
-                with contextlib.suppress(NotFound):  # already gone: the goal is reached
+                try:
                     await self.kube.delete_rayjob(namespace, action.name)
+                except NotFound:
+                    pass  # already gone: the goal is reached
+                except Exception as error:
+                    raise ActionError("RayJobDeleteFailed", f"deleting RayJob {action.name}", error) from error
             elif isinstance(action, DeleteOutputs):
-                deleted = await self._io(storage.delete_outputs, action.uri)
+                try:
+                    deleted = await self._io(storage.delete_outputs, action.uri)
+                except Exception as error:
+                    raise ActionError("OutputDeleteFailed", f"deleting the outputs under {action.uri}",
+                                      error) from error
                 log.info("deleted %d object(s) under %s", deleted, action.uri)
+        if pending_spec is not None:
+            await self._write_run_spec(pending_spec)
 
         stored = False
         if decision.status is not None and decision.status != (body.get("status") or {}):
@@ -559,8 +643,17 @@ class Controller:
         self.cache.put_resource(key, fresh)
         return True
 
-    async def _create_rayjob(self, key: Key, uid: str | None, action: CreateRayJob) -> bool:
-        """Create the attempt's RayJob unless one exists; False when the view was stale."""
+    async def _write_run_spec(self, action: WriteRunSpec) -> None:
+        try:
+            await self._io(storage.write_run_spec, action.output, action.document)
+        except Exception as error:
+            raise ActionError("RunSpecWriteFailed", f"writing the run spec under {action.output}", error) from error
+
+    async def _create_rayjob(self, key: Key, uid: str | None, action: CreateRayJob,
+                             run_spec: WriteRunSpec | None = None) -> bool:
+        """Write the run spec and create the attempt's RayJob, unless the RayJob exists (then
+        neither: the running attempt keeps the spec it started from); False when the view was
+        stale or an earlier attempt is still being stopped."""
         namespace, kind, name = key
         existing = await self.kube.list_rayjobs(namespace, naming.owner_selector(kind, name))
         ours = [job for job in existing if (RayJobView.from_body(job) or _NO_VIEW).owner_uid == uid]
@@ -569,8 +662,11 @@ class Controller:
         if action.attempt in attempts:
             log.info("RayJob %s for attempt %d already exists; adopting it", action.name, action.attempt)
             return True
-        if any(attempt > action.attempt for attempt in attempts):
-            return False  # a later attempt exists: decide again from the fresh listing
+        if any(attempt != action.attempt for attempt in attempts):
+            return False  # another attempt exists: decide again from the fresh listing
+        if run_spec is not None:
+            # The run spec names the current attempt: writers of an older one are fenced from now on.
+            await self._write_run_spec(run_spec)
         try:
             created = await self.kube.create_rayjob(namespace, action.manifest)
         except Conflict:
@@ -625,6 +721,22 @@ class Controller:
 _NO_VIEW = RayJobView("", 0, None, "", "", "", False, None, None, None)
 
 
+class ActionError(Exception):
+    """An action of a decision failed; shown on the resource as the ActionFailed condition."""
+
+    def __init__(self, reason: str, doing: str, error: BaseException):
+        self.reason = reason
+        self.error = error
+        self.message = redact(f"{doing} failed: {_describe(error)}", limit=1024)
+        super().__init__(self.message)
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, ApiError):
+        return str(error)  # "<status> <reason>: <the API server's message>"
+    return f"{type(error).__name__}: {error}"
+
+
 def _status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
     """A merge patch turning status `old` into `new` (removed fields become null)."""
     patch: dict[str, Any] = dict(new)
@@ -635,6 +747,8 @@ def _status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, A
 
 
 def _error_reason(error: BaseException) -> str:
+    if isinstance(error, ActionError):
+        error = error.error
     if isinstance(error, ApiError):
         return f"Api{error.status}" if error.status else "ApiUnreachable"
     from tokenmill.store import StoreError

@@ -120,11 +120,13 @@ class Kube:
             field_manager=FIELD_MANAGER))
 
     async def delete_rayjob(self, namespace: str, name: str) -> None:
+        """Foreground deletion: the RayJob stays (being deleted) until its RayCluster and pods are
+        gone, so the reconciler waiting for it to vanish knows the attempt can no longer write."""
         from kubernetes import client
 
         await self._call(lambda: self._custom.delete_namespaced_custom_object(
             rayjob.RAY_GROUP, rayjob.RAY_VERSION, namespace, rayjob.RAY_PLURAL, name,
-            body=client.V1DeleteOptions(propagation_policy="Background")))
+            body=client.V1DeleteOptions(propagation_policy="Foreground")))
 
     async def list_all_rayjobs(self, namespace: str | None, selector: str) -> list[dict[str, Any]]:
         if namespace is None:

@@ -10,20 +10,27 @@ Some observations cost object-store reads (input URIs, progress, committed outpu
 decision names the ones it needs in `Decision.needs`; the controller reads them and decides
 again.
 
-The lifecycle of an attempt (status.attempts counts RayJobs created; the resource fails when
-more attempts than spec.backoffLimit have failed):
+The lifecycle of an attempt (status.attempts counts RayJobs created; status.attemptHistory
+records how each ended; the resource fails when more attempts than spec.backoffLimit have
+failed or were lost):
 
     inputs ready ──► write <output>/_run/spec.json, create RayJob <kind>-<name>-<N>
                        │ jobDeploymentStatus Initializing/Queued ─► phase Pending
                        │ Running                                 ─► phase Running (+ progress)
-                       │ Complete + committed outputs            ─► Succeeded (sticky)
-                       │ Complete without outputs, or Failed     ─► retry N+1, or Failed (sticky)
-                       └ spec.suspend ─► delete the RayJob, keep outputs; clearing it starts N+1
+                       │ Complete, jobStatus SUCCEEDED, outputs  ─► Succeeded (sticky)
+                       │ Complete without outputs or not         ─► record Failed; delete RayJob N,
+                       │   SUCCEEDED, or Failed                     wait until gone, back off, N+1;
+                       │                                            or Failed (sticky)
+                       │ exit code 78 (workload not built)       ─► Failed at once (WorkloadNotBuilt)
+                       │ RayJob vanished (a person, a TTL)        ─► record Lost (counts), then as above
+                       └ spec.suspend ─► delete the RayJob, record Stopped, keep outputs; clearing it
+                                         starts N+1
 
 Restart safety: the attempt is the highest of status.attempts and the attempt labels of the
 RayJobs found, and a RayJob's name is a function of (kind, name, attempt), so a decision made
 twice (a crash between creating a RayJob and writing the status) adopts the RayJob instead of
-creating a second one.
+creating a second one. Failures are counted from the history, so deleting old RayJobs loses
+nothing; a missing current RayJob is confirmed by a fresh listing before it counts as lost.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from tokenmill.api.resources import KINDS, AnyResource, references
 from tokenmill.layout import dataset_uri, run_spec_uri
 from tokenmill.operator import naming, rayjob
 from tokenmill.operator.conditions import (
+    ACTION_FAILED,
     FAILED,
     FALSE,
     INPUTS_READY,
@@ -55,12 +63,17 @@ from tokenmill.operator.conditions import (
 from tokenmill.operator.config import OperatorConfig
 from tokenmill.operator.status import InputState, OutputCheck, RayJobView, UriCheck, progress_text
 from tokenmill.resolve import UnresolvedInput, resolve_spec, run_spec
+from tokenmill.workloads import NOT_BUILT_EXIT_CODE
 
 # Observations that cost object-store reads, requested through Decision.needs.
 NEED_URI_CHECKS = "uri_checks"
 NEED_PROGRESS = "progress"
 NEED_OUTPUTS = "outputs"
 NEED_PREVIOUS_RUN = "previous_run"
+NEED_RAYJOBS = "rayjobs"  # an authoritative listing of the resource's RayJobs, not the watch cache
+
+# Attempt results that count against spec.backoffLimit.
+FAILED_RESULTS = frozenset({"Failed", "Lost"})
 
 # Spec fields that do not change what an attempt produces: a run spec that differs only in
 # these continues the same run (same generation in the store's producer records), so a retry
@@ -95,6 +108,10 @@ class Observation:
     previous_run: Mapping[str, Any] | None = None
     """The run spec the previous attempt ran from (<output>/_run/spec.json), when read."""
     previous_run_read: bool = False
+    rayjobs_listed: bool = False
+    """Whether `rayjobs` comes from a listing made for this decision (not only the watch cache)."""
+    readers: Sequence[str] = ()
+    """Unfinished resources that read this one's output (kind/name), for deletion."""
 
 
 # ---- what the controller does -------------------------------------------------------------
@@ -235,10 +252,32 @@ class _Status:
         self.fields: dict[str, Any] = {
             key: value
             for key, value in old.items()
-            if key not in ("conditions", "observedGeneration", "phase", "reason")
+            if key not in ("conditions", "observedGeneration", "phase", "reason", "attemptHistory")
         }
         self.phase: str = old.get("phase") or "Pending"
         self.reason: str | None = old.get("reason")
+        self.history: dict[int, dict[str, Any]] = {}
+        for item in old.get("attemptHistory") or ():
+            if isinstance(item, Mapping) and isinstance(item.get("attempt"), int):
+                self.history[item["attempt"]] = dict(item)
+        # An action failure is cleared by the first decision whose actions all succeed (the
+        # status is written only after them).
+        if self.conditions.is_true(ACTION_FAILED):
+            self.conditions.set(ACTION_FAILED, FALSE, "Recovered", "the last actions succeeded")
+
+    def ended(self, attempt: int) -> Mapping[str, Any] | None:
+        return self.history.get(attempt)
+
+    def record(self, attempt: int, name: str, result: str, reason: str, end_time: str) -> bool:
+        """Add how `attempt` ended; False when the history already holds it."""
+        if attempt in self.history:
+            return False
+        self.history[attempt] = {"attempt": attempt, "rayJobName": name, "result": result,
+                                 "reason": reason[:1024], "endTime": end_time}
+        return True
+
+    def failed_count(self) -> int:
+        return sum(1 for item in self.history.values() if item.get("result") in FAILED_RESULTS)
 
     def show(self, phase: str, reason: str) -> None:
         self.phase, self.reason = phase, reason
@@ -262,6 +301,8 @@ class _Status:
             status["reason"] = self.reason
         status.update(self.fields)
         status.setdefault("attempts", 0)
+        if self.history:
+            status["attemptHistory"] = [self.history[number] for number in sorted(self.history)]
         return status
 
 
@@ -326,24 +367,32 @@ def decide(obs: Observation, config: OperatorConfig) -> Decision:
         attempts = newest
         st.set("startTime", old.get("startTime") or rfc3339(obs.now))
     st.set("attempts", attempts)
-    # Failed attempts are counted from the RayJobs themselves: KubeRay keeps a finished RayJob
-    # (only its Ray cluster is removed), and an earlier attempt that finished can only have
-    # failed (success ends the resource). Attempts stopped by a suspension were deleted and
-    # do not count. The count therefore needs no bookkeeping and survives any restart.
-    failed = sum(1 for number, job in jobs.items() if number < attempts and job.finished)
-    current = jobs.get(attempts) if attempts else None
     suspend = resource.spec.suspend
     backoff_limit = resource.spec.backoff_limit
 
-    # Old attempts' RayJobs that are still running (a crash mid-retry) are stopped.
+    # Earlier attempts: their end is in the history (a status written before this operator
+    # kept one has none: a finished RayJob then failed, since success ends the resource).
+    # Their RayJobs are stopped so that no two attempts ever write the same output.
     for number, job in sorted(jobs.items()):
-        if number < attempts and not job.finished and not job.deleting:
+        if number >= attempts:
+            continue
+        if st.ended(number) is None:
+            if job.finished:
+                st.record(number, job.name, "Failed", job.failure_reason, job.end_time or rfc3339(obs.now))
+            else:
+                st.record(number, job.name, "Stopped", "Superseded", rfc3339(obs.now))
+        if not job.deleting:
             decision.actions.append(DeleteRayJob(job.name))
+    current = jobs.get(attempts) if attempts else None
 
     if current is not None and current.deleting:
         st.set("rayJobName", current.name)
         if suspend:
             _suspended(st, f"RayJob {current.name} is being deleted; outputs are kept")
+        elif st.ended(attempts) is not None:
+            _not_running(st, "StoppingAttempt", f"waiting for RayJob {current.name} of attempt {attempts} to be "
+                                                "deleted before the next attempt starts")
+            st.show("Pending", "StoppingAttempt")
         else:
             _not_running(st, "WaitingForCleanup", f"RayJob {current.name} is being deleted")
             st.show("Pending", "WaitingForCleanup")
@@ -352,6 +401,7 @@ def decide(obs: Observation, config: OperatorConfig) -> Decision:
 
     if current is not None and current.finished:
         st.set("rayJobName", current.name)
+        permanent = False
         if current.complete:
             if obs.output_check is None:
                 decision.needs.add(NEED_OUTPUTS)
@@ -359,35 +409,34 @@ def decide(obs: Observation, config: OperatorConfig) -> Decision:
             if obs.output_check.ok:
                 return _succeeded(decision, st, old, resource, current, obs)
             failure_reason, failure_message = "OutputMissing", obs.output_check.message
+        elif current.exit_code == NOT_BUILT_EXIT_CODE:
+            permanent = True
+            failure_reason = "WorkloadNotBuilt"
+            failure_message = (f"the {resource.kind} workload is not built into the Ray image (exit code "
+                               f"{NOT_BUILT_EXIT_CODE}); retrying cannot help")
         else:
             failure_reason = current.failure_reason
             failure_message = current.message or f"RayJob {current.name} failed"
-        if failed + 1 > backoff_limit:
-            return _failed(decision, st, old, resource, current, obs, failed, failure_reason, failure_message)
-        # The attempt failed and retries remain.
+        _attempt_ended(decision, st, resource, attempts, current.name, "Failed", failure_reason, failure_message,
+                       current.end_time or rfc3339(obs.now), _duration(current, obs.now))
+        if permanent or st.failed_count() > backoff_limit:
+            return _failed(decision, st, old, resource, attempts, failure_reason, failure_message)
+        # Retries remain. The finished RayJob's Ray cluster lives on (ttlSecondsAfterFinished) and
+        # could still write: delete it, and start the next attempt only once it is gone.
+        decision.actions.append(DeleteRayJob(current.name))
         if suspend:
             _suspended(st, f"attempt {attempts} failed ({failure_reason}); retrying after spec.suspend is cleared")
             return _finish(decision, st, old)
-        if not valid:
-            return _invalid(decision, st, old)
-        end = parse_time(current.end_time)
-        delay = retry_delay(config, failed)
-        if end is not None and delay > 0:
-            remaining = (end + timedelta(seconds=delay) - obs.now).total_seconds()
-            if remaining > 0:
-                _not_running(st, "AttemptFailed", f"attempt {attempts} failed ({failure_reason}): {failure_message}")
-                st.show("Pending", "BackoffDelay")
-                decision.requeue_after = remaining
-                _attempt_failed_once(decision, st, old, resource, current, obs, failure_reason, failure_message)
-                return _finish(decision, st, old)
-        _attempt_failed_once(decision, st, old, resource, current, obs, failure_reason, failure_message)
-        return _start(decision, st, old, resource, obs, config, attempts + 1,
-                      f"retrying after attempt {attempts} failed ({failure_reason})")
+        _not_running(st, "AttemptFailed", f"attempt {attempts} failed ({failure_reason}): {failure_message}")
+        st.show("Pending", "StoppingAttempt")
+        decision.requeue_after = 1.0
+        return _finish(decision, st, old)
 
     if current is not None:  # an active attempt
         st.set("rayJobName", current.name)
         if suspend:
             decision.actions.append(DeleteRayJob(current.name))
+            st.record(attempts, current.name, "Stopped", "Suspended", rfc3339(obs.now))
             _suspended(st, f"spec.suspend is true: deleted RayJob {current.name}; outputs are kept")
             decision.events.append(Event(NORMAL, "Suspended", f"deleted RayJob {current.name} (attempt {attempts}); outputs are kept"))
             return _finish(decision, st, old)
@@ -411,19 +460,59 @@ def decide(obs: Observation, config: OperatorConfig) -> Decision:
         return _finish(decision, st, old)
 
     # No RayJob for the current attempt.
+    if attempts == 0:
+        if suspend:
+            _suspended(st, "spec.suspend is true")
+            return _finish(decision, st, old)
+        if not valid:
+            return _invalid(decision, st, old)
+        return _start(decision, st, old, resource, obs, config, 1, "starting")
+    ended = st.ended(attempts)
+    if ended is None:
+        name = str(old.get("rayJobName") or naming.rayjob_name(resource.kind, resource.name, attempts))
+        if is_true(conditions, SUSPENDED):
+            st.record(attempts, name, "Stopped", "Suspended", rfc3339(obs.now))
+        else:
+            # The current attempt's RayJob is gone without the operator deleting it (a person, a
+            # TTL). Make sure from an authoritative listing, then count it as a failed attempt:
+            # recreating it under the same attempt would hide the failure from backoffLimit.
+            if not obs.rayjobs_listed:
+                decision.needs.add(NEED_RAYJOBS)
+                return decision
+            message = f"RayJob {name} of attempt {attempts} disappeared before it finished"
+            _attempt_ended(decision, st, resource, attempts, name, "Lost", "RayJobLost", message,
+                           rfc3339(obs.now), None)
+            if st.failed_count() > backoff_limit:
+                return _failed(decision, st, old, resource, attempts, "RayJobLost", message)
+        ended = st.ended(attempts)
+        assert ended is not None
     if suspend:
         _suspended(st, "spec.suspend is true")
         return _finish(decision, st, old)
     if not valid:
         return _invalid(decision, st, old)
-    if attempts == 0:
-        return _start(decision, st, old, resource, obs, config, 1, "starting")
-    if is_true(conditions, SUSPENDED):
-        return _start(decision, st, old, resource, obs, config, attempts + 1, "resuming after suspension")
-    # The RayJob of the current attempt is gone without the operator deleting it (or the
-    # cache has not seen it yet): create it again under the same name; if it exists, the
-    # API server says so and the controller adopts it.
-    return _start(decision, st, old, resource, obs, config, attempts, f"recreating the RayJob of attempt {attempts}")
+    if jobs:  # an earlier attempt's RayJob is still being deleted: never two attempts at once
+        _not_running(st, "StoppingAttempt", f"waiting for RayJob {jobs[max(jobs)].name} to be deleted before "
+                                            f"attempt {attempts + 1} starts")
+        st.show("Pending", "StoppingAttempt")
+        decision.requeue_after = 2.0
+        return _finish(decision, st, old)
+    result, reason = ended.get("result"), str(ended.get("reason") or "")
+    if result in FAILED_RESULTS:
+        delay = retry_delay(config, st.failed_count() - 1)
+        end = parse_time(ended.get("endTime"))
+        if end is not None and delay > 0:
+            remaining = (end + timedelta(seconds=delay) - obs.now).total_seconds()
+            if remaining > 0:
+                _not_running(st, "AttemptFailed", f"attempt {attempts} failed ({reason}); the next attempt starts "
+                                                  f"after the back-off delay")
+                st.show("Pending", "BackoffDelay")
+                decision.requeue_after = remaining
+                return _finish(decision, st, old)
+        why = f"retrying after attempt {attempts} failed ({reason})"
+    else:
+        why = "resuming after suspension" if reason == "Suspended" else f"continuing after attempt {attempts}"
+    return _start(decision, st, old, resource, obs, config, attempts + 1, why)
 
 
 def _deleting(obs: Observation, finalizers: list[str]) -> Decision:
@@ -431,17 +520,42 @@ def _deleting(obs: Observation, finalizers: list[str]) -> Decision:
     if naming.FINALIZER not in finalizers:
         return decision
     policy = obs.resource.spec.output.delete_policy if obs.resource is not None else "Delete"
-    if policy == "Delete" and obs.output is not None:
+    target = recorded_output(obs.body)
+    if policy == "Delete" and target is not None:
         alive = [job for job in obs.rayjobs if not job.deleting]
         for job in alive:
             decision.actions.append(DeleteRayJob(job.name))
         if obs.rayjobs:
             decision.requeue_after = 2.0  # delete outputs only once no workload can write to them
             return decision
-        decision.actions.append(DeleteOutputs(obs.output))
-        decision.events.append(Event(NORMAL, "OutputsDeleted", f"deleted {obs.output} (deletePolicy Delete)"))
+        if obs.readers:
+            # Another resource still reads this output: keep it (and the finalizer) until it is done.
+            old: Mapping[str, Any] = obs.body.get("status") or {}
+            st = _Status(old, obs.body, obs.now)
+            readers = ", ".join(obs.readers)
+            st.conditions.set(ACTION_FAILED, TRUE, "OutputInUse",
+                              f"not deleting {target} (deletePolicy Delete): {readers} still read(s) it")
+            decision.status = st.build()
+            before = find(old.get("conditions"), ACTION_FAILED) or {}
+            if before.get("reason") != "OutputInUse" or before.get("status") != TRUE:
+                decision.events.append(Event(WARNING, "OutputInUse",
+                                             f"not deleting {target} yet: {readers} still read(s) it"))
+            decision.requeue_after = 10.0
+            return decision
+        decision.actions.append(DeleteOutputs(target))
+        decision.events.append(Event(NORMAL, "OutputsDeleted", f"deleted {target} (deletePolicy Delete)"))
     decision.actions.append(SetFinalizer(False))
     return decision
+
+
+def recorded_output(body: Mapping[str, Any]) -> str | None:
+    """The output a resource's attempts wrote to, as its status recorded it at the first attempt.
+
+    Deletion removes only this: never a prefix computed again from settings that may have
+    changed since (the operator's default store). None when no attempt ever started."""
+    status = body.get("status") or {}
+    uri = status.get("outputUri") or (status.get("outputs") or {}).get("uri")
+    return str(uri) if uri else None
 
 
 def _finish(decision: Decision, st: _Status, old: Mapping[str, Any]) -> Decision:
@@ -491,14 +605,15 @@ def _invalid(decision: Decision, st: _Status, old: Mapping[str, Any]) -> Decisio
     return _finish(decision, st, old)
 
 
-def _attempt_failed_once(decision: Decision, st: _Status, old: Mapping[str, Any], resource: AnyResource,
-                         job: RayJobView, obs: Observation, reason: str, message: str) -> None:
-    """The event and metric of a failed attempt, once: when the status first records it."""
-    running = find(old.get("conditions"), RUNNING) or {}
-    if running.get("reason") == "AttemptFailed" and f"attempt {job.attempt} " in str(running.get("message", "")):
+def _attempt_ended(decision: Decision, st: _Status, resource: AnyResource, attempt: int, name: str, result: str,
+                   reason: str, message: str, end_time: str, duration: float | None) -> None:
+    """Record how an attempt ended; its event and metric come once, when the history first holds it."""
+    if not st.record(attempt, name, result, reason, end_time):
         return
-    decision.events.append(Event(WARNING, "AttemptFailed", f"attempt {job.attempt} failed ({reason}): {message}"))
-    decision.finished.append(AttemptResult(resource.kind, "failed", _duration(job, obs.now)))
+    verb = "was lost" if result == "Lost" else "failed"
+    decision.events.append(Event(WARNING, "AttemptLost" if result == "Lost" else "AttemptFailed",
+                                 f"attempt {attempt} {verb} ({reason}): {message}"))
+    decision.finished.append(AttemptResult(resource.kind, "failed", duration))
 
 
 def _succeeded(decision: Decision, st: _Status, old: Mapping[str, Any], resource: AnyResource,
@@ -509,6 +624,7 @@ def _succeeded(decision: Decision, st: _Status, old: Mapping[str, Any], resource
     st.set("outputs", outputs)
     st.set("progress", "100%")
     st.stamp("completionTime")
+    st.record(job.attempt, job.name, "Succeeded", "Succeeded", job.end_time or rfc3339(obs.now))
     st.conditions.set(RUNNING, FALSE, "Completed", f"RayJob {job.name} completed")
     st.conditions.set(SUCCEEDED, TRUE, "Succeeded", check.message or f"attempt {job.attempt} committed its outputs")
     st.conditions.set(FAILED, FALSE, "NotFailed", "")
@@ -519,18 +635,17 @@ def _succeeded(decision: Decision, st: _Status, old: Mapping[str, Any], resource
     return _finish(decision, st, old)
 
 
-def _failed(decision: Decision, st: _Status, old: Mapping[str, Any], resource: AnyResource, job: RayJobView,
-            obs: Observation, failed: int, reason: str, message: str) -> Decision:
+def _failed(decision: Decision, st: _Status, old: Mapping[str, Any], resource: AnyResource, attempt: int,
+            reason: str, message: str) -> Decision:
     limit = resource.spec.backoff_limit
+    failed = st.failed_count()
     st.stamp("completionTime")
-    st.conditions.set(RUNNING, FALSE, "AttemptFailed", f"attempt {job.attempt} failed ({reason})")
-    st.conditions.set(
-        FAILED, TRUE, reason,
-        f"attempt {job.attempt} failed: {message}; {failed + 1} failed attempt(s), backoffLimit {limit}",
-    )
+    st.conditions.set(RUNNING, FALSE, "AttemptFailed", f"attempt {attempt} failed ({reason})")
+    tail = ("not retried" if reason == "WorkloadNotBuilt"
+            else f"{failed} failed attempt(s), backoffLimit {limit}")
+    st.conditions.set(FAILED, TRUE, reason, f"attempt {attempt} failed: {message}; {tail}")
     st.conditions.set(SUCCEEDED, FALSE, "Failed", "")
     st.show("Failed", reason)
-    _attempt_failed_once(decision, st, old, resource, job, obs, reason, message)
     return _finish(decision, st, old)
 
 
@@ -600,6 +715,8 @@ def _start(decision: Decision, st: _Status, old: Mapping[str, Any], resource: An
         decision.needs.add(NEED_PREVIOUS_RUN)
         return decision
     document = run_spec(resource, output=obs.output, attempt=attempt, resolved=resolved)
+    # The store's run record keeps the attempt history too, beside the status.
+    document["attemptHistory"] = [st.history[number] for number in sorted(st.history)]
     if same_run(obs.previous_run, document):
         document["metadata"]["generation"] = obs.previous_run["metadata"]["generation"]  # type: ignore[index]
     spec_uri = run_spec_uri(obs.output)
@@ -611,6 +728,7 @@ def _start(decision: Decision, st: _Status, old: Mapping[str, Any], resource: An
 
     st.set("attempts", attempt)
     st.set("rayJobName", name)
+    st.fields.setdefault("outputUri", obs.output)
     st.stamp("startTime")
     st.set("completionTime", None)
     st.conditions.set(INPUTS_READY, TRUE, "InputsReady", "every input is committed")

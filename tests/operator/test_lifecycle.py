@@ -98,7 +98,7 @@ async def test_retry_resumes_from_committed_shards(kube, start_operator, standin
         return Behaviour(env={"FAKE_REPORT": str(report), **({"FAKE_FAIL_AFTER_SHARDS": "1"} if first else {})})
 
     await start_operator()
-    await standin(policy=policy)
+    runner = await standin(policy=policy)
     await apply(kube, corpus("web", inputs=[{"name": "raw", "uri": f"{store_root}/raw"}], backoffLimit=2))
     done = await phase_is(kube, "CorpusFilter", "web", "Succeeded")
     assert done["attempts"] == 2 and done["rayJobName"] == "cf-web-2"
@@ -106,8 +106,12 @@ async def test_retry_resumes_from_committed_shards(kube, start_operator, standin
     assert (first["attempt"], first["failed"], first["written"]) == (1, True, [0])
     assert (second["attempt"], second["skipped"], second["written"]) == (2, [0], [1, 2])
     assert done["outputs"]["shards"] == 3
+    # Attempt 1's RayJob was deleted (its cluster stopped) before attempt 2 started; the history keeps it.
     jobs = {job["metadata"]["name"]: job["status"]["jobDeploymentStatus"] for job in rayjobs(kube)}
-    assert jobs == {"cf-web-1": "Failed", "cf-web-2": "Complete"}
+    assert jobs == {"cf-web-2": "Complete"}
+    assert runner.runs["cf-web-1"].ended_at < runner.runs["cf-web-2"].seen_at
+    assert [(item["attempt"], item["result"], item["reason"]) for item in done["attemptHistory"]] == [
+        (1, "Failed", "AppFailed"), (2, "Succeeded", "Succeeded")]
     def reasons() -> set[str]:  # events are posted in the background: they may trail the status
         return {event["reason"] for event in kube.list(EVENTS) if event["involvedObject"]["name"] == "web"}
 
@@ -125,7 +129,7 @@ async def test_retries_are_bounded_by_backoff_limit(kube, start_operator, standi
     message = condition(kube, "CorpusFilter", "web", "Failed")["message"]
     assert "2 failed attempt(s), backoffLimit 1" in message
     assert "completionTime" in failed
-    assert [job["metadata"]["name"] for job in rayjobs(kube)] == ["cf-web-1", "cf-web-2"]
+    assert [job["metadata"]["name"] for job in rayjobs(kube)] == ["cf-web-2"]  # the last attempt's is kept
 
 
 async def test_deadlines_fail_the_attempt_with_kuberays_reason(kube, start_operator, standin, store_root):

@@ -16,6 +16,7 @@ from tokenmill.operator.reconcile import (
     NEED_OUTPUTS,
     NEED_PREVIOUS_RUN,
     NEED_PROGRESS,
+    NEED_RAYJOBS,
     NEED_URI_CHECKS,
     CreateRayJob,
     DeleteOutputs,
@@ -44,11 +45,15 @@ def body(document: dict[str, Any], *, generation: int = 1, status: dict | None =
 
 
 def job(attempt: int, state: str = "", *, reason: str = "", end: datetime | None = None, deleting: bool = False,
-        name: str = "web") -> RayJobView:
+        name: str = "web", job_status: str | None = None, message: str | None = None) -> RayJobView:
+    if job_status is None:
+        job_status = {"Complete": "SUCCEEDED", "Failed": "FAILED", "Running": "RUNNING"}.get(state, "")
     return RayJobView(
         name=naming.rayjob_name("CorpusFilter", name, attempt), attempt=attempt, owner_uid=UID,
-        deployment_status=state, reason=reason, message=f"{reason} happened" if reason else "", deleting=deleting,
+        deployment_status=state, reason=reason,
+        message=message if message is not None else (f"{reason} happened" if reason else ""), deleting=deleting,
         start_time=T0.isoformat(), end_time=end.isoformat() if end else None, created=T0.isoformat(),
+        job_status=job_status,
     )
 
 
@@ -115,9 +120,10 @@ def test_needs_are_named_before_store_reads():
     stored = body(WEB, status={"attempts": 1})
     assert decide(observe(stored, jobs=[job(1, "Running")], progress_read=False), CONFIG).needs == {NEED_PROGRESS}
     assert decide(observe(stored, jobs=[job(1, "Complete")]), CONFIG).needs == {NEED_OUTPUTS}
-    failed = body(dict(WEB, spec={**WEB["spec"], "backoffLimit": 3}), status={"attempts": 1})
-    assert decide(observe(failed, jobs=[job(1, "Failed", reason="AppFailed")], previous_run_read=False),
-                  CONFIG).needs == {NEED_PREVIOUS_RUN}
+    failed = body(dict(WEB, spec={**WEB["spec"], "backoffLimit": 3}), status={"attempts": 1, "attemptHistory": [
+        {"attempt": 1, "result": "Failed", "reason": "AppFailed", "endTime": "2026-01-01T11:00:00Z"}]})
+    assert decide(observe(failed, previous_run_read=False), CONFIG).needs == {NEED_PREVIOUS_RUN}
+    assert decide(observe(stored), CONFIG).needs == {NEED_RAYJOBS}  # a missing RayJob is confirmed by a listing
 
 
 def test_a_rayjob_the_status_does_not_know_is_adopted():
@@ -127,38 +133,112 @@ def test_a_rayjob_the_status_does_not_know_is_adopted():
     assert decision.status["attempts"] == 1 and decision.status["rayJobName"] == "cf-web-1"
 
 
-def test_a_rayjob_missing_from_the_cache_is_recreated_under_the_same_name():
-    decision = decide(observe(body(WEB, status={"attempts": 1})), CONFIG)
-    (create,) = [action for action in decision.actions if isinstance(action, CreateRayJob)]
-    assert create.name == "cf-web-1" and create.attempt == 1  # the API server's 409 makes this idempotent
+def history(status: dict[str, Any]) -> list[tuple[int, str, str]]:
+    return [(item["attempt"], item["result"], item["reason"]) for item in status.get("attemptHistory", [])]
 
 
-def test_failures_are_counted_from_the_rayjobs():
+def test_a_vanished_rayjob_counts_as_a_failed_attempt():
+    """The current attempt's RayJob was deleted by a person or a TTL: confirmed by a listing, it is
+    a lost attempt that counts against backoffLimit, never recreated under the same attempt."""
+    stored = body(dict(WEB, spec={**WEB["spec"], "backoffLimit": 1}), status={"attempts": 1, "rayJobName": "cf-web-1"})
+    assert decide(observe(stored), CONFIG).needs == {NEED_RAYJOBS}
+    lost = decide(observe(stored, rayjobs_listed=True), CONFIG)
+    (create,) = [action for action in lost.actions if isinstance(action, CreateRayJob)]
+    assert create.attempt == 2
+    assert history(lost.status) == [(1, "Lost", "RayJobLost")]
+    assert "AttemptLost" in [event.reason for event in lost.events]
+    lost_again = decide(observe(body(dict(WEB, spec={**WEB["spec"], "backoffLimit": 1}), status=lost.status),
+                                rayjobs_listed=True), CONFIG)
+    assert not [action for action in lost_again.actions if isinstance(action, CreateRayJob)]
+    assert lost_again.status["phase"] == "Failed" and lost_again.status["reason"] == "RayJobLost"
+
+
+def test_deleted_old_rayjobs_still_count_against_the_backoff_limit():
+    """backoffLimit 1, attempt 1 failed and its RayJob was deleted: attempt 2 failing ends the
+    resource instead of creating attempt 3."""
+    limited = body(dict(WEB, spec={**WEB["spec"], "backoffLimit": 1}), status={"attempts": 2, "attemptHistory": [
+        {"attempt": 1, "rayJobName": "cf-web-1", "result": "Failed", "reason": "AppFailed",
+         "endTime": "2026-01-01T11:00:00Z"}]})
+    final = decide(observe(limited, jobs=[job(2, "Failed", reason="AppFailed")]), CONFIG)
+    assert not [action for action in final.actions if isinstance(action, CreateRayJob)]
+    assert final.status["phase"] == "Failed" and final.status["attempts"] == 2
+    assert "2 failed attempt(s), backoffLimit 1" in conditions(final.status)["Failed"]["message"]
+    assert history(final.status) == [(1, "Failed", "AppFailed"), (2, "Failed", "AppFailed")]
+
+
+def test_failures_are_counted_from_the_rayjobs_of_an_older_status():
+    """A status written before the history existed: finished RayJobs of earlier attempts failed."""
     limited = body(dict(WEB, spec={**WEB["spec"], "backoffLimit": 1}), status={"attempts": 2})
     jobs = [job(1, "Failed", reason="AppFailed"), job(2, "Failed", reason="DeadlineExceeded")]
     final = decide(observe(limited, jobs=jobs), CONFIG)
-    assert final.actions == []
+    assert final.actions == [DeleteRayJob("cf-web-1")]  # an older attempt's RayJob never lingers
     assert final.status["phase"] == "Failed" and final.status["reason"] == "DeadlineExceeded"
     assert "2 failed attempt(s), backoffLimit 1" in conditions(final.status)["Failed"]["message"]
     assert [(r.result, r.kind) for r in final.finished] == [("failed", "CorpusFilter")]
 
-    generous = body(dict(WEB, spec={**WEB["spec"], "backoffLimit": 2}), status={"attempts": 2})
-    retry = decide(observe(generous, jobs=jobs), CONFIG)
-    (create,) = [action for action in retry.actions if isinstance(action, CreateRayJob)]
-    assert create.attempt == 3 and retry.status["attempts"] == 3
-    assert "AttemptFailed" in [event.reason for event in retry.events]
+
+def test_the_next_attempt_starts_only_after_the_failed_one_is_stopped():
+    generous = body(dict(WEB, spec={**WEB["spec"], "backoffLimit": 2}), status={"attempts": 1})
+    failed = job(1, "Failed", reason="AppFailed")
+    stopping = decide(observe(generous, jobs=[failed]), CONFIG)
+    assert stopping.actions == [DeleteRayJob("cf-web-1")]
+    assert stopping.status["reason"] == "StoppingAttempt" and stopping.requeue_after
+    assert "AttemptFailed" in [event.reason for event in stopping.events]
+    stored = body(dict(WEB, spec={**WEB["spec"], "backoffLimit": 2}), status=stopping.status)
+    still = decide(observe(stored, jobs=[job(1, "Failed", reason="AppFailed", deleting=True)]), CONFIG)
+    assert still.actions == [] and still.status["reason"] == "StoppingAttempt" and still.events == []
+    retry = decide(observe(stored, jobs=[]), CONFIG)
+    (write, create) = retry.actions
+    assert isinstance(create, CreateRayJob) and create.attempt == 2 and retry.status["attempts"] == 2
+    assert write.document["attemptHistory"] == stopping.status["attemptHistory"]  # the store's run record too
+    assert [event.reason for event in retry.events] == ["AttemptStarted"]
 
 
 def test_retry_waits_for_the_backoff_delay():
     config = OperatorConfig(store="s3://store", retry_backoff_seconds=10)
-    stored = body(dict(WEB, spec={**WEB["spec"], "backoffLimit": 3}), status={"attempts": 1})
     ended = T0 - timedelta(seconds=4)
-    waiting = decide(observe(stored, jobs=[job(1, "Failed", reason="AppFailed", end=ended)]), config)
+    stored = body(dict(WEB, spec={**WEB["spec"], "backoffLimit": 3}), status={"attempts": 1})
+    stopped = decide(observe(stored, jobs=[job(1, "Failed", reason="AppFailed", end=ended)]), config)
+    stored = body(dict(WEB, spec={**WEB["spec"], "backoffLimit": 3}), status=stopped.status)
+    waiting = decide(observe(stored), config)
     assert waiting.actions == [] and waiting.status["reason"] == "BackoffDelay"
     assert waiting.requeue_after == 6.0
-    later = decide(observe(stored, jobs=[job(1, "Failed", reason="AppFailed", end=ended)],
-                           now=T0 + timedelta(seconds=7)), config)
+    later = decide(observe(stored, now=T0 + timedelta(seconds=7)), config)
     assert any(isinstance(action, CreateRayJob) for action in later.actions)
+
+
+def test_a_stopped_ray_job_is_not_success():
+    """KubeRay reports a STOPPED Ray job as jobDeploymentStatus Complete."""
+    stored = body(dict(WEB, spec={**WEB["spec"], "backoffLimit": 0}), status={"attempts": 1})
+    decision = decide(observe(stored, jobs=[job(1, "Complete", job_status="STOPPED")]), CONFIG)
+    assert decision.needs == set()
+    assert decision.status["phase"] == "Failed" and decision.status["reason"] == "JobStopped"
+
+
+def test_a_workload_that_is_not_built_fails_at_once():
+    stored = body(dict(WEB, spec={**WEB["spec"], "backoffLimit": 5}), status={"attempts": 1})
+    message = "Job entrypoint command failed with exit code 78, last available logs: not built"
+    decision = decide(observe(stored, jobs=[job(1, "Failed", reason="AppFailed", message=message)]), CONFIG)
+    assert not [action for action in decision.actions if isinstance(action, CreateRayJob)]
+    assert decision.status["phase"] == "Failed" and decision.status["reason"] == "WorkloadNotBuilt"
+    assert "retrying cannot help" in conditions(decision.status)["Failed"]["message"]
+
+
+def test_driver_log_tails_are_redacted_and_capped():
+    tail = ("Traceback ...\nbotocore error: AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY key AKIAIOSFODNN7EXAMPLE "
+            "OPENAI_API_KEY: sk-proj-0123456789abcdefghijklmn https://user:hunter2@proxy.internal/ " + "x" * 5000)
+    view = RayJobView.from_body({
+        "metadata": {"name": "cf-web-1", "labels": {naming.LABEL_ATTEMPT: "1"}},
+        "status": {"jobDeploymentStatus": "Failed", "reason": "AppFailed",
+                   "message": f"Job entrypoint command failed with exit code 1, last available logs:\n{tail}"}})
+    assert view is not None and len(view.message) <= 2048
+    view = RayJobView.from_body({
+        "metadata": {"name": "cf-web-1", "labels": {naming.LABEL_ATTEMPT: "1"}},
+        "status": {"jobDeploymentStatus": "Failed", "message": tail[:400]}})
+    for secret in ("wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY", "AKIAIOSFODNN7EXAMPLE", "sk-proj-0123456789abcdefghijklmn",
+                   "hunter2"):
+        assert secret not in view.message
+    assert "botocore error" in view.message and "<redacted>" in view.message
 
 
 def test_complete_without_committed_outputs_is_a_failed_attempt():
@@ -262,10 +342,38 @@ def test_delete_policy_manages_the_finalizer_and_cleans_up():
     document = dict(WEB, spec={**WEB["spec"], "output": {"deletePolicy": "Delete"}})
     adding = decide(observe(body(document)), CONFIG)
     assert adding.actions[0] == SetFinalizer(True)
-    deleting = body(document, finalizers=[naming.FINALIZER], deletionTimestamp="2026-01-01T12:00:00Z")
+    deleting = body(document, finalizers=[naming.FINALIZER], deletionTimestamp="2026-01-01T12:00:00Z",
+                    status={"attempts": 1, "outputUri": OUTPUT})
     busy = decide(observe(deleting, jobs=[job(1, "Running")]), CONFIG)
     assert busy.actions == [DeleteRayJob("cf-web-1")] and busy.requeue_after and busy.status is None
     clean = decide(observe(deleting, jobs=[]), CONFIG)
     assert clean.actions == [DeleteOutputs(OUTPUT), SetFinalizer(False)]
+    never_started = body(document, finalizers=[naming.FINALIZER], deletionTimestamp="2026-01-01T12:00:00Z")
+    assert decide(observe(never_started), CONFIG).actions == [SetFinalizer(False)]  # nothing was written
     retained = body(WEB, finalizers=[naming.FINALIZER])
     assert decide(observe(retained), CONFIG).actions[0] == SetFinalizer(False)
+
+
+def test_deletion_uses_the_output_recorded_at_the_first_attempt():
+    """The operator's default store changed since the resource ran: its outputs are where the
+    status says, and only that prefix is deleted."""
+    document = dict(WEB, spec={**WEB["spec"], "output": {"deletePolicy": "Delete"}})
+    first = decide(observe(body(document)), CONFIG)
+    assert first.status["outputUri"] == OUTPUT
+    deleting = body(document, finalizers=[naming.FINALIZER], deletionTimestamp="2026-01-01T12:00:00Z",
+                    status=first.status)
+    observation = observe(deleting)
+    moved = Observation(**{**observation.__dict__, "output": "s3://elsewhere/default/corpusfilters/web"})
+    assert decide(moved, CONFIG).actions == [DeleteOutputs(OUTPUT), SetFinalizer(False)]
+
+
+def test_an_output_another_resource_reads_is_not_deleted():
+    document = dict(WEB, spec={**WEB["spec"], "output": {"deletePolicy": "Delete"}})
+    deleting = body(document, finalizers=[naming.FINALIZER], deletionTimestamp="2026-01-01T12:00:00Z",
+                    status={"attempts": 1, "outputUri": OUTPUT})
+    blocked = decide(observe(deleting, readers=["TrainingStage/pretrain"]), CONFIG)
+    assert blocked.actions == [] and blocked.requeue_after
+    found = conditions(blocked.status)["ActionFailed"]
+    assert found["status"] == "True" and found["reason"] == "OutputInUse"
+    assert "TrainingStage/pretrain" in found["message"]
+    assert [event.reason for event in blocked.events] == ["OutputInUse"]
