@@ -1,0 +1,342 @@
+"""Pivotal Token Search over one policy's solutions (RECIPE.md, "Pivotal Token Search").
+
+For each question: sample solutions, estimate p(success | question) from them and the
+rollouts at the question, and search only questions inside [minSuccess, maxSuccess]. Along
+each solution, `subdivide` compares p at a segment's two ends and splits it at the
+cumulative log-probability midpoint while they differ by pGap or more; single tokens whose
+change of p is at least pGap are pivotal. Every p(success | prefix) is estimated once from
+samplesPerEstimate rollouts and memoised under the prefix's token ids.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from tokenmill.trainer.oracles import Verdict
+from tokenmill.trainer.oracles.base import crashed
+from tokenmill.trainer.pts.pairs import FullSolutionPair, PivotalTokenPair
+from tokenmill.trainer.pts.policy import Continuation, Judge, Policy, SearchProblem, TokenIds
+from tokenmill.trainer.pts.stats import SearchStats, resolution_warning
+
+MAX_REPORTED_PROBLEMS = 10
+
+
+class PTSInputError(ValueError):
+    """A search that cannot start: the message names the field or problem, before any sampling."""
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """The search's settings (PTSJob spec names in the messages)."""
+
+    samples_per_estimate: int = 64
+    p_gap: float = 0.2
+    min_success: float = 0.2
+    max_success: float = 0.8
+    solutions_per_problem: int = 4
+    max_pivotal_tokens: int = 8
+
+    def problems(self) -> list[str]:
+        found = []
+        if not (isinstance(self.p_gap, (int, float)) and 0.0 < self.p_gap < 1.0):
+            found.append(f"pGap: must lie strictly between 0 and 1, got {self.p_gap!r}")
+        if self.samples_per_estimate < 2:
+            found.append(f"samplesPerEstimate: must be at least 2, got {self.samples_per_estimate}")
+        if self.solutions_per_problem < 1:
+            found.append(f"solutionsPerProblem: must be at least 1, got {self.solutions_per_problem}")
+        if self.max_pivotal_tokens < 1:
+            found.append(f"maxPivotalTokens: must be at least 1, got {self.max_pivotal_tokens}")
+        if not 0.0 <= self.min_success <= self.max_success <= 1.0:
+            found.append(f"queryFilter: need 0 <= minSuccess <= maxSuccess <= 1, got "
+                         f"{self.min_success} and {self.max_success}")
+        return found
+
+    def check(self) -> None:
+        found = self.problems()
+        if found:
+            raise PTSInputError("; ".join(found))
+
+    def warnings(self) -> list[str]:
+        warning = resolution_warning(self.samples_per_estimate, self.p_gap)
+        return [warning] if warning else []
+
+    @classmethod
+    def from_spec(cls, spec) -> SearchConfig:  # a tokenmill.api.pts.PTSJobSpec
+        return cls(
+            samples_per_estimate=spec.samples_per_estimate,
+            p_gap=spec.p_gap,
+            min_success=spec.query_filter.min_success,
+            max_success=spec.query_filter.max_success,
+            solutions_per_problem=spec.solutions_per_problem,
+            max_pivotal_tokens=spec.max_pivotal_tokens,
+        )
+
+
+@dataclass
+class Estimate:
+    """p(success | prefix) from the rollouts continued from that prefix."""
+
+    rollouts: int = 0
+    successes: int = 0
+    next_tokens: dict[int, list[int]] = field(default_factory=dict)
+    """For each first token of a rollout: [rollouts, successes] of the rollouts that began with it."""
+
+    @property
+    def p(self) -> float:
+        return self.successes / self.rollouts
+
+    @property
+    def standard_error(self) -> float:
+        return math.sqrt(self.p * (1.0 - self.p) / self.rollouts)
+
+    def next_token_p(self, token: int) -> tuple[float, int]:
+        rollouts, successes = self.next_tokens[token]
+        return successes / rollouts, rollouts
+
+
+@dataclass(frozen=True)
+class Pivot:
+    """A pivotal token: solution[position] moves p from p_before to p_after."""
+
+    position: int
+    token_id: int
+    p_before: float
+    p_after: float
+
+    @property
+    def delta(self) -> float:
+        return self.p_after - self.p_before
+
+
+@dataclass
+class ProblemResult:
+    problem_id: str
+    p_question: float
+    searched: bool
+    pivots: list[list[Pivot]] = field(default_factory=list)
+    """Kept pivotal tokens of each searched solution, in solution order."""
+    pairs: list[PivotalTokenPair] = field(default_factory=list)
+    full_pairs: list[FullSolutionPair] = field(default_factory=list)
+
+
+@dataclass
+class SearchResult:
+    problems: list[ProblemResult]
+    stats: SearchStats
+    warnings: list[str]
+
+    @property
+    def pairs(self) -> list[PivotalTokenPair]:
+        return [pair for result in self.problems for pair in result.pairs]
+
+    @property
+    def full_pairs(self) -> list[FullSolutionPair]:
+        return [pair for result in self.problems for pair in result.full_pairs]
+
+
+def cumulative_logprob_midpoint(logprobs: Sequence[float], start: int, end: int) -> int:
+    """Where to split tokens [start, end): the cut whose left part holds the share of the
+    segment's total log-probability closest to half (each side keeps at least one token)."""
+    weights = [-float(value) for value in logprobs[start:end]]
+    total = sum(weights)
+    if not total > 0.0:  # every token certain: fall back to the token midpoint
+        return (start + end) // 2
+    best_cut, best_distance, running = start + 1, math.inf, 0.0
+    for cut in range(start + 1, end):
+        running += weights[cut - start - 1]
+        distance = abs(running - total / 2.0)
+        if distance < best_distance:
+            best_cut, best_distance = cut, distance
+    return best_cut
+
+
+class _ProblemSearch:
+    """The search of one question; owns the memo of its prefix estimates."""
+
+    def __init__(self, problem: SearchProblem, policy: Policy, judge: Judge, config: SearchConfig,
+                 stats: SearchStats):
+        self.problem, self.policy, self.judge = problem, policy, judge
+        self.config, self.stats = config, stats
+        self.memo: dict[TokenIds, Estimate] = {}
+
+    def verdict(self, solution_ids: TokenIds) -> Verdict:
+        try:
+            verdict = self.judge.check(self.problem, solution_ids)
+        except Exception as error:  # noqa: BLE001 - a crashing check is a failed rollout
+            verdict = crashed(error)
+        self.stats.verdicts[verdict.reason] += 1
+        return verdict
+
+    def estimate(self, solution_prefix: TokenIds, keep: list | None = None) -> Estimate:
+        """p(success | question + solution_prefix); `keep` collects (continuation, correct)."""
+        key = self.problem.question_ids + solution_prefix
+        found = self.memo.get(key)
+        if found is not None:
+            self.stats.estimate_reuses += 1
+            return found
+        estimate = Estimate()
+        for continuation in self.policy.rollout(key, self.config.samples_per_estimate):
+            continued = solution_prefix + tuple(continuation.token_ids)
+            correct = self.verdict(continued).correct
+            estimate.rollouts += 1
+            estimate.successes += correct
+            self.stats.rollouts += 1
+            self.stats.tokens_generated += len(continuation.token_ids)
+            if continuation.token_ids:
+                counts = estimate.next_tokens.setdefault(int(continuation.token_ids[0]), [0, 0])
+                counts[0] += 1
+                counts[1] += correct
+            if keep is not None:
+                keep.append((continued, correct))
+        if estimate.rollouts == 0:
+            raise RuntimeError(f"problem {self.problem.id}: the policy returned no rollouts")
+        self.stats.add_estimate(estimate.standard_error)
+        self.memo[key] = estimate
+        return estimate
+
+    def subdivide(self, solution: TokenIds, logprobs: Sequence[float], start: int, end: int,
+                  found: list[Pivot]) -> None:
+        p_start = self.estimate(solution[:start]).p
+        p_end = self.estimate(solution[:end]).p
+        if abs(p_end - p_start) < self.config.p_gap:
+            return
+        if end - start == 1:
+            found.append(Pivot(start, solution[start], p_start, p_end))
+            return
+        cut = cumulative_logprob_midpoint(logprobs, start, end)
+        self.subdivide(solution, logprobs, start, cut, found)
+        self.subdivide(solution, logprobs, cut, end, found)
+
+    def run(self) -> ProblemResult:
+        config, stats = self.config, self.stats
+        solutions = list(self.policy.sample_solutions(self.problem.question_ids, config.solutions_per_problem))
+        stats.solutions_sampled += len(solutions)
+        complete: list[tuple[TokenIds, bool]] = []
+        for solution in solutions:
+            stats.tokens_generated += len(solution.token_ids)
+            complete.append((tuple(solution.token_ids), self.verdict(tuple(solution.token_ids)).correct))
+        self.estimate((), keep=complete)
+        rollouts = len(complete)
+        p_question = sum(correct for _, correct in complete) / rollouts
+        result = ProblemResult(self.problem.id, p_question, searched=False)
+        if p_question < config.min_success:
+            stats.problems_skipped_too_hard += 1
+            return result
+        if p_question > config.max_success:
+            stats.problems_skipped_too_easy += 1
+            return result
+        result.searched = True
+        stats.problems_searched += 1
+        for index, solution in enumerate(solutions):
+            kept = self.search_solution(solution)
+            result.pivots.append(kept)
+            for pivot in kept:
+                pair = self.pair(index, solution, pivot)
+                if pair is None:
+                    stats.pivots_without_counterpart += 1
+                else:
+                    result.pairs.append(pair)
+        result.full_pairs = self.full_solution_pairs(complete)
+        stats.pairs[PivotalTokenPair.kind] += len(result.pairs)
+        stats.pairs[FullSolutionPair.kind] += len(result.full_pairs)
+        return result
+
+    def search_solution(self, solution: Continuation) -> list[Pivot]:
+        tokens = tuple(int(t) for t in solution.token_ids)
+        if solution.logprobs is None or len(solution.logprobs) != len(tokens):
+            raise RuntimeError(f"problem {self.problem.id}: the policy returned a solution without "
+                               "a log-probability for every token")
+        if not tokens:
+            return []
+        self.stats.solutions_searched += 1
+        found: list[Pivot] = []
+        self.subdivide(tokens, solution.logprobs, 0, len(tokens), found)
+        kept = sorted(found, key=lambda pivot: (-abs(pivot.delta), pivot.position))
+        kept = sorted(kept[: self.config.max_pivotal_tokens], key=lambda pivot: pivot.position)
+        self.stats.pivotal_tokens_over_limit += len(found) - len(kept)
+        self.stats.pivotal_per_solution[len(kept)] += 1
+        for pivot in kept:
+            self.stats.add_pivot(pivot.delta)
+        return kept
+
+    def pair(self, solution_index: int, solution: Continuation, pivot: Pivot) -> PivotalTokenPair | None:
+        """Chosen raises p, rejected lowers it; the pivotal token is one of them, the other is the
+        first token of rollouts already sampled at the same prefix that moved p the other way."""
+        prefix = tuple(int(t) for t in solution.token_ids[: pivot.position])
+        before = self.memo[self.problem.question_ids + prefix]
+        after = self.memo[self.problem.question_ids + prefix + (pivot.token_id,)]
+        raises = pivot.delta > 0
+        others = []
+        for token, (rollouts, successes) in before.next_tokens.items():
+            p = successes / rollouts
+            if token != pivot.token_id and ((p < before.p) if raises else (p > before.p)):
+                # the best-supported such token; among equals, the one moving p furthest
+                others.append((rollouts, abs(p - before.p), -token, token, p))
+        if not others:
+            return None
+        rollouts, _, _, other, p_other = max(others)
+        pivotal = (pivot.token_id, after.p, after.rollouts)
+        counterpart = (other, p_other, rollouts)
+        chosen, rejected = (pivotal, counterpart) if raises else (counterpart, pivotal)
+        return PivotalTokenPair(
+            problem_id=self.problem.id,
+            solution_index=solution_index,
+            position=pivot.position,
+            prompt_ids=self.problem.question_ids + prefix,
+            chosen_id=chosen[0],
+            rejected_id=rejected[0],
+            p_prefix=before.p,
+            prefix_rollouts=before.rollouts,
+            p_chosen=chosen[1],
+            chosen_rollouts=chosen[2],
+            p_rejected=rejected[1],
+            rejected_rollouts=rejected[2],
+        )
+
+    def full_solution_pairs(self, complete: list[tuple[TokenIds, bool]]) -> list[FullSolutionPair]:
+        correct = [tokens for tokens, ok in complete if ok]
+        incorrect = [tokens for tokens, ok in complete if not ok]
+        distinct = [(chosen, rejected) for chosen, rejected in zip(correct, incorrect) if chosen != rejected]
+        return [
+            FullSolutionPair(self.problem.id, self.problem.question_ids, chosen, rejected, index)
+            for index, (chosen, rejected) in enumerate(distinct)
+        ]
+
+
+def check_problems(problems: Sequence[SearchProblem], judge: Judge, vocab_size: int | None) -> None:
+    """Raises PTSInputError naming every problem that cannot be searched (up to ten)."""
+    bad: list[str] = []
+    seen: set[str] = set()
+    for problem in problems:
+        where = f"problems[{problem.id}]"
+        if problem.id in seen:
+            bad.append(f"{where}: the id appears twice")
+        seen.add(problem.id)
+        if not problem.question_ids:
+            bad.append(f"{where}: the question has no tokens")
+        elif vocab_size is not None and not all(0 <= t < vocab_size for t in problem.question_ids):
+            bad.append(f"{where}: token ids outside the policy's vocabulary of {vocab_size} "
+                       "(the problems were tokenized with another tokenizer)")
+        error = judge.problem_error(problem)
+        if error is not None:
+            bad.append(f"{where}.{error}")
+    if bad:
+        more = f"\n  ... and {len(bad) - MAX_REPORTED_PROBLEMS} more" if len(bad) > MAX_REPORTED_PROBLEMS else ""
+        raise PTSInputError(f"{len(bad)} problems cannot be searched:\n  "
+                            + "\n  ".join(bad[:MAX_REPORTED_PROBLEMS]) + more)
+
+
+def search(problems: Iterable[SearchProblem], policy: Policy, judge: Judge, config: SearchConfig,
+           vocab_size: int | None = None) -> SearchResult:
+    """Pivotal Token Search over `problems`. Every input is checked before the first sample."""
+    config.check()
+    problems = list(problems)
+    check_problems(problems, judge, vocab_size)
+    stats = SearchStats()
+    results = []
+    for problem in problems:
+        stats.problems += 1
+        results.append(_ProblemSearch(problem, policy, judge, config, stats).run())
+    return SearchResult(results, stats, config.warnings())
