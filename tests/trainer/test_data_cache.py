@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,13 +20,28 @@ from tokenmill.store import (
     open_dataset,
     open_store,
 )
-from tokenmill.trainer.data.cache import CacheSpec, bucket_uri, build_token_cache, cache_key
+from tokenmill.api.training import TrainingStageSpec
+from tokenmill.trainer.data.cache import (
+    CacheSpec,
+    FilteredCounts,
+    bucket_uri,
+    build_token_cache,
+    cache_key,
+    filtered_counts,
+)
 from tokenmill.trainer.data.loader import MicroBatchIterator
-from tokenmill.trainer.data.midtrain import ALL_LENGTHS, LengthBucket, dataset_buckets, plan_for_stage
+from tokenmill.trainer.data.midtrain import ALL_LENGTHS, LengthBucket, plan_for_stage
 from tokenmill.trainer.data.plan import plan_mixture
 from tokenmill.trainer.data.sampler import MixtureSampler
 from tokenmill.trainer.data.sources import TokenCacheSource, cache_sizes, open_token_cache
-from tokenmill.trainer.data.stage import StageDataset, build_stage_caches, open_stage_sources
+from tokenmill.trainer.data.stage import (
+    build_stage_caches,
+    cache_spec,
+    filter_report,
+    open_stage_sources,
+    stage_tokens,
+)
+from tokenmill.trainer.train.prepare import dataset_names, stage_datasets
 from tokenmill.trainer.tokenizer import get_tokenizer
 
 WORDS = "the quick brown fox jumps over a lazy dog while data flows into packed sequences über naïve 数据".split()
@@ -196,27 +210,47 @@ def test_cache_and_training_iterator_on_s3(s3_bucket: S3Bucket) -> None:
     assert count == plan.num_steps and count * 4 == plan.total_sequences
 
 
-def test_stage_sources_feed_the_plan_and_the_iterator(corpus: tuple[str, list[list[str]]], tmp_path: Path) -> None:
-    documents, _ = corpus
-    spec = SimpleNamespace(
-        stage="midtrain",
-        datasets=[
-            SimpleNamespace(weight=0.3, epochs=50.0, role="new"),
-            SimpleNamespace(weight=0.7, epochs=50.0, role="replay"),
+def midtrain_spec(documents: str, **optimization: int) -> TrainingStageSpec:
+    return TrainingStageSpec.model_validate({
+        "stage": "midtrain",
+        "model": {"parent": {"uri": "file:///pretrain/checkpoints/step-00000001"}},
+        "datasets": [
+            {"uri": documents, "name": "long", "weight": 0.3, "epochs": 50.0, "role": "new", "minDocumentTokens": 16},
+            {"uri": documents, "name": "replay", "weight": 0.7, "epochs": 50.0, "role": "replay"},
         ],
-        long_document_boost=[SimpleNamespace(min_tokens=64, factor=3.0)],
-        sequence_length=32,
-        optimization=SimpleNamespace(global_batch_sequences=8, total_tokens=80 * 32),
-    )
-    names = ["long", "replay"]
-    datasets = [StageDataset(name, documents, dataset_buckets(spec, d)) for name, d in zip(names, spec.datasets)]
+        "longDocumentBoost": [{"minTokens": 64, "factor": 3.0}],
+        "sequenceLength": 32,
+        "ropeBase": 250000,
+        "optimization": {"globalBatchSequences": 8, "peakLearningRate": 1e-4, "totalTokens": 80 * 32,
+                         **optimization},
+    })
+
+
+def test_stage_sources_feed_the_plan_and_the_iterator(corpus: tuple[str, list[list[str]]], tmp_path: Path) -> None:
+    documents, shards = corpus
+    spec = midtrain_spec(documents)
+    names = dataset_names(spec)
+    datasets = stage_datasets(spec, names)
     output = (tmp_path / "stage").as_uri()
     build_stage_caches(datasets, output=output, tokenizer="byte", seq_len=32, use_ray=False)
     sources, sizes = open_stage_sources(datasets, output=output, tokenizer="byte", seq_len=32)
-    assert set(sizes["long"]) == {"len-0-63", "len-64-up"}  # type: ignore[arg-type]
-    assert set(sources) == {"long/len-0-63", "long/len-64-up", "replay"}
+    assert set(sizes["long"]) == {"len-16-63", "len-64-up"}  # type: ignore[arg-type]
+    assert set(sources) == {"long/len-16-63", "long/len-64-up", "replay"}
     assert token_cache_uri(output, "long", "byte", 32).endswith("/tokens/long/byte-L32")
-    plan = plan_for_stage(spec, sizes, names)
+
+    # The length filter left out the short documents, and says how many tokens they held.
+    short = [t.encode() for shard in shards for t in shard if 0 < len(t.encode()) < 16]
+    assert short
+    cache = token_cache_uri(output, "long", "byte", 32)
+    left_out = filtered_counts(documents, cache, cache_spec(datasets[0], "byte", 32))
+    assert left_out == FilteredCounts(len(short), sum(len(t) + 1 for t in short))
+    assert filtered_counts(documents, token_cache_uri(output, "replay", "byte", 32),
+                           cache_spec(datasets[1], "byte", 32)) is None
+    report = filter_report(datasets, output=output, tokenizer="byte", seq_len=32)
+    assert len(report) == 1 and f"filtered out {len(short):,} documents" in report[0]
+
+    tokens = stage_tokens(sources, sizes)
+    plan = plan_for_stage(spec, sizes, names, tokens)
     tokenizer = get_tokenizer("byte")
     batches = list(
         MicroBatchIterator(
@@ -225,7 +259,49 @@ def test_stage_sources_feed_the_plan_and_the_iterator(corpus: tuple[str, list[li
         )
     )
     assert len(batches) == plan.total_sequences // 4 == 20
-    assert plan.source("replay").draws == 56
+    trained = {s.name: s.trained_tokens for s in plan.sources}
+    assert trained["replay"] / sum(trained.values()) == pytest.approx(0.7, abs=0.02)
+
+
+def test_token_shares_hold_over_many_small_shards_at_a_long_sequence_length(tmp_path: Path) -> None:
+    """Each small shard ends in a padded row, so at 4K one source's rows are mostly padding.
+
+    The planner weighs by the caches' real tokens: the tokens actually drawn keep the weights.
+    """
+    seq_len = 4096
+    rng = random.Random(5)
+    small = [[" ".join(rng.choice(WORDS) for _ in range(rng.randint(40, 120))) for _ in range(3)]
+             for _ in range(40)]  # 40 shards of roughly 1,500 bytes
+    big = [[" ".join(rng.choice(WORDS) for _ in range(8000)) for _ in range(6)]]
+    write_documents((tmp_path / "small").as_uri(), small)
+    write_documents((tmp_path / "big").as_uri(), big)
+    spec = TrainingStageSpec.model_validate({
+        "stage": "pretrain", "model": {"config": "tiny"},
+        "datasets": [{"uri": (tmp_path / "small").as_uri(), "name": "small", "weight": 0.5, "epochs": 100},
+                     {"uri": (tmp_path / "big").as_uri(), "name": "big", "weight": 0.5, "epochs": 100}],
+        "sequenceLength": seq_len,
+        "optimization": {"globalBatchSequences": 10, "peakLearningRate": 1e-4, "totalTokens": 400 * seq_len},
+    })
+    names = dataset_names(spec)
+    datasets = stage_datasets(spec, names)
+    output = (tmp_path / "stage").as_uri()
+    build_stage_caches(datasets, output=output, tokenizer="byte", seq_len=seq_len, use_ray=False)
+    sources, sizes = open_stage_sources(datasets, output=output, tokenizer="byte", seq_len=seq_len)
+    assert sizes["small"] == 40  # one padded row per shard
+    pad_id = get_tokenizer("byte").pad_id
+
+    def drawn_token_share(plan) -> float:
+        source_ids, sequence_ids = MixtureSampler(plan, seed=0).draws(0, plan.total_sequences)
+        real = {}
+        for index, name in enumerate(plan.names):
+            rows = sources[name].read(sequence_ids[source_ids == index])
+            real[name] = int(np.count_nonzero(rows[:, 1:] != pad_id))
+        return real["small"] / sum(real.values())
+
+    assert drawn_token_share(plan_for_stage(spec, sizes, names, stage_tokens(sources, sizes))) == pytest.approx(
+        0.5, abs=0.02
+    )
+    assert drawn_token_share(plan_for_stage(spec, sizes, names)) < 0.35  # weighing sequences drifts
 
 
 def test_pretokenized_documents_are_packed_without_the_tokenizer(tmp_path: Path) -> None:

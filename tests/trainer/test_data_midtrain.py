@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from fractions import Fraction
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 
+from tokenmill.api.training import TrainingStageSpec
 from tokenmill.trainer.data.midtrain import (
     ALL_LENGTHS,
     DEFAULT_LONG_DOCUMENT_BOOSTS,
     MIDTRAIN_SEQ_LEN,
     Component,
     LengthBucket,
+    dataset_buckets,
     length_buckets,
     midtrain_plan,
     new_data_share,
@@ -101,19 +101,79 @@ def test_a_midtraining_mixture_needs_both_roles() -> None:
         scale_to_split([Component("a", 1, 1, "new", 10)])
 
 
-def test_plan_for_a_stage_spec_uses_its_weights_boosts_and_budget() -> None:
-    dataset = SimpleNamespace
-    spec = SimpleNamespace(
-        stage="midtrain",
-        datasets=[dataset(weight=0.3, epochs=4.0, role="new"), dataset(weight=0.7, epochs=2.0, role="replay")],
-        long_document_boost=[SimpleNamespace(min_tokens=16384, factor=3.0)],
-        sequence_length=1024,
-        optimization=SimpleNamespace(global_batch_sequences=10, total_tokens=100 * 1024),
-    )
-    sizes = {"long": {"len-0-16383": 20, "len-16384-up": 10}, "replay": 500}
-    plan = plan_for_stage(spec, sizes, ["long", "replay"])
+def stage(stage: str, datasets: list[dict], **overrides) -> TrainingStageSpec:
+    """A TrainingStage spec as the API parses it (defaults and validators applied)."""
+    spec = {
+        "stage": stage,
+        "model": {"parent": {"uri": "file:///pretrain/checkpoints/step-00000010"}},
+        "datasets": datasets,
+        "longDocumentBoost": [{"minTokens": 16384, "factor": 3.0}] if stage == "midtrain" else [],
+        "sequenceLength": 1024,
+        "ropeBase": 250000,
+        "optimization": {"globalBatchSequences": 10, "peakLearningRate": 1e-4, "totalTokens": 100 * 1024},
+        **overrides,
+    }
+    return TrainingStageSpec.model_validate(spec)
+
+
+def test_midtraining_filters_new_data_by_length_with_the_reports_defaults() -> None:
+    spec = stage("midtrain", [
+        {"ref": {"kind": "CorpusFilter", "name": "long-context"}, "weight": 0.2, "role": "new"},
+        {"ref": {"kind": "SyntheticDataJob", "name": "long-synthetic"}, "weight": 0.1, "role": "new"},
+        {"uri": "file:///books", "weight": 0.1, "role": "new"},
+        {"uri": "file:///short-ok", "weight": 0.1, "role": "new", "minDocumentTokens": 0},
+        {"ref": {"kind": "CorpusFilter", "name": "web"}, "weight": 0.7, "role": "replay"},
+    ])
+    assert [d.min_document_tokens for d in spec.datasets] == [8192, 4096, 8192, 0, None]
+    # The default survives the trip to the run spec, where refs are replaced by URIs.
+    assert [d.get("minDocumentTokens") for d in spec.to_wire()["datasets"]] == [8192, 4096, 8192, 0, None]
+    buckets = [dataset_buckets(spec, d) for d in spec.datasets]
+    assert buckets[0] == (LengthBucket(8192, 16384, Fraction(1)), LengthBucket(16384, None, Fraction(3)))
+    assert buckets[1] == (LengthBucket(4096, 16384, Fraction(1)), LengthBucket(16384, None, Fraction(3)))
+    assert [b.label for b in buckets[3]] == ["len-0-16383", "len-16384-up"]
+    assert buckets[4] == (ALL_LENGTHS,)  # replay keeps the pretraining data as it was
+    pretrain = stage("pretrain", [{"uri": "file:///web", "weight": 1.0}], model={"config": "tiny"})
+    assert dataset_buckets(pretrain, pretrain.datasets[0]) == (ALL_LENGTHS,)
+    filtered = stage("pretrain", [{"uri": "file:///web", "weight": 1.0, "minDocumentTokens": 300}],
+                     model={"config": "tiny"})
+    assert dataset_buckets(filtered, filtered.datasets[0]) == (LengthBucket(300, None),)
+
+
+def test_the_production_planner_enforces_thirty_seventy_whatever_the_weights() -> None:
+    spec = stage("midtrain", [
+        {"uri": "file:///long", "name": "long", "weight": 1.0, "epochs": 4, "role": "new"},
+        {"uri": "file:///web", "name": "web", "weight": 1.0, "epochs": 2, "role": "replay"},
+        {"uri": "file:///code", "name": "code", "weight": 3.0, "epochs": 2, "role": "replay"},
+    ])
+    sizes = {"long": {"len-8192-16383": 20, "len-16384-up": 10}, "web": 500, "code": 500}
+    plan = plan_for_stage(spec, sizes, ["long", "web", "code"])
     draws = {s.name: s.draws for s in plan.sources}
-    assert draws == {"long/len-0-16383": 12, "long/len-16384-up": 18, "replay": 70}
-    pretrain = SimpleNamespace(**{**vars(spec), "stage": "pretrain", "long_document_boost": []})
-    plan = plan_for_stage(pretrain, {"long": 30, "replay": 500}, ["long", "replay"])
-    assert plan.names == ("long", "replay") and ALL_LENGTHS.label == "len-0-up"
+    # 30 new sequences of 100, split by sequences x factor (20 x 1 : 10 x 3); replay 70 as 1 : 3.
+    assert draws == {"long/len-8192-16383": 12, "long/len-16384-up": 18, "web": 18, "code": 52}
+    sources, _ = MixtureSampler(plan, seed=3).draws(0, plan.total_sequences)
+    assert np.isin(sources, [0, 1]).sum() == 30
+    with pytest.raises(MixtureError, match="needs replay data"):
+        plan_for_stage(stage("midtrain", [{"uri": "file:///long", "weight": 1.0, "role": "new"}]),
+                       {"long": {"len-8192-16383": 5, "len-16384-up": 5}}, ["long"])
+    # Other stages keep their weights as given.
+    pretrain = stage("pretrain", [{"uri": "file:///a", "weight": 1.0, "epochs": 9},
+                                  {"uri": "file:///b", "weight": 1.0, "epochs": 9}], model={"config": "tiny"})
+    plan = plan_for_stage(pretrain, {"a": 500, "b": 500}, ["a", "b"])
+    assert [s.draws for s in plan.sources] == [50, 50]
+
+
+def test_token_shares_hold_when_one_source_is_many_small_padded_shards() -> None:
+    """At 16K a shard of a few thousand tokens is one mostly padded row; shares are of tokens."""
+    seq_len = 16_384
+    spec = stage("pretrain", [{"uri": "file:///small", "weight": 0.5}, {"uri": "file:///big", "weight": 0.5}],
+                 model={"config": "tiny"}, sequenceLength=seq_len, ropeBase=None,
+                 optimization={"globalBatchSequences": 10, "peakLearningRate": 1e-4, "totalTokens": 400 * seq_len})
+    small_tokens, big_tokens = 400 * 3_000, 600 * seq_len  # 400 shards of 3,000 tokens; full rows
+    plan = plan_for_stage(spec, {"small": 400, "big": 600}, ["small", "big"],
+                          {"small": small_tokens, "big": big_tokens})
+    trained = {s.name: s.trained_tokens for s in plan.sources}
+    assert trained["small"] / sum(trained.values()) == pytest.approx(0.5, abs=0.01)
+    padded = plan_for_stage(spec, {"small": 400, "big": 600}, ["small", "big"])  # sequences, not tokens
+    share = padded.source("small").draws * 3_000 / (padded.source("small").draws * 3_000
+                                                    + padded.source("big").draws * seq_len)
+    assert share < 0.2

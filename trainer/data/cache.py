@@ -12,7 +12,10 @@ row-overlap token once, padding excluded), so the manifest's summary is the sour
 token count; its ``rows`` the number of sequences the sampler draws from.
 
 Packing runs per input shard (documents never cross shards; a shard's last row is padded).
-Empty documents are skipped. Input shards are tokenized in parallel, one Ray task (one CPU, no
+Empty documents are skipped. Documents shorter than the lowest bucket's ``min_tokens`` (a
+length filter, e.g. midtraining's) land in no bucket; when the cache filters, each input
+shard's filtered documents and tokens are recorded in ``_filtered/<shard>.json`` (with the
+cache key) before its rows are committed, and `filtered_counts` sums them. Input shards are tokenized in parallel, one Ray task (one CPU, no
 GPU) per shard. The writers' producer is the cache's content key (input shards' checksums,
 tokenizer, seq_len, buckets), so a rerun or retry skips every committed shard, while a cache
 built from other data or settings is discarded and rebuilt rather than mixed in.
@@ -98,6 +101,20 @@ class PackedShard:
     tokens: int
 
 
+@dataclass(frozen=True)
+class FilteredCounts:
+    """Documents a length filter left out, and their tokens (each with its end-of-text)."""
+
+    documents: int = 0
+    tokens: int = 0
+
+    def __add__(self, other: FilteredCounts) -> FilteredCounts:
+        return FilteredCounts(self.documents + other.documents, self.tokens + other.tokens)
+
+
+FILTERED_PREFIX = "_filtered"
+
+
 def cache_key(manifest: Manifest, spec: CacheSpec) -> str:
     """A content key: the same input shards and settings give the same cache."""
     key = {
@@ -123,12 +140,22 @@ def pack_token_batches(
     A document's length is its token count without EOT; empty documents and documents in no
     bucket are dropped.
     """
+    return pack_and_count(batches, eot_id, pad_id, spec)[0]
+
+
+def pack_and_count(
+    batches: Iterable[tuple[np.ndarray, np.ndarray]], eot_id: int, pad_id: int, spec: CacheSpec
+) -> tuple[dict[str, PackedShard], FilteredCounts]:
+    """`pack_token_batches`, and the non-empty documents that fell in no bucket."""
     packers = {b.label: StreamPacker(spec.seq_len, eot_id, pad_id) for b in spec.buckets}
     parts: dict[str, list[np.ndarray]] = {label: [] for label in packers}
     edges = _bucket_edges(spec.buckets)
+    filtered = FilteredCounts()
     for flat, lengths in batches:
         which = _bucket_index(lengths, edges)
         which[lengths == 0] = -1
+        dropped = (which == -1) & (lengths > 0)
+        filtered += FilteredCounts(int(dropped.sum()), int(lengths[dropped].sum() + dropped.sum()))
         for index, bucket in enumerate(spec.buckets):
             chosen = which == index
             if chosen.any():
@@ -139,7 +166,7 @@ def pack_token_batches(
         parts[label].append(packer.finish())
         rows = np.concatenate(parts[label])
         packed[label] = PackedShard(rows, real_token_count(rows, pad_id))
-    return packed
+    return packed, filtered
 
 
 def text_batches(texts: Iterable[Sequence[str]], tokenizer: Tokenizer) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -174,8 +201,13 @@ def cache_shard(
     shard: Mapping[str, Any],
     spec: CacheSpec,
     writers: Mapping[str, DatasetWriter],
+    filtered_uri: str | None = None,
+    key: str = "",
 ) -> dict[str, int]:
-    """Tokenize, pack and commit one input shard into every bucket; returns rows per bucket."""
+    """Tokenize, pack and commit one input shard into every bucket; returns rows per bucket.
+
+    With ``filtered_uri`` the documents the length filter left out are recorded there first.
+    """
     info = ShardInfo.from_dict(shard, documents_uri)
     tokenizer = get_tokenizer(spec.tokenizer)
     dataset = Dataset(open_store(documents_uri), Manifest(schema.name, schema.version, (info,)))
@@ -185,7 +217,10 @@ def cache_shard(
         batches = text_batches(texts, tokenizer)
     else:
         batches = token_batches(dataset.read_shard(info, columns=["tokens"]), spec.documents_per_batch)
-    packed = pack_token_batches(batches, tokenizer.eot_id, tokenizer.pad_id, spec)
+    packed, filtered = pack_and_count(batches, tokenizer.eot_id, tokenizer.pad_id, spec)
+    if filtered_uri is not None:
+        record = {"key": key, "documents": filtered.documents, "tokens": filtered.tokens}
+        open_store(filtered_uri).write_json(f"{info.shard}.json", record)
     for label, result in packed.items():
         table = rows_table(result.rows, info.shard, spec.name)
         writers[label].write_shard(info.shard, table, tokens=result.tokens)
@@ -210,7 +245,9 @@ def build_token_cache(
         raise SchemaValidationError(
             f"{documents.uri} holds {schema.ref}; a token cache reads {' or '.join(INPUT_SCHEMAS)}", documents.uri
         )
-    producer = Producer(kind=PRODUCER_KIND, name=spec.name, uid=cache_key(documents.manifest, spec))
+    key = cache_key(documents.manifest, spec)
+    producer = Producer(kind=PRODUCER_KIND, name=spec.name, uid=key)
+    filtered_uri = join_uri(output_uri, FILTERED_PREFIX) if filters(spec) else None
     options = ParquetOptions(row_group_rows=spec.row_group_rows)
     writers = {
         b.label: DatasetWriter(bucket_uri(output_uri, b), TOKEN_SEQUENCES, producer=producer, options=options)
@@ -219,7 +256,7 @@ def build_token_cache(
     done = [set(writer.resume()) for writer in writers.values()]
     todo = [s for s in documents.shards if not all(s.shard in committed for committed in done)]
     log.info("token cache %s: %d of %d shards to do", output_uri, len(todo), len(documents.shards))
-    args = [(documents.uri, schema, s.to_dict(), spec, writers) for s in todo]
+    args = [(documents.uri, schema, s.to_dict(), spec, writers, filtered_uri, key) for s in todo]
     if use_ray:
         _run_on_ray(args, max_in_flight)
     else:
@@ -227,6 +264,30 @@ def build_token_cache(
             cache_shard(*arg)
     expected = [s.shard for s in documents.shards]
     return {label: writer.finalize(expected=expected) for label, writer in writers.items()}
+
+
+def filters(spec: CacheSpec) -> bool:
+    """Whether the cache leaves out short documents (its lowest bucket starts above 0)."""
+    return min(bucket.min_tokens for bucket in spec.buckets) > 0
+
+
+def filtered_counts(documents_uri: str, output_uri: str, spec: CacheSpec) -> FilteredCounts | None:
+    """What the length filter left out of a built cache (None when the cache does not filter)."""
+    if not filters(spec):
+        return None
+    manifest = open_dataset(documents_uri).manifest
+    key = cache_key(manifest, spec)
+    store = open_store(join_uri(output_uri, FILTERED_PREFIX))
+    total = FilteredCounts()
+    for shard in manifest.shards:
+        record = store.read_json(f"{shard.shard}.json")
+        if record.get("key") != key:
+            raise SchemaValidationError(
+                f"the length-filter record of shard {shard.shard!r} in {store.uri} belongs to another cache",
+                store.uri,
+            )
+        total += FilteredCounts(int(record["documents"]), int(record["tokens"]))
+    return total
 
 
 def _run_on_ray(args: list[tuple[Any, ...]], max_in_flight: int | None) -> None:

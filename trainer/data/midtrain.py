@@ -4,8 +4,10 @@ RECIPE.md: 30% new long-context data (organic samples over 8K tokens, those over
 up-weighted, plus synthetic samples over 4K) and 70% replay of pretraining data. Our choices
 (the report publishes no factors):
 
-- New data is filtered by document length when its token cache is built: organic documents
-  from ``ORGANIC_MIN_TOKENS`` (8,192), synthetic from ``SYNTHETIC_MIN_TOKENS`` (4,096).
+- New data is filtered by document length when its token cache is built: each dataset's
+  ``minDocumentTokens``, by default organic documents from 8,192 tokens and synthetic ones
+  from 4,096 (`tokenmill.api.training`). The filter is the lowest length
+  bucket's lower end, so a shorter document lands in no bucket and is counted as filtered.
 - ``DEFAULT_LONG_DOCUMENT_BOOSTS``: documents of 8,192 tokens or more are sampled 2x per token,
   those of 16,384 or more 4x (so over 16K is up-weighted 2x against 8K-16K). As in the API,
   the largest matching factor applies, and boosts apply to new data only; replay keeps the
@@ -15,9 +17,13 @@ up-weighted, plus synthetic samples over 4K) and 70% replay of pretraining data.
   source with weight proportional to its sequences x its factor. The sampler then expresses
   the boost exactly, like any other share. A dataset's epoch limit applies to each bucket: no
   document is repeated more often than the dataset allows, boosted or not.
-- The 30/70 split is the sum of the new components' weights against the replay components'.
-  `scale_to_split` rescales weights to an exact split; `stage_sources` turns a stage's
-  components (with the sizes of their token caches) into the sampler's sources.
+- The 30/70 split is enforced: `plan_for_stage` rescales a midtrain stage's weights with
+  `scale_to_split` so new data is exactly 30% of the tokens and replay 70%, each role keeping
+  the proportions of its weights. `stage_sources` turns a stage's components (with the sizes
+  of their token caches) into the sampler's sources.
+- Weights are shares of tokens: with the caches' real token counts (padding excluded), a
+  bucket's weight is its tokens x factor, and the planner corrects each source's sequence
+  share for the padding its sequences carry (see `plan`).
 """
 
 from __future__ import annotations
@@ -27,12 +33,11 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Literal, Protocol
 
+from tokenmill.api.training import ORGANIC_MIN_TOKENS
 from tokenmill.trainer.data.plan import MixtureError, MixturePlan, SourceSpec, exact, plan_mixture
 
 MIDTRAIN_SEQ_LEN = 16_384
 MIDTRAIN_NEW_SHARE = Fraction(3, 10)
-ORGANIC_MIN_TOKENS = 8_192
-SYNTHETIC_MIN_TOKENS = 4_096
 DEFAULT_LONG_DOCUMENT_BOOSTS: tuple[tuple[int, float], ...] = ((8_192, 2.0), (16_384, 4.0))
 
 Role = Literal["new", "replay"]
@@ -83,8 +88,9 @@ def length_buckets(
 class Component:
     """A stage dataset, resolved: its weight, epochs, role and the size of its token cache.
 
-    ``sequences`` is the number of packed sequences, or for new data under boosts a mapping
-    from bucket label to that bucket's number of sequences.
+    ``sequences`` is the number of packed sequences, or for bucketed data a mapping from bucket
+    label to that bucket's number of sequences; ``tokens``, when known, the real tokens they
+    hold, in the same shape.
     """
 
     name: str
@@ -93,6 +99,7 @@ class Component:
     role: Role
     sequences: int | Mapping[str, int]
     buckets: tuple[LengthBucket, ...] = field(default=(ALL_LENGTHS,))
+    tokens: int | Mapping[str, int] | None = None
 
 
 def bucket_source_name(component: str, bucket: LengthBucket) -> str:
@@ -100,9 +107,12 @@ def bucket_source_name(component: str, bucket: LengthBucket) -> str:
 
 
 def boosted_sources(component: Component) -> list[SourceSpec]:
-    """One source per non-empty bucket, with the component's weight split by sequences x factor."""
+    """One source per non-empty bucket, with the component's weight split by tokens x factor
+    (sequences x factor when the tokens are not known)."""
     sizes = _bucket_sizes(component)
-    mass = {bucket: sizes[bucket.label] * bucket.factor for bucket in component.buckets}
+    tokens = None if component.tokens is None else _bucket_sizes(component, component.tokens)
+    amounts = sizes if tokens is None else tokens
+    mass = {bucket: amounts[bucket.label] * bucket.factor for bucket in component.buckets}
     total = sum(mass.values())
     if total == 0:
         raise MixtureError(f"source {component.name!r} is empty: none of its length buckets holds a sequence")
@@ -113,6 +123,7 @@ def boosted_sources(component: Component) -> list[SourceSpec]:
             weight=weight * mass[bucket] / total,
             num_sequences=sizes[bucket.label],
             epochs=component.epochs,
+            tokens=None if tokens is None else tokens[bucket.label],
         )
         for bucket in component.buckets
         if sizes[bucket.label] > 0
@@ -139,7 +150,8 @@ def scale_to_split(
     target = {"new": share, "replay": 1 - share}
     return [
         Component(
-            c.name, exact(c.weight) * target[c.role] / totals[c.role], c.epochs, c.role, c.sequences, c.buckets
+            c.name, exact(c.weight) * target[c.role] / totals[c.role], c.epochs, c.role, c.sequences, c.buckets,
+            c.tokens,
         )
         for c in components
     ]
@@ -176,42 +188,65 @@ def midtrain_plan(
 
 
 def components_from_spec(
-    spec: Any, sequences: Mapping[str, int | Mapping[str, int]], names: Sequence[str]
+    spec: Any,
+    sequences: Mapping[str, int | Mapping[str, int]],
+    names: Sequence[str],
+    tokens: Mapping[str, int | Mapping[str, int]] | None = None,
 ) -> list[Component]:
     """Components of a `TrainingStageSpec`-shaped object (``datasets``, ``long_document_boost``).
 
     ``names`` are the resolved dataset names in the spec's order; ``sequences`` their token-cache
-    sizes (per bucket label for new data when the stage is midtrain with boosts).
+    sizes (per bucket label for bucketed data), ``tokens`` the real tokens in the same shape.
     """
     midtrain = getattr(spec, "stage", None) == "midtrain"
     components = []
     for dataset, name in zip(spec.datasets, names, strict=True):
         role = getattr(dataset, "role", "new") if midtrain else "new"
         buckets = dataset_buckets(spec, dataset)
-        components.append(Component(name, dataset.weight, dataset.epochs, role, sequences[name], buckets))
+        held = None if tokens is None else tokens[name]
+        components.append(Component(name, dataset.weight, dataset.epochs, role, sequences[name], buckets, held))
     return components
+
+
+def min_document_tokens(spec: Any, dataset: Any) -> int:
+    """The shortest document a stage's dataset trains on (0: no filter).
+
+    Unset, new data of a midtrain stage keeps the organic default; the API fills in the
+    synthetic one from the dataset's ref before the ref is resolved to a URI.
+    """
+    value = getattr(dataset, "min_document_tokens", None)
+    if value is not None:
+        return int(value)
+    midtrain = getattr(spec, "stage", None) == "midtrain"
+    return ORGANIC_MIN_TOKENS if midtrain and getattr(dataset, "role", "new") == "new" else 0
 
 
 def dataset_buckets(spec: Any, dataset: Any) -> tuple[LengthBucket, ...]:
     """The length buckets a stage's dataset is cached and sampled in.
 
-    New data of a midtrain stage with long-document boosts is split at the boost thresholds;
-    everything else is one bucket of all lengths.
+    The lowest bucket starts at the dataset's minimum document length. New data of a midtrain
+    stage with long-document boosts is split at the boost thresholds above it; without a
+    minimum or boosts a dataset is one bucket of all lengths.
     """
     boosts = list(getattr(spec, "long_document_boost", None) or [])
     midtrain = getattr(spec, "stage", None) == "midtrain"
-    if midtrain and getattr(dataset, "role", "new") == "new" and boosts:
-        return length_buckets(boosts)
+    minimum = min_document_tokens(spec, dataset)
+    if not (midtrain and getattr(dataset, "role", "new") == "new"):
+        boosts = []
+    if boosts or minimum:
+        return length_buckets(boosts, min_tokens=minimum)
     return (ALL_LENGTHS,)
 
 
-def _bucket_sizes(component: Component) -> dict[str, int]:
-    if isinstance(component.sequences, int):
+def _bucket_sizes(component: Component, counts: int | Mapping[str, int] | None = None) -> dict[str, int]:
+    """``counts`` (the component's sequences by default) per bucket label."""
+    counts = component.sequences if counts is None else counts
+    if isinstance(counts, int):
         if len(component.buckets) != 1:
-            raise MixtureError(f"source {component.name!r} has length buckets: give its sequences per bucket")
-        return {component.buckets[0].label: component.sequences}
-    sizes = {bucket.label: int(component.sequences.get(bucket.label, 0)) for bucket in component.buckets}
-    unknown = sorted(set(component.sequences) - set(sizes))
+            raise MixtureError(f"source {component.name!r} has length buckets: give its sizes per bucket")
+        return {component.buckets[0].label: counts}
+    sizes = {bucket.label: int(counts.get(bucket.label, 0)) for bucket in component.buckets}
+    unknown = sorted(set(counts) - set(sizes))
     if unknown:
         raise MixtureError(f"source {component.name!r}: sizes for unknown length buckets {', '.join(unknown)}")
     return sizes
@@ -230,10 +265,18 @@ def _boost_pair(boost: Boost | tuple[int, float]) -> tuple[int, Fraction]:
 
 
 def plan_for_stage(
-    spec: Any, sequences: Mapping[str, int | Mapping[str, int]], names: Sequence[str]
+    spec: Any,
+    sequences: Mapping[str, int | Mapping[str, int]],
+    names: Sequence[str],
+    tokens: Mapping[str, int | Mapping[str, int]] | None = None,
 ) -> MixturePlan:
-    """The plan of a `TrainingStageSpec`-shaped stage: its weights as given, its token budget and batch."""
-    components = components_from_spec(spec, sequences, names)
+    """The plan of a `TrainingStageSpec`-shaped stage: its weights, token budget and batch.
+
+    A midtrain stage's weights are rescaled to the exact 30/70 split of new and replay data.
+    """
+    components = components_from_spec(spec, sequences, names, tokens)
+    if getattr(spec, "stage", None) == "midtrain":
+        components = scale_to_split(components, MIDTRAIN_NEW_SHARE)
     return plan_mixture(
         stage_sources(components),
         seq_len=spec.sequence_length,

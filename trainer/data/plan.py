@@ -16,6 +16,12 @@ repeated. The plan draws ``draws`` sequences from each source:
   being the binding source at 2.4 epochs (the report says 9.8T).
 
 The total is rounded down to whole global batches, so a stage is a whole number of steps.
+
+Weights are shares of tokens. A source that knows its real ``tokens`` (text and end-of-text,
+without padding) gets its sequence share corrected by its fill, ``tokens / (num_sequences x
+seq_len)``: a source of many small shards ends each shard with a partly padded row, so each of
+its sequences carries fewer tokens, and it is drawn that much more often to keep its share of
+the tokens trained on.
 """
 
 from __future__ import annotations
@@ -57,6 +63,8 @@ class SourceSpec:
     num_sequences: int
     epochs: Fraction | float | int | None = None
     """Most repeats; ``None`` means unlimited (only with an explicit budget)."""
+    tokens: int | None = None
+    """Real tokens in the unique sequences (padding excluded); ``None``: every sequence is full."""
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> SourceSpec:
@@ -65,6 +73,7 @@ class SourceSpec:
             weight=data["weight"],
             num_sequences=int(data["num_sequences"]),
             epochs=data.get("epochs"),
+            tokens=None if data.get("tokens") is None else int(data["tokens"]),
         )
 
 
@@ -77,6 +86,13 @@ class SourcePlan:
     num_sequences: int
     draws: int
     max_epochs: Fraction | None
+    tokens: int | None = None
+    """Real tokens in the unique sequences (padding excluded), when known."""
+
+    @property
+    def trained_tokens(self) -> float | None:
+        """Real tokens the draws carry in expectation (None when the source's tokens are unknown)."""
+        return None if self.tokens is None else self.draws * self.tokens / self.num_sequences
 
     @property
     def epochs(self) -> float:
@@ -144,6 +160,7 @@ class MixturePlan:
                     "draws": source.draws,
                     "max_epochs": None if source.max_epochs is None else str(source.max_epochs),
                     "epochs": source.epochs,
+                    "tokens": source.tokens,
                 }
                 for source in self.sources
             ],
@@ -158,6 +175,7 @@ class MixturePlan:
                 num_sequences=int(item["num_sequences"]),
                 draws=int(item["draws"]),
                 max_epochs=None if item["max_epochs"] is None else Fraction(item["max_epochs"]),
+                tokens=item.get("tokens"),
             )
             for item in data["sources"]
         )
@@ -180,7 +198,7 @@ def plan_mixture(
     """The draws per source; see the module docstring. Raises `MixtureError` on bad input."""
     specs = [s if isinstance(s, SourceSpec) else SourceSpec.from_mapping(s) for s in sources]
     _validate(specs, seq_len, global_batch_size)
-    shares = _shares(specs)
+    shares = _shares(specs, seq_len)
     caps = [_supply(spec) for spec in specs]
     if total_tokens is None:
         total = _largest_total(specs, shares, caps)
@@ -192,7 +210,7 @@ def plan_mixture(
     _check_supply(specs, shares, caps, total, seq_len, global_batch_size, total_tokens)
     draws = apportion(shares, total)
     planned = tuple(
-        SourcePlan(spec.name, share, spec.num_sequences, count, _epochs(spec))
+        SourcePlan(spec.name, share, spec.num_sequences, count, _epochs(spec), spec.tokens)
         for spec, share, count in zip(specs, shares, draws, strict=True)
     )
     return MixturePlan(planned, seq_len, global_batch_size)
@@ -241,10 +259,20 @@ def _validate(specs: Sequence[SourceSpec], seq_len: int, global_batch_size: int)
             raise MixtureError(f"source {spec.name!r} is empty: it has no token sequences to draw from")
         if spec.epochs is not None and exact(spec.epochs) <= 0:
             raise MixtureError(f"source {spec.name!r}: epochs must be positive, got {spec.epochs}")
+        if spec.tokens is not None and spec.tokens < 1:
+            raise MixtureError(f"source {spec.name!r}: tokens must be positive, got {spec.tokens}")
 
 
-def _shares(specs: Sequence[SourceSpec]) -> list[Fraction]:
-    weights = [exact(spec.weight) for spec in specs]
+def fill(spec: SourceSpec, seq_len: int) -> Fraction:
+    """Real tokens per token position of the source's sequences (1 when unknown)."""
+    if spec.tokens is None:
+        return Fraction(1)
+    return Fraction(spec.tokens, spec.num_sequences * seq_len)
+
+
+def _shares(specs: Sequence[SourceSpec], seq_len: int) -> list[Fraction]:
+    """Each source's share of the sequences: its token weight over its fill, normalised."""
+    weights = [exact(spec.weight) / fill(spec, seq_len) for spec in specs]
     total = sum(weights)
     return [weight / total for weight in weights]
 

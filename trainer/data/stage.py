@@ -12,12 +12,12 @@ name, and each dataset's sequence count (per bucket label for bucketed data).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from tokenmill.layout import token_cache_uri
 from tokenmill.store import ManifestNotFoundError, StoreError, open_dataset
-from tokenmill.trainer.data.cache import CacheSpec, bucket_uri, build_token_cache, cache_key
+from tokenmill.trainer.data.cache import CacheSpec, bucket_uri, build_token_cache, cache_key, filtered_counts
 from tokenmill.trainer.data.midtrain import ALL_LENGTHS, LengthBucket, bucket_source_name
 from tokenmill.trainer.data.sources import Granularity, TokenCacheSource
 
@@ -94,3 +94,40 @@ def open_stage_sources(
         bucketed = dataset.buckets != (ALL_LENGTHS,)
         sizes[dataset.name] = per_bucket if bucketed else per_bucket[ALL_LENGTHS.label]
     return sources, sizes
+
+
+def stage_tokens(sources: Mapping[str, object], sizes: Sizes) -> Sizes | None:
+    """The real tokens (padding excluded) of every dataset, in the shape of ``sizes``.
+
+    None when a source does not know its tokens. An empty bucket has no source and 0 tokens.
+    """
+    tokens: Sizes = {}
+    for name, size in sizes.items():
+        keys = {name: name} if not isinstance(size, dict) else {label: f"{name}/{label}" for label in size}
+        counts: dict[str, int] = {}
+        for label, key in keys.items():
+            held = getattr(sources.get(key), "unique_tokens", None) if key in sources else 0
+            if held is None:
+                return None
+            counts[label] = int(held)
+        tokens[name] = counts if isinstance(size, dict) else counts[name]
+    return tokens
+
+
+def filter_report(datasets: Sequence[StageDataset], *, output: str, tokenizer: str, seq_len: int) -> list[str]:
+    """Lines for the driver log: what each dataset's length filter kept and left out."""
+    lines = []
+    for dataset in datasets:
+        cache = token_cache_uri(output, dataset.name, tokenizer, seq_len)
+        spec = cache_spec(dataset, tokenizer, seq_len)
+        left_out = filtered_counts(dataset.uri, cache, spec)
+        if left_out is None:
+            continue
+        kept = sum(open_dataset(bucket_uri(cache, bucket)).manifest.summary.tokens or 0 for bucket in dataset.buckets)
+        total = kept + left_out.tokens
+        minimum = min(bucket.min_tokens for bucket in dataset.buckets)
+        lines.append(
+            f"  {dataset.name}: length filter >= {minimum:,} tokens kept {kept:,} tokens; filtered out "
+            f"{left_out.documents:,} documents, {left_out.tokens:,} tokens ({left_out.tokens / max(total, 1):.1%})"
+        )
+    return lines
