@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 from tests.operator.conftest import (
+    EVENTS,
     KINDS,
     RAYJOBS,
     apply,
@@ -22,6 +23,15 @@ from tests.operator.conftest import (
 )
 from tests.operator.standin import Behaviour
 from tokenmill.store import open_store
+
+
+def reconciles(operator) -> float:
+    """How many reconciliations the operator has finished (its own histogram's count)."""
+    for family in operator.controller.metrics.registry.collect():
+        for sample in family.samples:
+            if sample.name == "tokenmill_reconcile_duration_seconds_count":
+                return sample.value
+    return 0.0
 
 
 def committed_shards(store_root: str) -> list[str]:
@@ -67,9 +77,16 @@ async def test_operator_killed_and_restarted_mid_run(kube, start_operator, stand
     await first.kill()
 
     second = await start_operator()
-    await asyncio.sleep(1.5)  # a resync interval and more: the restarted operator has looked
+    # The restarted operator has decided at least twice (its first look and a resync).
+    await eventually(lambda: reconciles(second) >= 2, message="the restarted operator never reconciled")
     assert [job["metadata"]["name"] for job in rayjobs(kube)] == ["cf-web-1"]
     assert status(kube, "CorpusFilter", "web")["phase"] == "Running"
+    # It decided from full caches: no flip back to Pending, no event about re-creating anything.
+    phases = [(body.get("status") or {}).get("phase") for body in kube.objects[
+        (KINDS["CorpusFilter"].key, "default", "web")].history]
+    assert "Pending" not in phases[phases.index("Running"):]
+    assert [event["reason"] for event in kube.list(EVENTS) if event["reason"].startswith("Attempt")] == [
+        "AttemptStarted"]
     await second.kill()
 
     hold.touch()  # the attempt finishes while no operator runs
@@ -121,3 +138,23 @@ async def test_sigkill_between_creating_the_rayjob_and_writing_status(kube, stan
                 process.terminate()
                 await asyncio.to_thread(process.wait, 20)
         log.close()
+
+
+async def test_a_rayjob_deleted_by_a_person_counts_as_a_failed_attempt(kube, start_operator, standin, store_root,
+                                                                      tmp_path):
+    commit_dataset(f"{store_root}/raw")
+    hold = tmp_path / "release"
+    await start_operator()
+    await standin(policy=lambda job: Behaviour(env={"FAKE_HOLD_FILE": str(hold)}))
+    await apply(kube, corpus("web", inputs=[{"name": "raw", "uri": f"{store_root}/raw"}], backoffLimit=1))
+    await phase_is(kube, "CorpusFilter", "web", "Running")
+    await kube.delete(RAYJOBS, "default", "cf-web-1")  # kubectl delete rayjob, or a TTL
+    running = await eventually(lambda: [job["metadata"]["name"] for job in rayjobs(kube)] == ["cf-web-2"])
+    assert running
+    assert status(kube, "CorpusFilter", "web")["attemptHistory"][0]["result"] == "Lost"
+    await phase_is(kube, "CorpusFilter", "web", "Running")
+    await kube.delete(RAYJOBS, "default", "cf-web-2")
+    failed = await phase_is(kube, "CorpusFilter", "web", "Failed")
+    assert failed["reason"] == "RayJobLost" and failed["attempts"] == 2  # never an attempt 3
+    assert [item["result"] for item in failed["attemptHistory"]] == ["Lost", "Lost"]
+    assert rayjobs(kube) == []
