@@ -74,8 +74,9 @@ def annotations(rng: random.Random) -> list[dict]:
         good = rng.random() < 0.5
         text = english_document(rng, topic) if good else " ".join(rng.choice(["click", "buy", "now", "free"])
                                                                   for _ in range(60))
+        label = {"label": 1.0, "topic": topic} if good else {"label": 0.0}
         rows.append({"id": f"ann-{index:04d}", "text": text, "source": "annotations", "lang": "en",
-                     "meta": json.dumps({"label": 1.0 if good else 0.0})})
+                     "meta": json.dumps(label)})
     return rows
 
 
