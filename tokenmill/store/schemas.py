@@ -120,8 +120,26 @@ PREFERENCE_PAIRS = DatasetSchema(
     "meta is a JSON object",
 )
 
+GENERATIONS = DatasetSchema(
+    "generations",
+    1,
+    pa.schema(
+        [
+            # sha256 of engine, model identity, prompt, sampling parameters, seed, sample index
+            pa.field("key", pa.string(), nullable=False),
+            pa.field("request_id", pa.string()),
+            pa.field("sample_index", pa.int32(), nullable=False),
+            # the completion as a JSON object, null when the sample failed
+            pa.field("completion", pa.string()),
+            pa.field("error_kind", pa.string()),
+            pa.field("error", pa.string()),
+        ]
+    ),
+    "a generation engine's request cache: one row per sample, its completion or its error",
+)
+
 SCHEMAS: dict[str, DatasetSchema] = {
-    s.ref: s for s in (DOCUMENTS, TOKEN_SEQUENCES, CHAT_SAMPLES, PREFERENCE_PAIRS)
+    s.ref: s for s in (DOCUMENTS, TOKEN_SEQUENCES, CHAT_SAMPLES, PREFERENCE_PAIRS, GENERATIONS)
 }
 
 TableLike: TypeAlias = (
