@@ -13,9 +13,11 @@ from tests.trainer.pts_planted import ALT_BASE, PlantedPolicy, step_values
 from tokenmill.store.schemas import get_schema, validate_table
 from tokenmill.trainer.oracles import OracleInputError, Verdict, make_oracle
 from tokenmill.trainer.pts import (
+    Continuation,
     OracleJudge,
     PTSInputError,
     SearchConfig,
+    SearchProblem,
     cumulative_logprob_midpoint,
     resolution_warning,
     search,
@@ -336,3 +338,40 @@ def test_verdicts_from_the_oracle_pass_through():
     policy.check = lambda problem, ids: Verdict(False, "timeout", "ran past the limit")
     result = run(policy, samples_per_estimate=10)
     assert set(result.stats.verdicts) == {"timeout"}
+
+
+def test_judging_in_threads_finds_the_same_pivots():
+    pivots = {6: 0.35, 19: 0.3}
+    result = run(planted(32, 0.2, pivots, seed=13), judge_workers=4)
+    assert [pivot.position for pivot in result.problems[0].pivots[0]] == [6, 19]
+    assert sum(result.stats.verdicts.values()) == result.stats.rollouts + result.stats.solutions_sampled
+
+
+class CharPolicy:
+    """Token ids are character codes; rollouts alternate between two fixed completions."""
+
+    def __init__(self, good: str, bad: str):
+        self.good, self.bad = good, bad
+
+    def sample_solutions(self, question_ids, n):
+        return [self._continuation(self.good if i % 2 == 0 else self.bad) for i in range(n)]
+
+    def rollout(self, prefix_ids, n):
+        return [self._continuation(self.good if i % 2 == 0 else self.bad) for i in range(n)]
+
+    @staticmethod
+    def _continuation(text):
+        return Continuation(tuple(ord(c) for c in text), tuple(-0.5 for _ in text))
+
+
+def test_an_oracle_judges_decoded_solutions():
+    policy = CharPolicy("```python\ndef inc(x):\n    return x + 1\n```", "```python\ndef inc(x):\n    return x\n```")
+    judge = OracleJudge(make_oracle("code", timeout_seconds=10, memory_mb=256),
+                        decode=lambda ids: "".join(map(chr, ids)))
+    problem = SearchProblem("inc", tuple(ord(c) for c in "Write inc."), {"tests": ["assert inc(1) == 2"]})
+    config = SearchConfig(samples_per_estimate=4, p_gap=0.5, solutions_per_problem=2, judge_workers=2)
+    result = search([problem], policy, judge, config, vocab_size=256)
+    assert result.problems[0].p_question == 0.5 and result.problems[0].searched
+    assert result.stats.verdicts["correct"] == result.stats.verdicts["test-failed"] > 0
+    assert [pair.kind for pair in result.full_pairs] == ["full-solution"] * 3
+    assert all("return x + 1" in "".join(map(chr, pair.chosen_ids)) for pair in result.full_pairs)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from tokenmill.trainer.oracles import Verdict
@@ -37,6 +38,8 @@ class SearchConfig:
     max_success: float = 0.8
     solutions_per_problem: int = 4
     max_pivotal_tokens: int = 8
+    judge_workers: int = 1
+    """Completions judged at once (threads): the code oracle's sandboxed runs overlap."""
 
     def problems(self) -> list[str]:
         found = []
@@ -46,6 +49,8 @@ class SearchConfig:
             found.append(f"samplesPerEstimate: must be at least 2, got {self.samples_per_estimate}")
         if self.solutions_per_problem < 1:
             found.append(f"solutionsPerProblem: must be at least 1, got {self.solutions_per_problem}")
+        if self.judge_workers < 1:
+            found.append(f"judgeWorkers: must be at least 1, got {self.judge_workers}")
         if self.max_pivotal_tokens < 1:
             found.append(f"maxPivotalTokens: must be at least 1, got {self.max_pivotal_tokens}")
         if not 0.0 <= self.min_success <= self.max_success <= 1.0:
@@ -156,18 +161,23 @@ class _ProblemSearch:
     """The search of one question; owns the memo of its prefix estimates."""
 
     def __init__(self, problem: SearchProblem, policy: Policy, judge: Judge, config: SearchConfig,
-                 stats: SearchStats):
+                 stats: SearchStats, pool: ThreadPoolExecutor | None):
         self.problem, self.policy, self.judge = problem, policy, judge
-        self.config, self.stats = config, stats
+        self.config, self.stats, self.pool = config, stats, pool
         self.memo: dict[TokenIds, Estimate] = {}
 
     def verdict(self, solution_ids: TokenIds) -> Verdict:
         try:
-            verdict = self.judge.check(self.problem, solution_ids)
+            return self.judge.check(self.problem, solution_ids)
         except Exception as error:  # noqa: BLE001 - a crashing check is a failed rollout
-            verdict = crashed(error)
-        self.stats.verdicts[verdict.reason] += 1
-        return verdict
+            return crashed(error)
+
+    def judged(self, solutions: list[TokenIds]) -> list[bool]:
+        """Whether each complete solution is correct, in order; verdicts counted by reason."""
+        verdicts = list(self.pool.map(self.verdict, solutions) if self.pool else map(self.verdict, solutions))
+        for verdict in verdicts:
+            self.stats.verdicts[verdict.reason] += 1
+        return [verdict.correct for verdict in verdicts]
 
     def estimate(self, solution_prefix: TokenIds, keep: list | None = None) -> Estimate:
         """p(success | question + solution_prefix); `keep` collects (continuation, correct)."""
@@ -177,9 +187,9 @@ class _ProblemSearch:
             self.stats.estimate_reuses += 1
             return found
         estimate = Estimate()
-        for continuation in self.policy.rollout(key, self.config.samples_per_estimate):
-            continued = solution_prefix + tuple(continuation.token_ids)
-            correct = self.verdict(continued).correct
+        continuations = list(self.policy.rollout(key, self.config.samples_per_estimate))
+        solutions = [solution_prefix + tuple(int(t) for t in c.token_ids) for c in continuations]
+        for continuation, continued, correct in zip(continuations, solutions, self.judged(solutions)):
             estimate.rollouts += 1
             estimate.successes += correct
             self.stats.rollouts += 1
@@ -213,10 +223,9 @@ class _ProblemSearch:
         config, stats = self.config, self.stats
         solutions = list(self.policy.sample_solutions(self.problem.question_ids, config.solutions_per_problem))
         stats.solutions_sampled += len(solutions)
-        complete: list[tuple[TokenIds, bool]] = []
-        for solution in solutions:
-            stats.tokens_generated += len(solution.token_ids)
-            complete.append((tuple(solution.token_ids), self.verdict(tuple(solution.token_ids)).correct))
+        sampled = [tuple(int(t) for t in solution.token_ids) for solution in solutions]
+        stats.tokens_generated += sum(len(tokens) for tokens in sampled)
+        complete: list[tuple[TokenIds, bool]] = list(zip(sampled, self.judged(sampled)))
         self.estimate((), keep=complete)
         rollouts = len(complete)
         p_question = sum(correct for _, correct in complete) / rollouts
@@ -336,7 +345,12 @@ def search(problems: Iterable[SearchProblem], policy: Policy, judge: Judge, conf
     check_problems(problems, judge, vocab_size)
     stats = SearchStats()
     results = []
-    for problem in problems:
-        stats.problems += 1
-        results.append(_ProblemSearch(problem, policy, judge, config, stats).run())
+    pool = ThreadPoolExecutor(config.judge_workers) if config.judge_workers > 1 else None
+    try:
+        for problem in problems:
+            stats.problems += 1
+            results.append(_ProblemSearch(problem, policy, judge, config, stats, pool).run())
+    finally:
+        if pool is not None:
+            pool.shutdown()
     return SearchResult(results, stats, config.warnings())
