@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 import traceback
 
 import pytest
@@ -107,12 +106,16 @@ def test_slow_response_times_out_and_is_retried(fault_proxy: FaultProxy, s3_buck
     store.write_json("x.json", {"v": 1})
     fault_proxy.add(Fault.stall(2.5), method="GET", times=1)
     fault_proxy.add(Fault.stall(2.5, after_forward=False), method="PUT", times=1)
-    started = time.monotonic()
     assert store.read_json("x.json") == {"v": 1}
     store.write_json("y.json", {"v": 2})
-    assert time.monotonic() - started < 6
     assert store.read_json("y.json") == {"v": 2}
     assert [m for m, _, outcome in fault_proxy.log if outcome.startswith("stall")] == ["GET", "PUT"]
+    # Each stalled request timed out on the client and was sent again (a client that waited
+    # out the stall would have sent it once).
+    for method in ("GET", "PUT"):
+        stalled = next(i for i, (m, _, outcome) in enumerate(fault_proxy.log) if m == method and outcome.startswith("stall"))
+        path = fault_proxy.log[stalled][1]
+        assert (method, path, "forward") in fault_proxy.log[stalled + 1:]
 
 
 def test_checkpoint_commit_survives_a_lost_marker_response(
@@ -160,12 +163,10 @@ def test_permanent_errors_fail_fast_without_secrets(
         Fault.error(status, code, f"rejected {ACCESS_KEY_ID} {SECRET_ACCESS_KEY}"), times=None
     )
     writer = DatasetWriter(uri, DOCUMENTS, producer=RUN)
-    started = time.monotonic()
     with pytest.raises(PermanentStoreError) as caught:
         writer.write_shard(0, sample_table(DOCUMENTS, 3))
-    assert time.monotonic() - started < 2
     assert isinstance(caught.value, error)
-    assert len(fault_proxy.log) == 1  # not retried
+    assert len(fault_proxy.log) == 1  # fails fast: not retried
     message = str(caught.value)
     assert code in message and uri in message
     rendered = "".join(traceback.format_exception(caught.value))

@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterator
 
 import pytest
+import ray
 
 from tests.fixtures.s3 import MotoS3Server, s3_environment
 from tests.store.samples import sample_table
@@ -19,7 +20,6 @@ from tokenmill.store import (
     open_store,
 )
 
-ray = pytest.importorskip("ray")
 
 pytestmark = pytest.mark.slow
 
