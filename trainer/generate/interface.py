@@ -193,17 +193,29 @@ class Completion:
 
 
 @dataclass
+class SampleFailure:
+    """A sample that could not be generated (after the engine's retries)."""
+
+    index: int
+    kind: str  # a short class: "rate_limit", "server", "timeout", "connection", "bad_request", ...
+    message: str
+
+
+@dataclass
 class RequestOutput:
-    """The completions of one request, by sample index, or why it failed."""
+    """The completions of one request by sample index, and the samples that failed."""
 
     request: GenerationRequest
     completions: list[Completion] = field(default_factory=list)
-    error: str | None = None
-    error_kind: str | None = None
+    failures: list[SampleFailure] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return self.error is None
+        return not self.failures
+
+    @property
+    def error(self) -> str | None:
+        return self.failures[0].message if self.failures else None
 
 
 def sample_seed(seed: int | None, index: int) -> int | None:
@@ -224,6 +236,8 @@ class Engine(ABC):
 
     #: "torch", "openai" or "vllm"
     engine_name: str
+    #: a GenerateMetrics the engine reports latency (and retries) to, if any
+    metrics: Any = None
 
     @property
     @abstractmethod

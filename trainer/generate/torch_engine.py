@@ -17,6 +17,7 @@ Sampling: each row draws from its own `random.Random(sample_seed(seed, i))` by i
 from __future__ import annotations
 
 import random
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -185,6 +186,7 @@ class TorchEngine(Engine):
     def generate(self, requests: Sequence[GenerationRequest]) -> list[RequestOutput]:
         self.check_requests(requests)
         prompts = [prompt_ids(self.tokenizer, request) for request in requests]
+        started = time.perf_counter()
         tasks = [(r, i) for r, request in enumerate(requests) for i in request.indices]
         finished: dict[int, list[Completion]] = {r: [] for r in range(len(requests))}
         for start in range(0, len(tasks), self.max_batch_rows):
@@ -195,6 +197,8 @@ class TorchEngine(Engine):
         for r, request in enumerate(requests):
             completions = sorted(finished[r], key=lambda c: c.index)
             outputs.append(RequestOutput(request, completions))
+        if self.metrics is not None:
+            self.metrics.observe_latency(time.perf_counter() - started)
         return outputs
 
     def _completion(self, row: _Row) -> Completion:

@@ -1,0 +1,69 @@
+"""The request cache: committed beside the output, reloaded by a later run, manifest last."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.trainer.generate_fixtures import export_tiny
+from tokenmill.store import ManifestNotFoundError, open_dataset
+from tokenmill.trainer.generate import GenerationRequest, SamplingParams, load_torch_engine
+from tokenmill.trainer.generate.cache import CachedEngine, RequestCache, generations_uri, request_key
+from tokenmill.trainer.tokenizer import get_tokenizer
+
+BYTE = get_tokenizer("byte")
+SAMPLING = SamplingParams(temperature=1.0, max_tokens=12, seed=5, logprobs=True)
+
+
+@pytest.fixture(scope="module")
+def model_uri(tmp_path_factory):
+    return f"file://{export_tiny(tmp_path_factory.mktemp('tiny-gen'))}"
+
+
+def _batch(n: int = 3) -> list[GenerationRequest]:
+    return [GenerationRequest(prompt_token_ids=tuple(BYTE.encode(text)), n=n, sampling=SAMPLING, id=text)
+            for text in ("Once upon a time", "Numbers: 1 2 3", "Hello")]
+
+
+def test_a_rerun_generates_nothing_and_returns_the_same(model_uri, tmp_path):
+    cache_uri = generations_uri(f"file://{tmp_path}/job")
+    first_engine = load_torch_engine(model_uri, device="cpu")
+    first = CachedEngine(first_engine, RequestCache(cache_uri).load())
+    outputs = first.generate(_batch())
+    first.close()  # commits the pending rows
+    with pytest.raises(ManifestNotFoundError):
+        open_dataset(cache_uri)  # readers see nothing before the manifest
+
+    second_engine = load_torch_engine(model_uri, device="cpu")
+    second = CachedEngine(second_engine, RequestCache(cache_uri).load())
+    again = second.generate(_batch())
+    assert second_engine.prefill_tokens == 0 and second.hits == 9
+    assert [[c.token_ids for c in o.completions] for o in again] == [[c.token_ids for c in o.completions] for o in outputs]
+    assert all(c.cached for o in again for c in o.completions)
+    assert again[0].completions[1].logprobs == outputs[0].completions[1].logprobs
+
+    # two more samples per request: only those are generated, and they equal a cold run's
+    more = second.generate(_batch(n=5))
+    assert second.hits == 18 and [c.index for c in more[0].completions] == [0, 1, 2, 3, 4]
+    cold = load_torch_engine(model_uri, device="cpu").generate(_batch(n=5))
+    assert [c.token_ids for c in more[2].completions] == [c.token_ids for c in cold[2].completions]
+    second.cache.finalize()
+    rows = open_dataset(cache_uri).read_all().to_pylist()
+    assert len(rows) == 15 and len({row["key"] for row in rows}) == 15
+    assert {row["request_id"] for row in rows} == {"Once upon a time", "Numbers: 1 2 3", "Hello"}
+
+
+def test_the_key_covers_engine_model_prompt_sampling_seed_and_index():
+    request = _batch()[0]
+    base = request_key("torch", "m", request, 0)
+    variants = [
+        request_key("openai", "m", request, 0),
+        request_key("torch", "other", request, 0),
+        request_key("torch", "m", GenerationRequest(prompt_token_ids=(1, 2), sampling=SAMPLING), 0),
+        request_key("torch", "m", GenerationRequest(prompt_token_ids=request.prompt_token_ids,
+                                                    sampling=SamplingParams(**{**SAMPLING.to_dict(), "seed": 6})), 0),
+        request_key("torch", "m", GenerationRequest(prompt_token_ids=request.prompt_token_ids,
+                                                    sampling=SamplingParams(**{**SAMPLING.to_dict(), "top_p": 0.5})), 0),
+        request_key("torch", "m", request, 1),
+    ]
+    assert len({base, *variants}) == 7
+    assert request_key("torch", "m", request.with_indices([0]), 0) == base
