@@ -82,8 +82,22 @@ def cmd_render(args: argparse.Namespace) -> int:
             print(f"error: {problem}", file=sys.stderr)
         print(f"{len(error.problems)} problem(s); nothing rendered", file=sys.stderr)
         return EXIT_INVALID
+    _warn_unbuilt(manifests)
     sys.stdout.write(to_yaml(manifests))
     return 0
+
+
+def _warn_unbuilt(manifests: list[dict[str, Any]]) -> None:
+    """On stderr (the YAML stays clean): each rendered resource whose workload is not built here."""
+    from tokenmill.api.resources import KINDS
+    from tokenmill.workloads import workload_built
+
+    for manifest in manifests:
+        owner = manifest["metadata"]["ownerReferences"][0]
+        descriptor = KINDS[owner["kind"]]
+        if not workload_built(descriptor.workload_module):
+            print(f"warning: {owner['kind']}/{owner['name']}: the {descriptor.cli_name} workload is not built in "
+                  f"this installation ({descriptor.workload_module}); the image must contain it", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from tokenmill.api.loader import parse_resource
+from tokenmill.api.output_prefix import ClaimedOutput
 from tokenmill.api.problems import Problem
 from tokenmill.api.resources import KINDS, AnyResource
 from tokenmill.api.semantic import validate
@@ -451,14 +452,9 @@ class Controller:
             return
         namespace, kind, name = key
         resource, problems = self.cache.parsed(key)
+        output = self._output_of(body, resource)
         if resource is not None:
-            problems = validate(resource, self._lookup(namespace))
-        output = recorded_output(body)  # where the first attempt wrote stays where outputs are
-        if output is None and resource is not None:
-            if resource.spec.output.uri:
-                output = resource.spec.output.uri
-            elif self.config.store:
-                output = output_uri(resource, self.config.store)
+            problems = validate(resource, self._lookup(namespace), output=output, claimed=self._claimed_outputs(key))
         deleting = bool((body.get("metadata") or {}).get("deletionTimestamp"))
         uid = (body.get("metadata") or {}).get("uid")
         jobs = []
@@ -507,6 +503,32 @@ class Controller:
             if other_body and not finished and not (other_body.get("metadata") or {}).get("deletionTimestamp"):
                 active.append(f"{other[1]}/{other[2]}" if other[0] == key[0] else f"{other[1]}/{other[0]}/{other[2]}")
         return active
+
+    def _output_of(self, body: Mapping[str, Any], resource: AnyResource | None) -> str | None:
+        """Where the resource writes: as recorded at its first attempt, else as its spec and the store say."""
+        output = recorded_output(body)  # where the first attempt wrote stays where outputs are
+        if output is None and resource is not None:
+            if resource.spec.output.uri:
+                output = resource.spec.output.uri
+            elif self.config.store:
+                output = output_uri(resource, self.config.store)
+        return output
+
+    def _claimed_outputs(self, key: Key) -> list[ClaimedOutput]:
+        """The outputs of resources created before this one (ties by key): a newer resource whose output
+        overlaps one of them is invalid, the older one runs on."""
+        mine = self.cache.resources[key]
+        rank = ((mine.get("metadata") or {}).get("creationTimestamp") or "", key)
+        claimed = []
+        for other_key, other in self.cache.resources.items():
+            if other_key == key or ((other.get("metadata") or {}).get("creationTimestamp") or "", other_key) >= rank:
+                continue
+            uri = self._output_of(other, self.cache.parsed(other_key)[0])
+            if uri is not None:
+                namespace, kind, name = other_key
+                claimed.append(ClaimedOutput(f"{kind}/{name}" if namespace == key[0] else f"{namespace}/{kind}/{name}",
+                                             uri))
+        return claimed
 
     def _lookup(self, namespace: str) -> Any:
         def lookup(kind: str, name: str) -> AnyResource | None:

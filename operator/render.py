@@ -16,6 +16,7 @@ import yaml
 from tokenmill.api.loader import LoadedResource
 from tokenmill.api.problems import Problem
 from tokenmill.api.recipe import checked_recipe
+from tokenmill.api.resources import AnyResource
 from tokenmill.layout import run_spec_uri
 from tokenmill.operator import rayjob
 from tokenmill.operator.config import OperatorConfig
@@ -32,7 +33,10 @@ def render_recipe(path: str | Path, config: OperatorConfig, *, namespace: str = 
             "spec.output.uri", "/".join(item.resource.key), item.file,
         )]
 
-    ordered = checked_recipe(path, local=False, extra_checks=needs_a_store)
+    def default_output(resource: AnyResource) -> str | None:
+        return output_uri(resource, config.store, namespace=namespace) if config.store else None
+
+    ordered = checked_recipe(path, local=False, default_output=default_output, extra_checks=needs_a_store)
     manifests = []
     for resource in ordered:
         target = resource.metadata.namespace or namespace

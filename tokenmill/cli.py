@@ -8,35 +8,66 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.text import Text
 
 from tokenmill.api.problems import RecipeError
 
 EXIT_INVALID = 2
 
-console = Console(highlight=False)
-errors = Console(stderr=True, highlight=False)
+# Recipes' text (names, values, messages) is never parsed as rich markup.
+console = Console(highlight=False, markup=False)
+errors = Console(stderr=True, highlight=False, markup=False)
 
 
-def _print_problems(error: RecipeError) -> int:
+def _print_problems(error: RecipeError, consequence: str = "nothing was run") -> int:
     for problem in error.problems:
-        errors.print(f"[red]error[/red] {problem}", markup=True, soft_wrap=True)
-    errors.print(f"{len(error.problems)} problem(s); nothing was run")
+        errors.print(Text.assemble(("error", "red"), " ", str(problem)), soft_wrap=True)
+    errors.print(f"{len(error.problems)} problem(s); {consequence}")
     return EXIT_INVALID
 
 
+def warn_unbuilt(resources: list, stream: Console) -> None:
+    """Warn about each resource whose kind's workload is not built in this installation."""
+    from tokenmill.api.resources import KINDS
+    from tokenmill.workloads import workload_built
+
+    for resource in resources:
+        descriptor = KINDS[resource.kind]
+        if not workload_built(descriptor.workload_module):
+            stream.print(Text.assemble(
+                ("warning", "yellow"),
+                f" {resource.kind}/{resource.name}: the {descriptor.cli_name} workload is not built in this "
+                f"installation ({descriptor.workload_module}); it would fail as not built",
+            ), soft_wrap=True)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
+    from tokenmill.api.recipe import checked_recipe
+    from tokenmill.resolve import output_uri
     from tokenmill.runner.plan import plan_recipe
 
-    total = 0
+    mode = "local" if args.local else "cluster"
+    resources: list = []
     failures: list[RecipeError] = []
     for path in args.paths:
         try:
-            total += len(plan_recipe(path))
+            if args.local:
+                from tokenmill.runner.local import default_store
+
+                resources += plan_recipe(path, store=args.store or default_store(Path(path)))
+            else:
+                resources += checked_recipe(
+                    path, local=False,
+                    default_output=lambda r: output_uri(r, args.store, namespace=args.namespace) if args.store else None,
+                )
         except RecipeError as error:
             failures.append(error)
     if failures:
-        return _print_problems(RecipeError([p for error in failures for p in error.problems]))
-    console.print(f"{total} resource(s) valid in {', '.join(args.paths)}")
+        errors.print(f"checked in {mode} mode")
+        return _print_problems(RecipeError([p for error in failures for p in error.problems]),
+                               "nothing was run" if args.local else "nothing is valid to apply")
+    warn_unbuilt(resources, errors)
+    console.print(f"{len(resources)} resource(s) valid in {mode} mode in {', '.join(args.paths)}")
     return 0
 
 
@@ -65,11 +96,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tokenmill.runner.console import run_with_progress
     from tokenmill.runner.plan import plan_recipe
 
+    from tokenmill.runner.local import default_store
+
+    store = args.store or default_store(Path(args.recipe))
     try:
-        resources = plan_recipe(args.recipe)
+        resources = plan_recipe(args.recipe, store=store)
     except RecipeError as error:
         return _print_problems(error)
-    return run_with_progress(resources, Path(args.recipe), store=args.store, ray_address=args.ray_address,
+    return run_with_progress(resources, Path(args.recipe), store=store, ray_address=args.ray_address,
                              start_ray=not args.no_ray, console=console)
 
 
@@ -77,8 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmill", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    validate = commands.add_parser("validate", help="check recipes: schema, CEL rules, semantics, refs, cycles")
+    validate = commands.add_parser(
+        "validate", help="check recipes: schema, CEL rules, semantics, refs, cycles, outputs",
+        description="Checks recipes as the operator would (cluster mode), or as `tokenmill run` would with --local.",
+    )
     validate.add_argument("paths", nargs="+", metavar="PATH", help="a recipe file or a folder of them")
+    validate.add_argument("--local", action="store_true",
+                          help="check for the local runner: relative file: URIs are allowed (default: cluster mode)")
+    validate.add_argument("--store", help="the store outputs default to (the operator's TOKENMILL_STORE, or the "
+                                          "local runner's --store), to check outputs for overlaps")
+    validate.add_argument("--namespace", default="default",
+                          help="namespace of resources that name none, for default outputs (default: default)")
     validate.set_defaults(func=cmd_validate)
 
     crds = commands.add_parser("crds", help="write the CustomResourceDefinitions generated from the API")

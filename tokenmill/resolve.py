@@ -20,11 +20,15 @@ class UnresolvedInput(LookupError):
     """A ref whose target has not committed the output this resource needs."""
 
 
-def output_uri(resource: AnyResource, store_root: str) -> str:
-    """The resource's output prefix: spec.output.uri, else <store>/[<namespace>/]<kind>/<name>."""
+def output_uri(resource: AnyResource, store_root: str, *, namespace: str | None = None) -> str:
+    """The resource's output prefix: spec.output.uri, else <store>/[<namespace>/]<kind>/<name>.
+
+    `namespace` stands in for a resource that names none (the namespace it will be created in).
+    """
     if resource.spec.output.uri:
         return resource.spec.output.uri
-    parts = [resource.metadata.namespace] if resource.metadata.namespace else []
+    namespace = resource.metadata.namespace or namespace
+    parts = [namespace] if namespace else []
     return join(store_root, *parts, KINDS[resource.kind].plural, resource.name)
 
 

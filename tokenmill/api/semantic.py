@@ -8,11 +8,12 @@ for it, and the recipe loader reports it as missing).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tokenmill.api.common import ModelSource, ObjectRef
 from tokenmill.api.corpus import CorpusFilterSpec
+from tokenmill.api.output_prefix import ClaimedOutput, dot_segments, output_problem, overlap_message, overlapping
 from tokenmill.api.problems import Problem, found
 from tokenmill.api.pts import PTSJobSpec
 from tokenmill.api.resources import KINDS, AnyResource, SyntheticDataJob, TrainingStage, references
@@ -39,11 +40,24 @@ def no_lookup(kind: str, name: str) -> None:
     return None
 
 
-def validate(resource: AnyResource, lookup: Lookup = no_lookup, *, local: bool = False) -> list[Problem]:
-    """Every semantic problem of `resource`, each with its field path, the value found and what is allowed."""
+def validate(
+    resource: AnyResource,
+    lookup: Lookup = no_lookup,
+    *,
+    local: bool = False,
+    output: str | None = None,
+    claimed: Sequence[ClaimedOutput] = (),
+) -> list[Problem]:
+    """Every semantic problem of `resource`, each with its field path, the value found and what is allowed.
+
+    `output` is the resource's resolved output prefix, when known, and `claimed` the outputs of
+    other resources it must not equal, contain or lie under.
+    """
     context = Context(lookup, local)
     label = "/".join(resource.key)
     problems = _uris(resource, context)
+    if output is not None:
+        problems += output_overlaps(resource, output, claimed)
     spec = resource.spec
     if isinstance(spec, TrainingStageSpec):
         problems += _training(spec, context)
@@ -102,17 +116,32 @@ def _check_model_ref(source: ModelSource | None, path: str) -> list[Problem]:
 
 
 def _uris(resource: AnyResource, context: Context) -> list[Problem]:
-    if context.local:
-        return []
     problems = []
     for reference in references(resource):
         uri = reference.uri
-        if uri is not None and uri.startswith("file:") and not uri.startswith("file:///"):
+        if uri is None:
+            continue
+        path = f"{reference.path}.uri"
+        relative = uri.startswith("file:") and not uri.startswith("file:///")
+        if relative and not context.local:
             problems.append(
-                found("relative file: URIs are only for the local runner; use s3:// or file:///",
-                      f"{reference.path}.uri", uri)
+                found("relative file: URIs are only for the local runner (tokenmill run, tokenmill validate "
+                      "--local); use s3:// or file:///", path, uri)
             )
+        elif reference.role == "output" and (reason := output_problem(uri)):
+            problems.append(found(reason, path, uri))
+        elif not relative and dot_segments(uri):
+            problems.append(found("must not contain '.' or '..' segments", path, uri))
     return problems
+
+
+def output_overlaps(resource: AnyResource, output: str, claimed: Sequence[ClaimedOutput]) -> list[Problem]:
+    """A problem when the resource's output equals, contains or lies under another resource's."""
+    others = overlapping(output, claimed)
+    if not others:
+        return []
+    path = "spec.output.uri" if resource.spec.output.uri else "spec.output"
+    return [Problem(overlap_message(output, others), path)]
 
 
 # ---- per kind ------------------------------------------------------------------------------

@@ -1,4 +1,8 @@
-"""Terminal front end of the local runner: live progress bars, workload output, a summary table."""
+"""Terminal front end of the local runner: live progress bars, workload output, a summary table.
+
+Text from recipes, workloads and the store (names, messages, log lines, URIs) is printed as
+plain `Text`, never parsed as rich markup: a line such as `[/oops]` is shown as written.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from tokenmill.api.resources import AnyResource
 from tokenmill.runner.local import LocalRunner, RunEvents, StageResult, default_store
@@ -55,10 +60,10 @@ def run_with_progress(
     console: Console,
 ) -> int:
     store_root = store or default_store(recipe)
-    console.print(f"running {len(resources)} resource(s) from {recipe} into {store_root}")
+    console.print(Text(f"running {len(resources)} resource(s) from {recipe} into {store_root}"))
     progress = Progress(
-        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
-        TextColumn("{task.fields[message]}"), TimeElapsedColumn(), console=console,
+        TextColumn("{task.description}", markup=False), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
+        TextColumn("{task.fields[message]}", markup=False), TimeElapsedColumn(), console=console,
     )
     tasks: dict[tuple[str, str], TaskID] = {}
 
@@ -70,7 +75,7 @@ def run_with_progress(
             progress.update(tasks[resource.key], completed=fraction or 0.0, message=message)
 
     def line(resource: AnyResource, text: str) -> None:
-        progress.console.print(f"[dim]{_label(resource)}[/dim] {text}", markup=True, highlight=False, soft_wrap=True)
+        progress.console.print(Text.assemble((_label(resource), "dim"), " ", text), highlight=False, soft_wrap=True)
 
     def finished(result: StageResult) -> None:
         task = tasks.get(result.resource.key)
@@ -79,7 +84,7 @@ def run_with_progress(
             progress.update(task, completed=done, message=result.result)
         elif result.result != "Succeeded":
             style = RESULT_STYLE.get(result.result, "white")
-            progress.console.print(f"[{style}]{result.result}[/{style}] {_label(result.resource)}: {result.detail}")
+            progress.console.print(Text.assemble((result.result, style), f" {_label(result.resource)}: ", result.detail))
 
     with local_ray(ray_address, start_ray) as address, progress:
         runner = LocalRunner(store_root, address, events=RunEvents(started, on_progress, line, finished))
@@ -95,11 +100,11 @@ def summary_table(results: list[StageResult]) -> Table:
     for result in results:
         style = RESULT_STYLE.get(result.result, "white")
         table.add_row(
-            _label(result.resource),
-            f"[{style}]{result.result}[/{style}]",
+            Text(_label(result.resource)),
+            Text(result.result, style=style),
             f"{result.seconds:.1f}s" if result.seconds else "",
-            _describe_outputs(result),
-            result.detail,
+            Text(_describe_outputs(result)),
+            Text(result.detail),
         )
     return table
 

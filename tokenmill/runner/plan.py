@@ -6,9 +6,10 @@ from pathlib import Path
 
 from tokenmill.api.loader import parse_resource
 from tokenmill.api.problems import RecipeError
-from tokenmill.api.recipe import checked_recipe
+from tokenmill.api.recipe import absolute_uri, checked_recipe, recipe_dir
 from tokenmill.api.refs import node_at
 from tokenmill.api.resources import AnyResource, references
+from tokenmill.resolve import output_uri
 
 
 def absolutise(resource: AnyResource, base_dir: Path) -> AnyResource:
@@ -17,22 +18,19 @@ def absolutise(resource: AnyResource, base_dir: Path) -> AnyResource:
     for reference in references(resource):
         if reference.uri is None:
             continue
-        node_at(document, reference.location)["uri"] = _absolute(reference.uri, base_dir.resolve())
+        node_at(document, reference.location)["uri"] = absolute_uri(reference.uri, base_dir.resolve())
     parsed, problems = parse_resource(document)
     if parsed is None:
         raise RecipeError(problems)
     return parsed
 
 
-def _absolute(uri: str, base_dir: Path) -> str:
-    if uri.startswith("file:") and not uri.startswith("file:///"):
-        return (base_dir / uri.removeprefix("file:")).resolve().as_uri()
-    return uri
+def plan_recipe(path: str | Path, store: str | None = None) -> list[AnyResource]:
+    """The recipe's resources in dependency order, paths made absolute; raises RecipeError with every problem.
 
-
-def plan_recipe(path: str | Path) -> list[AnyResource]:
-    """The recipe's resources in dependency order, paths made absolute; raises RecipeError with every problem."""
-    path = Path(path)
-    ordered = checked_recipe(path, local=True)
-    base_dir = path if path.is_dir() else path.parent
-    return [absolutise(resource, base_dir) for resource in ordered]
+    `store` is the store root outputs default to, so they can be checked against the outputs
+    the recipe names.
+    """
+    ordered = checked_recipe(path, local=True,
+                             default_output=lambda resource: output_uri(resource, store) if store else None)
+    return [absolutise(resource, recipe_dir(path)) for resource in ordered]

@@ -1,0 +1,31 @@
+"""The operator refuses outputs that could destroy data: roots, dot segments, another resource's prefix."""
+
+from __future__ import annotations
+
+from tests.operator.conftest import apply, commit_dataset, condition, corpus, phase_is, rayjobs
+
+
+async def test_an_output_nested_in_an_older_resources_output_is_invalid(kube, start_operator, standin, store_root):
+    commit_dataset(f"{store_root}/raw")
+    await start_operator()
+    await standin()
+    inputs = [{"name": "raw", "uri": f"{store_root}/raw"}]
+    await apply(kube, corpus("web", inputs=inputs, output={"uri": f"{store_root}/shared"}))
+    await phase_is(kube, "CorpusFilter", "web", "Succeeded")
+    await apply(kube, corpus("inner", inputs=inputs, output={"uri": f"{store_root}/shared/inner"}))
+    await phase_is(kube, "CorpusFilter", "inner", "Invalid")
+    valid = condition(kube, "CorpusFilter", "inner", "Valid")
+    assert valid["status"] == "False"
+    assert "spec.output.uri" in valid["message"] and "CorpusFilter/web" in valid["message"]
+    assert rayjobs(kube, "cf-inner") == []
+    assert condition(kube, "CorpusFilter", "web", "Valid")["status"] == "True"
+
+
+async def test_a_bucket_root_output_is_invalid(kube, start_operator, standin, store_root):
+    await start_operator()
+    await apply(kube, corpus("web", inputs=[{"name": "raw", "uri": f"{store_root}/raw"}],
+                             output={"uri": "s3://bucket/", "deletePolicy": "Delete"}))
+    await phase_is(kube, "CorpusFilter", "web", "Invalid")
+    valid = condition(kube, "CorpusFilter", "web", "Valid")
+    assert "bucket's root" in valid["message"]
+    assert rayjobs(kube) == []
