@@ -107,6 +107,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                              start_ray=not args.no_ray, console=console)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tokenmill.trainer.generate.serve import main as serve
+
+    return serve(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmill", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -135,6 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ray-address", help="an existing Ray cluster to run on (default: start a local one)")
     run.add_argument("--no-ray", action="store_true", help="do not start Ray; each workload starts its own")
     run.set_defaults(func=cmd_run)
+
+    serve = commands.add_parser("serve", help="serve a model over the OpenAI API with the torch engine")
+    serve.add_argument("model", metavar="MODEL_URI", help="a checkpoint or Hugging Face export (s3://, file://, path)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    serve.add_argument("--served-model-name", help="the model's name in the API (default: the URI's last segment)")
+    serve.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    serve.add_argument("--delay-ms", type=float, default=0.0,
+                       help="wait this long before each batch: an artificial latency for benchmarks")
+    serve.set_defaults(func=cmd_serve)
 
     if importlib.util.find_spec("tokenmill.operator.cli") is not None:
         from tokenmill.operator.cli import add_commands
