@@ -9,7 +9,6 @@ import pytest
 from tokenmill.store import CHAT_SAMPLES, DOCUMENTS, CheckpointStore, DatasetWriter, read_progress
 from tokenmill.trainer.train import workload
 from tokenmill.trainer.train.prepare import TrainingInputError, prepare
-from tokenmill.workloads import NOT_BUILT_EXIT_CODE
 
 from tests.trainer.test_train_stage import make_data, stage_spec, write_spec
 
@@ -97,12 +96,6 @@ def test_mixture_cannot_supply_tokens(tmp_path, docs_uri, capsys, ray_cluster) -
     spec["optimization"]["totalTokens"] = 10**9
     err = run_bad(tmp_path, spec, capsys)
     assert "cannot supply" in err and "'docs'" in err
-
-
-def test_post_training_stages_are_not_built(tmp_path, docs_uri, capsys) -> None:
-    spec = stage_spec(docs_uri, stage="sft", model={"parent": {"uri": "file:///x/checkpoints/step-00000001"}})
-    assert workload.run(write_spec((tmp_path / "sft").as_uri(), spec)) == NOT_BUILT_EXIT_CODE
-    assert "not built yet" in capsys.readouterr().err
 
 
 def test_prepare_raises_typed_error(docs_uri, tmp_path) -> None:
