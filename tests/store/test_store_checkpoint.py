@@ -92,7 +92,8 @@ def test_marker_is_written_last(
     checkpoints.save_dir(7, local, {"tokens_seen": 0})
     after = written[written.index("start") + 1 :]
     assert sorted(after[:3]) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
-    assert after[3:] == ["state.json", "_COMMITTED"]
+    assert after[3].endswith(".json")  # the upload's record of sizes and checksums, after its files
+    assert after[4:] == ["state.json", "_COMMITTED"]
     assert checkpoints.latest().step == 7  # type: ignore[union-attr]
 
 

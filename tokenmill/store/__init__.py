@@ -42,6 +42,7 @@ from tokenmill.store.errors import (
     ObjectNotFoundError,
     PermanentStoreError,
     SchemaValidationError,
+    StaleAttemptError,
     StoreError,
     TransientStoreError,
 )
@@ -49,6 +50,7 @@ from tokenmill.store.manifest import Manifest, Producer, ShardInfo, Summary, sha
 from tokenmill.store.opener import open_parent, open_store
 from tokenmill.store.retry import RetryPolicy
 from tokenmill.store.runrecord import (
+    AttemptFence,
     DriverLogUploader,
     Progress,
     read_progress,
@@ -81,6 +83,7 @@ __all__ = [
     "TOKEN_SEQUENCES",
     "AccessDeniedError",
     "BucketNotFoundError",
+    "AttemptFence",
     "CheckpointError",
     "CheckpointFile",
     "CheckpointInfo",
@@ -106,6 +109,7 @@ __all__ = [
     "PermanentStoreError",
     "Producer",
     "Progress",
+    "StaleAttemptError",
     "RetryPolicy",
     "S3Settings",
     "S3Store",

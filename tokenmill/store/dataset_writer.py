@@ -51,6 +51,7 @@ from tokenmill.store.manifest import (
 )
 from tokenmill.store.opener import open_store
 from tokenmill.store.retry import RetryPolicy
+from tokenmill.store.runrecord import AttemptFence
 from tokenmill.store.schemas import DatasetSchema, TableLike, validate_table
 from tokenmill.store.shards import EncodedShard, ParquetOptions, count_tokens, write_parquet
 from tokenmill.store.uri import StoreURI
@@ -85,11 +86,14 @@ class DatasetWriter:
         producer: Producer | None = None,
         options: ParquetOptions | None = None,
         retry: RetryPolicy | None = None,
+        fence: AttemptFence | None = None,
     ) -> None:
         self.store = open_store(uri, retry=retry)
         self.schema = schema
         self.producer = producer
         self.options = options or ParquetOptions()
+        self.fence = fence
+        """Checked before every deletion of others' files and before the manifest."""
 
     @property
     def uri(self) -> str:
@@ -167,6 +171,8 @@ class DatasetWriter:
         records = self._records(listing)
         stale = [r for r in records if not self._ours(r)]
         broken = [r for r in records if self._ours(r) and sizes.get(r.shard.path) != r.shard.bytes]
+        if (stale or broken) and self.fence is not None:
+            self.fence.check(f"discard files under {self.uri}")
         if stale and self._manifest_is_stale():
             self.store.delete(MANIFEST_NAME)
         for record in stale + broken:
@@ -217,6 +223,8 @@ class DatasetWriter:
                     f"{self.uri}: {len(missing)} expected shards are not committed: {shown}",
                     self.uri,
                 )
+        if self.fence is not None:
+            self.fence.check(f"commit the manifest of {self.uri}")
         manifest = Manifest(
             schema_name=self.schema.name,
             schema_version=self.schema.version,
@@ -227,6 +235,8 @@ class DatasetWriter:
             uri=self.uri,
         )
         self.store.write_json(MANIFEST_NAME, manifest.to_dict())
+        if self.fence is not None:
+            self.fence.check(f"delete unreferenced files under {self.uri}")
         self._delete_unreferenced(listing, {s.path for s in shards})
         return manifest
 

@@ -77,3 +77,8 @@ class IncompleteDatasetError(StoreError):
 
 class CheckpointError(StoreError):
     """A checkpoint that is missing, uncommitted, incomplete or already committed."""
+
+
+class StaleAttemptError(StoreError):
+    """A writer of an attempt that is no longer the resource's current one: it may not commit
+    or delete anything (the run record names a later attempt)."""

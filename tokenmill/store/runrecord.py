@@ -12,7 +12,7 @@ from types import TracebackType
 from typing import Any
 
 from tokenmill.layout import driver_log_uri, progress_uri, run_spec_uri
-from tokenmill.store.errors import ObjectNotFoundError, StoreError
+from tokenmill.store.errors import ObjectNotFoundError, StaleAttemptError, StoreError
 from tokenmill.store.manifest import utc_now
 from tokenmill.store.opener import open_parent
 
@@ -35,6 +35,38 @@ def read_run_spec_at(uri: str) -> dict[str, Any]:
 
 def read_run_spec(output: str) -> dict[str, Any]:
     return read_run_spec_at(run_spec_uri(output))
+
+
+@dataclass(frozen=True)
+class AttemptFence:
+    """Keeps a stale attempt from committing or deleting: before each commit or garbage
+    collection a writer checks that the run record (`<output>/_run/spec.json`, rewritten by the
+    operator when it starts the next attempt) still names its attempt.
+
+    The operator stops an attempt's RayJob before starting the next, so this is the second
+    line: a Ray worker that outlived its cluster's deletion, or a driver that hung and woke up,
+    fails with StaleAttemptError instead of overwriting or removing the new attempt's files.
+    """
+
+    output: str
+    attempt: int
+
+    @classmethod
+    def from_run_spec(cls, run: Mapping[str, Any]) -> AttemptFence:
+        """The fence of the attempt a run spec (as the operator or the local runner wrote it) starts."""
+        return cls(str(run["output"]), int(run["attempt"]))
+
+    def check(self, doing: str) -> None:
+        uri = run_spec_uri(self.output)
+        try:
+            current = read_run_spec(self.output).get("attempt")
+        except ObjectNotFoundError:
+            raise StaleAttemptError(f"attempt {self.attempt} may not {doing}: its run record {uri} is gone",
+                                    uri) from None
+        if current != self.attempt:
+            raise StaleAttemptError(
+                f"attempt {self.attempt} may not {doing}: the run record {uri} names attempt {current}", uri
+            )
 
 
 @dataclass(frozen=True)
