@@ -72,8 +72,8 @@ class PlantedPolicy:
         logprobs = tuple(-1.0 if self.uniform_logprobs else math.log(p) for p in self.follow)
         return [Continuation(self.reference, logprobs) for _ in range(n)]
 
-    def rollout(self, prefix_ids, n):
-        prefix_ids = tuple(prefix_ids)
+    def rollout(self, question_ids, solution_prefix, n):
+        prefix_ids = tuple(question_ids) + tuple(solution_prefix)
         self.rollout_prefixes[prefix_ids] += 1
         start = len(self.question_ids)
         solution = prefix_ids[start:]

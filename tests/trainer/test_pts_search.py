@@ -220,8 +220,8 @@ def test_only_questions_inside_the_success_window_are_searched():
         def sample_solutions(self, question_ids, n):
             return self.current.sample_solutions(question_ids, n)
 
-        def rollout(self, prefix_ids, n):
-            return self.current.rollout(prefix_ids, n)
+        def rollout(self, question_ids, solution_prefix, n):
+            return self.current.rollout(question_ids, solution_prefix, n)
 
         def problem_error(self, problem):
             self.current = policies[problem.id]
@@ -356,7 +356,7 @@ class CharPolicy:
     def sample_solutions(self, question_ids, n):
         return [self._continuation(self.good if i % 2 == 0 else self.bad) for i in range(n)]
 
-    def rollout(self, prefix_ids, n):
+    def rollout(self, question_ids, solution_prefix, n):
         return [self._continuation(self.good if i % 2 == 0 else self.bad) for i in range(n)]
 
     @staticmethod

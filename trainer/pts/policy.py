@@ -37,15 +37,15 @@ class Policy(Protocol):
     """The model being searched.
 
     `sample_solutions` draws complete solutions to a question with per-token log-probs (the
-    model's own distribution). `rollout` draws `n` continuations of a prefix to the end of a
-    solution; a prefix that already ends a solution (its stop token) continues with nothing.
-    Rollouts of one prefix, and prefixes that extend each other, are where an engine's
-    prefix cache pays.
+    model's own distribution). `rollout` draws `n` continuations of the question followed by
+    `solution_prefix` to the end of a solution (within the solution's own token budget); a
+    prefix that already ends a solution (its stop token) continues with nothing. Rollouts of
+    one prefix, and prefixes that extend each other, are where an engine's prefix cache pays.
     """
 
     def sample_solutions(self, question_ids: TokenIds, n: int) -> Sequence[Continuation]: ...
 
-    def rollout(self, prefix_ids: TokenIds, n: int) -> Sequence[Continuation]: ...
+    def rollout(self, question_ids: TokenIds, solution_prefix: TokenIds, n: int) -> Sequence[Continuation]: ...
 
 
 class Judge(Protocol):

@@ -187,7 +187,8 @@ class _ProblemSearch:
             self.stats.estimate_reuses += 1
             return found
         estimate = Estimate()
-        continuations = list(self.policy.rollout(key, self.config.samples_per_estimate))
+        continuations = list(self.policy.rollout(self.problem.question_ids, solution_prefix,
+                                                 self.config.samples_per_estimate))
         solutions = [solution_prefix + tuple(int(t) for t in c.token_ids) for c in continuations]
         for continuation, continued, correct in zip(continuations, solutions, self.judged(solutions)):
             estimate.rollouts += 1
