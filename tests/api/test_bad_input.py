@@ -97,7 +97,7 @@ def test_cross_field_rule_names_the_object(write_recipe, capsys):
 def test_bad_uri_pattern(write_recipe, capsys):
     folder = write_recipe(web=GOOD_CORPUS.replace("s3://bucket/raw", "http://bucket/raw"))
     code, lines = run_validate(capsys, folder)
-    assert code == 2 and "spec.inputs[0].uri: String should match pattern" in lines[0]
+    assert code == 2 and "spec.inputs[0].uri: must be a store URI: s3://bucket/prefix" in lines[0]
     assert "(found 'http://bucket/raw')" in lines[0]
 
 

@@ -27,6 +27,7 @@ class ApiModel(BaseModel):
         alias_generator=to_camel,
         populate_by_name=True,
         extra="forbid",
+        allow_inf_nan=False,
         frozen=False,
         use_attribute_docstrings=True,
         validate_default=True,

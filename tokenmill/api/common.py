@@ -11,6 +11,7 @@ from tokenmill.api.fields import (
     LabelKey,
     LabelValue,
     Quantity,
+    QueueName,
     ResourceName,
     SecretName,
     ShortText,
@@ -156,7 +157,7 @@ class RaySpec(ApiModel):
     """Node labels the Ray pods must match; defaults to the operator's GPU node pool selector."""
     tolerations: list[Toleration] | None = Field(default=None, max_length=32)
     """Tolerations for the Ray pods; defaults to the operator's GPU node pool tolerations."""
-    queue_name: ShortText | None = None
+    queue_name: QueueName | None = None
     """Kueue LocalQueue to submit the RayJob to (sets the kueue.x-k8s.io/queue-name label)."""
     active_deadline_seconds: int | None = Field(default=None, ge=60)
     """Fails an attempt that runs longer than this (RayJob activeDeadlineSeconds)."""

@@ -12,11 +12,11 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
 from tokenmill.api.base import ApiModel
-from tokenmill.api.fields import LabelKey, ResourceName
+from tokenmill.api.fields import LabelKey, LabelValue, ResourceName
 from tokenmill.api.refs import Reference, Role, declared_fields, walk_spec
 from tokenmill.api.status import ResourceStatus
 
@@ -29,6 +29,8 @@ API_VERSION = f"{GROUP}/{VERSION}"
 CATEGORY = "tokenmill"
 
 OutputType = Literal["dataset", "checkpoint"]
+MAX_ANNOTATIONS_BYTES = 256 * 1024
+"""The API server's limit on the total size of an object's annotations (keys and values)."""
 
 
 class ObjectMeta(BaseModel):
@@ -40,8 +42,16 @@ class ObjectMeta(BaseModel):
     namespace: ResourceName | None = None
     uid: str | None = None
     generation: int | None = None
-    labels: dict[LabelKey, str] = Field(default_factory=dict)
-    annotations: dict[str, str] = Field(default_factory=dict)
+    labels: dict[LabelKey, LabelValue] = Field(default_factory=dict)
+    annotations: dict[LabelKey, str] = Field(default_factory=dict)
+
+    @field_validator("annotations")
+    @classmethod
+    def _annotations_fit(cls, annotations: dict[str, str]) -> dict[str, str]:
+        size = sum(len(key) + len(value) for key, value in annotations.items())
+        if size > MAX_ANNOTATIONS_BYTES:
+            raise ValueError(f"annotations total {size:,} bytes; Kubernetes allows at most {MAX_ANNOTATIONS_BYTES:,}")
+        return annotations
 
 
 class Resource(ApiModel):

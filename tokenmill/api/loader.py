@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args, get_origin
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
+from tokenmill.api.fields import PATTERN_MEANINGS
 from tokenmill.api.problems import Problem, RecipeError
+from tokenmill.api.refs import declared_fields
 from tokenmill.api.resources import API_VERSION, KINDS, AnyResource
+from tokenmill.api.yaml_input import YamlInputError, read_yaml_documents
 
 YAML_SUFFIXES = (".yaml", ".yml")
 
@@ -72,21 +75,23 @@ def parse_resource(document: Any, *, file: str = "") -> tuple[AnyResource | None
     try:
         return model.model_validate(document), []  # type: ignore[return-value]
     except ValidationError as error:
+        secrets = _secret_fields(kind)
         return None, [
-            _problem_from_error(item, model).located(file=file, resource=label) for item in error.errors()
+            _problem_from_error(item, model, secrets).located(file=file, resource=label) for item in error.errors()
         ]
+
+
+@functools.cache
+def _secret_fields(kind: str) -> tuple[str, ...]:
+    """Paths of the kind's fields that name a Secret."""
+    return tuple(path for path, what in declared_fields(KINDS[kind].spec_model).items() if what == "secret")
 
 
 def _load_file(file: Path) -> tuple[list[LoadedResource], list[Problem]]:
     try:
-        documents = list(yaml.safe_load_all(file.read_text(encoding="utf-8")))
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark else str(file)
-        reason = getattr(error, "problem", None) or str(error)
-        return [], [Problem(f"malformed YAML: {reason}", file=where)]
-    except (OSError, UnicodeDecodeError) as error:
-        return [], [Problem(f"cannot read: {error}", file=str(file))]
+        documents = read_yaml_documents(file)
+    except YamlInputError as error:
+        return [], [Problem(error.reason, file=error.where)]
     loaded, problems = [], []
     for index, document in enumerate(documents):
         if document is None:
@@ -112,11 +117,16 @@ def _duplicates(loaded: list[LoadedResource]) -> list[Problem]:
     return problems
 
 
-def _problem_from_error(error: dict[str, Any], model: type[BaseModel]) -> Problem:
+def _problem_from_error(error: dict[str, Any], model: type[BaseModel], secrets: tuple[str, ...] = ()) -> Problem:
     loc = [part for part in error["loc"] if not (isinstance(part, str) and part.startswith("function-"))]
     path = _format_path(loc)
     kind = error["type"]
     value = error.get("input")
+    field = _format_path([part for part in loc if isinstance(part, str)])
+    if any(field == secret or field.startswith(f"{secret}.") for secret in secrets) and not isinstance(value, dict):
+        # Whatever was written where a Secret's name belongs may be the secret itself: never echo it.
+        return Problem("must name a Secret ({name: <secret>} or {name: <secret>, key: <key>}); a secret's value "
+                       "never goes in a spec (the value given is not shown)", path)
     if kind == "extra_forbidden":
         allowed = _allowed_fields(model, loc[:-1])
         hint = f"; allowed fields here: {', '.join(allowed)}" if allowed else ""
@@ -124,6 +134,8 @@ def _problem_from_error(error: dict[str, Any], model: type[BaseModel]) -> Proble
     if kind == "missing":
         return Problem("required field is missing", path)
     message = error["msg"].removeprefix("Value error, ")
+    if kind == "string_pattern_mismatch":
+        message = PATTERN_MEANINGS.get((error.get("ctx") or {}).get("pattern", ""), message)
     if isinstance(value, (dict, list)) and kind == "value_error":
         return Problem(message, path)
     return Problem(message, path, found=value, has_found=True)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
+
+# user:password@ (or token@) in a URL: never shown back, even in an error about that URL.
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
 
 
 @dataclass(frozen=True)
@@ -38,8 +42,13 @@ def found(message: str, path: str, value: Any) -> Problem:
     return Problem(message, path, found=value, has_found=True)
 
 
+def redact(text: str) -> str:
+    """`text` with credentials in URLs' userinfo replaced by ***."""
+    return _USERINFO.sub(r"\g<scheme>***@", text)
+
+
 def _show(value: Any) -> str:
-    text = repr(value)
+    text = redact(repr(value))
     return text if len(text) <= 120 else text[:117] + "..."
 
 

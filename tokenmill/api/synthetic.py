@@ -8,7 +8,7 @@ from pydantic import Field
 
 from tokenmill.api.base import ApiModel
 from tokenmill.api.common import CommonSpec, DataSource, ModelSource, SamplingParams, SecretKeyRef
-from tokenmill.api.fields import Fraction, LongText, PositiveFraction, ShortText
+from tokenmill.api.fields import Endpoint, Fraction, LongText, PositiveFraction, ShortText
 from tokenmill.api.kinds import KindDescriptor, Resource
 
 StepType = Literal[
@@ -138,7 +138,7 @@ class Generator(ApiModel):
     """The teacher checkpoint or Hugging Face export (vllm, torch)."""
     model_name: ShortText | None = None
     """Model name sent to the endpoint (openai)."""
-    endpoint: ShortText | None = Field(default=None, pattern=r"^https?://[^\s]+$")
+    endpoint: Endpoint | None = None
     """Base URL of the OpenAI-compatible API (openai)."""
     api_key_secret: SecretKeyRef | None = None
     """Secret key holding the endpoint's API key (openai); never inline."""
