@@ -190,8 +190,9 @@ class OpenAIServer:
         return params
 
     def _n(self, body: dict[str, Any]) -> int:
-        n = body.get("n") or 1
-        if not isinstance(n, int) or not 1 <= n <= MAX_N:
+        n = body.get("n")
+        n = 1 if n is None else n
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
             raise BadRequest(f"n must be an integer from 1 to {MAX_N}", "n")
         return n
 
