@@ -81,11 +81,22 @@ def test_math_different_answers(gold, candidate):
 
 
 def test_math_verifies_outside_the_main_thread():
+    # math-verify bounds its work with SIGALRM, which a thread cannot use: a tower of powers
+    # would run for ever there, and must come back as not equal instead.
+    completions = [r"\boxed{1/2}", r"\boxed{9^{9^{9^{9}}}}", r"\boxed{0.25}"]
     verdicts: list[Verdict] = []
-    worker = threading.Thread(target=lambda: verdicts.append(MathOracle().check({"answer": 0.5}, r"\boxed{1/2}")))
-    worker.start()
-    worker.join()
-    assert verdicts[0].correct
+    workers = [threading.Thread(target=lambda text=text: verdicts.append(MathOracle().check({"answer": 0.5}, text)))
+               for text in completions]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert sorted((v.extracted, v.correct) for v in verdicts) == [
+        ("0.25", False), ("1/2", True), ("9^{9^{9^{9}}}", False)]
+
+
+def test_math_pathological_answer_on_the_main_thread_is_bounded():
+    assert not equivalent("1", "9^{9^{9^{9}}}")
 
 
 # ---- code -----------------------------------------------------------------------------------
@@ -185,6 +196,19 @@ def test_code_has_no_network():
             listener.accept()  # nothing ever connected
     finally:
         listener.close()
+
+
+def test_code_says_when_it_cannot_isolate_the_network(monkeypatch):
+    from tokenmill.trainer.oracles import code
+
+    monkeypatch.setattr(code.shutil, "which", lambda name: None)  # a platform without unshare
+    code.network_namespace_prefix.cache_clear()
+    try:
+        verdict = run_candidate("x = 1", ["assert x == 1"], LIMITS)
+        assert (verdict.correct, verdict.network_isolated) == (True, False)
+        assert code.sandbox_report()["networkNamespace"] is False
+    finally:
+        code.network_namespace_prefix.cache_clear()
 
 
 # ---- multiple choice --------------------------------------------------------------------------

@@ -8,6 +8,7 @@ reordered sums, sets, percentages, radicals...).
 
 from __future__ import annotations
 
+import multiprocessing
 import re
 import threading
 
@@ -22,9 +23,11 @@ from tokenmill.trainer.oracles.base import (
 )
 
 KIND = "math"
-# math-verify bounds its own parsing and comparison with SIGALRM, which only the main
-# thread may use; elsewhere it runs unbounded.
+# math-verify bounds its own parsing and comparison with SIGALRM, which only a main thread
+# may use. Called from another thread, the comparison runs in a verifier process (whose main
+# thread has the alarm), and a process that still does not answer is killed.
 VERIFY_TIMEOUT_SECONDS = 5
+VERIFIER_PROCESS_TIMEOUT_SECONDS = 4 * VERIFY_TIMEOUT_SECONDS
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _ANSWER_IS = re.compile(r"(?:final\s+answer|answer)\s*(?:is|:|=)\s*", re.IGNORECASE)
@@ -80,19 +83,76 @@ def _normalise(answer: str) -> str:
 
 
 def _parsed(answer: str) -> list:
-    timeout = VERIFY_TIMEOUT_SECONDS if threading.current_thread() is threading.main_thread() else None
-    return parse(f"${answer}$", extraction_config=_EXTRACTION, parsing_timeout=timeout)
+    return parse(f"${answer}$", extraction_config=_EXTRACTION, parsing_timeout=VERIFY_TIMEOUT_SECONDS)
 
 
-def equivalent(gold: str, candidate: str) -> bool:
-    """Whether two final answers are mathematically the same."""
-    if _normalise(gold) == _normalise(candidate):
-        return True
+def _verified(gold: str, candidate: str) -> bool:
+    """math-verify's decision; only on a main thread (its time bounds need SIGALRM)."""
     gold_parsed, candidate_parsed = _parsed(_strip_decoration(gold)), _parsed(_strip_decoration(candidate))
     if not gold_parsed or not candidate_parsed:
         return False
-    timeout = VERIFY_TIMEOUT_SECONDS if threading.current_thread() is threading.main_thread() else None
-    return bool(verify(gold_parsed, candidate_parsed, timeout_seconds=timeout))
+    return bool(verify(gold_parsed, candidate_parsed, timeout_seconds=VERIFY_TIMEOUT_SECONDS))
+
+
+def equivalent(gold: str, candidate: str) -> bool:
+    """Whether two final answers are mathematically the same (False when undecided in time)."""
+    if _normalise(gold) == _normalise(candidate):
+        return True
+    if threading.current_thread() is threading.main_thread():
+        return _verified(gold, candidate)
+    return _VERIFIERS.equivalent(gold, candidate)
+
+
+def _serve(connection) -> None:
+    """A verifier process: answers (gold, candidate) pairs until its parent closes the pipe."""
+    while True:
+        try:
+            gold, candidate = connection.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            answer = _verified(gold, candidate)
+        except Exception:  # noqa: BLE001 - an unparsable answer is not equal
+            answer = False
+        connection.send(answer)
+
+
+class _VerifierProcesses:
+    """Idle verifier processes, one taken per comparison, so threads compare in parallel."""
+
+    def __init__(self) -> None:
+        self._idle: list = []
+        self._lock = threading.Lock()
+
+    def _start(self):
+        context = multiprocessing.get_context("spawn")
+        parent_end, child_end = context.Pipe()
+        process = context.Process(target=_serve, args=(child_end,), daemon=True,
+                                  name="tokenmill-math-verifier")
+        process.start()
+        child_end.close()
+        return process, parent_end
+
+    def equivalent(self, gold: str, candidate: str) -> bool:
+        with self._lock:
+            worker = self._idle.pop() if self._idle else None
+        process, connection = worker or self._start()
+        try:
+            connection.send((gold, candidate))
+            if connection.poll(VERIFIER_PROCESS_TIMEOUT_SECONDS):
+                answer = bool(connection.recv())
+                with self._lock:
+                    self._idle.append((process, connection))
+                return answer
+        except (EOFError, OSError):
+            pass
+        process.kill()  # stuck or dead: never reused
+        process.join()
+        connection.close()
+        return False
+
+
+_VERIFIERS = _VerifierProcesses()
 
 
 class MathOracle:
