@@ -2,7 +2,8 @@
 
 Skipped unless KUBECONFIG is set. See tests/e2e/README.md for what the cluster needs and the
 environment variables. The test uploads the tiny example's datasets to the e2e store, applies
-the three resources to a fresh namespace, runs the operator (here, unless
+the three resources to a fresh namespace, runs the operator (here; or installed into that
+namespace with the Helm chart when TOKENMILL_E2E_OPERATOR=helm; or not at all when
 TOKENMILL_E2E_OPERATOR=external says one already runs in the cluster), waits for every status
 to succeed, and checks the RayJobs, the outputs and the ownership. The namespace is deleted
 at the end (outputs are kept: deletePolicy Retain).
@@ -24,6 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 GROUP, VERSION = "tokenmill.dev", "v1alpha1"
 PLURALS = {"CorpusFilter": "corpusfilters", "TrainingStage": "trainingstages", "PTSJob": "ptsjobs"}
 TIMEOUT = float(os.environ.get("TOKENMILL_E2E_TIMEOUT", "3600"))
+OPERATOR = os.environ.get("TOKENMILL_E2E_OPERATOR", "local")
 
 pytestmark = [
     pytest.mark.e2e,
@@ -70,6 +72,30 @@ def _resources(store: str, image: str | None) -> list[dict[str, Any]]:
     ]
 
 
+def _helm_install(namespace: str, store: str, secret: str | None):
+    """Install charts/tokenmill into the test's namespace, serving only it; returns the Helm config."""
+    import helm_python as helm
+
+    repository, _, tag = _required("TOKENMILL_E2E_OPERATOR_IMAGE").rpartition(":")
+    values: dict[str, Any] = {
+        "image": {"repository": repository, "tag": tag},
+        "watchNamespaces": [namespace],
+        "defaults": {"store": store},
+        "reconcile": {"resyncSeconds": 10},
+        "grafanaDashboard": {"enabled": False},
+    }
+    if os.environ.get("TOKENMILL_E2E_IMAGE"):
+        values["defaults"]["rayImage"] = os.environ["TOKENMILL_E2E_IMAGE"]
+    if secret:  # the workloads' Secret, mounted as the operator's own credentials too
+        values["defaults"]["credentialsSecret"] = secret
+        values["storeCredentialsSecret"] = secret
+    release = helm.Config(kubeconfig_path=os.environ["KUBECONFIG"], namespace=namespace)
+    # Waits until both replicas are ready (probes pass); installs the CRDs if the cluster has none.
+    release.install(REPO / "charts" / "tokenmill", namespace, values, namespace=namespace,
+                    wait="watcher", timeout=600)
+    return release
+
+
 def test_chain_on_a_real_cluster(tmp_path):
     from kubernetes import client, config
 
@@ -80,8 +106,10 @@ def test_chain_on_a_real_cluster(tmp_path):
     config.load_kube_config(config_file=os.environ["KUBECONFIG"])
     api = client.ApiClient()
     custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
+    if OPERATOR not in ("local", "external", "helm"):
+        pytest.fail(f"TOKENMILL_E2E_OPERATOR must be local, external or helm, not {OPERATOR!r}")
     groups = {group.name for group in client.ApisApi(api).get_api_versions().groups}
-    if "ray.io" not in groups or GROUP not in groups:
+    if "ray.io" not in groups or (GROUP not in groups and OPERATOR != "helm"):
         pytest.fail("the cluster needs KubeRay and the tokenmill CRDs: "
                     "kubectl apply --server-side -f crds/ (see tests/e2e/README.md)")
 
@@ -93,12 +121,15 @@ def test_chain_on_a_real_cluster(tmp_path):
                   last=("_manifest.json",))
     core.create_namespace({"metadata": {"name": namespace}})
     operator = None
+    release = None
     try:
         if secret:  # the workload's store credentials, from this machine's environment
             keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_REGION")
             data = {key: os.environ[key] for key in keys if os.environ.get(key)}
             core.create_namespaced_secret(namespace, {"metadata": {"name": secret}, "stringData": data})
-        if os.environ.get("TOKENMILL_E2E_OPERATOR") != "external":
+        if OPERATOR == "helm":
+            release = _helm_install(namespace, store, secret)
+        elif OPERATOR == "local":
             env = {**os.environ, "TOKENMILL_STORE": store, "TOKENMILL_STANDALONE": "true",
                    "TOKENMILL_METRICS_PORT": "0", "TOKENMILL_RESYNC_SECONDS": "10"}
             if secret:
@@ -140,4 +171,7 @@ def test_chain_on_a_real_cluster(tmp_path):
         if operator is not None:
             operator.terminate()
             operator.wait(60)
+        if release is not None:
+            release.uninstall(namespace, wait="watcher", timeout=300)
+            release.close()
         core.delete_namespace(namespace)
