@@ -12,6 +12,8 @@ chart) and most have a command-line flag on `tokenmill operator` that overrides 
 | TOKENMILL_RAY_ENV                | extra non-secret environment for Ray pods, JSON object     | {} |
 | TOKENMILL_GPU_NODE_SELECTOR      | node selector of the GPU pool, JSON object or k=v,k=v      | {"nvidia.com/gpu.present": "true"} |
 | TOKENMILL_GPU_TOLERATIONS        | tolerations of the GPU pool, JSON list                     | nvidia.com/gpu Exists NoSchedule |
+| TOKENMILL_CPU_NODE_SELECTOR      | node selector of the CPU pool (kinds needing no GPUs)      | {} |
+| TOKENMILL_CPU_TOLERATIONS        | tolerations of the CPU pool, JSON list                     | [] |
 | TOKENMILL_STORE                  | default output store; outputs go to <store>/<ns>/<plural>/<name> | none (spec.output.uri required) |
 | TOKENMILL_CREDENTIALS_SECRET     | Secret with store credentials when spec.output.credentialsSecret is omitted | none |
 | TOKENMILL_NAMESPACES             | comma-separated namespaces to serve; empty serves all      | all |
@@ -57,6 +59,8 @@ class OperatorConfig:
     ray_env: Mapping[str, str] = field(default_factory=dict)
     node_selector: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_NODE_SELECTOR))
     tolerations: tuple[Mapping[str, Any], ...] = DEFAULT_TOLERATIONS
+    cpu_node_selector: Mapping[str, str] = field(default_factory=dict)
+    cpu_tolerations: tuple[Mapping[str, Any], ...] = ()
     store: str | None = None
     credentials_secret: str | None = None
     namespaces: tuple[str, ...] = ()
@@ -118,7 +122,9 @@ def from_env(environ: Mapping[str, str] | None = None) -> OperatorConfig:
         ray_env=_string_map("TOKENMILL_RAY_ENV", text("TOKENMILL_RAY_ENV"), {}),
         node_selector=_string_map("TOKENMILL_GPU_NODE_SELECTOR", text("TOKENMILL_GPU_NODE_SELECTOR"),
                                   dict(DEFAULT_NODE_SELECTOR)),
-        tolerations=_tolerations(text("TOKENMILL_GPU_TOLERATIONS")),
+        tolerations=_tolerations("TOKENMILL_GPU_TOLERATIONS", text("TOKENMILL_GPU_TOLERATIONS"), DEFAULT_TOLERATIONS),
+        cpu_node_selector=_string_map("TOKENMILL_CPU_NODE_SELECTOR", text("TOKENMILL_CPU_NODE_SELECTOR"), {}),
+        cpu_tolerations=_tolerations("TOKENMILL_CPU_TOLERATIONS", text("TOKENMILL_CPU_TOLERATIONS"), ()),
         store=text("TOKENMILL_STORE"),
         credentials_secret=text("TOKENMILL_CREDENTIALS_SECRET"),
         namespaces=namespaces,
@@ -154,13 +160,14 @@ def _string_map(name: str, raw: str | None, default: dict[str, str]) -> dict[str
     return out
 
 
-def _tolerations(raw: str | None) -> tuple[Mapping[str, Any], ...]:
+def _tolerations(name: str, raw: str | None,
+                 default: tuple[Mapping[str, Any], ...]) -> tuple[Mapping[str, Any], ...]:
     if raw is None:
-        return DEFAULT_TOLERATIONS
+        return default
     try:
         value = json.loads(raw)
     except ValueError as error:
-        raise ConfigError(f"TOKENMILL_GPU_TOLERATIONS is not valid JSON: {error}") from None
+        raise ConfigError(f"{name} is not valid JSON: {error}") from None
     if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
-        raise ConfigError("TOKENMILL_GPU_TOLERATIONS must be a JSON list of toleration objects")
+        raise ConfigError(f"{name} must be a JSON list of toleration objects")
     return tuple(value)

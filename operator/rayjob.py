@@ -6,16 +6,25 @@ operator's own (derived from spec.output.uri, which the schema restricts to s3:/
 URIs without white space); nothing else a user writes reaches the command line.
 
 Placement: spec.ray (image, head and worker sizes, node selector, tolerations) over the
-operator's defaults (image, GPU node pool selector and tolerations). Deadlines map onto
+operator's defaults (image, GPU node pool selector and tolerations; a kind whose descriptor
+says this spec needs no GPUs, such as a CorpusFilter or a SyntheticDataJob on the `openai`
+engine, gets the CPU pool's instead). Deadlines map onto
 KubeRay's fields: activeDeadlineSeconds (reason DeadlineExceeded) and
 preRunningDeadlineSeconds (KubeRay >= 1.6; reason PreRunningDeadlineExceeded), so an attempt
 stuck initializing (image pull, no GPUs) fails instead of hanging. KubeRay's own retries
 (spec.backoffLimit) stay at 0: the operator retries with a new RayJob per attempt.
+
+Pods run restricted: non-root (the Ray image's user), no privilege escalation, every
+capability dropped, seccomp RuntimeDefault, no service-account token (Ray needs no Kubernetes
+API without the autoscaler), and /dev/shm never larger than the container's memory limit
+(an in-memory emptyDir counts against it). The store Secret reaches the pods key by key
+(`secretKeyRef`), never as a whole (`envFrom`).
 """
 
 from __future__ import annotations
 
 import copy
+import re
 import shlex
 from typing import Any
 
@@ -33,6 +42,53 @@ WORKER_GROUP = "workers"
 SHM_VOLUME = "dshm"
 GPU_RESOURCE = "nvidia.com/gpu"
 TRAINER_MODULE = "tokenmill.trainer"
+# The keys of the store credentials Secret a workload reads (tokenmill.store.credentials);
+# only the first two must be present.
+STORE_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+OPTIONAL_STORE_SECRET_KEYS = ("AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_REGION")
+# rayproject/ray images (the base of the worker image) run as user `ray` (1000) in group `users` (100).
+RAY_UID, RAY_GID = 1000, 100
+POD_SECURITY_CONTEXT: dict[str, Any] = {
+    "runAsNonRoot": True, "runAsUser": RAY_UID, "runAsGroup": RAY_GID, "fsGroup": RAY_GID,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {
+    "allowPrivilegeEscalation": False, "privileged": False, "runAsNonRoot": True,
+    "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"},
+}
+_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]*)?|\.[0-9]+)([a-zA-Z]*|[eE][+-]?[0-9]+)$")
+_SUFFIX = {"": 1, "n": 1e-9, "u": 1e-6, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+           "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+
+
+def quantity_value(text: str) -> float:
+    """A Kubernetes quantity as a number (bytes for memory): `16Gi` -> 17179869184."""
+    match = _QUANTITY.match(text.strip())
+    if not match:
+        raise ValueError(f"not a Kubernetes quantity: {text!r}")
+    number, suffix = float(match.group(1)), match.group(2)
+    if suffix[:1] in ("e", "E") and suffix[1:].lstrip("+-").isdigit():
+        return number * 10 ** int(suffix[1:])
+    if suffix not in _SUFFIX:
+        raise ValueError(f"not a Kubernetes quantity: {text!r}")
+    return number * _SUFFIX[suffix]
+
+
+def store_secret_env(secret: str) -> list[dict[str, Any]]:
+    """The store credentials, key by key from `secret` (optional keys may be absent)."""
+    env = [{"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}} for key in STORE_SECRET_KEYS]
+    env += [{"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": True}}}
+            for key in OPTIONAL_STORE_SECRET_KEYS]
+    return env
+
+
+def shared_memory_size(shared_memory: str, memory_limit: str) -> str:
+    """/dev/shm's size: the requested one, but never more than half the container's memory
+    limit, which the in-memory emptyDir counts against."""
+    limit = quantity_value(memory_limit)
+    if quantity_value(shared_memory) <= limit / 2:
+        return shared_memory
+    return f"{int(limit // 2 // 2**20)}Mi"
 
 
 def entrypoint(kind: str, spec_uri: str) -> str:
@@ -101,19 +157,24 @@ def render(
     pod_labels = {key: meta_labels[key] for key in (naming.LABEL_KIND, naming.LABEL_NAME, naming.LABEL_ATTEMPT)}
 
     secret = spec.output.credentials_secret.name if spec.output.credentials_secret else config.credentials_secret
-    env_from = [{"secretRef": {"name": secret}}] if secret else []
     env = [{"name": key, "value": value} for key, value in sorted(config.ray_env.items())]
     env.append({"name": "TOKENMILL_ATTEMPT", "value": str(attempt)})
+    if secret:
+        env += store_secret_env(secret)
     env += secret_key_env(resource)
     image = ray.image or config.image
-    node_selector = dict(ray.node_selector) if ray.node_selector is not None else dict(config.node_selector)
+    gpus = KINDS[resource.kind].needs_gpus(spec)
+    default_selector = config.node_selector if gpus else config.cpu_node_selector
+    default_tolerations = config.tolerations if gpus else config.cpu_tolerations
+    node_selector = dict(ray.node_selector) if ray.node_selector is not None else dict(default_selector)
     if ray.tolerations is not None:
         tolerations = [toleration.to_wire() for toleration in ray.tolerations]
     else:
-        tolerations = [dict(toleration) for toleration in config.tolerations]
+        tolerations = [dict(toleration) for toleration in default_tolerations]
 
     def pod_spec(container: dict[str, Any], volumes: list[dict[str, Any]]) -> dict[str, Any]:
-        pod: dict[str, Any] = {"containers": [container]}
+        pod: dict[str, Any] = {"containers": [container], "securityContext": copy.deepcopy(POD_SECURITY_CONTEXT),
+                               "automountServiceAccountToken": False}
         if volumes:
             pod["volumes"] = volumes
         if node_selector:
@@ -130,9 +191,8 @@ def render(
             "image": image,
             "resources": {"requests": dict(resources), "limits": dict(resources)},
             "env": [copy.deepcopy(item) for item in env],
+            "securityContext": copy.deepcopy(CONTAINER_SECURITY_CONTEXT),
         }
-        if env_from:
-            out["envFrom"] = [dict(item) for item in env_from]
         if mounts:
             out["volumeMounts"] = mounts
         return out
@@ -145,7 +205,8 @@ def render(
     worker_resources = {"cpu": workers.cpus_per_worker, "memory": workers.memory_per_worker}
     if workers.gpus_per_worker:
         worker_resources[GPU_RESOURCE] = str(workers.gpus_per_worker)
-    shm_volume = {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": workers.shared_memory}}
+    shm_size = shared_memory_size(workers.shared_memory, workers.memory_per_worker)
+    shm_volume = {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": shm_size}}
     shm_mount = {"name": SHM_VOLUME, "mountPath": "/dev/shm"}
 
     rayjob_spec: dict[str, Any] = {

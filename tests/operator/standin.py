@@ -10,7 +10,9 @@ RayJob deleted while running has its job killed, as KubeRay stops the Ray job.
 The entrypoint is `python -m tokenmill.trainer <cmd> --spec <uri>`; the stand-in checks
 that shape and runs it as a subprocess with its `python -m tokenmill.trainer` prefix
 replaced by `command` (the test-only fake workload by default), with the head container's
-environment: its `env` and the keys of the Secrets in its `envFrom`. In `instant` mode it
+environment: its `env`, with `valueFrom.secretKeyRef` entries filled from the Secrets as the
+kubelet does (a missing key that is not optional fails the attempt), and the keys of the
+Secrets in its `envFrom`. In `instant` mode it
 runs nothing: it calls `complete(rayjob)` in a thread and reports Complete at once
 (for the benchmark).
 """
@@ -36,6 +38,10 @@ from tests.operator.emulator import Emulator, ResourceSpec, now_rfc3339
 FAKE_WORKLOAD = Path(__file__).with_name("fake_workload.py")
 ENTRYPOINT_PREFIX = ["python", "-m", "tokenmill.trainer"]
 SCRUBBED_PREFIXES = ("AWS_", "TOKENMILL_S3_")
+
+
+class MissingSecretKey(Exception):
+    """A container env entry names a Secret key that does not exist (the pod cannot start)."""
 
 
 @dataclass
@@ -173,7 +179,13 @@ class KubeRayStandIn:
                                       "endTime": now_rfc3339()})
             return
         command = [*self.command, *tokens[3:]]
-        env = self._environment(body)
+        try:
+            env = self._environment(body)
+        except MissingSecretKey as error:
+            run.outcome = "SubmissionFailed"
+            await self._status(body, {"jobDeploymentStatus": "Failed", "reason": "SubmissionFailed",
+                                      "message": str(error), "endTime": now_rfc3339()})
+            return
         env.update(behaviour.env)
         log = open(self.log_dir / f"{run.name}.log", "wb") if self.log_dir else asyncio.subprocess.DEVNULL
         process = await asyncio.create_subprocess_exec(*command, env=env, stdout=log, stderr=log, cwd=str(FAKE_WORKLOAD.parents[2]))
@@ -208,8 +220,16 @@ class KubeRayStandIn:
         else:
             run.outcome = "AppFailed"
             await self._status(body, {"jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "reason": "AppFailed",
-                                      "message": f"the Ray job exited with code {process.returncode}",
+                                      "message": f"Job entrypoint command failed with exit code {process.returncode}, "
+                                                 f"last available logs (truncated to 20,000 chars):\n"
+                                                 f"{self._log_tail(run)}",
                                       "endTime": now_rfc3339()})
+
+    def _log_tail(self, run: Run) -> str:
+        """The end of the driver's output, as KubeRay copies it into the RayJob's message."""
+        if self.log_dir is None:
+            return ""
+        return (self.log_dir / f"{run.name}.log").read_bytes()[-20000:].decode(errors="replace")
 
     def _environment(self, body: dict[str, Any]) -> dict[str, str]:
         """The head container's environment; the test process's own store credentials are removed
@@ -225,4 +245,12 @@ class KubeRayStandIn:
         for item in head.get("env") or ():
             if "value" in item:
                 env[item["name"]] = item["value"]
+            elif "valueFrom" in item:  # as the kubelet does: a missing key fails the pod unless optional
+                ref = item["valueFrom"]["secretKeyRef"]
+                secret = self.emulator.get(self.secrets, namespace, ref["name"])
+                data = (secret or {}).get("data") or {}
+                if ref["key"] in data:
+                    env[item["name"]] = base64.b64decode(data[ref["key"]]).decode()
+                elif not ref.get("optional"):
+                    raise MissingSecretKey(f"secret {ref['name']!r} has no key {ref['key']!r}")
         return env

@@ -61,7 +61,9 @@ def test_label_values_fit():
 
 def test_rayjob_manifest_defaults():
     resource = parsed(corpus("web", inputs=[{"name": "raw", "uri": "s3://bucket/raw"}]))
-    config = OperatorConfig(image="registry/ray:1", credentials_secret="s3-creds", ray_env={"AWS_REGION": "eu-west-1"})
+    config = OperatorConfig(image="registry/ray:1", credentials_secret="s3-creds", ray_env={"AWS_REGION": "eu-west-1"},
+                            cpu_node_selector={"pool": "cpu"},
+                            cpu_tolerations=({"key": "cpu-only", "operator": "Exists", "effect": "NoSchedule"},))
     manifest = rayjob.render(resource, namespace="team", attempt=3, spec_uri="s3://bucket/out/_run/spec.json",
                              config=config)
     meta, spec = manifest["metadata"], manifest["spec"]
@@ -82,11 +84,23 @@ def test_rayjob_manifest_defaults():
     for pod in (head, worker):
         (container,) = pod["containers"]
         assert container["image"] == "registry/ray:1"
-        assert container["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
+        # Only the store keys a workload reads, each from the Secret: never the whole Secret.
+        assert "envFrom" not in container
+        assert {"name": "AWS_SECRET_ACCESS_KEY",
+                "valueFrom": {"secretKeyRef": {"name": "s3-creds", "key": "AWS_SECRET_ACCESS_KEY"}}} in container["env"]
+        assert {"name": "AWS_SESSION_TOKEN", "valueFrom": {"secretKeyRef": {
+            "name": "s3-creds", "key": "AWS_SESSION_TOKEN", "optional": True}}} in container["env"]
         assert {"name": "AWS_REGION", "value": "eu-west-1"} in container["env"]
         assert {"name": "TOKENMILL_ATTEMPT", "value": "3"} in container["env"]
-        assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
-        assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        # A CorpusFilter needs no GPUs: the CPU pool.
+        assert pod["nodeSelector"] == {"pool": "cpu"}
+        assert pod["tolerations"] == [{"key": "cpu-only", "operator": "Exists", "effect": "NoSchedule"}]
+        # Restricted pods.
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 1000
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False
+        assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+        assert pod["automountServiceAccountToken"] is False
     assert "nvidia.com/gpu" not in worker["containers"][0]["resources"]["limits"]  # gpusPerWorker: 0
     assert worker["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "256Gi"}}]
     assert "queue-name" not in str(meta["labels"])
@@ -95,6 +109,20 @@ def test_rayjob_manifest_defaults():
     assert {"name": "TOKENMILL_METRICS_PORT", "value": "9464"} in head["containers"][0]["env"]
     assert "ports" not in worker["containers"][0]
     assert all(item["name"] != "TOKENMILL_METRICS_PORT" for item in worker["containers"][0]["env"])
+
+
+def test_kinds_that_need_gpus_go_to_the_gpu_pool_and_shm_fits_the_memory_limit():
+    config = OperatorConfig(cpu_node_selector={"pool": "cpu"})
+    document = stage("pretrain", datasets=[{**ref("CorpusFilter", "web"), "weight": 1.0}])
+    document["spec"]["ray"]["workers"].update({"memoryPerWorker": "64Gi", "sharedMemory": "256Gi"})
+    manifest = rayjob.render(parsed(document), namespace="default", attempt=1, spec_uri="s3://b/x/_run/spec.json",
+                             config=config)
+    (group,) = manifest["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    worker = group["template"]["spec"]
+    assert worker["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    # /dev/shm is an in-memory emptyDir that counts against the 64Gi limit: it gets half of it.
+    assert worker["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "32768Mi"}}]
+    assert rayjob.quantity_value("1.5Gi") == 1.5 * 2**30 and rayjob.quantity_value("500m") == 0.5
 
 
 def test_rayjob_spec_ray_overrides_defaults():
@@ -121,7 +149,8 @@ def test_rayjob_spec_ray_overrides_defaults():
     assert group["replicas"] == 4 and container["image"] == "custom:2"
     assert container["resources"]["limits"] == {"cpu": "64", "memory": "512Gi", "nvidia.com/gpu": "8"}
     assert container["resources"]["requests"] == container["resources"]["limits"]
-    assert container["envFrom"] == [{"secretRef": {"name": "mine"}}]
+    assert {"name": "AWS_ACCESS_KEY_ID",
+            "valueFrom": {"secretKeyRef": {"name": "mine", "key": "AWS_ACCESS_KEY_ID"}}} in container["env"]
     assert worker["nodeSelector"] == {"pool": "h100"}
     assert worker["tolerations"] == [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}]
     head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
