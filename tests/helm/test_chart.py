@@ -9,6 +9,7 @@ way; kopf's peering objects against the chart's own peering CRDs.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import helm_python as helm
@@ -20,6 +21,7 @@ from kubernetes_validate import utils as kubernetes_schemas
 
 from tests.conftest import REPO
 from tests.helm.chart import CHART, NAMESPACE, crds, notes, only, render
+from tokenmill.operator import config as operator_config
 from tokenmill.operator.config import OperatorConfig, from_env
 
 KUBERNETES_VERSION = kubernetes_schemas.latest_version()
@@ -38,6 +40,8 @@ NON_DEFAULT = {
         # Helm merges maps with the defaults: null removes a default key.
         "gpuNodeSelector": {"cloud.example.com/pool": "h100", "nvidia.com/gpu.present": None},
         "gpuTolerations": [{"key": "dedicated", "operator": "Equal", "value": "h100", "effect": "NoSchedule"}],
+        "cpuNodeSelector": {"cloud.example.com/pool": "cpu"},
+        "cpuTolerations": [{"key": "spot", "operator": "Exists"}],
     },
     "storeCredentialsSecret": "operator-store",
     "grafanaDashboard": {"namespace": "monitoring"},
@@ -185,11 +189,22 @@ def test_non_default_values_reach_the_operator(custom_objects) -> None:
     assert config.node_selector == {"cloud.example.com/pool": "h100"}
     assert config.tolerations == ({"key": "dedicated", "operator": "Equal", "value": "h100", "effect": "NoSchedule"},)
     assert config.service_account == "ray-workloads" and config.ray_env == {"HF_HUB_OFFLINE": "1"}
+    assert json.loads(env_of(deployment)["TOKENMILL_CPU_NODE_SELECTOR"]) == {"cloud.example.com/pool": "cpu"}
+    assert json.loads(env_of(deployment)["TOKENMILL_CPU_TOLERATIONS"]) == [{"key": "spot", "operator": "Exists"}]
     # The operator's own store credentials: the Secret mounted as the credentials directory.
     mount, = [m for m in container["volumeMounts"] if m["name"] == "store-credentials"]
     assert env_of(deployment)["TOKENMILL_S3_CREDENTIALS_DIR"] == mount["mountPath"] and mount["readOnly"]
     volume, = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "store-credentials"]
     assert volume["secret"]["secretName"] == "operator-store"
+
+
+def test_every_operator_setting_is_a_value(custom_objects) -> None:
+    """Each TOKENMILL_* variable operator/config.py documents is set from the chart's values."""
+    documented = set(re.findall(r"^\| (TOKENMILL_[A-Z_]+)", operator_config.__doc__ or "", re.M))
+    assert documented, "operator/config.py's table of variables"
+    deployment, = only(custom_objects, "Deployment")
+    # Each replica picks a random priority, so that two replicas never tie.
+    assert documented - set(env_of(deployment)) == {"TOKENMILL_PEERING_PRIORITY"}
 
 
 def test_peering_and_rbac_are_namespaced_when_namespaces_are_named(default_objects, custom_objects) -> None:
@@ -211,8 +226,12 @@ def test_peering_and_rbac_are_namespaced_when_namespaces_are_named(default_objec
         assert role["rules"] == expected
 
 
-def test_one_replica_may_run_standalone_two_may_not() -> None:
-    deployment, = only(render({"replicaCount": 1, "peering": {"enabled": False}}), "Deployment")
+def test_one_replica_may_run_standalone_two_may_not(default_objects) -> None:
+    budget, = only(default_objects, "PodDisruptionBudget")
+    assert budget["spec"]["maxUnavailable"] == 1
+    single = render({"replicaCount": 1, "peering": {"enabled": False}})
+    assert not only(single, "PodDisruptionBudget")
+    deployment, = only(single, "Deployment")
     assert env_of(deployment)["TOKENMILL_STANDALONE"] == "true"
     assert from_env(env_of(deployment)).standalone
     with pytest.raises(helm.HelmRenderError, match="replicaCount above 1 needs peering.enabled"):
