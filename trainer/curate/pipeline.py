@@ -402,8 +402,8 @@ def write_unit(unit: Unit, job: Job) -> dict[str, int]:
             dropped.append({"id": row["id"], "text": row["text"] or "", "source": row["source"],
                             "lang": lang[number] or row.get("lang"), "meta": json.dumps(meta, ensure_ascii=False)})
     if dropped_writer is not None:
-        dropped_writer.write_shard(unit.number, dropped)
-    info = kept_writer.write_shard(unit.number, kept)
+        dropped_writer.write_shard(unit.number, pa.Table.from_pylist(dropped, schema=DOCUMENTS.arrow))
+    info = kept_writer.write_shard(unit.number, pa.Table.from_pylist(kept, schema=DOCUMENTS.arrow))
     result = {"rows": info.rows, "bytes": sum(len(r["text"].encode("utf-8")) for r in kept)}
     work.write_json(written_key(unit), result)  # last: the shard is done
     return result

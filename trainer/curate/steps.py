@@ -49,8 +49,9 @@ class Verdicts:
 
 
 def normalise_documents(texts: pa.Array, extraction: str = "preserve-structure") -> pa.Array:
-    """Unicode NFC, one newline convention, no control or zero-width characters, no trailing
-    white space on lines and at most one blank line in a row; `plain` collapses all white space."""
+    """Unicode NFC, one newline convention, no control or zero-width characters, single spaces
+    between words (indentation kept), no trailing white space on lines and at most one blank
+    line in a row; `plain` collapses all white space to single spaces."""
     text = pc.utf8_normalize(texts, "NFC")
     text = pc.replace_substring_regex(text, r"\r\n?", "\n")
     text = pc.replace_substring_regex(text, CONTROL, "")
@@ -58,6 +59,7 @@ def normalise_documents(texts: pa.Array, extraction: str = "preserve-structure")
         text = pc.replace_substring_regex(text, r"\s+", " ")
     else:
         text = pc.replace_substring_regex(text, r"[ \t\p{Zs}]+\n", "\n")
+        text = pc.replace_substring_regex(text, r"(\S)[ \p{Zs}]{2,}", "\\1 ")  # indentation is kept
         text = pc.replace_substring_regex(text, r"\n{3,}", "\n\n")
     return pc.utf8_trim_whitespace(text)
 

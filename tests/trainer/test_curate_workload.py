@@ -1,0 +1,145 @@
+"""The CorpusFilter workload end to end: on Ray against the S3 server, bad input, and a resume after a kill."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+from tests.trainer import curate_corpus
+from tokenmill.store import ManifestNotFoundError, open_dataset, open_store, read_manifest, read_progress, write_run_spec
+from tokenmill.trainer.curate import workload
+from tokenmill.trainer.curate.pipeline import dropped_uri
+from tokenmill.workloads import PHASE_SUCCEEDED
+
+
+def write_spec(output: str, spec: dict, attempt: int = 1) -> str:
+    return write_run_spec(output, {"kind": "CorpusFilter", "attempt": attempt, "output": output, "spec": spec,
+                                   "metadata": {"name": "web", "namespace": "default", "uid": "uid-1", "generation": 1}})
+
+
+def kept_ids(output: str) -> list[str]:
+    return open_dataset(f"{output}/data").read_all(columns=["id"]).column("id").to_pylist()
+
+
+def check_output(output: str, corpus: curate_corpus.Corpus) -> None:
+    ids = kept_ids(output)
+    assert len(ids) == len(set(ids)), "a document was written twice"
+    assert set(ids) == corpus.kept
+    dropped = {row["id"]: json.loads(row["meta"])["dropped"] for row in open_dataset(dropped_uri(output)).read_all().to_pylist()}
+    for identifier, (step, reason) in corpus.dropped.items():
+        assert (dropped[identifier]["step"], dropped[identifier]["reason"]) == (step, reason), identifier
+    malformed = [d for d in dropped.values() if d["step"] == "input"]
+    assert [d["reason"] for d in malformed] == ["invalid-json"] * corpus.malformed_lines
+
+
+@pytest.fixture
+def ray_with_s3_environment(s3_bucket):
+    """A Ray started after the bucket's endpoint and credentials are in the environment, so workers inherit them."""
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield s3_bucket
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_the_whole_pipeline_on_ray_against_s3(ray_with_s3_environment):
+    bucket = ray_with_s3_environment
+    corpus = curate_corpus.build()
+    uris = curate_corpus.write(corpus, f"{bucket.uri}/inputs")
+    output = f"{bucket.uri}/runs/web"
+    assert workload.run(write_spec(output, curate_corpus.spec(uris))) == 0
+
+    check_output(output, corpus)
+    kept = {row["id"]: row for row in open_dataset(f"{output}/data").read_all().to_pylist()}
+    meta = json.loads(kept["partial"]["meta"])
+    assert meta["decontamination"]["verdict"] == "partial"
+    assert meta["decontamination"]["item"] == "farmer-sheep" and 0.2 < meta["decontamination"]["ratio"] < 0.5
+    assert all(row["lang"] == "en" and "langScore" in json.loads(row["meta"]) for row in kept.values())
+    assert json.loads(kept["jsonl-0"]["meta"])["n"] == 0  # the input's own meta is kept
+    dropped = {row["id"]: json.loads(row["meta"])["dropped"] for row in open_dataset(dropped_uri(output)).read_all().to_pylist()}
+    assert dropped["contaminated-13"]["evidence"]["ngram"].startswith("a farmer has seventeen sheep")
+    assert dropped["near-3"]["evidence"]["duplicateOf"] == "doc-003"
+    assert dropped["exact-1"]["evidence"] == {"duplicateOf": "doc-001"}
+
+    funnel = open_store(output).read_json("_run/funnel.json")
+    counts = {(row["step"], row["verdict"], row["reason"]): row["documents"] for row in funnel["documents"]}
+    assert counts[("decontamination", "kept", "partial")] == 1
+    assert counts[("near-dedup", "dropped", "near-duplicate")] == 2
+    assert funnel["kept"] == len(corpus.kept) == read_manifest(f"{output}/data").summary.rows
+    assert funnel["classifier"]["heldOutAccuracy"] > 0.9 and "heldOutF1" in funnel["classifier"]
+    assert funnel["languages"] == {"en": len(corpus.kept)}
+    assert 0 < funnel["bytesOut"] < funnel["bytesIn"]
+    progress = read_progress(output)
+    assert progress.phase == PHASE_SUCCEEDED
+    assert progress.metrics["documents|outliers|dropped|non-text"] == 1
+    assert open_store(f"{output}/quality").exists("classifier.npz")
+
+
+@pytest.mark.slow
+def test_bad_input_fails_before_any_work(ray_cluster, tmp_path, capfd):
+    corpus = curate_corpus.build(documents=5)
+    uris = curate_corpus.write(corpus, (tmp_path / "inputs").as_uri())
+    short = (tmp_path / "short-bench").as_uri()
+    from tokenmill.store import DOCUMENTS, DatasetWriter
+
+    writer = DatasetWriter(short, DOCUMENTS)
+    writer.write_shard(0, [{"id": "tiny-item", "text": "three words only"}])
+    writer.finalize()
+    cases = {
+        "benchmark 'riddles': ": {"decontamination": {"benchmarks": [{"name": "riddles", "uri": (tmp_path / "nope").as_uri()}]}},
+        "'short' item 'tiny-item' has 3 words": {"decontamination": {"benchmarks": [{"name": "short", "uri": short}]}},
+        "no numeric label": {"quality": {"annotations": {"uri": uris["web"]}, "threshold": 0.5}},
+        "input 'gone'": {"inputs": [{"name": "gone", "uri": (tmp_path / "missing").as_uri()}]},
+    }
+    for expected, override in cases.items():
+        output = (tmp_path / "out").as_uri()
+        assert workload.run(write_spec(output, curate_corpus.spec(uris, **override))) == workload.EXIT_BAD_INPUT
+        err = capfd.readouterr().err
+        assert expected in err and "nothing was processed" in err and "Traceback" not in err
+        with pytest.raises(ManifestNotFoundError):
+            read_manifest(f"{output}/data")
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_write_resumes_without_losing_or_duplicating_documents(tmp_path):
+    corpus = curate_corpus.build()
+    uris = curate_corpus.write(corpus, (tmp_path / "inputs").as_uri(), shards=6)
+    output = (tmp_path / "out").as_uri()
+    spec_uri = write_spec(output, curate_corpus.spec(uris))
+    command = [sys.executable, "-m", "tokenmill.trainer", "corpus-filter", "--spec", spec_uri]
+    killed, log = run_workload(command, tmp_path / "killed.log", **{workload.STOP_AFTER_ENV: "2"})
+    assert killed == -signal.SIGKILL, log
+    with pytest.raises(ManifestNotFoundError):
+        read_manifest(f"{output}/data")
+    committed = [o.key for o in open_store(f"{output}/data").list("_commits/")]
+    assert 2 <= len(committed) < 7
+
+    spec_uri = write_spec(output, curate_corpus.spec(uris), attempt=2)
+    resumed, log = run_workload(command, tmp_path / "resumed.log")
+    assert resumed == 0, log
+    assert "resuming;" in log
+    check_output(output, corpus)
+    attempts = Counter(shard.attempt for shard in read_manifest(f"{output}/data").shards)
+    assert attempts[1] == len(committed) and attempts[2] == 7 - len(committed)
+
+
+def run_workload(command: list[str], log_path, **environment: str) -> tuple[int, str]:
+    """Run the workload in its own session (its Ray with it); whatever it leaves is killed afterwards."""
+    env = {**os.environ, "RAY_DISABLE_USAGE_STATS": "1", **environment}
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            code = process.wait(timeout=600)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+    return code, log_path.read_text(errors="replace")
