@@ -5,6 +5,7 @@ from __future__ import annotations
 import openai
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
 
 from tests.fixtures.s3 import free_port
 from tests.trainer.generate_fixtures import export_tiny
@@ -17,6 +18,7 @@ from tokenmill.trainer.generate.cache import (
     RequestCache,
     generations_uri,
 )
+from tokenmill.trainer.generate.metrics import GenerateMetrics
 from tokenmill.trainer.generate.openai_engine import OpenAIEngine, RetryPolicy
 from tokenmill.trainer.tokenizer import get_tokenizer
 
@@ -127,12 +129,15 @@ def test_faults_are_retried_and_failures_recorded_once(server, tmp_path):
             return "500" if attempt < 2 else None
         return kinds[kind] if attempt == 0 else None
 
-    proxy = OpenAIFaultProxy(server.port, plan, stall_seconds=4.0, retry_after="1").start()
+    proxy = OpenAIFaultProxy(server.port, plan, stall_seconds=60.0, retry_after="1").start()
     try:
-        retry = RetryPolicy(attempts=4, base_s=0.05, max_s=0.2, timeout_s=2.0)
-        faulty = OpenAIEngine(proxy.url, "tiny", api_key=KEY, tokenizer=BYTE, max_concurrency=8, retry=retry)
+        retry = RetryPolicy(attempts=4, base_s=0.05, max_s=0.2, timeout_s=15.0)
+        registry = CollectorRegistry()
+        metrics = GenerateMetrics("openai", registry)
+        faulty = OpenAIEngine(proxy.url, "tiny", api_key=KEY, tokenizer=BYTE, max_concurrency=8, retry=retry,
+                              metrics=metrics)
         cache = RequestCache(generations_uri(f"file://{tmp_path}/job")).load()
-        engine = CachedEngine(faulty, cache, FailureBudget(max_fraction=0.5))
+        engine = CachedEngine(faulty, cache, FailureBudget(max_fraction=0.5), metrics)
         outputs = engine.generate(_batch())
         engine.close()
     finally:
@@ -150,6 +155,19 @@ def test_faults_are_retried_and_failures_recorded_once(server, tmp_path):
             assert failure.kind == "server" and "HTTP 500" in failure.message
         failed += len(output.failures)
     assert failed == engine.failed == len(cache.failures) > 0
+
+    def metric(name: str, **labels: str) -> float:
+        return registry.get_sample_value(name, {"engine": "openai", **labels}) or 0.0
+
+    assert metric("tokenmill_generate_errors_total", kind="server") == failed
+    assert metric("tokenmill_generate_requests_total", outcome="error") == failed
+    ok = sum(len(o.completions) for o in outputs)
+    assert metric("tokenmill_generate_requests_total", outcome="ok") == ok
+    assert metric("tokenmill_generate_generated_tokens_total") == sum(
+        c.completion_tokens for o in outputs for c in o.completions)
+    for kind in ("rate_limit", "server", "timeout", "connection"):
+        assert metric("tokenmill_generate_retries_total", kind=kind) > 0, kind
+    assert metric("tokenmill_generate_request_duration_seconds_count") == len(proxy.log)
     # Retry-After: 1 was honoured: the second attempt of a 429 came at least a second later
     times: dict = {}
     for sample, attempt, _, at in proxy.log:

@@ -19,6 +19,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -28,6 +29,9 @@ from tokenmill.store import CheckpointStore, FileStore, StoreError, download_dir
 from tokenmill.trainer.generate.interface import GenerationInputError
 from tokenmill.trainer.model.transformer import Transformer
 from tokenmill.trainer.tokenizer import Tokenizer, get_tokenizer
+
+if TYPE_CHECKING:
+    from tokenmill.trainer.generate.torch_engine import TorchEngine
 
 _STEP_DIR = re.compile(r"^(?P<base>.+)/step-(?P<step>\d{8,})/?$")
 
@@ -144,11 +148,12 @@ def _tokenizer(name: str, config: ModelConfig, where: str, field: str) -> Tokeni
     return tokenizer
 
 
-def load_torch_engine(uri: str, *, device: str | torch.device | None = None, **options):
+def load_torch_engine(uri: str, *, device: str | torch.device | None = None, field: str = "model",
+                      **options: Any) -> TorchEngine:
     """A TorchEngine over the model at `uri` (on CUDA when available unless `device` says)."""
     from tokenmill.trainer.generate.torch_engine import TorchEngine
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    loaded = load_model(uri, device=device)
+    loaded = load_model(uri, device=device, field=field)
     return TorchEngine(loaded.model, loaded.tokenizer, identity=loaded.identity, **options)
