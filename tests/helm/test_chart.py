@@ -189,8 +189,8 @@ def test_non_default_values_reach_the_operator(custom_objects) -> None:
     assert config.node_selector == {"cloud.example.com/pool": "h100"}
     assert config.tolerations == ({"key": "dedicated", "operator": "Equal", "value": "h100", "effect": "NoSchedule"},)
     assert config.service_account == "ray-workloads" and config.ray_env == {"HF_HUB_OFFLINE": "1"}
-    assert json.loads(env_of(deployment)["TOKENMILL_CPU_NODE_SELECTOR"]) == {"cloud.example.com/pool": "cpu"}
-    assert json.loads(env_of(deployment)["TOKENMILL_CPU_TOLERATIONS"]) == [{"key": "spot", "operator": "Exists"}]
+    assert config.cpu_node_selector == {"cloud.example.com/pool": "cpu"}
+    assert config.cpu_tolerations == ({"key": "spot", "operator": "Exists"},)
     # The operator's own store credentials: the Secret mounted as the credentials directory.
     mount, = [m for m in container["volumeMounts"] if m["name"] == "store-credentials"]
     assert env_of(deployment)["TOKENMILL_S3_CREDENTIALS_DIR"] == mount["mountPath"] and mount["readOnly"]
