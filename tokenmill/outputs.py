@@ -14,7 +14,15 @@ from dataclasses import dataclass
 from tokenmill.api.resources import KINDS
 from tokenmill.api.status import OutputSummary
 from tokenmill.layout import HF_CONFIG_NAME, MANIFEST_NAME, dataset_uri, hf_export_uri
-from tokenmill.store import CheckpointStore, ManifestError, open_store, read_manifest
+from tokenmill.store import (
+    EXPORT_PRODUCER_NAME,
+    CheckpointStore,
+    ManifestError,
+    ObjectNotFoundError,
+    Producer,
+    open_store,
+    read_manifest,
+)
 
 
 @dataclass(frozen=True)
@@ -30,14 +38,25 @@ class OutputReport:
 def check_outputs(kind: str, output: str, uid: str | None = None) -> OutputReport:
     """What a resource of `kind` has committed under `output`; `uid` rejects another resource's dataset."""
     if KINDS[kind].output == "checkpoint":
-        return _checkpoints(output)
+        return _checkpoints(output, uid)
     return _dataset(output, uid)
 
 
-def _checkpoints(output: str) -> OutputReport:
-    latest = CheckpointStore.for_output(output).latest()
+def _checkpoints(output: str, uid: str | None) -> OutputReport:
+    """With `uid`, only checkpoints and an export stamped by that resource count: a resource
+    recreated under the same name never "succeeds" with the old one's weights."""
+    committed = CheckpointStore.for_output(output).list()
+    if uid:
+        committed = [info for info in committed if info.producer is not None and info.producer.uid == uid]
+    latest = committed[-1] if committed else None
     hf = hf_export_uri(output)
-    has_hf = open_store(hf).exists(HF_CONFIG_NAME)
+    export = open_store(hf)
+    has_hf = export.exists(HF_CONFIG_NAME)
+    if has_hf and uid:
+        try:
+            has_hf = Producer.from_dict(export.read_json(EXPORT_PRODUCER_NAME)).uid == uid
+        except ObjectNotFoundError:
+            has_hf = False
     if latest is None and not has_hf:
         return OutputReport(False, message=f"{output} holds no committed checkpoint and no Hugging Face export")
     summary = OutputSummary(

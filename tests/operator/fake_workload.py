@@ -7,13 +7,16 @@ It speaks the workload contract the real trainer follows, without Ray or torch:
 - writes progress records while it works;
 - dataset kinds commit SHARDS shards through tokenmill.store's DatasetWriter (manifest
   last) and resume: shards an earlier attempt committed are skipped;
-- TrainingStage commits a checkpoint (commit marker last) and a Hugging Face export.
+- TrainingStage commits a checkpoint (commit marker last, stamped with its producer) and a
+  Hugging Face export with its producer record;
+- every commit and deletion is fenced by the attempt (the run record names the current one).
 
 Behaviour knobs (environment, set by the tests through the stand-in):
     FAKE_FAIL_AFTER_SHARDS=n   exit 3 after committing n shards in this attempt
     FAKE_HOLD_FILE=path        after the first shard, wait until `path` exists
     FAKE_SHARD_SECONDS=s       sleep s seconds per shard
     FAKE_REPORT=path           append a JSON line describing this run (for assertions)
+    FAKE_PRINT=text            print `text` to stderr first (what a driver log may hold)
 
 Usage: python tests/operator/fake_workload.py <cli-name> --spec <uri>
 """
@@ -21,6 +24,7 @@ Usage: python tests/operator/fake_workload.py <cli-name> --spec <uri>
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -55,7 +59,9 @@ def main(argv: list[str]) -> int:
     from tokenmill.layout import dataset_uri, hf_export_uri
     from tokenmill.store import (
         DOCUMENTS,
+        EXPORT_PRODUCER_NAME,
         PREFERENCE_PAIRS,
+        AttemptFence,
         CheckpointStore,
         DatasetWriter,
         Producer,
@@ -71,6 +77,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--spec", required=True)
     args = parser.parse_args(argv)
 
+    if os.environ.get("FAKE_PRINT"):
+        print(os.environ["FAKE_PRINT"], file=sys.stderr, flush=True)
     parent, _, name = args.spec.rpartition("/")
     run = open_store(parent).read_json(name)
     kind, meta, attempt, output = run["kind"], run["metadata"], int(run["attempt"]), run["output"]
@@ -97,13 +105,13 @@ def main(argv: list[str]) -> int:
     written, skipped = [], []
 
     if kind == "TrainingStage":
-        checkpoints = CheckpointStore.for_output(output)
+        checkpoints = CheckpointStore.for_run(run)  # this run's checkpoints only, fenced by attempt
         steps = checkpoints.steps()
         for step in (10, 20, 30):
             if step in steps:
                 skipped.append(step)
                 continue
-            with checkpoints.staging(step, {"tokens_seen": step * 100}) as directory:
+            with checkpoints.staging(step, {"tokens_seen": step * 100}, overwrite=True) as directory:
                 (directory / "model.bin").write_bytes(b"\0" * 64)
             written.append(step)
             write_progress(output, Progress(phase="training", done=step, total=30, unit="steps"))
@@ -112,10 +120,11 @@ def main(argv: list[str]) -> int:
                 return 3
             time.sleep(pause)
         hf = open_store(hf_export_uri(output))
+        hf.write_json(EXPORT_PRODUCER_NAME, producer.to_dict())
         hf.write_json("config.json", {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3"})
     else:
         schema = PREFERENCE_PAIRS if kind == "PTSJob" else DOCUMENTS
-        writer = DatasetWriter(dataset_uri(output), schema, producer=producer)
+        writer = DatasetWriter(dataset_uri(output), schema, producer=producer, fence=AttemptFence.from_run_spec(run))
         done = writer.resume()
         for shard in range(SHARDS):
             if shard_name(shard) in done:
@@ -156,7 +165,9 @@ def _report(kind: str, meta: dict, attempt: int, written: list, skipped: list, i
     if not target:
         return
     line = {"kind": kind, "name": meta["name"], "attempt": attempt, "written": written, "skipped": skipped,
-            "inputs": inputs, "failed": failed}
+            "inputs": inputs, "failed": failed,
+            "api_key_sha256": hashlib.sha256(os.environ["TOKENMILL_GENERATOR_API_KEY"].encode()).hexdigest()
+            if "TOKENMILL_GENERATOR_API_KEY" in os.environ else None}
     with open(target, "a", encoding="utf-8") as out:
         out.write(json.dumps(line) + "\n")
 
