@@ -57,17 +57,24 @@ def test_names_columns_and_status():
     assert set(crds) == {"CorpusFilter", "SyntheticDataJob", "TrainingStage", "PTSJob"}
     for crd in crds.values():
         names, version = crd["spec"]["names"], crd["spec"]["versions"][0]
-        assert names["categories"] == ["tokenmill"] and names["shortNames"]
+        assert names["categories"] == ["tokenmill", "all"] and names["shortNames"]
         assert crd["spec"]["group"] == "tokenmill.dev" and version["name"] == "v1alpha1"
         assert version["subresources"] == {"status": {}}
         columns = {c["name"]: c for c in version["additionalPrinterColumns"]}
-        assert {"Phase", "Progress", "Age", "Reason"} <= set(columns)
+        assert {"Phase", "Progress", "Age", "Reason", "RayJob", "Started", "Completed"} <= set(columns)
         assert columns["Reason"]["priority"] == 1 and "priority" not in columns["Phase"]
+        assert columns["Started"] == {"name": "Started", "type": "date", "jsonPath": ".status.startTime", "priority": 1}
+        assert columns["Completed"]["jsonPath"] == ".status.completionTime"
+        assert columns["RayJob"]["jsonPath"] == ".status.rayJobName"
         status = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
         assert status["conditions"]["x-kubernetes-list-type"] == "map"
         assert status["conditions"]["x-kubernetes-list-map-keys"] == ["type"]
         assert {"observedGeneration", "phase", "progress", "attempts", "rayJobName", "outputs", "startTime",
                 "completionTime"} <= set(status)
+        assert status["startTime"]["format"] == status["completionTime"]["format"] == "date-time"
+        condition = status["conditions"]["items"]["properties"]
+        assert condition["lastTransitionTime"]["format"] == "date-time"
+        assert "enum" not in condition["type"] and "pattern" in condition["type"]
 
 
 def test_defaults_and_bounds_reach_the_schema():
@@ -100,10 +107,14 @@ def test_every_cel_rule_compiles():
                 assert rule["message"], path
 
 
-def _immutability_rule(kind_file: str) -> str:
+def _immutability_rules(kind_file: str) -> list[dict]:
     schema = all_crds()[kind_file]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
-    (rule,) = schema["x-kubernetes-validations"]
-    return rule["rule"]
+    return schema["x-kubernetes-validations"]
+
+
+def _refused(rules: list[dict], new: dict, old: dict) -> list[str]:
+    """The fieldPaths of the rules the update from `old` to `new` breaks."""
+    return [rule["fieldPath"] for rule in rules if not _evaluate(rule["rule"], new, old)]
 
 
 def _evaluate(rule: str, new: dict, old: dict) -> bool:
@@ -112,19 +123,50 @@ def _evaluate(rule: str, new: dict, old: dict) -> bool:
     return bool(program.evaluate({"self": celpy.json_to_cel(new), "oldSelf": celpy.json_to_cel(old)}))
 
 
-def test_spec_is_immutable_once_started_except_suspend():
-    rule = _immutability_rule("ptsjobs.tokenmill.dev.yaml")
-    spec = {"model": {"uri": "s3://b/m"}, "problems": {"uri": "s3://b/p"}, "oracle": {"kind": "math"},
-            "pGap": 0.2, "suspend": False}
-    started = {"spec": spec, "status": {"startTime": "2026-01-01T00:00:00Z"}}
-    not_started = {"spec": spec, "status": {"phase": "Waiting"}}
-    changed = {"spec": {**spec, "pGap": 0.3}}
-    suspended = {"spec": {**spec, "suspend": True}}
-    added = {"spec": {**spec, "seed": 4}}
-    assert _evaluate(rule, {**suspended, "status": started["status"]}, started)
-    assert not _evaluate(rule, {**changed, "status": started["status"]}, started)
-    assert not _evaluate(rule, {**added, "status": started["status"]}, started)
-    assert _evaluate(rule, {**changed, "status": not_started["status"]}, not_started)
+PTS_SPEC = {"model": {"uri": "s3://b/m"}, "problems": {"uri": "s3://b/p"}, "oracle": {"kind": "math"},
+            "pGap": 0.2, "suspend": False, "backoffLimit": 3, "output": {"deletePolicy": "Retain"},
+            "ray": {"image": "img:1", "head": {"cpus": "4"}, "preRunningDeadlineSeconds": 1800}}
+STARTED = {"startTime": "2026-01-01T00:00:00Z"}
+
+
+def _update(**changes: Any) -> dict:
+    spec = json.loads(json.dumps(PTS_SPEC))
+    for path, value in changes.items():
+        *parents, leaf = path.split("__")
+        node = spec
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return {"spec": spec, "status": STARTED}
+
+
+def test_what_a_resource_produces_is_immutable_once_started():
+    rules = _immutability_rules("ptsjobs.tokenmill.dev.yaml")
+    started = {"spec": PTS_SPEC, "status": STARTED}
+    assert _refused(rules, _update(pGap=0.3), started) == [".spec.pGap"]
+    assert _refused(rules, _update(seed=4), started) == [".spec.seed"]
+    assert _refused(rules, _update(ray__image="img:2"), started) == [".spec.ray.image"]
+    assert _refused(rules, _update(ray__head={"cpus": "8"}), started) == [".spec.ray.head"]
+    assert _refused(rules, _update(output__uri="s3://b/elsewhere"), started) == [".spec.output.uri"]
+    message = next(rule["message"] for rule in rules if rule["fieldPath"] == ".spec.pGap")
+    assert "spec.pGap cannot change once the resource has started" in message
+
+
+def test_retries_deadlines_queue_and_suspension_can_change_on_a_running_resource():
+    rules = _immutability_rules("ptsjobs.tokenmill.dev.yaml")
+    started = {"spec": PTS_SPEC, "status": STARTED}
+    for update in (_update(suspend=True), _update(backoffLimit=10), _update(ray__queueName="urgent"),
+                   _update(ray__activeDeadlineSeconds=7200), _update(ray__preRunningDeadlineSeconds=600),
+                   _update(output__deletePolicy="Delete")):
+        assert _refused(rules, update, started) == []
+
+
+def test_anything_can_change_before_the_first_attempt():
+    rules = _immutability_rules("ptsjobs.tokenmill.dev.yaml")
+    waiting = {"spec": PTS_SPEC, "status": {"phase": "Waiting"}}
+    changed = {**_update(pGap=0.3, ray__image="img:2"), "status": waiting["status"]}
+    assert _refused(rules, changed, waiting) == []
+    assert _refused(rules, {"spec": changed["spec"]}, {"spec": PTS_SPEC}) == []
 
 
 def test_python_models_enforce_the_same_rules():

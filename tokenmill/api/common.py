@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from tokenmill.api.base import ApiModel
+from tokenmill.api.placement import PodExtras
 from tokenmill.api.fields import (
     LabelKey,
     LabelValue,
@@ -19,6 +20,13 @@ from tokenmill.api.fields import (
 )
 
 KindName = Literal["CorpusFilter", "SyntheticDataJob", "TrainingStage", "PTSJob"]
+
+# Spec fields (wire paths below spec) a user may change after the first attempt started: they
+# change how the resource is run, retried, queued and cleaned up, never what it produces or where.
+MUTABLE_AFTER_START = frozenset({
+    "suspend", "backoffLimit", "ray.queueName", "ray.activeDeadlineSeconds", "ray.preRunningDeadlineSeconds",
+    "ray.ttlSecondsAfterFinished", "output.deletePolicy",
+})
 
 EXACTLY_ONE_OF_REF_URI = {
     "rule": "has(self.ref) != has(self.uri)",
@@ -165,6 +173,9 @@ class RaySpec(ApiModel):
     """Fails an attempt whose Ray cluster is not running within this time (image pulls, no GPUs)."""
     ttl_seconds_after_finished: int = Field(default=3600, ge=0)
     """How long a finished RayJob is kept before deletion."""
+    pod: PodExtras | None = None
+    """Additions to every Ray pod over the operator's defaults: device resources (RDMA, EFA), annotations,
+    volumes, NCCL environment, priority class, Kueue topology."""
 
 
 class SamplingParams(ApiModel):

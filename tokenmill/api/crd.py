@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
+from tokenmill.api.common import MUTABLE_AFTER_START
 from tokenmill.api.resources import CATEGORY, GROUP, KINDS, VERSION, KindInfo
 from tokenmill.api.status import ResourceStatus
 
@@ -103,26 +104,39 @@ def structural_schema(model: type[BaseModel]) -> dict[str, Any]:
     return schema
 
 
-def _immutability_rule(info: KindInfo) -> dict[str, str]:
-    """Once an attempt has started, only `suspend` may change in the spec."""
-    clauses = []
-    for name, field in info.spec_model.model_fields.items():
-        wire = field.alias or name
-        if wire == "suspend":
+def _immutable_fields(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """The wire path below spec of every field that must not change once started: each field not in
+    MUTABLE_AFTER_START, descending into objects (always present: defaulted to {}) that hold mutable fields."""
+    out = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{field.alias or name}"
+        if path in MUTABLE_AFTER_START:
             continue
-        if field.is_required():
-            clauses.append(f"self.spec.{wire} == oldSelf.spec.{wire}")
-        else:
-            clauses.append(
-                f"(has(self.spec.{wire}) == has(oldSelf.spec.{wire}) && "
-                f"(!has(self.spec.{wire}) || self.spec.{wire} == oldSelf.spec.{wire}))"
-            )
+        nested = field.annotation
+        if any(mutable.startswith(f"{path}.") for mutable in MUTABLE_AFTER_START):
+            if not (isinstance(nested, type) and issubclass(nested, BaseModel)):
+                raise ValueError(f"spec.{path} holds mutable fields but is not a plain object")
+            out += _immutable_fields(nested, f"{path}.")
+            continue
+        out.append(path)
+    return out
+
+
+def _immutability_rules(info: KindInfo) -> list[dict[str, str]]:
+    """Per field: once an attempt has started, the field keeps its value (MUTABLE_AFTER_START excepted)."""
     started = "!has(oldSelf.status) || !has(oldSelf.status.startTime)"
-    return {
-        "rule": f"{started} || ({' && '.join(clauses)})",
-        "message": "spec is immutable once the resource has started, except spec.suspend; "
-        "delete and re-create the resource to change it",
-    }
+    mutable = ", ".join(f"spec.{path}" for path in sorted(MUTABLE_AFTER_START))
+    rules = []
+    for path in _immutable_fields(info.spec_model):
+        new, old = f"self.spec.{path}", f"oldSelf.spec.{path}"
+        clause = f"has({new}) == has({old}) && (!has({new}) || {new} == {old})"
+        rules.append({
+            "rule": f"{started} || ({clause})",
+            "message": f"spec.{path} cannot change once the resource has started (only {mutable} can); "
+                       "delete and re-create the resource to change it",
+            "fieldPath": f".spec.{path}",
+        })
+    return rules
 
 
 def crd_for(info: KindInfo) -> dict[str, Any]:
@@ -141,7 +155,7 @@ def crd_for(info: KindInfo) -> dict[str, Any]:
             "spec": spec_schema,
             "status": status_schema,
         },
-        "x-kubernetes-validations": [_immutability_rule(info)],
+        "x-kubernetes-validations": _immutability_rules(info),
     }
     _check_described(schema, "")
     columns = [
@@ -150,6 +164,9 @@ def crd_for(info: KindInfo) -> dict[str, Any]:
         {"name": "Progress", "type": "string", "jsonPath": ".status.progress"},
         {"name": "Attempts", "type": "integer", "jsonPath": ".status.attempts", "priority": 1},
         {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1},
+        {"name": "RayJob", "type": "string", "jsonPath": ".status.rayJobName", "priority": 1},
+        {"name": "Started", "type": "date", "jsonPath": ".status.startTime", "priority": 1},
+        {"name": "Completed", "type": "date", "jsonPath": ".status.completionTime", "priority": 1},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]
     return {
@@ -165,7 +182,7 @@ def crd_for(info: KindInfo) -> dict[str, Any]:
                 "plural": info.plural,
                 "singular": info.singular,
                 "shortNames": list(info.short_names),
-                "categories": [CATEGORY],
+                "categories": [CATEGORY, "all"],
             },
             "versions": [
                 {

@@ -67,5 +67,10 @@ Endpoint = Annotated[
     AfterValidator(_endpoint),
     WithJsonSchema({"type": "string", "minLength": 1, "maxLength": 2048, "pattern": ENDPOINT}),
 ]
+Timestamp = Annotated[str, Field(json_schema_extra={"format": "date-time"})]
+"""An RFC 3339 time, such as 2026-01-31T12:00:00Z."""
+# metav1.Condition's type: a CamelCase name, optionally prefixed by a DNS subdomain and '/'.
+CONDITION_TYPE = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$"
+ConditionTypeName = Annotated[str, StringConstraints(pattern=CONDITION_TYPE, max_length=316)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 PositiveFraction = Annotated[float, Field(gt=0.0, le=1.0)]

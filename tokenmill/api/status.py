@@ -7,8 +7,10 @@ from typing import Literal
 from pydantic import Field
 
 from tokenmill.api.base import ApiModel
-from tokenmill.api.fields import ShortText, StoreUri
+from tokenmill.api.fields import ConditionTypeName, ShortText, StoreUri, Timestamp
 
+# The condition types the operator writes; the schema accepts any well-formed type, so a newer
+# operator can add one without a CRD change.
 ConditionType = Literal["Valid", "InputsReady", "Running", "Succeeded", "Failed", "Suspended", "ActionFailed"]
 Phase = Literal["Pending", "Invalid", "Waiting", "Running", "Suspended", "Succeeded", "Failed"]
 PHASES: tuple[str, ...] = Phase.__args__  # type: ignore[attr-defined]
@@ -17,7 +19,7 @@ PHASES: tuple[str, ...] = Phase.__args__  # type: ignore[attr-defined]
 class Condition(ApiModel):
     """An observation of one aspect of the resource's state."""
 
-    type: ConditionType
+    type: ConditionTypeName
     """Valid, InputsReady, Running, Succeeded, Failed, Suspended or ActionFailed (the operator's last
     action, such as creating the RayJob or writing the run spec, failed)."""
     status: Literal["True", "False", "Unknown"]
@@ -26,7 +28,7 @@ class Condition(ApiModel):
     """A CamelCase, machine-readable reason for the last transition."""
     message: str = Field(default="", max_length=32768)
     """A human-readable explanation."""
-    last_transition_time: str
+    last_transition_time: Timestamp
     """When status last changed (RFC 3339)."""
     observed_generation: int | None = Field(default=None, ge=0)
     """metadata.generation the condition was computed from."""
@@ -64,7 +66,7 @@ class AttemptRecord(ApiModel):
     """Failed and Lost (the RayJob vanished) count against backoffLimit; Stopped (suspension) does not."""
     reason: str = Field(default="", max_length=1024)
     """The reason, as in the Failed condition."""
-    end_time: str | None = None
+    end_time: Timestamp | None = None
     """When the attempt ended (RFC 3339)."""
 
 
@@ -89,9 +91,9 @@ class ResourceStatus(ApiModel):
     """RayJobs created so far."""
     ray_job_name: ShortText | None = None
     """The current attempt's RayJob."""
-    start_time: str | None = None
+    start_time: Timestamp | None = None
     """When the first attempt started (RFC 3339)."""
-    completion_time: str | None = None
+    completion_time: Timestamp | None = None
     """When the resource succeeded or finally failed (RFC 3339)."""
     outputs: OutputSummary | None = None
     """The committed outputs."""
