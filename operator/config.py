@@ -14,6 +14,7 @@ chart) and most have a command-line flag on `tokenmill operator` that overrides 
 | TOKENMILL_GPU_TOLERATIONS        | tolerations of the GPU pool, JSON list                     | nvidia.com/gpu Exists NoSchedule |
 | TOKENMILL_CPU_NODE_SELECTOR      | node selector of the CPU pool (kinds needing no GPUs)      | {} |
 | TOKENMILL_CPU_TOLERATIONS        | tolerations of the CPU pool, JSON list                     | [] |
+| TOKENMILL_RAY_POD                | additions to every Ray pod, JSON as spec.ray.pod (RDMA resources, NCCL env, volumes, priority class, Kueue topology); spec.ray.pod adds to it | {} |
 | TOKENMILL_STORE                  | default output store; outputs go to <store>/<ns>/<plural>/<name> | none (spec.output.uri required) |
 | TOKENMILL_CREDENTIALS_SECRET     | Secret with store credentials when spec.output.credentialsSecret is omitted | none |
 | TOKENMILL_NAMESPACES             | comma-separated namespaces to serve; empty serves all      | all |
@@ -40,6 +41,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tokenmill import __version__
+from tokenmill.api.placement import PodExtras
 
 DEFAULT_IMAGE = f"ghcr.io/tokenmill/ray-worker:{__version__}"
 DEFAULT_RAY_VERSION = "2.60.0"
@@ -61,6 +63,7 @@ class OperatorConfig:
     tolerations: tuple[Mapping[str, Any], ...] = DEFAULT_TOLERATIONS
     cpu_node_selector: Mapping[str, str] = field(default_factory=dict)
     cpu_tolerations: tuple[Mapping[str, Any], ...] = ()
+    pod_extras: PodExtras = field(default_factory=PodExtras)
     store: str | None = None
     credentials_secret: str | None = None
     namespaces: tuple[str, ...] = ()
@@ -125,6 +128,7 @@ def from_env(environ: Mapping[str, str] | None = None) -> OperatorConfig:
         tolerations=_tolerations("TOKENMILL_GPU_TOLERATIONS", text("TOKENMILL_GPU_TOLERATIONS"), DEFAULT_TOLERATIONS),
         cpu_node_selector=_string_map("TOKENMILL_CPU_NODE_SELECTOR", text("TOKENMILL_CPU_NODE_SELECTOR"), {}),
         cpu_tolerations=_tolerations("TOKENMILL_CPU_TOLERATIONS", text("TOKENMILL_CPU_TOLERATIONS"), ()),
+        pod_extras=_pod_extras(text("TOKENMILL_RAY_POD")),
         store=text("TOKENMILL_STORE"),
         credentials_secret=text("TOKENMILL_CREDENTIALS_SECRET"),
         namespaces=namespaces,
@@ -158,6 +162,15 @@ def _string_map(name: str, raw: str | None, default: dict[str, str]) -> dict[str
             raise ConfigError(f"{name} must be a JSON object or key=value pairs separated by commas")
         out[key.strip()] = value.strip()
     return out
+
+
+def _pod_extras(raw: str | None) -> PodExtras:
+    if raw is None:
+        return PodExtras()
+    try:
+        return PodExtras.model_validate_json(raw)
+    except ValueError as error:
+        raise ConfigError(f"TOKENMILL_RAY_POD is not a valid pod addition (as spec.ray.pod): {error}") from None
 
 
 def _tolerations(name: str, raw: str | None,

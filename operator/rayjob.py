@@ -29,6 +29,7 @@ import shlex
 from typing import Any
 
 from tokenmill.api.common import SecretKeyRef
+from tokenmill.api.placement import KUEUE_PREFERRED_TOPOLOGY, KUEUE_REQUIRED_TOPOLOGY, PodExtras
 from tokenmill.api.resources import API_VERSION, KINDS, AnyResource
 from tokenmill.operator import naming
 from tokenmill.operator.config import OperatorConfig
@@ -80,6 +81,47 @@ def store_secret_env(secret: str) -> list[dict[str, Any]]:
     env += [{"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": True}}}
             for key in OPTIONAL_STORE_SECRET_KEYS]
     return env
+
+
+def apply_pod_extras(template: dict[str, Any], extras: PodExtras, *, workers: bool) -> None:
+    """Merge `extras` into a group's pod template (in place), as a strategic merge would: maps
+    by key, env by name, volumes by name, each container mounting every volume. Device
+    resources and the topology request apply to the worker group only. Refuses to replace
+    anything the template already has (the model already keeps tokenmill's names reserved)."""
+    meta = template.setdefault("metadata", {})
+    annotations = dict(extras.annotations)
+    if workers and extras.topology is not None:
+        if extras.topology.required:
+            annotations[KUEUE_REQUIRED_TOPOLOGY] = extras.topology.required
+        else:
+            annotations[KUEUE_PREFERRED_TOPOLOGY] = str(extras.topology.preferred)
+    if annotations:
+        meta["annotations"] = {**meta.get("annotations", {}), **annotations}
+    pod = template["spec"]
+    if extras.priority_class_name:
+        pod["priorityClassName"] = extras.priority_class_name
+    existing_volumes = {volume["name"] for volume in pod.get("volumes", [])}
+    for volume in extras.volumes:
+        if volume.name in existing_volumes:
+            raise ValueError(f"pod volume {volume.name} already exists")
+        source = volume.to_wire()
+        source.pop("mountPath")
+        pod.setdefault("volumes", []).append(source)
+    for container in pod["containers"]:
+        names = {item["name"] for item in container.get("env", [])}
+        for item in extras.env:
+            if item.name in names:
+                raise ValueError(f"environment variable {item.name} is already set on {container['name']}")
+            container.setdefault("env", []).append({"name": item.name, "value": item.value})
+        for volume in extras.volumes:
+            mount = {"name": volume.name, "mountPath": volume.mount_path}
+            if volume.persistent_volume_claim is not None and volume.persistent_volume_claim.read_only:
+                mount["readOnly"] = True
+            container.setdefault("volumeMounts", []).append(mount)
+        if workers:
+            for resource, amount in extras.extra_resources.items():
+                container["resources"]["requests"][resource] = amount
+                container["resources"]["limits"][resource] = amount
 
 
 def shared_memory_size(shared_memory: str, memory_limit: str) -> str:
@@ -242,6 +284,11 @@ def render(
     }
     if ray.active_deadline_seconds is not None:
         rayjob_spec["activeDeadlineSeconds"] = ray.active_deadline_seconds
+    extras = ray.pod.merged_over(config.pod_extras) if ray.pod is not None else config.pod_extras
+    cluster = rayjob_spec["rayClusterSpec"]
+    apply_pod_extras(cluster["headGroupSpec"]["template"], extras, workers=False)
+    for group in cluster["workerGroupSpecs"]:
+        apply_pod_extras(group["template"], extras, workers=True)
 
     return {
         "apiVersion": RAY_API_VERSION,

@@ -11,6 +11,7 @@ import yaml
 
 from tests.operator.conftest import corpus, ref, stage
 from tokenmill.api.loader import parse_resource
+from tokenmill.api.placement import PodExtras
 from tokenmill.cli import main
 from tokenmill.operator import naming, rayjob
 from tokenmill.operator.config import ConfigError, OperatorConfig, from_env
@@ -270,3 +271,56 @@ def test_generator_api_key_comes_from_its_secret():
         assert {"name": "TOKENMILL_GENERATOR_API_KEY",
                 "valueFrom": {"secretKeyRef": {"name": "llm-key", "key": "token"}}} in env
     assert manifest["metadata"]["name"] == "sdj-teacher-data-1"
+
+
+def test_pod_additions_merge_into_every_group_over_the_operators_defaults():
+    defaults = PodExtras.model_validate({
+        "env": [{"name": "NCCL_DEBUG", "value": "WARN"}, {"name": "NCCL_IB_HCA", "value": "mlx5"}],
+        "extraResources": {"rdma/ib": "1"}, "priorityClassName": "training",
+    })
+    document = stage("pretrain", datasets=[{**ref("CorpusFilter", "web"), "weight": 1.0}])
+    document["spec"]["ray"]["pod"] = {
+        "env": [{"name": "NCCL_IB_HCA", "value": "mlx5_0,mlx5_1"}],
+        "extraResources": {"vpc.amazonaws.com/efa": "32"},
+        "annotations": {"k8s.v1.cni.cncf.io/networks": "ib-net"},
+        "volumes": [{"name": "datasets", "mountPath": "/mnt/datasets",
+                     "persistentVolumeClaim": {"claimName": "datasets", "readOnly": True}}],
+        "topology": {"required": "cloud.example.com/topology-block"},
+    }
+    manifest = rayjob.render(parsed(document), namespace="default", attempt=1, spec_uri="s3://b/x/_run/spec.json",
+                             config=OperatorConfig(pod_extras=defaults))
+    cluster = manifest["spec"]["rayClusterSpec"]
+    head, (group,) = cluster["headGroupSpec"]["template"], cluster["workerGroupSpecs"]
+    worker = group["template"]
+    for template in (head, worker):
+        pod = template["spec"]
+        (container,) = pod["containers"]
+        assert {"name": "NCCL_IB_HCA", "value": "mlx5_0,mlx5_1"} in container["env"]  # the spec wins, by name
+        assert {"name": "NCCL_DEBUG", "value": "WARN"} in container["env"]
+        assert pod["priorityClassName"] == "training"
+        assert {"name": "datasets", "persistentVolumeClaim": {"claimName": "datasets", "readOnly": True}} in pod["volumes"]
+        assert {"name": "datasets", "mountPath": "/mnt/datasets", "readOnly": True} in container["volumeMounts"]
+        assert template["metadata"]["annotations"]["k8s.v1.cni.cncf.io/networks"] == "ib-net"
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False  # tokenmill's own stays
+    limits = worker["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["rdma/ib"] == "1" and limits["vpc.amazonaws.com/efa"] == "32" and limits["memory"] == "1600Gi"
+    assert "rdma/ib" not in head["spec"]["containers"][0]["resources"]["limits"]  # devices on the workers only
+    assert worker["metadata"]["annotations"]["kueue.x-k8s.io/podset-required-topology"] == \
+        "cloud.example.com/topology-block"
+    assert "kueue.x-k8s.io/podset-required-topology" not in head["metadata"].get("annotations", {})
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in worker["spec"]["containers"][0]["volumeMounts"]
+
+
+def test_pod_additions_cannot_replace_what_the_operator_owns():
+    from tokenmill.operator.config import ConfigError, from_env
+
+    for bad in ({"env": [{"name": "TOKENMILL_ATTEMPT", "value": "9"}]}, {"extraResources": {"nvidia.com/gpu": "16"}},
+                {"volumes": [{"name": "dshm", "mountPath": "/x", "emptyDir": {}}]},
+                {"volumes": [{"name": "x", "mountPath": "/dev/shm/", "emptyDir": {}}]}):
+        document = corpus("web", inputs=[{"name": "raw", "uri": "s3://bucket/raw"}])
+        document["spec"]["ray"]["pod"] = bad
+        resource, problems = parse_resource(document)
+        assert resource is None and problems, bad
+    with pytest.raises(ConfigError, match="TOKENMILL_RAY_POD"):
+        from_env({"TOKENMILL_RAY_POD": '{"env": [{"name": "AWS_SECRET_ACCESS_KEY", "value": "x"}]}'})
+    assert from_env({"TOKENMILL_RAY_POD": '{"priorityClassName": "p"}'}).pod_extras.priority_class_name == "p"
