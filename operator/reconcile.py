@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from tokenmill.api.common import MUTABLE_AFTER_START
 from tokenmill.api.problems import Problem
 from tokenmill.api.resources import KINDS, AnyResource, references
 from tokenmill.layout import dataset_uri, run_spec_uri
@@ -75,10 +76,11 @@ NEED_RAYJOBS = "rayjobs"  # an authoritative listing of the resource's RayJobs, 
 # Attempt results that count against spec.backoffLimit.
 FAILED_RESULTS = frozenset({"Failed", "Lost"})
 
-# Spec fields that do not change what an attempt produces: a run spec that differs only in
-# these continues the same run (same generation in the store's producer records), so a retry
-# or a resume after a suspension keeps the shards and checkpoints already committed.
-RUN_NEUTRAL_FIELDS = frozenset({"suspend", "backoffLimit"})
+# Spec fields that do not change what an attempt produces (the fields the CRD lets change on a
+# started resource): a run spec that differs only in these continues the same run (same
+# generation in the store's producer records), so a retry, a resume after a suspension or a
+# new queue or deadline keeps the shards and checkpoints already committed.
+RUN_NEUTRAL_FIELDS = MUTABLE_AFTER_START
 
 NORMAL, WARNING = "Normal", "Warning"
 
@@ -215,8 +217,15 @@ def same_run(previous: Mapping[str, Any] | None, document: Mapping[str, Any]) ->
     if previous.get("output") != document.get("output"):
         return False
 
-    def neutral(spec: Mapping[str, Any]) -> dict[str, Any]:
-        return {key: value for key, value in spec.items() if key not in RUN_NEUTRAL_FIELDS}
+    def neutral(spec: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in spec.items():
+            path = f"{prefix}{key}"
+            if path in RUN_NEUTRAL_FIELDS:
+                continue
+            holds_neutral = any(field.startswith(f"{path}.") for field in RUN_NEUTRAL_FIELDS)
+            out[key] = neutral(value, f"{path}.") if holds_neutral and isinstance(value, Mapping) else value
+        return out
 
     return neutral(previous["spec"]) == neutral(document["spec"])
 

@@ -286,6 +286,13 @@ def test_a_resumed_attempt_continues_the_same_run():
     changed = copy.deepcopy(previous)
     changed["spec"]["extraction"] = "plain"
     assert not same_run(changed, write.document)
+    queued = copy.deepcopy(previous)
+    queued["spec"]["ray"]["queueName"] = "urgent"
+    queued["spec"]["ray"]["activeDeadlineSeconds"] = 7200
+    assert same_run(queued, write.document)  # a new queue or deadline continues the run
+    resized = copy.deepcopy(previous)
+    resized["spec"]["ray"]["workers"]["replicas"] = 5
+    assert not same_run(resized, write.document)
     assert not same_run({**previous, "metadata": {"uid": "other", "generation": 1}}, write.document)
 
 
