@@ -8,7 +8,9 @@ workload itself. Every series carries the resource's `kind`, `namespace` and `na
 - every workload: `tokenmill_workload_progress_ratio` and `tokenmill_workload_phase{phase}`
   (1 for the current phase);
 - TrainingStage: `tokenmill_train_step`, `_loss`, `_learning_rate`, `_grad_norm`,
-  `_tokens_per_second`, `_mfu_ratio` and the counter `tokenmill_train_tokens_total`.
+  `_tokens_per_second`, `_mfu_ratio` and the counter `tokenmill_train_tokens_total`;
+- CorpusFilter: the funnel, `tokenmill_corpus_documents_total{step,verdict,reason}` and the
+  rest listed in `trainer/curate/metrics.py`.
 """
 
 from __future__ import annotations
@@ -84,6 +86,10 @@ def progress_metrics(progress: Progress | None, labels: Mapping[str, str]) -> li
         family = family_type(series.name, series.help, labels=names)
         family.add_metric(values, float(value))
         families.append(family)
+    if labels.get("kind") == "CorpusFilter":
+        from tokenmill.trainer.curate.metrics import corpus_families
+
+        families += corpus_families(progress.metrics, names, values)
     return families
 
 
