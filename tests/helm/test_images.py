@@ -11,7 +11,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from tests.conftest import REPO
-from tests.helm.chart import CHART
+from tests.helm.chart import CHART, only, render
 from tokenmill.operator.config import DEFAULT_RAY_VERSION
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
@@ -53,7 +53,13 @@ def test_the_operator_image_installs_only_the_operator_extra() -> None:
     text = (REPO / "images" / "operator" / "Dockerfile").read_text()
     assert not re.search(r"\b(torch|vllm|ray)\b", "\n".join(runs)), "the operator image installs no ML stack"
     assert "python:${PYTHON_VERSION}-slim" in text
-    assert re.search(r"^USER 65532", text, re.M), "the operator runs as the non-root user the chart expects"
+    # The chart runs the image as its non-root user, with `operator ...` as the arguments.
+    deployment, = only(render(), "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    user = re.search(r"^USER (\d+):(\d+)", text, re.M)
+    assert user and int(user.group(1)) == pod["securityContext"]["runAsUser"] != 0
+    assert int(user.group(2)) == pod["securityContext"]["runAsGroup"]
+    assert re.search(r'^ENTRYPOINT \["tokenmill"\]', text, re.M) and pod["containers"][0]["args"][0] == "operator"
     operator_extra = {Requirement(item).name for item in PYPROJECT["optional-dependencies"]["operator"]}
     assert not operator_extra & {"torch", "vllm", "ray"}
 
