@@ -66,3 +66,34 @@ async def test_switching_the_policy_adds_and_removes_the_finalizer(kube, start_o
     await eventually(lambda: get(kube, "CorpusFilter", "web")["metadata"].get("finalizers") == [naming.FINALIZER])
     await kube.patch(KINDS["CorpusFilter"], "default", "web", {"spec": {"output": {"deletePolicy": "Retain"}}})
     await eventually(lambda: not get(kube, "CorpusFilter", "web")["metadata"].get("finalizers"))
+
+
+async def test_an_output_another_resource_still_reads_is_kept_until_it_is_done(kube, start_operator, standin,
+                                                                              store_root, tmp_path):
+    from tests.operator.conftest import condition, ref, stage
+    from tests.operator.standin import Behaviour
+
+    commit_dataset(f"{store_root}/raw")
+    hold = tmp_path / "release"
+    await start_operator()
+    await standin(policy=lambda job: Behaviour(env={"FAKE_HOLD_FILE": str(hold)}
+                                               if job["metadata"]["labels"][naming.LABEL_KIND] == "TrainingStage"
+                                               else {}))
+    document = corpus("web", inputs=[{"name": "raw", "uri": f"{store_root}/raw"}])
+    document["spec"]["output"] = {"deletePolicy": "Delete"}
+    await apply(kube, document)
+    done = await phase_is(kube, "CorpusFilter", "web", "Succeeded")
+    await apply(kube, stage("pretrain", datasets=[{**ref("CorpusFilter", "web"), "weight": 1.0,
+                                                   "uniqueTokens": 100000}]))
+    await phase_is(kube, "TrainingStage", "pretrain", "Running")
+
+    await kube.delete(KINDS["CorpusFilter"], "default", "web")
+    blocked = await eventually(lambda: condition(kube, "CorpusFilter", "web", "ActionFailed").get("reason")
+                               == "OutputInUse" and condition(kube, "CorpusFilter", "web", "ActionFailed"))
+    assert "TrainingStage/pretrain" in blocked["message"]
+    assert "data/_manifest.json" in output_keys(done["outputs"]["uri"])  # still there for the reader
+
+    hold.touch()
+    await phase_is(kube, "TrainingStage", "pretrain", "Succeeded")
+    await eventually(lambda: get(kube, "CorpusFilter", "web") is None)
+    assert output_keys(done["outputs"]["uri"]) == []
