@@ -124,6 +124,15 @@ def test_the_dashboard_has_a_row_per_kind_and_one_for_the_operator() -> None:
             assert all(target["datasource"]["uid"] == "${datasource}" for target in panel["targets"])
     ids = [panel["id"] for panel in board["panels"]]
     assert len(ids) == len(set(ids))
+    # Grafana's 24-column grid: every panel fits, none covers another.
+    covered: dict[tuple[int, int], str] = {}
+    for panel in board["panels"]:
+        place = panel["gridPos"]
+        assert place["x"] + place["w"] <= 24, panel["title"]
+        for cell in ((x, y) for x in range(place["x"], place["x"] + place["w"])
+                     for y in range(place["y"], place["y"] + place["h"])):
+            assert cell not in covered, f"{panel['title']} covers {covered[cell]}"
+            covered[cell] = panel["title"]
 
 
 def test_every_panel_query_parses(prometheus: Prometheus) -> None:
