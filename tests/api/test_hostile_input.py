@@ -162,6 +162,7 @@ spec:
     ('tolerations: [{key: gpu, value: "-x-"}]', "spec.ray.tolerations[0].value: must be a label value"),
     ('queueName: "team queue"', "spec.ray.queueName: must be a label value"),
     ("queueName: " + "q" * 64, "spec.ray.queueName"),
+    ('image: "tokenmill:1 "', "spec.ray.image: must be a container image reference without white space"),
 ])
 def test_placement_the_api_server_would_refuse_is_refused(write_recipe, capsys, ray, field):
     folder = write_recipe(web=PLACED % dict(metadata="", ray=ray))

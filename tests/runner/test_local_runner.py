@@ -124,3 +124,18 @@ def test_entrypoint_reports_a_missing_workload_module(monkeypatch, capsys):
     monkeypatch.setitem(KINDS, "PTSJob", missing)
     assert main(["pts", "--spec", "file:///nowhere/_run/spec.json"]) == NOT_BUILT_EXIT_CODE
     assert "the pts workload is not built yet" in capsys.readouterr().err
+
+
+def test_the_runner_refuses_outputs_that_overlap_before_running_anything(recipe, calls, tmp_path):
+    from tokenmill.api.problems import RecipeError
+
+    store = tmp_path / "store"
+    resources = plan_recipe(recipe)
+    web = next(resource for resource in resources if resource.name == "web")
+    nested = web.model_copy(update={"spec": web.spec.model_copy(update={
+        "output": web.spec.output.model_copy(update={"uri": f"{store.as_uri()}/trainingstages"})})})
+    resources = [nested if resource is web else resource for resource in resources]
+    with pytest.raises(RecipeError) as error:
+        LocalRunner(store.as_uri(), entrypoint=(sys.executable, str(SCRIPT))).run(resources)
+    assert "CorpusFilter/web" in str(error.value) and "TrainingStage/pretrain" in str(error.value)
+    assert calls() == []

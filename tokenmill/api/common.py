@@ -9,6 +9,7 @@ from pydantic import Field
 from tokenmill.api.base import ApiModel
 from tokenmill.api.placement import PodExtras
 from tokenmill.api.fields import (
+    ImageName,
     LabelKey,
     LabelValue,
     Quantity,
@@ -155,7 +156,7 @@ class WorkerGroup(ApiModel):
 class RaySpec(ApiModel):
     """How the workload's Ray cluster is placed and bounded. Omitted fields take the operator's defaults."""
 
-    image: ShortText | None = None
+    image: ImageName | None = None
     """Ray worker image (CUDA, torch, vLLM, tokenmill); defaults to the operator's configured image."""
     head: HeadGroup = Field(default_factory=HeadGroup)
     """The head pod."""

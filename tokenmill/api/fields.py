@@ -25,7 +25,11 @@ LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
 # An http(s) URL without user:password@ before the host.
 ENDPOINT = r"^https?://[^\s/@?#]+([/?#][^\s]*)?$"
 
+# A container image reference: no white space (the API server refuses leading or trailing spaces).
+IMAGE = r"^[^\s]+$"
+
 PATTERN_MEANINGS = {
+    IMAGE: "must be a container image reference without white space",
     DNS1123_SUBDOMAIN: "must be a DNS subdomain: lower-case letters, digits, '-' and '.', "
                        "beginning and ending with a letter or digit",
     STORE_URI: "must be a store URI: s3://bucket/prefix or file:///absolute/path (file:relative/path for the "
@@ -42,6 +46,7 @@ ResourceName = Annotated[str, StringConstraints(pattern=DNS1123_SUBDOMAIN, max_l
 SecretName = Annotated[str, StringConstraints(pattern=DNS1123_SUBDOMAIN, max_length=253)]
 StoreUri = Annotated[str, StringConstraints(pattern=STORE_URI, max_length=2048)]
 Quantity = Annotated[str, StringConstraints(pattern=QUANTITY, max_length=64)]
+ImageName = Annotated[str, StringConstraints(pattern=IMAGE, min_length=1, max_length=512)]
 ShortText = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 LongText = Annotated[str, StringConstraints(min_length=1, max_length=16384)]
 LabelKey = Annotated[str, StringConstraints(pattern=LABEL_KEY, max_length=317)]

@@ -12,7 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tokenmill.api.graph import dependencies
+from tokenmill.api.output_prefix import ClaimedOutput, output_problem
+from tokenmill.api.problems import Problem, RecipeError
 from tokenmill.api.resources import KINDS, AnyResource
+from tokenmill.api.semantic import output_overlaps
 from tokenmill.api.status import OutputSummary
 from tokenmill.layout import run_spec_uri
 from tokenmill.outputs import check_outputs
@@ -52,6 +55,9 @@ class LocalRunner:
     events: RunEvents = field(default_factory=RunEvents)
 
     def run(self, resources: list[AnyResource]) -> list[StageResult]:
+        """Run `resources` (in dependency order); raises RecipeError, before anything runs, when an
+        output is a root, has dot segments, or overlaps another resource's output."""
+        check_outputs_apart(resources, self.store_root)
         results: dict[tuple[str, str], StageResult] = {}
         for resource in resources:
             blocked = [key for key in dependencies(resource) if results[key].result not in ("Succeeded", "Up to date")]
@@ -123,6 +129,21 @@ class LocalRunner:
             return
         if progress is not None:
             self.events.progress(resource, progress.fraction, progress.message)
+
+
+def check_outputs_apart(resources: list[AnyResource], store_root: str) -> None:
+    """Raise RecipeError listing every output that could destroy data written by another."""
+    outputs = [(resource, output_uri(resource, store_root)) for resource in resources]
+    problems = []
+    for resource, output in outputs:
+        label = "/".join(resource.key)
+        reason = output_problem(output)
+        if reason:
+            problems.append(Problem(f"output {output} {reason}", "spec.output.uri", label))
+        claimed = [ClaimedOutput("/".join(other.key), uri) for other, uri in outputs if other is not resource]
+        problems += [problem.located(resource=label) for problem in output_overlaps(resource, output, claimed)]
+    if problems:
+        raise RecipeError(problems)
 
 
 def _up_to_date(output: str, document: dict) -> bool:
