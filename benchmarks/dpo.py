@@ -121,8 +121,10 @@ def main() -> None:
     ratio = ours / theirs
     print(f"pairs {len(pairs)} (one-token, prompts 48-160 tokens), batch {args.batch}, fp32, one thread, "
           f"{args.rounds} rounds, CPU time")
-    print(f"ours (reference pass included): {ours:8.1f} pairs/s  (min {min(ours_rates):.1f}, max {max(ours_rates):.1f})")
-    print(f"TRL DPOTrainer step:            {theirs:8.1f} pairs/s  (min {min(trl_rates):.1f}, max {max(trl_rates):.1f})")
+    spread = {name: f"(min {min(rates):.1f}, max {max(rates):.1f})" for name, rates in
+              (("ours", ours_rates), ("trl", trl_rates))}
+    print(f"ours (reference pass included): {ours:8.1f} pairs/s  {spread['ours']}")
+    print(f"TRL DPOTrainer step:            {theirs:8.1f} pairs/s  {spread['trl']}")
     print(f"ratio {ratio:.2f}x (target >= {TARGET_RATIO:.0f}x): {'met' if ratio >= TARGET_RATIO else 'NOT met'}")
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -56,8 +55,6 @@ from tokenmill.trainer.data.loader import MicroBatch, MicroBatchIterator
 from tokenmill.trainer.data.packing import IGNORE_INDEX, TOKEN_DTYPE, document_ids
 from tokenmill.trainer.data.sources import TokenCacheSource
 from tokenmill.trainer.tokenizer import Tokenizer, get_tokenizer
-
-log = logging.getLogger("tokenmill.trainer.data")
 
 Packing = Literal["pack", "single"]
 OverLong = Literal["truncate", "drop"]
@@ -272,7 +269,9 @@ class ChatCacheMismatchError(StoreError):
     """A committed chat cache that was not built from the stage's data and settings."""
 
 
-def open_chat_cache(chats_uri: str, output_uri: str, spec: ChatCacheSpec) -> tuple[MaskedTokenCacheSource, Counter[str]]:
+def open_chat_cache(
+    chats_uri: str, output_uri: str, spec: ChatCacheSpec
+) -> tuple[MaskedTokenCacheSource, Counter[str]]:
     """The committed cache of a chat dataset as a source, after checking it matches the data."""
     key = chat_cache_key(open_dataset(chats_uri).manifest, spec)
     uri = join(output_uri, "data")

@@ -205,7 +205,9 @@ def sequence_logps(model: Any, batch: PairBatch, autocast: Any) -> torch.Tensor:
     return sums.index_add(0, batch.slots, logps).view(batch.num_pairs, 2)
 
 
-def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def dpo_loss(
+    policy: torch.Tensor, reference: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-pair sigmoid DPO loss from [pairs, 2] log-probs (chosen, rejected), and per-pair figures.
 
     rewards are beta x (policy - reference) log-prob; the loss is -log sigmoid(chosen reward -

@@ -114,7 +114,8 @@ def dpo_sources(
         try:
             pairs = load_pairs(str(dataset.uri), name, tokenizer, model.config.vocab_size, spec.sequence_length)
         except ManifestNotFoundError:
-            raise DpoInputError(f"{where}: no committed dataset at {dataset.uri} (its _manifest.json is missing)") from None
+            raise DpoInputError(
+                f"{where}: no committed dataset at {dataset.uri} (its _manifest.json is missing)") from None
         except SchemaValidationError as error:
             raise DpoInputError(f"{where}: stage dpo reads 'preference_pairs': {error}") from None
         except PairInputError as error:
@@ -123,7 +124,8 @@ def dpo_sources(
             raise DpoInputError(f"{where}: cannot read dataset {dataset.uri}: {error}") from None
         notes.append(describe_pairs(pairs))
         if not pairs.num_sequences:
-            raise DpoInputError(f"{where}: dataset {dataset.uri} has no pair to train on ({describe_pairs(pairs).strip()})")
+            raise DpoInputError(
+                f"{where}: dataset {dataset.uri} has no pair to train on ({describe_pairs(pairs).strip()})")
         sources[name] = pairs
     sizes = {name: pairs.num_sequences for name, pairs in sources.items()}
     return sources, sizes, {"notes": notes, "reference_uri": reference}
@@ -274,7 +276,7 @@ def run_dpo(job: Any, rank: int, world: int, device: torch.device, *, stop_after
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, LearningRateSchedule(opt.warmup_steps, plan.num_steps, opt.decay, opt.min_learning_rate_ratio))
 
-    checkpoints = CheckpointStore.for_output(job.output)
+    checkpoints = CheckpointStore.for_run(job.doc)  # this run's checkpoints only, fenced by attempt
     latest = checkpoints.latest()
     state: dict[str, Any] | None = None
     if latest is not None:

@@ -70,7 +70,8 @@ def sft_sources(
             raise SftInputError(f"{where}: {error}") from None
         if not counts[name].get(KEPT) or not source.num_sequences:
             raise SftInputError(
-                f"{where}: dataset {dataset.uri} has no sample to train on ({describe_counts(name, counts[name]).strip()})"
+                f"{where}: dataset {dataset.uri} has no sample to train on "
+                f"({describe_counts(name, counts[name]).strip()})"
             )
         sources[name], sizes[name] = source, source.num_sequences
     return sources, sizes, counts
