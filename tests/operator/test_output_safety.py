@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.operator.conftest import apply, commit_dataset, condition, corpus, phase_is, rayjobs
+from tests.operator.conftest import EVENTS, apply, commit_dataset, condition, corpus, phase_is, rayjobs, status
 
 
 async def test_an_output_nested_in_an_older_resources_output_is_invalid(kube, start_operator, standin, store_root):
@@ -28,4 +28,19 @@ async def test_a_bucket_root_output_is_invalid(kube, start_operator, standin, st
     await phase_is(kube, "CorpusFilter", "web", "Invalid")
     valid = condition(kube, "CorpusFilter", "web", "Valid")
     assert "bucket's root" in valid["message"]
+    assert rayjobs(kube) == []
+
+
+async def test_a_hostile_spec_is_invalid_without_echoing_secrets(kube, start_operator, standin, store_root):
+    await start_operator()
+    await apply(kube, corpus("web", inputs=[{"name": "raw", "uri": f"{store_root}/raw"}],
+                             output={"credentialsSecret": "AKIAEXAMPLESECRET1"},
+                             ray={"head": {"cpus": "-4"}, "queueName": "team queue",
+                                  "workers": {"replicas": 1, "gpusPerWorker": 0}}))
+    await phase_is(kube, "CorpusFilter", "web", "Invalid")
+    message = condition(kube, "CorpusFilter", "web", "Valid")["message"]
+    assert "spec.output.credentialsSecret: must name a Secret" in message
+    assert "spec.ray.head.cpus: must be a Kubernetes quantity" in message
+    assert "spec.ray.queueName: must be a label value" in message
+    assert "AKIAEXAMPLESECRET1" not in str(kube.list(EVENTS)) + str(status(kube, "CorpusFilter", "web"))
     assert rayjobs(kube) == []
