@@ -2,9 +2,11 @@
 
 Prometheus (Debian's package) scrapes a running operator (kopf against the emulated API
 server, driving CorpusFilters, a SyntheticDataJob, a TrainingStage and a PTSJob through the
-KubeRay stand-in to success and failure) and a running training workload's driver (the real
-entrypoint training a tiny model). Every panel's PromQL must parse, and must return series
-once both have reported; every metric a panel names must be one the code exports.
+KubeRay stand-in to success and failure), a running training workload's driver (the real
+entrypoint training a tiny model) and the metrics server of a CorpusFilter workload that ran
+to completion (the real entrypoint on a small corpus; the server its driver runs, serving
+the final progress record). Every panel's PromQL must parse, and must return series once
+they have reported; every metric a panel names must be one the code exports.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -28,10 +30,12 @@ from tests.helm.chart import CHART
 from tests.operator.conftest import apply, commit_dataset, corpus, phase_is, pts, stage
 from tests.operator.emulator import _status_response
 from tests.operator.standin import Behaviour
+from tests.trainer import curate_corpus
 from tests.trainer.test_train_stage import make_data, stage_spec
 from tokenmill.api.resources import KINDS
 from tokenmill.operator import naming
-from tokenmill.store import open_store, write_run_spec
+from tokenmill.store import open_store, read_run_spec_at, write_run_spec
+from tokenmill.trainer.metrics import serve_workload_metrics
 from tokenmill.workloads import METRICS_PORT_ENV
 
 DASHBOARD = CHART / "dashboards" / "tokenmill.json"
@@ -77,6 +81,18 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]
         server.stop()
 
 
+def _stop(driver: subprocess.Popen[bytes]) -> None:
+    """Stop a workload's driver and the local Ray it started (they share its process group)."""
+    for sent in (signal.SIGTERM, signal.SIGKILL):
+        if driver.poll() is not None:
+            return
+        os.killpg(driver.pid, sent)
+        try:
+            driver.wait(30)
+        except subprocess.TimeoutExpired:
+            continue
+
+
 @pytest.fixture(scope="module")
 def training_workload(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The training entrypoint, training a tiny model for longer than the test needs; its metrics address."""
@@ -99,16 +115,42 @@ def training_workload(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]
     try:
         yield f"127.0.0.1:{port}"
     finally:
-        # The driver and the local Ray it started share its process group.
-        for sent in (signal.SIGTERM, signal.SIGKILL):
-            if driver.poll() is not None:
-                break
-            os.killpg(driver.pid, sent)
-            try:
-                driver.wait(30)
-            except subprocess.TimeoutExpired:
-                continue
+        _stop(driver)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def corpus_workload(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[], str]]:
+    """The CorpusFilter entrypoint on a small corpus, started now; the function waits for it to
+    succeed, then serves its final progress record as its driver does, and returns the address."""
+    root = tmp_path_factory.mktemp("corpus")
+    uris = curate_corpus.write(curate_corpus.build(), (root / "inputs").as_uri())
+    output = (root / "out").as_uri()
+    spec_uri = write_run_spec(output, {
+        "runSpecVersion": 1, "kind": "CorpusFilter", "attempt": 1, "output": output, "spec": curate_corpus.spec(uris),
+        "metadata": {"name": "web", "namespace": WORKLOAD_NAMESPACE},
+    })
+    env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", METRICS_PORT_ENV)}
+    log_path = root / "driver.log"
+    with open(log_path, "wb") as log:
+        driver = subprocess.Popen([sys.executable, "-m", "tokenmill.trainer", "corpus-filter", "--spec", spec_uri],
+                                  env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    servers = []
+
+    def finished_and_served() -> str:
+        returncode = driver.wait(timeout=400)
+        assert returncode == 0, log_path.read_text(errors="replace")[-3000:]
+        server = serve_workload_metrics(read_run_spec_at(spec_uri), 0, address="127.0.0.1")
+        servers.append(server)
+        return f"127.0.0.1:{server.server_port}"
+
+    try:
+        yield finished_and_served
+    finally:
+        _stop(driver)
+        for server in servers:
+            server.shutdown()
+            server.server_close()
 
 
 def test_the_dashboard_has_a_row_per_kind_and_one_for_the_operator() -> None:
@@ -193,9 +235,10 @@ async def run_every_kind_through_the_operator(kube, start_operator, standin, sto
 
 @pytest.mark.slow
 async def test_every_panel_returns_series_from_the_running_operator_and_workload(
-        prometheus, training_workload, kube, start_operator, standin, store_root) -> None:
+        prometheus, training_workload, corpus_workload, kube, start_operator, standin, store_root) -> None:
     prometheus.add_targets("tokenmill-workloads", training_workload)
     await run_every_kind_through_the_operator(kube, start_operator, standin, store_root, prometheus)
+    prometheus.add_targets("tokenmill-workloads", await asyncio.to_thread(corpus_workload))
 
     queries = panel_queries()
 
