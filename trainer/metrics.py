@@ -10,7 +10,11 @@ workload itself. Every series carries the resource's `kind`, `namespace` and `na
 - TrainingStage: `tokenmill_train_step`, `_loss`, `_learning_rate`, `_grad_norm`,
   `_tokens_per_second`, `_mfu_ratio` and the counter `tokenmill_train_tokens_total`;
 - CorpusFilter: the funnel, `tokenmill_corpus_documents_total{step,verdict,reason}` and the
-  rest listed in `trainer/curate/metrics.py`.
+  rest listed in `trainer/curate/metrics.py`;
+- PTSJob: the counters `tokenmill_pts_pivotal_tokens_total`, `_rollouts_total`,
+  `_estimates_total`, `_tokens_generated_total`, `_problems_searched_total`,
+  `_problems_skipped_too_hard_total`, `_problems_skipped_too_easy_total`,
+  `_pivotal_pairs_total`, `_full_solution_pairs_total`.
 """
 
 from __future__ import annotations
@@ -49,7 +53,22 @@ TRAINING_SERIES = (
     Series("mfu", "tokenmill_train_mfu_ratio", "Model FLOPs utilisation over the last logging window (0 to 1)."),
     Series("tokens_seen", "tokenmill_train_tokens", "Tokens trained on so far.", counter=True),
 )
-SERIES_BY_KIND: Mapping[str, tuple[Series, ...]] = {"TrainingStage": TRAINING_SERIES}
+PTS_SERIES = (
+    Series("problems_searched", "tokenmill_pts_problems_searched", "Problems searched (p(success) inside the window).",
+           counter=True),
+    Series("problems_skipped_too_hard", "tokenmill_pts_problems_skipped_too_hard",
+           "Problems skipped with p(success) below minSuccess.", counter=True),
+    Series("problems_skipped_too_easy", "tokenmill_pts_problems_skipped_too_easy",
+           "Problems skipped with p(success) above maxSuccess.", counter=True),
+    Series("estimates", "tokenmill_pts_estimates", "p(success | prefix) estimates made.", counter=True),
+    Series("rollouts", "tokenmill_pts_rollouts", "Rollouts sampled and judged.", counter=True),
+    Series("tokens_generated", "tokenmill_pts_tokens_generated", "Tokens of solutions and rollouts.", counter=True),
+    Series("pivotal_tokens", "tokenmill_pts_pivotal_tokens", "Pivotal tokens found and kept.", counter=True),
+    Series("pairs_pivotal", "tokenmill_pts_pivotal_pairs", "One-token pairs written.", counter=True),
+    Series("pairs_full_solution", "tokenmill_pts_full_solution_pairs", "Full-solution pairs written.", counter=True),
+)
+
+SERIES_BY_KIND: Mapping[str, tuple[Series, ...]] = {"TrainingStage": TRAINING_SERIES, "PTSJob": PTS_SERIES}
 
 
 def resource_labels(doc: Mapping[str, Any]) -> dict[str, str]:

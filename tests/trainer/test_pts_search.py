@@ -375,3 +375,32 @@ def test_an_oracle_judges_decoded_solutions():
     assert result.stats.verdicts["correct"] == result.stats.verdicts["test-failed"] > 0
     assert [pair.kind for pair in result.full_pairs] == ["full-solution"] * 3
     assert all("return x + 1" in "".join(map(chr, pair.chosen_ids)) for pair in result.full_pairs)
+
+
+def test_a_rise_from_certain_failure_pairs_with_a_token_that_keeps_it_there():
+    # p is 0 until token 5 makes success certain: no token can lower p(prefix) = 0, so the
+    # counterpart is the alternative that keeps it at 0.
+    policy = planted(16, 1e-9, {5: 1.0 - 1e-9}, seed=14)
+    result = run(policy, samples_per_estimate=200)
+    (pair,) = result.pairs
+    assert (pair.position, pair.chosen_id, pair.rejected_id) == (5, 105, ALT_BASE + 5)
+    assert (pair.p_prefix, pair.p_chosen, pair.p_rejected) == (0.0, 1.0, 0.0)
+
+
+def test_statistics_reach_prometheus():
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tokenmill.store import Progress
+    from tokenmill.trainer.metrics import ProgressCollector
+    from tokenmill.trainer.pts.workload import progress_metrics
+
+    stats = run(planted(32, 0.1, {5: 0.45, 20: 0.35}, seed=11)).stats
+    progress = Progress(phase="searching", done=1, total=1, unit="problems", metrics=progress_metrics(stats))
+    registry = CollectorRegistry()
+    registry.register(ProgressCollector(lambda: progress, {"kind": "PTSJob", "namespace": "ns", "name": "pts"}))
+    samples = {sample.name: sample for family in text_string_to_metric_families(generate_latest(registry).decode())
+               for sample in family.samples}
+    assert samples["tokenmill_pts_pivotal_tokens_total"].value == stats.pivotal_tokens == 2
+    assert samples["tokenmill_pts_rollouts_total"].value == stats.rollouts
+    assert samples["tokenmill_pts_pivotal_pairs_total"].labels == {"kind": "PTSJob", "namespace": "ns", "name": "pts"}

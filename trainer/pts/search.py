@@ -273,15 +273,20 @@ class _ProblemSearch:
 
     def pair(self, solution_index: int, solution: Continuation, pivot: Pivot) -> PivotalTokenPair | None:
         """Chosen raises p, rejected lowers it; the pivotal token is one of them, the other is the
-        first token of rollouts already sampled at the same prefix that moved p the other way."""
+        first token of rollouts already sampled at the same prefix that moved p the other way.
+
+        Where p(prefix) is already 0 (before a rise) or 1 (before a fall), nothing can move it
+        further that way, and a token that leaves it there is the counterpart."""
         prefix = tuple(int(t) for t in solution.token_ids[: pivot.position])
         before = self.memo[self.problem.question_ids + prefix]
         after = self.memo[self.problem.question_ids + prefix + (pivot.token_id,)]
         raises = pivot.delta > 0
+        at_bound = before.p == (0.0 if raises else 1.0)
         others = []
         for token, (rollouts, successes) in before.next_tokens.items():
             p = successes / rollouts
-            if token != pivot.token_id and ((p < before.p) if raises else (p > before.p)):
+            moved_away = (p < before.p) if raises else (p > before.p)
+            if token != pivot.token_id and (moved_away or (at_bound and p == before.p)):
                 # the best-supported such token; among equals, the one moving p furthest
                 others.append((rollouts, abs(p - before.p), -token, token, p))
         if not others:
