@@ -21,9 +21,31 @@ from tokenmill.trainer.generate.interface import (
 )
 
 if TYPE_CHECKING:
-    from tokenmill.trainer.generate.torch_engine import TorchEngine
+    from tokenmill.trainer.generate.cache import (
+        CachedEngine,
+        FailureBudget,
+        GenerationBudgetExceeded,
+        RequestCache,
+        generations_uri,
+    )
+    from tokenmill.trainer.generate.factory import build_engine, engine_from_generator, sampling_from_spec
+    from tokenmill.trainer.generate.loading import load_model, load_torch_engine
+    from tokenmill.trainer.generate.openai_engine import OpenAIEngine
+    from tokenmill.trainer.generate.torch_engine import PrefixCache, TorchEngine, prompt_ids
+    from tokenmill.trainer.generate.vllm_engine import VLLMEngine
 
 _LAZY = {
+    "CachedEngine": "tokenmill.trainer.generate.cache",
+    "FailureBudget": "tokenmill.trainer.generate.cache",
+    "GenerationBudgetExceeded": "tokenmill.trainer.generate.cache",
+    "RequestCache": "tokenmill.trainer.generate.cache",
+    "generations_uri": "tokenmill.trainer.generate.cache",
+    "build_engine": "tokenmill.trainer.generate.factory",
+    "engine_from_generator": "tokenmill.trainer.generate.factory",
+    "sampling_from_spec": "tokenmill.trainer.generate.factory",
+    "OpenAIEngine": "tokenmill.trainer.generate.openai_engine",
+    "VLLMEngine": "tokenmill.trainer.generate.vllm_engine",
+    "prompt_ids": "tokenmill.trainer.generate.torch_engine",
     "TorchEngine": "tokenmill.trainer.generate.torch_engine",
     "PrefixCache": "tokenmill.trainer.generate.torch_engine",
     "load_torch_engine": "tokenmill.trainer.generate.loading",
@@ -40,18 +62,29 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "CachedEngine",
     "Completion",
     "Engine",
+    "FailureBudget",
+    "GenerationBudgetExceeded",
     "GenerationError",
     "GenerationInputError",
     "GenerationRequest",
+    "OpenAIEngine",
     "PrefixCache",
+    "RequestCache",
     "RequestOutput",
     "SampleFailure",
     "SamplingParams",
     "TopLogprob",
     "TorchEngine",
+    "VLLMEngine",
+    "build_engine",
+    "engine_from_generator",
+    "generations_uri",
     "load_model",
     "load_torch_engine",
+    "prompt_ids",
     "sample_seed",
+    "sampling_from_spec",
 ]
