@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from tokenmill.model_configs import MODEL_CONFIGS
@@ -190,3 +191,15 @@ def test_transformers_loads_saved_tokenizer(hf_tokenizers, name):
         assert theirs.convert_tokens_to_ids(token) == token_id
     rendered = theirs.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
     assert rendered == ours.apply_chat_template(CHAT, add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("name", ["phi-4", "byte"])
+def test_flat_encoding_equals_encoding_each_text(name):
+    tokenizer = get_tokenizer(name)
+    texts = ["Hello world", "", "special strings stay text: <|endoftext|> <|im_start|>", "数据 naïve\n\tcode()"]
+    flat, lengths = tokenizer.encode_flat(texts)
+    assert flat.dtype == np.int32 and lengths.tolist() == [len(tokenizer.encode(t)) for t in texts]
+    assert flat.tolist() == [i for t in texts for i in tokenizer.encode(t)]
+    assert tokenizer.eot_id not in flat.tolist()
+    empty, no_lengths = tokenizer.encode_flat([])
+    assert empty.size == 0 and no_lengths.size == 0

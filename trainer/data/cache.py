@@ -53,7 +53,6 @@ from tokenmill.trainer.data.midtrain import ALL_LENGTHS, LengthBucket
 from tokenmill.trainer.data.packing import (
     TOKEN_DTYPE,
     StreamPacker,
-    flatten_token_lists,
     join_documents,
     real_token_count,
 )
@@ -172,7 +171,7 @@ def pack_and_count(
 def text_batches(texts: Iterable[Sequence[str]], tokenizer: Tokenizer) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Tokenized batches of texts as ``(flat tokens, lengths)`` (one thread: a Ray task has one CPU)."""
     for batch in texts:
-        yield flatten_token_lists(tokenizer.encode_batch(batch, num_threads=1))
+        yield tokenizer.encode_flat(batch)
 
 
 def token_batches(table: pa.Table, batch_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+
+import numpy as np
 
 from tokenmill.trainer.tokenizer.special import ENDOFTEXT, IM_END, IM_SEP, IM_START
 
@@ -52,6 +55,13 @@ class Tokenizer(ABC):
 
     def encode_batch(self, texts: Sequence[str], *, num_threads: int = 8) -> list[list[int]]:
         return [self.encode(text) for text in texts]
+
+    def encode_flat(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The texts' ids concatenated (int32) and each text's length, on the calling thread."""
+        token_lists = self.encode_batch(texts, num_threads=1)
+        lengths = np.fromiter(map(len, token_lists), dtype=np.int64, count=len(token_lists))
+        flat = np.fromiter(itertools.chain.from_iterable(token_lists), dtype=np.int32, count=int(lengths.sum()))
+        return flat, lengths
 
     @property
     def eot_id(self) -> int:

