@@ -13,6 +13,7 @@ model's shape.
 from __future__ import annotations
 
 import base64
+import json
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -32,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from tokenmill.layout import hf_export_uri
-from tokenmill.store import CheckpointStore, open_store, upload_dir
+from tokenmill.store import EXPORT_PRODUCER_NAME, CheckpointStore, open_store, upload_dir
 from tokenmill.trainer.model.hf import export_hf as write_hf
 
 
@@ -120,9 +121,12 @@ def save(
     target = final if final is not None else tmp
     assert target is not None
     target.mkdir(parents=True, exist_ok=True)
+    expected: dict[str, int] | None = None
     try:
         model_state, optim_state = get_state_dict(model, optimizer)
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(target), process_group=group)
+        if rank == 0:
+            expected = dcp_files(target)
         if tmp is not None:
             store.upload_dir(step, tmp)
     finally:
@@ -131,10 +135,21 @@ def save(
     _barrier(group)
     uri = None
     if rank == 0:
-        uri = store.commit(step, state).uri
+        uri = store.commit(step, state, expected_files=expected).uri
         store.apply_retention(policy.keep_last, policy.keep_every)
     _barrier(group)
     return uri
+
+
+def dcp_files(directory: Path) -> dict[str, int]:
+    """The files DCP's `.metadata` in `directory` refers to, each with the bytes it addresses
+    (plus `.metadata` itself): what the commit checks is in the store."""
+    metadata = dcp.FileSystemReader(str(directory)).read_metadata()
+    needed: dict[str, int] = {".metadata": 0}
+    for info in (metadata.storage_data or {}).values():
+        end = int(info.offset) + int(info.length)
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    return needed
 
 
 def load(
@@ -174,6 +189,9 @@ def export_hf(job: Any, model: nn.Module, rank: int, device: torch.device) -> st
     with tempfile.TemporaryDirectory(prefix="tokenmill-hf-") as tmp:
         write_hf(full, setup.config, tmp, rope_theta=setup.rope_theta, max_positions=setup.max_positions,
                  tokenizer_name=setup.tokenizer_name, dtype=dtype)
+        producer = CheckpointStore.for_run(job.doc).producer
+        assert producer is not None
+        (Path(tmp) / EXPORT_PRODUCER_NAME).write_text(json.dumps(producer.to_dict()))
         target.delete_prefix("")
         upload_dir(tmp, target, last=["config.json"])
     return target.uri

@@ -152,7 +152,7 @@ def run(job: Prepared, rank: int, world: int, device: torch.device, *, stop_afte
     schedule = LearningRateSchedule(opt.warmup_steps, plan.num_steps, opt.decay, opt.min_learning_rate_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
-    checkpoints = CheckpointStore.for_output(job.output)
+    checkpoints = CheckpointStore.for_run(job.doc)  # this run's checkpoints only, fenced by attempt
     latest = checkpoints.latest()
     state: dict[str, Any] | None = None
     if latest is not None:
