@@ -15,6 +15,8 @@ workload itself. Every series carries the resource's `kind`, `namespace` and `na
   `_estimates_total`, `_tokens_generated_total`, `_problems_searched_total`,
   `_problems_skipped_too_hard_total`, `_problems_skipped_too_easy_total`,
   `_pivotal_pairs_total`, `_full_solution_pairs_total`.
+- any workload that generates: `tokenmill_generate_*` (requests, tokens, errors, retries,
+  cache hits, latency), counted live by the engines (`trainer/generate/metrics.py`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from tokenmill.store import Progress, StoreError, read_progress
@@ -144,6 +146,19 @@ class ProgressCollector:
         yield from progress_metrics(self.current(), self._labels)
 
 
+class LiveCollector:
+    """The families this process counts as it works (generation engines count requests, tokens,
+    errors, retries, cache hits and latency into prometheus-client's default registry)."""
+
+    def __init__(self, prefix: str = "tokenmill_generate_", registry: CollectorRegistry = REGISTRY) -> None:
+        self._prefix, self._registry = prefix, registry
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._registry.collect():
+            if family.name.startswith(self._prefix):
+                yield family
+
+
 def serve_workload_metrics(doc: Mapping[str, Any], port: int, *, address: str = "0.0.0.0",
                            refresh_seconds: float = 1.0):
     """Serve `/metrics` for the workload of run spec `doc` on a daemon thread; returns the HTTP server."""
@@ -151,5 +166,6 @@ def serve_workload_metrics(doc: Mapping[str, Any], port: int, *, address: str = 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ProgressCollector(lambda: read_progress(output), resource_labels(doc),
                                         refresh_seconds=refresh_seconds))
+    registry.register(LiveCollector())
     server, _thread = start_http_server(port, addr=address, registry=registry)
     return server

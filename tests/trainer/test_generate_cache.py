@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import urllib.request
+
 import pytest
 
 from tests.trainer.generate_fixtures import export_tiny
@@ -67,3 +69,29 @@ def test_the_key_covers_engine_model_prompt_sampling_seed_and_index():
     ]
     assert len({base, *variants}) == 7
     assert request_key("torch", "m", request.with_indices([0]), 0) == base
+
+
+def test_the_workload_metrics_server_shows_generation(model_uri, tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.fixtures.s3 import free_port
+    from tokenmill.trainer.generate.metrics import GenerateMetrics
+    from tokenmill.trainer.metrics import serve_workload_metrics
+
+    engine = load_torch_engine(model_uri, device="cpu")
+    engine.metrics = GenerateMetrics("torch")
+    cached = CachedEngine(engine, None, metrics=engine.metrics)
+    cached.generate(_batch(n=2))
+    port = free_port()
+    server = serve_workload_metrics({"kind": "SyntheticDataJob", "metadata": {"name": "s", "namespace": "n"},
+                                     "output": f"file://{tmp_path}/job"}, port, address="127.0.0.1")
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
+            text = response.read().decode()
+    finally:
+        server.shutdown()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples[("tokenmill_generate_requests_total", (("engine", "torch"), ("outcome", "ok")))] >= 6
+    assert samples[("tokenmill_generate_generated_tokens_total", (("engine", "torch"),))] > 0
+    assert samples[("tokenmill_generate_request_duration_seconds_count", (("engine", "torch"),))] >= 1
