@@ -57,6 +57,14 @@ class BenchmarkIndex:
     short_items: np.ndarray
     short_counts: np.ndarray
     """Distinct `info_ngram`-grams of each item."""
+    long_filter: np.ndarray | None = None
+    short_filter: np.ndarray | None = None
+    """Bitmaps over the low bits of the hashes: a document n-gram whose bit is clear is in no
+    item, so only the few others are looked up in the sorted arrays."""
+
+    def __post_init__(self) -> None:
+        self.long_filter = _bitmap(self.long_hashes)
+        self.short_filter = _bitmap(self.short_hashes)
 
     def long_ngram_text(self, hash_value: int) -> dict[str, Any]:
         """Benchmark, item and the words of the long n-gram with this hash."""
@@ -124,7 +132,7 @@ def match(words: Words, index: BenchmarkIndex) -> Matches:
     long = ngram_hashes(words, index.ngram)
     hits: list[np.ndarray] = [np.zeros(0, np.uint64)] * documents
     if len(long.hashes) and len(index.long_hashes):
-        found = _member(long.hashes, index.long_hashes)
+        found = _member(long.hashes, index.long_hashes, index.long_filter)
         if found.any():
             pairs = np.unique(np.stack([long.documents[found].astype(np.uint64), long.hashes[found]], axis=1), axis=0)
             doc_of_pair = pairs[:, 0].astype(np.int64)
@@ -134,17 +142,19 @@ def match(words: Words, index: BenchmarkIndex) -> Matches:
     ratio = np.zeros(documents, np.float64)
     best_item = np.full(documents, -1, np.int64)
     short = ngram_hashes(words, index.info_ngram)
-    if len(short.hashes) == 0:
+    if len(short.hashes) == 0 or len(index.short_hashes) == 0:
         return Matches(hits, ratio, best_item)
-    pairs = np.unique(np.stack([short.documents.astype(np.uint64), short.hashes], axis=1), axis=0)
-    doc_of, hashes = pairs[:, 0].astype(np.int64), pairs[:, 1]
-    doc_counts = np.bincount(doc_of, minlength=documents)
-    where = np.searchsorted(index.short_hashes, hashes)
-    where = np.minimum(where, len(index.short_hashes) - 1)
-    found = index.short_hashes[where] == hashes
+    found = _member(short.hashes, index.short_hashes, index.short_filter)
     if not found.any():
         return Matches(hits, ratio, best_item)
-    doc_of, where = doc_of[found], where[found]
+    # distinct shared n-grams per document, and distinct n-grams of the documents sharing any
+    doc_of, hashes = _distinct(short.documents[found], short.hashes[found])
+    where = np.searchsorted(index.short_hashes, hashes)
+    matched = np.zeros(documents, bool)
+    matched[doc_of] = True
+    involved = matched[short.documents]
+    counted, _ = _distinct(short.documents[involved], short.hashes[involved])
+    doc_counts = np.bincount(counted, minlength=documents)
     fan_out = index.short_ptr[where + 1] - index.short_ptr[where]
     doc_of = np.repeat(doc_of, fan_out)
     first = np.repeat(index.short_ptr[where], fan_out)
@@ -160,9 +170,33 @@ def match(words: Words, index: BenchmarkIndex) -> Matches:
     return Matches(hits, ratio, best_item)
 
 
-def _member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
-    where = np.minimum(np.searchsorted(sorted_set, values), len(sorted_set) - 1)
-    return sorted_set[where] == values
+def _distinct(documents: np.ndarray, hashes: np.ndarray, *extra: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The distinct (document, hash) pairs (sorted), with the matching rows of `extra`."""
+    order = np.lexsort((hashes, documents))
+    documents, hashes = documents[order], hashes[order]
+    first = np.ones(len(order), bool)
+    first[1:] = (documents[1:] != documents[:-1]) | (hashes[1:] != hashes[:-1])
+    return (documents[first], hashes[first], *(column[order][first] for column in extra))
+
+
+def _bitmap(hashes: np.ndarray) -> np.ndarray:
+    bits = 1 << max(20, min(30, int(len(hashes) * 16).bit_length()))
+    bitmap = np.zeros(bits, dtype=bool)
+    bitmap[(hashes & np.uint64(bits - 1)).astype(np.int64)] = True
+    return bitmap
+
+
+def _member(values: np.ndarray, sorted_set: np.ndarray, bitmap: np.ndarray | None = None) -> np.ndarray:
+    """Which `values` are in `sorted_set`."""
+    if bitmap is None:
+        candidates = np.arange(len(values))
+    else:
+        candidates = np.flatnonzero(bitmap[(values & np.uint64(len(bitmap) - 1)).astype(np.int64)])
+    found = np.zeros(len(values), dtype=bool)
+    if len(candidates):
+        where = np.minimum(np.searchsorted(sorted_set, values[candidates]), len(sorted_set) - 1)
+        found[candidates] = sorted_set[where] == values[candidates]
+    return found
 
 
 def common_ngrams(long_hits: Sequence[np.ndarray], min_documents: int) -> np.ndarray:

@@ -18,7 +18,9 @@ import pyarrow.compute as pc
 
 PUNCTUATION = r"\p{P}+"
 _BYTE_BASE = np.uint64(0x100000001B3)
-_NGRAM_MULTIPLIERS = np.random.default_rng(0x7E4E).integers(1, 2**63, size=64, dtype=np.uint64) | np.uint64(1)
+_WORD_BASE = 0x9E3779B97F4A7C15  # odd, so invertible modulo 2**64
+_WORD_BASE_INVERSE = pow(_WORD_BASE, -1, 2**64)
+_power_tables: dict[int, np.ndarray] = {}
 
 
 def mix64(values: np.ndarray) -> np.ndarray:
@@ -121,9 +123,10 @@ class NGrams:
 
 
 def ngram_hashes(words: Words, n: int) -> NGrams:
-    """Every word n-gram of every document, hashed (order-sensitive), documents in order."""
-    if n > len(_NGRAM_MULTIPLIERS):
-        raise ValueError(f"n-grams longer than {len(_NGRAM_MULTIPLIERS)} words are not supported")
+    """Every word n-gram of every document, hashed (order-sensitive), documents in order.
+
+    The n-gram starting at word i hashes sum_k w[i+k] * B**k (mod 2**64), computed for all
+    n-grams at once from prefix sums of w[j] * B**j, times B**-i."""
     counts = words.counts
     per_document = np.maximum(counts - n + 1, 0)
     documents = np.repeat(np.arange(len(words), dtype=np.int64), per_document)
@@ -133,10 +136,24 @@ def ngram_hashes(words: Words, n: int) -> NGrams:
     first_ngram = np.concatenate(([0], np.cumsum(per_document)[:-1]))
     positions = np.arange(len(documents), dtype=np.int64) - np.repeat(first_ngram, per_document)
     starts = words.offsets[:-1][documents] + positions
-    combined = np.zeros(len(starts), dtype=np.uint64)
-    for k in range(n):
-        combined += words.hashes[starts + k] * _NGRAM_MULTIPLIERS[k]
+    total = len(words.hashes)
+    prefix = np.empty(total + 1, dtype=np.uint64)
+    prefix[0] = 0
+    np.cumsum(words.hashes * _powers_of(_WORD_BASE, total), dtype=np.uint64, out=prefix[1:])
+    combined = (prefix[starts + n] - prefix[starts]) * _powers_of(_WORD_BASE_INVERSE, total)[starts]
     return NGrams(mix64(combined ^ np.uint64(n)), documents, positions, per_document)
+
+
+def _powers_of(base: int, length: int) -> np.ndarray:
+    """base**0 .. base**(length-1) modulo 2**64, cached and grown as needed."""
+    table = _power_tables.get(base)
+    if table is None or len(table) < length:
+        size = max(length, 1 << 16, 0 if table is None else 2 * len(table))
+        table = np.full(size, np.uint64(base), dtype=np.uint64)
+        table[0] = 1
+        table = np.cumprod(table, dtype=np.uint64)
+        _power_tables[base] = table
+    return table[:length]
 
 
 def hash_phrase(text: str, n: int | None = None) -> np.ndarray:
