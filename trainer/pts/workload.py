@@ -120,15 +120,15 @@ def read_problems(uri: str, tokenizer: Any) -> list[SearchProblem]:
 
 
 def _engine(spec: PTSJobSpec):
-    if spec.engine != "torch":
-        raise PTSInputError(f"engine: {spec.engine!r} is not available to PTSJob in this installation; "
-                            "set engine: torch")
-    from tokenmill.trainer.generate import GenerationInputError, load_torch_engine
+    """The policy's engine (torch, or vLLM where it is installed), checked before any request."""
+    from tokenmill.trainer.generate import GenerationInputError, build_engine
 
     try:
-        return load_torch_engine(str(spec.model.uri), field="model")
-    except (GenerationInputError, StoreError, OSError, ValueError) as error:
-        raise PTSInputError(f"model: cannot load {spec.model.uri}: {error}") from None
+        return build_engine(spec.engine, model_uri=str(spec.model.uri), field="spec")
+    except GenerationInputError as error:
+        raise PTSInputError(str(error)) from None
+    except (StoreError, OSError, ValueError) as error:
+        raise PTSInputError(f"spec.model: cannot load {spec.model.uri}: {error}") from None
 
 
 def prepare(doc: dict[str, Any]) -> Prepared:
@@ -154,7 +154,7 @@ def prepare(doc: dict[str, Any]) -> Prepared:
     from tokenmill.trainer.pts.engine_policy import EnginePolicy, solution_decoder
 
     tokenizer = engine.tokenizer
-    stops = sorted(engine.default_stop_ids)
+    stops = sorted({tokenizer.eos_id, tokenizer.eot_id})
     problems = read_problems(str(spec.problems.uri), tokenizer)
     judge = OracleJudge(oracle, solution_decoder(tokenizer.decode, stops))
     check_problems(problems, judge, tokenizer.vocab_size)
@@ -258,6 +258,8 @@ def run(spec_uri: str) -> int:
         _error(f"the search failed: {error}")
         write_progress(job.output, Progress(phase="failed", message=str(error)[:500]))
         return EXIT_FAILED
+    finally:
+        job.policy.engine.close()
     seconds = time.monotonic() - started
     write_progress(job.output, Progress(
         phase=PHASE_SUCCEEDED, done=len(job.problems), total=len(job.problems), unit="problems",
