@@ -175,8 +175,7 @@ class RaySpec(ApiModel):
     ttl_seconds_after_finished: int = Field(default=3600, ge=0)
     """How long a finished RayJob is kept before deletion."""
     pod: PodExtras | None = None
-    """Additions to every Ray pod over the operator's defaults: device resources (RDMA, EFA), annotations,
-    volumes, NCCL environment, priority class, Kueue topology."""
+    """Additions to every Ray pod over the operator's defaults (RDMA/EFA devices, NCCL env, volumes, Kueue topology)."""
 
 
 class SamplingParams(ApiModel):
