@@ -42,6 +42,8 @@ NON_DEFAULT = {
         "gpuTolerations": [{"key": "dedicated", "operator": "Equal", "value": "h100", "effect": "NoSchedule"}],
         "cpuNodeSelector": {"cloud.example.com/pool": "cpu"},
         "cpuTolerations": [{"key": "spot", "operator": "Exists"}],
+        "rayPod": {"priorityClassName": "training", "extraResources": {"rdma/ib": "1"},
+                   "env": [{"name": "NCCL_IB_HCA", "value": "mlx5"}]},
     },
     "storeCredentialsSecret": "operator-store",
     "grafanaDashboard": {"namespace": "monitoring"},
@@ -140,6 +142,7 @@ def test_the_schemas_catch_what_they_should() -> None:
     ({"serviceMonitor": {"enabeld": True}}, "/serviceMonitor"),
     ({"replicas": 2}, ""),
     ({"defaults": {"gpuNodeSelectors": {}}}, "/defaults"),
+    ({"defaults": {"rayPod": {"extraResource": {"rdma/ib": "1"}}}}, "/defaults/rayPod"),
     ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
     ({"watchNamespaces": ["Not_A_Namespace"]}, "/watchNamespaces/0"),
 ])
@@ -191,6 +194,9 @@ def test_non_default_values_reach_the_operator(custom_objects) -> None:
     assert config.service_account == "ray-workloads" and config.ray_env == {"HF_HUB_OFFLINE": "1"}
     assert config.cpu_node_selector == {"cloud.example.com/pool": "cpu"}
     assert config.cpu_tolerations == ({"key": "spot", "operator": "Exists"},)
+    assert config.pod_extras.priority_class_name == "training"
+    assert config.pod_extras.extra_resources == {"rdma/ib": "1"}
+    assert [(item.name, item.value) for item in config.pod_extras.env] == [("NCCL_IB_HCA", "mlx5")]
     # The operator's own store credentials: the Secret mounted as the credentials directory.
     mount, = [m for m in container["volumeMounts"] if m["name"] == "store-credentials"]
     assert env_of(deployment)["TOKENMILL_S3_CREDENTIALS_DIR"] == mount["mountPath"] and mount["readOnly"]
