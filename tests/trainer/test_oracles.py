@@ -23,7 +23,7 @@ from tokenmill.trainer.oracles.code import (
     network_namespace_prefix,
     run_candidate,
 )
-from tokenmill.trainer.oracles.math import MathOracle, equivalent, extract_answer
+from tokenmill.trainer.oracles.math import MathOracle, equivalent, extract_answer, normalise_answer
 from tokenmill.trainer.oracles.multiple_choice import MultipleChoiceOracle, extract_choice
 
 LIMITS = SandboxLimits(timeout_seconds=5, memory_mb=256, output_bytes=64 * 1024)
@@ -44,6 +44,11 @@ LIMITS = SandboxLimits(timeout_seconds=5, memory_mb=256, output_bytes=64 * 1024)
 )
 def test_math_extracts_the_final_answer(text, answer, method):
     assert extract_answer(text) == (answer, method)
+
+
+def test_math_normalised_answer_is_a_comparison_key():
+    assert normalise_answer(" $1,000$. ") == normalise_answer("1,000") == "1,000"
+    assert normalise_answer(r"x + \, 1") == "x+1"
 
 
 def test_math_finds_no_answer_in_prose():

@@ -78,7 +78,8 @@ def _strip_decoration(answer: str) -> str:
     return answer
 
 
-def _normalise(answer: str) -> str:
+def normalise_answer(answer: str) -> str:
+    """The answer as a comparison key: no spaces, `$`, thin spaces or closing period."""
     return re.sub(r"\s+", "", _strip_decoration(answer)).replace("\\!", "").replace("\\,", "")
 
 
@@ -96,7 +97,7 @@ def _verified(gold: str, candidate: str) -> bool:
 
 def equivalent(gold: str, candidate: str) -> bool:
     """Whether two final answers are mathematically the same (False when undecided in time)."""
-    if _normalise(gold) == _normalise(candidate):
+    if normalise_answer(gold) == normalise_answer(candidate):
         return True
     if threading.current_thread() is threading.main_thread():
         return _verified(gold, candidate)
