@@ -139,3 +139,15 @@ def test_the_runner_refuses_outputs_that_overlap_before_running_anything(recipe,
         LocalRunner(store.as_uri(), entrypoint=(sys.executable, str(SCRIPT))).run(resources)
     assert "CorpusFilter/web" in str(error.value) and "TrainingStage/pretrain" in str(error.value)
     assert calls() == []
+
+
+def test_the_summary_prints_workload_text_as_written(recipe):
+    from rich.console import Console
+
+    from tokenmill.runner.console import summary_table
+    from tokenmill.runner.local import StageResult
+
+    resource = plan_recipe(recipe)[0]
+    console = Console(record=True, width=200)
+    console.print(summary_table([StageResult(resource, "Failed", "workload said [/oops] and [bold]hi")]))
+    assert "workload said [/oops] and [bold]hi" in console.export_text()
