@@ -34,7 +34,7 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     variable-length FlashAttention path on GPUs).
     """
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return x.dtype
 
