@@ -50,16 +50,30 @@ class KVCache:
                        self.valid[rows], self.length)
 
 
+def fuse_weights(model: Transformer) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, q/k/v stacked into one matrix and gate/up into another (as Phi-3 stores
+    them): two matrix products instead of five per layer, which pays for small models."""
+    fused = []
+    with torch.no_grad():
+        for layer in model.layers:
+            attention, mlp = layer.attention, layer.mlp
+            qkv = torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight])
+            gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+            fused.append((qkv, gate_up))
+    return fused
+
+
 @torch.inference_mode()
 def forward_cached(
     model: Transformer, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-    *, last_only: bool = True,
+    *, last_only: bool = True, fused: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """Appends `input_ids` [batch, seq] at columns cache.length.. and returns their logits
     (only the last position's, [batch, vocab], when `last_only`).
 
     A new token attends to every valid earlier column and causally to the new ones; the
     caller marks the new columns valid (or not, for padding) in `cache.valid` beforehand.
+    `fused` (from `fuse_weights`) must hold the model's current weights.
     """
     batch, seq = input_ids.shape
     start, end = cache.length, cache.length + seq
@@ -69,19 +83,27 @@ def forward_cached(
     x = model.embed(input_ids)
     cos, sin = rope_cos_sin(positions, config.head_dim, model.rope_theta, x.dtype)
     cos, sin = cos[:, None], sin[:, None]
-    causal = torch.ones(seq, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
-    # A padding token sees itself only: a query with nothing to attend to would give NaNs.
-    itself = torch.zeros(seq, end, dtype=torch.bool, device=x.device)
-    itself[:, start:end] = torch.eye(seq, dtype=torch.bool, device=x.device)
-    mask = (cache.valid[:, None, None, :end] & causal[None, None]) | itself[None, None]
+    if seq == 1:  # a decode step: the new column is valid, so every row sees itself
+        mask = cache.valid[:, None, None, :end]
+    else:
+        causal = torch.ones(seq, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        # A padding token sees itself only: a query with nothing to attend to would give NaNs.
+        itself = torch.zeros(seq, end, dtype=torch.bool, device=x.device)
+        itself[:, start:end] = torch.eye(seq, dtype=torch.bool, device=x.device)
+        mask = (cache.valid[:, None, None, :end] & causal[None, None]) | itself[None, None]
     heads, kv_heads, head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+    q_size, kv_size = heads * head_dim, kv_heads * head_dim
     gqa = heads != kv_heads
     for index, layer in enumerate(model.layers):
         attention = layer.attention
         h = layer.attention_norm(x)
-        q = attention.q_proj(h).view(batch, seq, heads, head_dim).transpose(1, 2)
-        k = attention.k_proj(h).view(batch, seq, kv_heads, head_dim).transpose(1, 2)
-        v = attention.v_proj(h).view(batch, seq, kv_heads, head_dim).transpose(1, 2)
+        if fused is not None:
+            q, k, v = F.linear(h, fused[index][0]).split([q_size, kv_size, kv_size], dim=-1)
+        else:
+            q, k, v = attention.q_proj(h), attention.k_proj(h), attention.v_proj(h)
+        q = q.view(batch, seq, heads, head_dim).transpose(1, 2)
+        k = k.view(batch, seq, kv_heads, head_dim).transpose(1, 2)
+        v = v.view(batch, seq, kv_heads, head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cache.keys[index][:, :, start:end] = k
         cache.values[index][:, :, start:end] = v
@@ -89,7 +111,11 @@ def forward_cached(
             q, cache.keys[index][:, :, :end], cache.values[index][:, :, :end],
             attn_mask=mask, enable_gqa=gqa)
         x = x + attention.o_proj(out.transpose(1, 2).reshape(batch, seq, heads * head_dim))
-        x = x + layer.mlp(layer.mlp_norm(x))
+        if fused is not None:
+            gate, up = F.linear(layer.mlp_norm(x), fused[index][1]).chunk(2, dim=-1)
+            x = x + layer.mlp.down_proj(F.silu(gate) * up)
+        else:
+            x = x + layer.mlp(layer.mlp_norm(x))
     cache.length = end
     if last_only:
         x = x[:, -1]

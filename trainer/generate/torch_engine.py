@@ -35,12 +35,13 @@ from tokenmill.trainer.generate.interface import (
     TopLogprob,
     sample_seed,
 )
-from tokenmill.trainer.generate.kv import KVCache, forward_cached
+from tokenmill.trainer.generate.kv import KVCache, forward_cached, fuse_weights
 from tokenmill.trainer.model.transformer import Transformer
 from tokenmill.trainer.tokenizer import Tokenizer
 
 DEFAULT_MAX_BATCH_ROWS = 256
 DEFAULT_PREFIX_CACHE_TOKENS = 65_536
+FUSE_BELOW_PARAMETERS = 1_000_000_000
 
 
 def prompt_ids(tokenizer: Tokenizer, request: GenerationRequest) -> list[int]:
@@ -151,6 +152,9 @@ class TorchEngine(Engine):
                 f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} ids but the model only "
                 f"{model.config.vocab_size} embeddings: the model and tokenizer do not match")
         self.prefill_tokens = 0
+        # A second copy of the attention and MLP input matrices: worth it for small models only.
+        small = model.num_parameters() < FUSE_BELOW_PARAMETERS
+        self.fused = fuse_weights(self.model) if small else None
 
     @property
     def model_identity(self) -> str:
@@ -257,7 +261,7 @@ class TorchEngine(Engine):
             cache.length = reused
             ids = torch.tensor([prompt[reused:]], device=self.device)
             positions = torch.arange(reused, len(prompt), device=self.device)[None]
-            logits = forward_cached(self.model, ids, positions, cache)[0]
+            logits = forward_cached(self.model, ids, positions, cache, fused=self.fused)[0]
             self.prefill_tokens += len(prompt) - reused
             results[index] = self._keep(tokens, cache, 0, 0, logits)
         if misses:
@@ -271,7 +275,7 @@ class TorchEngine(Engine):
                 ids[row, pad:] = torch.tensor(prompt, device=self.device)
                 positions[row, pad:] = torch.arange(len(prompt), device=self.device)
                 cache.valid[row, pad:] = True
-            logits = forward_cached(self.model, ids, positions, cache)
+            logits = forward_cached(self.model, ids, positions, cache, fused=self.fused)
             self.prefill_tokens += sum(len(prompts[i]) for i in misses)
             for row, index in enumerate(misses):
                 tokens = np.asarray(prompts[index], dtype=np.int64)
@@ -321,7 +325,7 @@ class TorchEngine(Engine):
                 chosen_ids = chosen[0]
             positions = torch.tensor([[rows[a].prompt_len + step - 1] for a in active], device=self.device)
             cache.valid[:, cache.length] = True
-            logits = forward_cached(self.model, chosen_ids[:, None], positions, cache)
+            logits = forward_cached(self.model, chosen_ids[:, None], positions, cache, fused=self.fused)
 
     def _append(self, row: _Row, chosen: tuple, position: int) -> None:
         _, ids, logprobs, tops = chosen
@@ -353,7 +357,6 @@ class TorchEngine(Engine):
         if logits.shape[1] > vocab:
             logits = logits.clone()
             logits[:, vocab:] = float("-inf")
-        raw = torch.log_softmax(logits, dim=-1)
         chosen = torch.empty(len(rows), dtype=torch.long, device=logits.device)
         groups: dict[tuple, list[int]] = {}
         for position, row in enumerate(rows):
@@ -367,12 +370,15 @@ class TorchEngine(Engine):
                 continue
             uniforms = torch.tensor([rows[p].rng.random() for p in positions], dtype=torch.float64)
             chosen[index] = _sample(logits[index], temperature, top_k, top_p, uniforms.to(logits.device))
-        picked = raw.gather(1, chosen[:, None])[:, 0]
-        want_top = max((row.params.top_logprobs for row in rows), default=0)
-        tops = raw.topk(want_top, dim=-1) if want_top else None
-        if tops is not None:
-            tops = (tops.values.tolist(), tops.indices.tolist())
-        return chosen, chosen.tolist(), picked.tolist(), tops
+        picked, tops = None, None
+        if any(row.params.logprobs or row.params.top_logprobs for row in rows):
+            raw = torch.log_softmax(logits, dim=-1)
+            picked = raw.gather(1, chosen[:, None])[:, 0].tolist()
+            want_top = max(row.params.top_logprobs for row in rows)
+            if want_top:
+                top = raw.topk(want_top, dim=-1)
+                tops = (top.values.tolist(), top.indices.tolist())
+        return chosen, chosen.tolist(), picked, tops
 
     def close(self) -> None:
         self.prefix_cache.clear()

@@ -1,0 +1,168 @@
+"""Generation throughput: the torch engine against transformers' `generate`, and the openai
+engine against `tokenmill serve`, in one run.
+
+- ``batch``: 32 prompts x 64 new tokens, sampled (temperature 0.8, top-p 0.95), both with a KV
+  cache; transformers gets the prompts as one left-padded batch.
+- ``pts``: the Pivotal Token Search shape: one 128-token prefix, 64 samples of 32 tokens, then
+  the same at 8 successive prefixes of one solution (the prefix grown by 8 tokens each time).
+  transformers expands the prompt 64 times (`num_return_sequences`); the torch engine prefills
+  it once and reuses the cached prefix for each longer one.
+- ``openai``: 640 one-token requests from the openai engine (64 in flight) to `tokenmill serve`
+  with an artificial 50 ms per batch, in requests per second, against the bound 64 / 50 ms
+  = 1,280/s of a server that answers each request in exactly 50 ms.
+
+Both sides of ``batch`` and ``pts`` run on the same random tiny model (the transformers side
+loads our Hugging Face export of it), with the same torch thread count, in alternating order
+for `--rounds` rounds; figures are medians of tokens per wall second over rounds, with the
+per-round ratio's median and range, and tokens per CPU second (all threads), which other
+processes on a shared machine do not distort.
+
+    python benchmarks/generate.py [--rounds 3] [--skip-openai]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from tokenmill.model_configs import get_model_config
+from tokenmill.trainer.generate import GenerationRequest, SamplingParams, TorchEngine
+from tokenmill.trainer.model import build_model
+from tokenmill.trainer.model.hf import export_hf
+from tokenmill.trainer.tokenizer import get_tokenizer
+
+TARGETS = {"batch": 1.5, "pts": 4.0}
+TOKENIZER = get_tokenizer("byte")
+STOPS = [TOKENIZER.eos_id, TOKENIZER.eot_id]
+
+
+def _generated(ids: list[int]) -> int:
+    for position, token in enumerate(ids):
+        if token in STOPS:
+            return position + 1
+    return len(ids)
+
+
+def hf_batch(model, prompts: list[list[int]], new: int, samples: int = 1) -> int:
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), TOKENIZER.pad_id)
+    mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, longest - len(prompt):] = torch.tensor(prompt)
+        mask[row, longest - len(prompt):] = 1
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=True, temperature=0.8,
+                             top_p=0.95, top_k=0, num_return_sequences=samples, eos_token_id=STOPS,
+                             pad_token_id=TOKENIZER.pad_id)
+    return sum(_generated(row[longest:].tolist()) for row in out)
+
+
+def ours_batch(engine: TorchEngine, prompts: list[list[int]], new: int, samples: int = 1, seed: int = 0) -> int:
+    sampling = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=new, seed=seed)
+    outputs = engine.generate([GenerationRequest(prompt_token_ids=tuple(p), n=samples, sampling=sampling)
+                               for p in prompts])
+    return sum(c.completion_tokens for o in outputs for c in o.completions)
+
+
+def measure(run: Callable[[], int]) -> tuple[float, float]:
+    """(tokens per wall second, tokens per CPU second) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    tokens = run()
+    return tokens / (time.perf_counter() - wall), tokens / max(1e-9, time.process_time() - cpu)
+
+
+def compare(name: str, ours: Callable[[], int], theirs: Callable[[], int], rounds: int) -> None:
+    ours(), theirs()  # warm up
+    figures: dict[str, list[tuple[float, float]]] = {"ours": [], "theirs": []}
+    for round_index in range(rounds):
+        order = [("ours", ours), ("theirs", theirs)]
+        for label, run in order if round_index % 2 == 0 else order[::-1]:
+            figures[label].append(measure(run))
+    wall = {k: statistics.median(v[0] for v in figures[k]) for k in figures}
+    cpu = {k: statistics.median(v[1] for v in figures[k]) for k in figures}
+    ratios = [o[0] / t[0] for o, t in zip(figures["ours"], figures["theirs"], strict=True)]
+    print(f"{name}: torch engine {wall['ours']:,.0f} tok/s, transformers generate {wall['theirs']:,.0f} tok/s, "
+          f"ratio {statistics.median(ratios):.2f}x (range {min(ratios):.2f}-{max(ratios):.2f}; target "
+          f">= {TARGETS[name]}x); per CPU second {cpu['ours']:,.0f} vs {cpu['theirs']:,.0f} "
+          f"= {cpu['ours'] / cpu['theirs']:.2f}x", flush=True)
+
+
+def bench_openai(export_dir: Path, requests: int = 640, concurrency: int = 64, delay_ms: float = 50.0) -> None:
+    from tests.trainer.generate_http import ServeProcess  # the same child-process helper the tests use
+    from tokenmill.trainer.generate.openai_engine import OpenAIEngine
+
+    server = ServeProcess(f"file://{export_dir}", name="tiny", delay_ms=delay_ms).wait_ready()
+    try:
+        engine = OpenAIEngine(server.url, "tiny", api_key="unused", max_concurrency=concurrency)
+        engine.check()
+        sampling = SamplingParams(temperature=0.8, max_tokens=1, seed=1)
+        batch = [GenerationRequest(prompt_token_ids=tuple(TOKENIZER.encode(f"request {i}")), sampling=sampling)
+                 for i in range(requests)]
+        engine.generate(batch[:concurrency])  # warm up
+        started = time.perf_counter()
+        outputs = engine.generate(batch)
+        seconds = time.perf_counter() - started
+    finally:
+        server.stop()
+    done = sum(len(o.completions) for o in outputs)
+    bound = concurrency / (delay_ms / 1000)
+    print(f"openai: openai engine {done / seconds:,.0f} requests/s against tokenmill serve at {delay_ms:g} ms per "
+          f"batch, concurrency {concurrency}; bound {bound:,.0f}/s, ratio {done / seconds / bound:.2f} "
+          f"({len(outputs) - sum(o.ok for o in outputs)} failed)", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--config", default="tiny")
+    parser.add_argument("--skip-openai", action="store_true")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for both sides (default 1)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from transformers import Phi3ForCausalLM
+
+    config = get_model_config(args.config)
+    model = build_model(config, seed=0).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        export_dir = export_hf(model, config, Path(tmp) / "hf", dtype="float32")
+        theirs = Phi3ForCausalLM.from_pretrained(export_dir, dtype=torch.float32).eval()
+        print(f"model {config.name}: {model.num_parameters():,} parameters, torch threads {torch.get_num_threads()}")
+        generator = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(0, 256, (int(length),), generator=generator).tolist()
+                   for length in torch.randint(16, 48, (32,), generator=generator)]
+        engine = TorchEngine(model, TOKENIZER)
+        compare("batch", lambda: ours_batch(engine, prompts, 64), lambda: hf_batch(theirs, prompts, 64), args.rounds)
+
+        prefix = torch.randint(0, 256, (128,), generator=generator).tolist()
+        solution = prefix + ours_batch_solution(engine, prefix)
+        prefixes = [solution[:128 + 8 * k] for k in range(8)]
+        counter = iter(range(10**9))
+
+        def ours_pts() -> int:
+            fresh = next(counter)  # new seeds each round: the prefix cache, not a result cache, is what pays
+            return sum(ours_batch(engine, [p], 32, samples=64, seed=fresh) for p in prefixes)
+
+        def theirs_pts() -> int:
+            return sum(hf_batch(theirs, [p], 32, samples=64) for p in prefixes)
+
+        engine.prefix_cache.clear()
+        compare("pts", ours_pts, theirs_pts, args.rounds)
+        if not args.skip_openai:
+            bench_openai(export_dir)
+
+
+def ours_batch_solution(engine: TorchEngine, prefix: list[int]) -> list[int]:
+    """A 64-token greedy continuation: the 'solution' whose successive prefixes are searched."""
+    request = GenerationRequest(prompt_token_ids=tuple(prefix), sampling=SamplingParams(temperature=0, max_tokens=64))
+    tokens = engine.generate([request])[0].completions[0].token_ids
+    return [t for t in tokens if t not in STOPS] or [65] * 64
+
+
+if __name__ == "__main__":
+    main()
