@@ -27,7 +27,6 @@ from tokenmill.layout import join
 from tokenmill.store import DatasetWriter, StoreError
 from tokenmill.store.dataset_reader import read_verified_shard
 from tokenmill.store.schemas import GENERATIONS
-from tokenmill.trainer.generate.metrics import GenerateMetrics
 from tokenmill.trainer.generate.interface import (
     Completion,
     Engine,
@@ -37,6 +36,7 @@ from tokenmill.trainer.generate.interface import (
     SampleFailure,
     stable_hash,
 )
+from tokenmill.trainer.generate.metrics import GenerateMetrics
 
 log = logging.getLogger("tokenmill.generate")
 DEFAULT_FLUSH_ROWS = 1024

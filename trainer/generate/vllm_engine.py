@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from tokenmill.store import FileStore, StoreError, download_dir, open_store
