@@ -95,3 +95,19 @@ def test_the_workload_metrics_server_shows_generation(model_uri, tmp_path):
     assert samples[("tokenmill_generate_requests_total", (("engine", "torch"), ("outcome", "ok")))] >= 6
     assert samples[("tokenmill_generate_generated_tokens_total", (("engine", "torch"),))] > 0
     assert samples[("tokenmill_generate_request_duration_seconds_count", (("engine", "torch"),))] >= 1
+
+
+def test_model_and_request_cache_on_s3(s3_bucket, tmp_path):
+    from tokenmill.store import upload_dir
+
+    export = export_tiny(tmp_path / "hf")
+    model = f"{s3_bucket.uri}/stage/hf"
+    upload_dir(export, model, last=["config.json"])
+    cache_uri = generations_uri(f"{s3_bucket.uri}/job")
+    first = CachedEngine(load_torch_engine(model, device="cpu"), RequestCache(cache_uri).load())
+    outputs = first.generate(_batch(n=2))
+    first.close()
+    again = CachedEngine(load_torch_engine(model, device="cpu"), RequestCache(cache_uri).load())
+    assert [[c.token_ids for c in o.completions] for o in again.generate(_batch(n=2))] == [
+        [c.token_ids for c in o.completions] for o in outputs]
+    assert again.engine.prefill_tokens == 0 and again.hits == 6
