@@ -122,3 +122,17 @@ def test_a_rank_that_failed_to_upload_never_yields_a_committed_checkpoint(base_u
     with pytest.raises(CheckpointError, match=r"__0_0\.distcp has 64 bytes"):
         checkpoints.commit(7, {"tokens_seen": 7}, expected_files=short)
     assert not checkpoints.is_committed(7)
+
+
+def test_a_local_run_with_a_changed_spec_does_not_resume_from_the_old_one(base_uri: str) -> None:
+    """The local runner has no uid: its runs are told apart by their spec."""
+    first = {**run_spec(base_uri, 1, uid=""), "spec": {"totalTokens": 1000}}
+    write_run_spec(base_uri, first)
+    with CheckpointStore.for_run(first).staging(10, {}) as directory:
+        (directory / "weights.bin").write_bytes(b"w")
+    again = {**first, "attempt": 2}
+    write_run_spec(base_uri, again)
+    assert CheckpointStore.for_run(again).latest().step == 10  # type: ignore[union-attr]
+    changed = {**first, "attempt": 3, "spec": {"totalTokens": 2000}}
+    write_run_spec(base_uri, changed)
+    assert CheckpointStore.for_run(changed).latest() is None
