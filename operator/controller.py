@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from tokenmill.api.loader import parse_resource
-from tokenmill.api.output_prefix import ClaimedOutput
+from tokenmill.api.output_prefix import ClaimedOutput, overlaps
 from tokenmill.api.problems import Problem
 from tokenmill.api.resources import KINDS, AnyResource
 from tokenmill.api.semantic import validate
@@ -97,6 +97,7 @@ class Cache:
         self._parsed: dict[Key, tuple[Any, AnyResource | None, list[Problem]]] = {}
         self._reads: dict[Key, set[Key]] = {}
         self._readers: dict[Key, set[Key]] = {}
+        self._outputs: dict[Key, tuple[Mapping[str, Any], str | None, str | None]] = {}
 
     def put_resource(self, key: Key, body: Mapping[str, Any]) -> bool:
         """Store `body` unless an equal or newer version is cached; returns whether stored."""
@@ -111,6 +112,7 @@ class Cache:
     def drop_resource(self, key: Key) -> None:
         self.resources.pop(key, None)
         self._parsed.pop(key, None)
+        self._outputs.pop(key, None)
         for target in self._reads.pop(key, set()):
             self._readers.get(target, set()).discard(key)
 
@@ -126,6 +128,22 @@ class Cache:
         resource, problems = parse_resource(document)
         self._parsed[key] = (version, resource, problems)
         return resource, problems
+
+    def output(self, key: Key, store: str | None) -> str | None:
+        """Where the resource writes: as recorded at its first attempt, else as its spec and `store` say."""
+        body = self.resources[key]
+        cached = self._outputs.get(key)
+        if cached is not None and cached[0] is body and cached[1] == store:  # a new version is a new dict
+            return cached[2]
+        output = recorded_output(body)  # where the first attempt wrote stays where outputs are
+        resource = self.parsed(key)[0]
+        if output is None and resource is not None:
+            if resource.spec.output.uri:
+                output = resource.spec.output.uri
+            elif store:
+                output = output_uri(resource, store)
+        self._outputs[key] = (body, store, output)
+        return output
 
     def readers(self, key: Key) -> set[Key]:
         return set(self._readers.get(key, ()))
@@ -452,9 +470,9 @@ class Controller:
             return
         namespace, kind, name = key
         resource, problems = self.cache.parsed(key)
-        output = self._output_of(body, resource)
+        output = self.cache.output(key, self.config.store)
         if resource is not None:
-            problems = validate(resource, self._lookup(namespace), output=output, claimed=self._claimed_outputs(key))
+            problems = validate(resource, self._lookup(namespace), output=output, claimed=self._claimed_outputs(key, output))
         deleting = bool((body.get("metadata") or {}).get("deletionTimestamp"))
         uid = (body.get("metadata") or {}).get("uid")
         jobs = []
@@ -504,27 +522,19 @@ class Controller:
                 active.append(f"{other[1]}/{other[2]}" if other[0] == key[0] else f"{other[1]}/{other[0]}/{other[2]}")
         return active
 
-    def _output_of(self, body: Mapping[str, Any], resource: AnyResource | None) -> str | None:
-        """Where the resource writes: as recorded at its first attempt, else as its spec and the store say."""
-        output = recorded_output(body)  # where the first attempt wrote stays where outputs are
-        if output is None and resource is not None:
-            if resource.spec.output.uri:
-                output = resource.spec.output.uri
-            elif self.config.store:
-                output = output_uri(resource, self.config.store)
-        return output
-
-    def _claimed_outputs(self, key: Key) -> list[ClaimedOutput]:
-        """The outputs of resources created before this one (ties by key): a newer resource whose output
-        overlaps one of them is invalid, the older one runs on."""
+    def _claimed_outputs(self, key: Key, output: str | None) -> list[ClaimedOutput]:
+        """The outputs `output` overlaps among those of resources created before this one (ties by key):
+        a newer resource whose output overlaps an older one's is invalid, the older one runs on."""
+        if output is None:
+            return []
         mine = self.cache.resources[key]
         rank = ((mine.get("metadata") or {}).get("creationTimestamp") or "", key)
         claimed = []
         for other_key, other in self.cache.resources.items():
             if other_key == key or ((other.get("metadata") or {}).get("creationTimestamp") or "", other_key) >= rank:
                 continue
-            uri = self._output_of(other, self.cache.parsed(other_key)[0])
-            if uri is not None:
+            uri = self.cache.output(other_key, self.config.store)
+            if uri is not None and overlaps(output, uri):
                 namespace, kind, name = other_key
                 claimed.append(ClaimedOutput(f"{kind}/{name}" if namespace == key[0] else f"{namespace}/{kind}/{name}",
                                              uri))

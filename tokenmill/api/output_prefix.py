@@ -8,12 +8,14 @@ normalise), and never equal or contain another resource's output.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 DOT_SEGMENTS = {".", ".."}
 
 
+@functools.lru_cache(maxsize=65536)
 def _location(uri: str) -> tuple[str, tuple[str, ...]] | None:
     """(scheme and bucket, path segments) of an absolute s3:// or file:/// URI; None for a relative one."""
     if uri.startswith("s3://"):
