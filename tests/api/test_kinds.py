@@ -81,3 +81,19 @@ def test_resolution_follows_the_declared_role():
     resolved = resolve_spec(synth, inputs)
     assert resolved["seeds"] == [{"uri": "s3://bucket/web/data"}]
     assert resolved["generator"]["model"] == {"uri": "s3://bucket/t/checkpoints/step-00000010"}
+
+
+def test_a_ref_names_a_registered_kind():
+    document = make(PRETRAIN, datasets=[{"ref": {"kind": "Bogus", "name": "x"}, "weight": 1}])
+    resource, problems = parse_resource(document)
+    assert resource is None
+    assert [problem.path for problem in problems] == ["spec.datasets[0].ref.kind"]
+    assert "allowed kinds are CorpusFilter, SyntheticDataJob, TrainingStage, PTSJob" in problems[0].message
+
+
+def test_the_crds_list_the_registered_kinds_for_refs():
+    from tokenmill.api.crd import all_crds
+
+    crd = all_crds()["trainingstages.tokenmill.dev.yaml"]
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    assert spec["datasets"]["items"]["properties"]["ref"]["properties"]["kind"]["enum"] == list(KINDS)
