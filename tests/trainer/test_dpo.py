@@ -229,7 +229,7 @@ def test_dpo_stage_trains_resumes_exactly_and_reuses_the_reference(ray_cluster, 
     assert workload.run(write_spec(full, dpo_spec(parent, pairs), "dpo")) == 0
     out = capfd.readouterr().out
     assert "pts: 64 pairs kept" in out and f"{DROP_SAME}: 1" in out and "one-token pairs: 64" in out
-    assert "reference log-probs of 64 pairs computed" in out
+    assert "reference log-probs of 64 pairs computed (64 sequences forwarded)" in out  # one per pair
     history = read_history(full)
     assert len(history) == 8 and history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert history[-1]["loss"] < 0.4 and history[-1]["reward_accuracy"] == 1.0 and history[-1]["margin"] > 0.5

@@ -174,8 +174,11 @@ def write_reference(output: str, key: str, logps: dict[str, np.ndarray], referen
 
 
 @torch.no_grad()
-def reference_logps(job: Any, rank: int, world: int, device: torch.device, group: Any) -> dict[str, np.ndarray]:
-    """log ref(chosen | prompt), log ref(rejected | prompt) of every pair, [pairs, 2] per dataset.
+def reference_logps(
+    job: Any, rank: int, world: int, device: torch.device, group: Any
+) -> tuple[dict[str, np.ndarray], int]:
+    """log ref(chosen | prompt), log ref(rejected | prompt) of every pair, [pairs, 2] per dataset,
+    and the number of sequences the reference ran over, summed over the ranks.
 
     Each rank takes every world-th pair; the results are gathered on every rank.
     """
@@ -186,6 +189,7 @@ def reference_logps(job: Any, rank: int, world: int, device: torch.device, group
     autocast = forward_precision(device, fsdp=False, precision=execution.precision)
     chunk = job.spec.optimization.micro_batch_sequences
     result: dict[str, np.ndarray] = {}
+    sequences = 0
     for name, pairs in job.sources.items():
         mine = np.arange(rank, pairs.num_sequences, world)
         values = np.zeros((mine.size, 2), dtype=np.float64)
@@ -193,20 +197,22 @@ def reference_logps(job: Any, rank: int, world: int, device: torch.device, group
             indices = mine[start : start + chunk]
             batch = pair_batch([(pairs.prompts[i], pairs.chosen[i], pairs.rejected[i]) for i in indices],
                                job.tokenizer.pad_id).to(device)
+            sequences += batch.forwards
             values[start : start + indices.size] = sequence_logps(reference, batch, autocast).double().cpu().numpy()
         gathered: list[Any] = [None] * world
         if world > 1:
-            dist.all_gather_object(gathered, (mine, values), group=group)
+            dist.all_gather_object(gathered, (mine, values, sequences), group=group)
         else:
-            gathered = [(mine, values)]
+            gathered = [(mine, values, sequences)]
         full = np.zeros((pairs.num_sequences, 2), dtype=np.float64)
-        for indices, part in gathered:
+        for indices, part, _ in gathered:
             full[indices] = part
         result[name] = full
+    total_sequences = sequences if world == 1 else sum(int(g[2]) for g in gathered)
     del reference
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return result
+    return result, total_sequences
 
 
 # -- training -----------------------------------------------------------------------------
@@ -242,14 +248,14 @@ def run_dpo(job: Any, rank: int, world: int, device: torch.device, *, stop_after
     reference = read_reference(job.output, key, names)
     if reference is None:
         started = time.perf_counter()
-        reference = reference_logps(job, rank, world, device, group)
+        reference, sequences = reference_logps(job, rank, world, device, group)
         if rank == 0:
             write_reference(job.output, key, reference, job.reference_uri)
         if dist.is_available() and dist.is_initialized():
             dist.barrier(group=group)
         total = sum(v.shape[0] for v in reference.values())
-        _log(rank, f"reference log-probs of {total} pairs computed in {time.perf_counter() - started:.1f} s "
-                   f"and committed to {join(job.output, REFERENCE_DIR)}")
+        _log(rank, f"reference log-probs of {total} pairs computed ({sequences} sequences forwarded) in "
+                   f"{time.perf_counter() - started:.1f} s and committed to {join(job.output, REFERENCE_DIR)}")
     else:
         _log(rank, f"reference log-probs read back from {join(job.output, REFERENCE_DIR)}")
     reference_by_source = [torch.from_numpy(reference[name]) for name in plan.names]
