@@ -392,6 +392,18 @@ def decide(obs: Observation, config: OperatorConfig) -> Decision:
                 st.record(number, job.name, "Stopped", "Superseded", rfc3339(obs.now))
         if not job.deleting:
             decision.actions.append(DeleteRayJob(job.name))
+    # Earlier attempts the status has no record of (a status restored from a backup, or edited):
+    # the store's run record keeps the history too.
+    unknown = [number for number in range(1, attempts) if st.ended(number) is None]
+    if unknown:
+        if not obs.previous_run_read:
+            decision.needs.add(NEED_PREVIOUS_RUN)
+            return decision
+        previous = obs.previous_run or {}
+        if (previous.get("metadata") or {}).get("uid") == meta.get("uid"):
+            for item in previous.get("attemptHistory") or ():
+                if isinstance(item, Mapping) and item.get("attempt") in unknown:
+                    st.history[int(item["attempt"])] = dict(item)
     current = jobs.get(attempts) if attempts else None
 
     if current is not None and current.deleting:

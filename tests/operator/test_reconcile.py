@@ -384,3 +384,19 @@ def test_an_output_another_resource_reads_is_not_deleted():
     assert found["status"] == "True" and found["reason"] == "OutputInUse"
     assert "TrainingStage/pretrain" in found["message"]
     assert [event.reason for event in blocked.events] == ["OutputInUse"]
+
+
+def test_the_history_is_recovered_from_the_stores_run_record():
+    """A status without the history (restored from a backup): the run record still counts attempt 1."""
+    limited = body(dict(WEB, spec={**WEB["spec"], "backoffLimit": 1}), status={"attempts": 2})
+    assert decide(observe(limited, jobs=[job(2, "Failed", reason="AppFailed")], previous_run_read=False),
+                  CONFIG).needs == {NEED_PREVIOUS_RUN}
+    record = {"kind": "CorpusFilter", "metadata": {"uid": UID, "generation": 1}, "attempt": 2, "attemptHistory": [
+        {"attempt": 1, "rayJobName": "cf-web-1", "result": "Failed", "reason": "AppFailed",
+         "endTime": "2026-01-01T11:00:00Z"}]}
+    final = decide(observe(limited, jobs=[job(2, "Failed", reason="AppFailed")], previous_run=record), CONFIG)
+    assert final.status["phase"] == "Failed"
+    assert history(final.status) == [(1, "Failed", "AppFailed"), (2, "Failed", "AppFailed")]
+    stranger = {**record, "metadata": {"uid": "someone-else", "generation": 1}}
+    retried = decide(observe(limited, jobs=[job(2, "Failed", reason="AppFailed")], previous_run=stranger), CONFIG)
+    assert retried.status["phase"] == "Pending"  # another resource's record is not this one's history
