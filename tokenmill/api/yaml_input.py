@@ -17,8 +17,9 @@ MAX_FILE_BYTES = 1 << 20
 """1 MiB per file: far above any recipe, below the 1.5 MiB the API server stores per object."""
 MAX_DEPTH = 64
 """Nesting of mappings and lists; the deepest recipe field is about 8 levels down."""
-MAX_VALUES = 100_000
-"""Values (scalars, mappings, lists) per file once aliases are expanded."""
+MAX_VALUES = 20_000
+"""Values (scalars, mappings, lists) per file once aliases are expanded; the full Phi-4 recipe has
+fewer than 1,000 per file."""
 
 _Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
