@@ -183,7 +183,9 @@ def reference_logps(
     Each rank takes every world-th pair; the results are gathered on every rank.
     """
     setup, execution = job.model, job.spec.execution
-    reference = build_model(setup.config, setup.rope_theta, device, max_positions=setup.max_positions)
+    # On GPUs in bf16 the frozen reference is held in bf16 (DCP casts the checkpoint's fp32 weights).
+    dtype = torch.bfloat16 if device.type == "cuda" and execution.precision == "bf16" else torch.float32
+    reference = build_model(setup.config, setup.rope_theta, device, dtype=dtype, max_positions=setup.max_positions)
     ckpt.load_model_weights(job.reference_uri, reference, group=group)
     reference.eval()
     autocast = forward_precision(device, fsdp=False, precision=execution.precision)
