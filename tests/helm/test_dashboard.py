@@ -3,10 +3,11 @@
 Prometheus (Debian's package) scrapes a running operator (kopf against the emulated API
 server, driving CorpusFilters, a SyntheticDataJob, a TrainingStage and a PTSJob through the
 KubeRay stand-in to success and failure), a running training workload's driver (the real
-entrypoint training a tiny model) and the metrics server of a CorpusFilter workload that ran
-to completion (the real entrypoint on a small corpus; the server its driver runs, serving
-the final progress record). Every panel's PromQL must parse, and must return series once
-they have reported; every metric a panel names must be one the code exports.
+entrypoint training a tiny model) and the metrics servers of a CorpusFilter and a PTSJob
+workload that ran to completion (the real entrypoints on a small corpus and a tiny model;
+the server their drivers run, serving the final progress record). Every panel's PromQL must
+parse, and must return series once they have reported; every metric a panel names must be
+one the code exports.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,11 +33,14 @@ from tests.operator.conftest import apply, commit_dataset, corpus, phase_is, pts
 from tests.operator.emulator import _status_response
 from tests.operator.standin import Behaviour
 from tests.trainer import curate_corpus
+from tests.trainer.generate_fixtures import TINY_GEN, tiny_model
+from tests.trainer.test_pts_workload import answers_the_policy_reaches, problem, write_problems
 from tests.trainer.test_train_stage import make_data, stage_spec
 from tokenmill.api.resources import KINDS
 from tokenmill.operator import naming
 from tokenmill.store import open_store, read_run_spec_at, write_run_spec
 from tokenmill.trainer.metrics import serve_workload_metrics
+from tokenmill.trainer.model.hf import export_hf
 from tokenmill.workloads import METRICS_PORT_ENV
 
 DASHBOARD = CHART / "dashboards" / "tokenmill.json"
@@ -119,38 +124,65 @@ def training_workload(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]
         log.close()
 
 
-@pytest.fixture(scope="module")
-def corpus_workload(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[], str]]:
-    """The CorpusFilter entrypoint on a small corpus, started now; the function waits for it to
-    succeed, then serves its final progress record as its driver does, and returns the address."""
-    root = tmp_path_factory.mktemp("corpus")
-    uris = curate_corpus.write(curate_corpus.build(), (root / "inputs").as_uri())
-    output = (root / "out").as_uri()
-    spec_uri = write_run_spec(output, {
-        "runSpecVersion": 1, "kind": "CorpusFilter", "attempt": 1, "output": output, "spec": curate_corpus.spec(uris),
-        "metadata": {"name": "web", "namespace": WORKLOAD_NAMESPACE},
-    })
-    env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", METRICS_PORT_ENV)}
-    log_path = root / "driver.log"
-    with open(log_path, "wb") as log:
-        driver = subprocess.Popen([sys.executable, "-m", "tokenmill.trainer", "corpus-filter", "--spec", spec_uri],
-                                  env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    servers = []
+class FinishedWorkload:
+    """A workload's real entrypoint run to completion, then its final progress record served by
+    the metrics server its driver runs (the driver itself has exited by then)."""
 
-    def finished_and_served() -> str:
-        returncode = driver.wait(timeout=400)
-        assert returncode == 0, log_path.read_text(errors="replace")[-3000:]
-        server = serve_workload_metrics(read_run_spec_at(spec_uri), 0, address="127.0.0.1")
-        servers.append(server)
+    def __init__(self, root: Path, document: dict[str, Any]):
+        self.root = root
+        output = (root / "out").as_uri()
+        self.spec_uri = write_run_spec(output, {"runSpecVersion": 1, "attempt": 1, "output": output, **document})
+        cli_name = KINDS[document["kind"]].cli_name
+        env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", METRICS_PORT_ENV)}
+        with open(root / "driver.log", "wb") as log:
+            self.driver = subprocess.Popen(
+                [sys.executable, "-m", "tokenmill.trainer", cli_name, "--spec", self.spec_uri],
+                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.servers: list[Any] = []
+
+    def served(self) -> str:
+        """Wait for success; the address of its metrics."""
+        returncode = self.driver.wait(timeout=400)
+        assert returncode == 0, (self.root / "driver.log").read_text(errors="replace")[-3000:]
+        server = serve_workload_metrics(read_run_spec_at(self.spec_uri), 0, address="127.0.0.1")
+        self.servers.append(server)
         return f"127.0.0.1:{server.server_port}"
 
-    try:
-        yield finished_and_served
-    finally:
-        _stop(driver)
-        for server in servers:
+    def stop(self) -> None:
+        _stop(self.driver)
+        for server in self.servers:
             server.shutdown()
             server.server_close()
+
+
+@pytest.fixture(scope="module")
+def corpus_workload(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FinishedWorkload]:
+    """The CorpusFilter entrypoint (on Ray) on a small corpus with planted duplicates and contamination."""
+    root = tmp_path_factory.mktemp("corpus")
+    uris = curate_corpus.write(curate_corpus.build(), (root / "inputs").as_uri())
+    workload = FinishedWorkload(root, {"kind": "CorpusFilter", "spec": curate_corpus.spec(uris),
+                                       "metadata": {"name": "web", "namespace": WORKLOAD_NAMESPACE}})
+    yield workload
+    workload.stop()
+
+
+@pytest.fixture(scope="module")
+def pts_workload(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FinishedWorkload]:
+    """The PTSJob entrypoint on a tiny random model and three problems whose answers it can reach."""
+    root = tmp_path_factory.mktemp("pts")
+    export_hf(tiny_model(0, sharpness=1.0), TINY_GEN, root / "model", dtype="float32")
+    model = (root / "model").as_uri()
+    answers = answers_the_policy_reaches(model, 3)
+    problems = write_problems((root / "problems").as_uri(),
+                              [problem(index, answer=answer) for index, answer in enumerate(answers)])
+    spec = {"model": {"uri": model}, "problems": {"uri": problems}, "oracle": {"kind": "math"}, "engine": "torch",
+            "solutionsPerProblem": 3, "samplesPerEstimate": 8, "pGap": 0.3,
+            "queryFilter": {"minSuccess": 0.0, "maxSuccess": 1.0}, "maxPivotalTokens": 4,
+            "rollout": {"temperature": 1.0, "maxTokens": 16, "seed": 3}}
+    workload = FinishedWorkload(root, {"kind": "PTSJob", "spec": spec,
+                                       "metadata": {"name": "search", "namespace": WORKLOAD_NAMESPACE}})
+    yield workload
+    workload.stop()
 
 
 def test_the_dashboard_has_a_row_per_kind_and_one_for_the_operator() -> None:
@@ -235,10 +267,12 @@ async def run_every_kind_through_the_operator(kube, start_operator, standin, sto
 
 @pytest.mark.slow
 async def test_every_panel_returns_series_from_the_running_operator_and_workload(
-        prometheus, training_workload, corpus_workload, kube, start_operator, standin, store_root) -> None:
+        prometheus, training_workload, corpus_workload, pts_workload, kube, start_operator, standin,
+        store_root) -> None:
     prometheus.add_targets("tokenmill-workloads", training_workload)
     await run_every_kind_through_the_operator(kube, start_operator, standin, store_root, prometheus)
-    prometheus.add_targets("tokenmill-workloads", await asyncio.to_thread(corpus_workload))
+    for finished in (corpus_workload, pts_workload):
+        prometheus.add_targets("tokenmill-workloads", await asyncio.to_thread(finished.served))
 
     queries = panel_queries()
 
