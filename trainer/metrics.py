@@ -8,7 +8,9 @@ workload itself. Every series carries the resource's `kind`, `namespace` and `na
 - every workload: `tokenmill_workload_progress_ratio` and `tokenmill_workload_phase{phase}`
   (1 for the current phase);
 - TrainingStage: `tokenmill_train_step`, `_loss`, `_learning_rate`, `_grad_norm`,
-  `_tokens_per_second`, `_mfu_ratio` and the counter `tokenmill_train_tokens_total`;
+  `_tokens_per_second`, `_mfu_ratio`, `_trained_token_ratio` and the counter
+  `tokenmill_train_tokens_total`; stage dpo adds `tokenmill_train_dpo_reward_accuracy_ratio`,
+  `_chosen_reward`, `_rejected_reward`, `_margin`, `_pairs_per_second` and `_pairs_total`;
 - CorpusFilter: the funnel, `tokenmill_corpus_documents_total{step,verdict,reason}` and the
   rest listed in `trainer/curate/metrics.py`;
 - PTSJob: the counters `tokenmill_pts_pivotal_tokens_total`, `_rollouts_total`,
@@ -48,12 +50,23 @@ class Series:
 
 TRAINING_SERIES = (
     Series("step", "tokenmill_train_step", "Optimizer steps completed."),
-    Series("loss", "tokenmill_train_loss", "Mean token cross-entropy of the last logged step."),
+    Series("loss", "tokenmill_train_loss", "Loss of the last logged step (mean token cross-entropy; dpo: DPO loss)."),
     Series("lr", "tokenmill_train_learning_rate", "Learning rate of the last logged step."),
     Series("grad_norm", "tokenmill_train_grad_norm", "Gradient norm before clipping, last logged step."),
     Series("tokens_per_s", "tokenmill_train_tokens_per_second", "Training throughput over the last logging window."),
     Series("mfu", "tokenmill_train_mfu_ratio", "Model FLOPs utilisation over the last logging window (0 to 1)."),
     Series("tokens_seen", "tokenmill_train_tokens", "Tokens trained on so far.", counter=True),
+    Series("trained_token_share", "tokenmill_train_trained_token_ratio",
+           "Share of the batch positions whose loss is taken (sft: assistant tokens), last logging window."),
+    Series("reward_accuracy", "tokenmill_train_dpo_reward_accuracy_ratio",
+           "dpo: share of the last logged step's pairs whose chosen reward exceeds the rejected one."),
+    Series("chosen_reward", "tokenmill_train_dpo_chosen_reward", "dpo: mean beta x (policy - reference) log-prob "
+           "of the chosen continuations, last logged step."),
+    Series("rejected_reward", "tokenmill_train_dpo_rejected_reward", "dpo: the same for the rejected continuations."),
+    Series("margin", "tokenmill_train_dpo_margin", "dpo: mean chosen minus rejected reward, last logged step."),
+    Series("pairs_per_s", "tokenmill_train_dpo_pairs_per_second",
+           "dpo: pairs trained per second, last logging window."),
+    Series("pairs_seen", "tokenmill_train_dpo_pairs", "dpo: pairs trained on so far.", counter=True),
 )
 PTS_SERIES = (
     Series("problems_searched", "tokenmill_pts_problems_searched", "Problems searched (p(success) inside the window).",

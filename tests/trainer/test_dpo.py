@@ -276,3 +276,19 @@ def test_dpo_bad_input_is_refused_before_training(dpo_inputs, tmp_path, capsys) 
     ])
     err = refused(dpo_spec(parent, useless), "useless")
     assert "no pair to train on" in err and f"{DROP_SAME}: 1" in err and f"{DROP_TOO_LONG}: 1" in err
+
+
+def test_dpo_figures_are_exported_as_prometheus_metrics() -> None:
+    from tokenmill.store import Progress
+    from tokenmill.trainer.metrics import progress_metrics
+
+    figures = {"step": 3, "loss": 0.4, "reward_accuracy": 0.75, "chosen_reward": 0.2, "rejected_reward": -0.1,
+               "margin": 0.3, "pairs_per_s": 50.0, "pairs_seen": 24, "tokens_seen": 900}
+    labels = {"kind": "TrainingStage", "namespace": "ns", "name": "dpo"}
+    progress = Progress(phase="training", metrics=figures)
+    families = {f.name: f.samples[0].value for f in progress_metrics(progress, labels)}
+    assert families["tokenmill_train_dpo_reward_accuracy_ratio"] == 0.75
+    assert families["tokenmill_train_dpo_margin"] == pytest.approx(0.3)
+    assert families["tokenmill_train_dpo_rejected_reward"] == pytest.approx(-0.1)
+    assert families["tokenmill_train_dpo_pairs"] == 24  # a counter: exposed as _total
+    assert "tokenmill_train_mfu_ratio" not in families  # a figure the stage does not report is left out
