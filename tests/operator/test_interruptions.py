@@ -149,9 +149,11 @@ async def test_a_rayjob_deleted_by_a_person_counts_as_a_failed_attempt(kube, sta
     await apply(kube, corpus("web", inputs=[{"name": "raw", "uri": f"{store_root}/raw"}], backoffLimit=1))
     await phase_is(kube, "CorpusFilter", "web", "Running")
     await kube.delete(RAYJOBS, "default", "cf-web-1")  # kubectl delete rayjob, or a TTL
-    running = await eventually(lambda: [job["metadata"]["name"] for job in rayjobs(kube)] == ["cf-web-2"])
-    assert running
-    assert status(kube, "CorpusFilter", "web")["attemptHistory"][0]["result"] == "Lost"
+    await eventually(lambda: [job["metadata"]["name"] for job in rayjobs(kube)] == ["cf-web-2"])
+    # The status is written right after the RayJob is created: wait for it as well.
+    await eventually(lambda: [item["result"] for item in status(kube, "CorpusFilter", "web").get("attemptHistory", [])]
+                     == ["Lost"])
+    await eventually(lambda: status(kube, "CorpusFilter", "web").get("attempts") == 2)
     await phase_is(kube, "CorpusFilter", "web", "Running")
     await kube.delete(RAYJOBS, "default", "cf-web-2")
     failed = await phase_is(kube, "CorpusFilter", "web", "Failed")
