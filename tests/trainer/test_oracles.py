@@ -230,6 +230,9 @@ CHOICES = ["London", "Paris", "Rome", "Berlin"]
         (r"\boxed{\text{(C)}}", "C"),
         ("Between (A) and (C), I pick (C)", "C"),
         ("It must be Paris.", "B"),
+        ("the answer is (c)", "C"),
+        ("ANSWER: B", "B"),
+        ("the answer is a city on the Seine", None),
         ("no idea", None),
     ],
 )

@@ -40,18 +40,25 @@ def gold_letter(problem: Problem) -> str | None:
 
 
 def extract_choice(text: str, choices: Sequence[str] | None = None) -> str | None:
-    """The letter the completion chose (upper case), or the quoted option text when it names none."""
+    """The letter the completion chose (upper case), or the quoted option text when it names none.
+
+    A bare lower-case letter counts only where it ends the phrase ("answer: d."), so that
+    "the answer is a prime" chooses nothing.
+    """
     letters = _letters(choices)
-    letter = f"[{letters}{letters.lower()}]"
+    upper, lower = f"[{letters}]", f"[{letters.lower()}]"
+    either = f"[{letters}{letters.lower()}]"
     patterns = (
-        rf"\\boxed\s*\{{\s*(?:\\text\s*\{{)?\s*\(?({letter})\)?\s*\}}?\s*\}}",
-        rf"answer\s*(?:is|:)\s*(?:option\s*)?\(?({letter})\b\)?",
-        rf"\(({letter})\)",
+        rf"\\boxed\s*\{{\s*(?:\\text\s*\{{)?\s*\(?({either})\)?\s*\}}?\s*\}}",
+        rf"(?i:answer)\s*(?:(?i:is)|:)\s*(?:(?i:option)\s*)?"
+        rf"(?:\(({either})\)|({upper})\b|({lower})(?=\s*(?:[.,;:)]|$)))",
+        rf"\(({either})\)",
     )
     for pattern in patterns:
-        found = re.findall(pattern, text, flags=re.IGNORECASE)
+        found = re.findall(pattern, text, flags=re.MULTILINE)
         if found:
-            return found[-1].upper()
+            last = found[-1]
+            return (last if isinstance(last, str) else next(group for group in last if group)).upper()
     if choices:
         lowered, best, best_at = text.casefold(), None, -1
         for letter_text, choice in zip(letters, choices):

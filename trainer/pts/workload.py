@@ -18,6 +18,7 @@ last, makes the pairs visible.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -123,6 +124,11 @@ def _engine(spec: PTSJobSpec):
     """The policy's engine (torch, or vLLM where it is installed), checked before any request."""
     from tokenmill.trainer.generate import GenerationInputError, build_engine
 
+    if spec.engine == "vllm" and importlib.util.find_spec("vllm") is not None:
+        import ray
+
+        if not ray.is_initialized():  # vLLM's engines become actors on the cluster's GPU workers
+            ray.init(log_to_driver=True)
     try:
         return build_engine(spec.engine, model_uri=str(spec.model.uri), field="spec")
     except GenerationInputError as error:
