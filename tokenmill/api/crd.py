@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel
 
 from tokenmill.api.common import MUTABLE_AFTER_START
-from tokenmill.api.resources import CATEGORY, GROUP, KINDS, VERSION, KindInfo
+from tokenmill.api.resources import CATEGORY, GROUP, KINDS, VERSION, KindDescriptor
 from tokenmill.api.status import ResourceStatus
 
 _DROPPED_KEYS = {"title", "propertyNames", "discriminator", "examples"}
@@ -122,7 +122,7 @@ def _immutable_fields(model: type[BaseModel], prefix: str = "") -> list[str]:
     return out
 
 
-def _immutability_rules(info: KindInfo) -> list[dict[str, str]]:
+def _immutability_rules(info: KindDescriptor) -> list[dict[str, str]]:
     """Per field: once an attempt has started, the field keeps its value (MUTABLE_AFTER_START excepted)."""
     started = "!has(oldSelf.status) || !has(oldSelf.status.startTime)"
     mutable = ", ".join(f"spec.{path}" for path in sorted(MUTABLE_AFTER_START))
@@ -139,7 +139,7 @@ def _immutability_rules(info: KindInfo) -> list[dict[str, str]]:
     return rules
 
 
-def crd_for(info: KindInfo) -> dict[str, Any]:
+def crd_for(info: KindDescriptor) -> dict[str, Any]:
     spec_schema = structural_schema(info.spec_model)
     spec_schema["description"] = (info.spec_model.__doc__ or "").strip()
     status_schema = structural_schema(ResourceStatus)

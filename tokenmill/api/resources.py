@@ -19,7 +19,7 @@ from tokenmill.api.training import TrainingStage
 
 __all__ = [
     "API_VERSION", "CATEGORY", "GROUP", "KINDS", "VERSION", "AnyResource", "CorpusFilter", "KindDescriptor",
-    "KindInfo", "ObjectMeta", "PTSJob", "Resource", "SyntheticDataJob", "TrainingStage", "by_cli_name",
+    "ObjectMeta", "PTSJob", "Resource", "SyntheticDataJob", "TrainingStage", "by_cli_name",
     "references",
 ]
 
@@ -28,8 +28,6 @@ AnyResource = CorpusFilter | SyntheticDataJob | TrainingStage | PTSJob
 _DESCRIPTORS = (corpus.DESCRIPTOR, synthetic.DESCRIPTOR, training.DESCRIPTOR, pts.DESCRIPTOR)
 
 KINDS: dict[str, KindDescriptor] = {descriptor.kind: descriptor for descriptor in _DESCRIPTORS}
-
-KindInfo = KindDescriptor  # the name the CRD generator and older callers use
 
 
 def by_cli_name(cli_name: str) -> KindDescriptor:
