@@ -63,8 +63,9 @@ def test_greedy_matches_transformers_generate(engine, hf_model):
 
 def test_logprobs_equal_a_full_forward(engine):
     sampling = SamplingParams(temperature=0.9, top_p=0.95, max_tokens=30, seed=3, logprobs=True, top_logprobs=3)
-    requests = [GenerationRequest(prompt_token_ids=_ids(p), n=2, sampling=sampling) for p in PROMPTS[:3]]
-    for output in engine.generate(requests):
+    padded = [GenerationRequest(prompt_token_ids=_ids(p), n=2, sampling=sampling) for p in PROMPTS[:3]]
+    alone = [GenerationRequest(prompt_token_ids=_ids(PROMPTS[3]), n=2, sampling=sampling)]  # no padding: no mask
+    for output in engine.generate(padded) + engine.generate(alone):
         prompt = list(output.request.prompt_token_ids)
         for completion in output.completions:
             full = torch.tensor([prompt + completion.token_ids])

@@ -26,6 +26,7 @@ class KVCache:
     values: list[torch.Tensor]
     valid: torch.Tensor  # [batch, capacity] bool: the columns holding a real token
     length: int = 0  # columns written so far
+    padded: bool = True  # whether any row has invalid columns before `length` (else no mask)
 
     @classmethod
     def empty(cls, model: Transformer, batch: int, capacity: int) -> KVCache:
@@ -47,7 +48,7 @@ class KVCache:
     def select(self, rows: torch.Tensor) -> KVCache:
         """The cache of the given rows only (finished rows are dropped from the batch)."""
         return KVCache([k[rows] for k in self.keys], [v[rows] for v in self.values],
-                       self.valid[rows], self.length)
+                       self.valid[rows], self.length, self.padded)
 
 
 def fuse_weights(model: Transformer) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -83,14 +84,18 @@ def forward_cached(
     x = model.embed(input_ids)
     cos, sin = rope_cos_sin(positions, config.head_dim, model.rope_theta, x.dtype)
     cos, sin = cos[:, None], sin[:, None]
+    mask: torch.Tensor | None
+    causal = False
     if seq == 1:  # a decode step: the new column is valid, so every row sees itself
-        mask = cache.valid[:, None, None, :end]
+        mask = cache.valid[:, None, None, :end] if cache.padded else None
+    elif start == 0 and not cache.padded:
+        mask, causal = None, True
     else:
-        causal = torch.ones(seq, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        earlier = torch.ones(seq, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
         # A padding token sees itself only: a query with nothing to attend to would give NaNs.
         itself = torch.zeros(seq, end, dtype=torch.bool, device=x.device)
         itself[:, start:end] = torch.eye(seq, dtype=torch.bool, device=x.device)
-        mask = (cache.valid[:, None, None, :end] & causal[None, None]) | itself[None, None]
+        mask = (cache.valid[:, None, None, :end] & earlier[None, None]) | itself[None, None]
     heads, kv_heads, head_dim = config.num_heads, config.num_kv_heads, config.head_dim
     q_size, kv_size = heads * head_dim, kv_heads * head_dim
     gqa = heads != kv_heads
@@ -109,7 +114,7 @@ def forward_cached(
         cache.values[index][:, :, start:end] = v
         out = F.scaled_dot_product_attention(
             q, cache.keys[index][:, :, :end], cache.values[index][:, :, :end],
-            attn_mask=mask, enable_gqa=gqa)
+            attn_mask=mask, is_causal=causal, enable_gqa=gqa)
         x = x + attention.o_proj(out.transpose(1, 2).reshape(batch, seq, heads * head_dim))
         if fused is not None:
             gate, up = F.linear(layer.mlp_norm(x), fused[index][1]).chunk(2, dim=-1)

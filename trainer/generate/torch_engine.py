@@ -258,7 +258,7 @@ class TorchEngine(Engine):
                 cache.keys[layer][0, :, :reused] = entry.keys[layer][:, :reused]
                 cache.values[layer][0, :, :reused] = entry.values[layer][:, :reused]
             cache.valid[:] = True
-            cache.length = reused
+            cache.length, cache.padded = reused, False
             ids = torch.tensor([prompt[reused:]], device=self.device)
             positions = torch.arange(reused, len(prompt), device=self.device)[None]
             logits = forward_cached(self.model, ids, positions, cache, fused=self.fused)[0]
@@ -275,6 +275,7 @@ class TorchEngine(Engine):
                 ids[row, pad:] = torch.tensor(prompt, device=self.device)
                 positions[row, pad:] = torch.arange(len(prompt), device=self.device)
                 cache.valid[row, pad:] = True
+            cache.padded = any(len(prompts[i]) != longest for i in misses)
             logits = forward_cached(self.model, ids, positions, cache, fused=self.fused)
             self.prefill_tokens += sum(len(prompts[i]) for i in misses)
             for row, index in enumerate(misses):
@@ -301,6 +302,7 @@ class TorchEngine(Engine):
                 cache.values[layer][b, :, pad:longest] = values[layer]
             cache.valid[b, pad:longest] = True
         cache.length = longest
+        cache.padded = any(row.prompt_len != longest for row in rows)
         logits = torch.stack([prefilled[row.prompt][2] for row in rows])
         active = list(range(len(rows)))  # batch position -> index into rows
         step = 0
