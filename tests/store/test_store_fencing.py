@@ -41,6 +41,8 @@ def test_a_stale_attempt_cannot_commit_or_garbage_collect_a_dataset(base_uri: st
     before = sorted(info.key for info in open_store(f"{base_uri}/data").list(""))
     with pytest.raises(StaleAttemptError, match="attempt 1 may not commit the manifest.*names attempt 2"):
         old.finalize(expected=[0])
+    with pytest.raises(StaleAttemptError):
+        old.reset()
     assert sorted(info.key for info in open_store(f"{base_uri}/data").list("")) == before  # nothing deleted
     new.commit(staged)
     new.write_shard(0, sample_table(DOCUMENTS, 3))
@@ -65,6 +67,8 @@ def test_a_stale_attempt_cannot_commit_or_prune_checkpoints(base_uri: str, tmp_p
         old.apply_retention(keep_last=1)
     with pytest.raises(StaleAttemptError):
         old.prepare(10, overwrite=True)
+    with pytest.raises(StaleAttemptError):
+        old.delete(10)
     current = CheckpointStore.for_run(run_spec(base_uri, 2))
     assert [info.step for info in current.list()] == [10] and not current.is_committed(20)
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import builtins
 import hashlib
+import json
 import re
 import secrets
 import shutil
@@ -53,6 +54,8 @@ from tokenmill.store.uri import StoreURI
 STATE_NAME = "state.json"
 MARKER_FORMAT = "tokenmill.checkpoint"
 DCP_METADATA = ".metadata"
+# Beside a Hugging Face export's config.json: the Producer that exported it.
+EXPORT_PRODUCER_NAME = "tokenmill_producer.json"
 UPLOADS_DIR = "_uploads"  # one record per upload_dir call: each file's size and sha256
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 _READ_CONCURRENCY = 16
@@ -121,11 +124,16 @@ class CheckpointStore:
 
     @classmethod
     def for_run(cls, run: Mapping[str, Any], *, retry: RetryPolicy | None = None) -> CheckpointStore:
-        """The checkpoints of the run a run spec starts: stamped with its producer, fenced by its attempt."""
+        """The checkpoints of the run a run spec starts: stamped with its producer, fenced by its attempt.
+
+        A run without a uid (the local runner's) is identified by a digest of its spec, so a
+        changed spec is another run there too."""
         meta = run.get("metadata") or {}
-        producer = Producer(kind=str(run.get("kind", "")), name=str(meta.get("name", "")),
-                            uid=str(meta.get("uid") or ""), generation=int(meta.get("generation") or 0),
-                            attempt=int(run.get("attempt") or 0))
+        uid = str(meta.get("uid") or "")
+        if not uid:
+            uid = "spec-" + hashlib.sha256(json.dumps(run.get("spec"), sort_keys=True).encode()).hexdigest()[:16]
+        producer = Producer(kind=str(run.get("kind", "")), name=str(meta.get("name", "")), uid=uid,
+                            generation=int(meta.get("generation") or 0), attempt=int(run.get("attempt") or 0))
         return cls.for_output(str(run["output"]), retry=retry, producer=producer,
                               fence=AttemptFence.from_run_spec(run))
 
@@ -329,6 +337,8 @@ class CheckpointStore:
 
     def delete(self, step: int) -> None:
         """Remove a checkpoint, its marker first so it is never seen half-deleted."""
+        if self.fence is not None:
+            self.fence.check(f"delete {self.uri_for(step)}")
         self.store.delete(f"{step_dir(step)}/{COMMIT_MARKER_NAME}")
         self.store.delete_prefix(step_dir(step))
 

@@ -189,6 +189,8 @@ class DatasetWriter:
 
     def reset(self) -> None:
         """Delete the whole dataset: manifest first, so no reader sees a half-deleted one."""
+        if self.fence is not None:
+            self.fence.check(f"delete the dataset {self.uri}")
         self.store.delete(MANIFEST_NAME)
         self.store.delete_prefix("")
 
