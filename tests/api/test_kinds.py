@@ -88,7 +88,15 @@ def test_a_ref_names_a_registered_kind():
     resource, problems = parse_resource(document)
     assert resource is None
     assert [problem.path for problem in problems] == ["spec.datasets[0].ref.kind"]
-    assert "allowed kinds are CorpusFilter, SyntheticDataJob, TrainingStage, PTSJob" in problems[0].message
+    assert "'CorpusFilter', 'SyntheticDataJob', 'TrainingStage' or 'PTSJob'" in problems[0].message
+
+
+def test_refs_name_exactly_the_registered_kinds():
+    from typing import get_args
+
+    from tokenmill.api.common import KindName
+
+    assert list(get_args(KindName)) == list(KINDS)
 
 
 def test_the_crds_list_the_registered_kinds_for_refs():

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from tokenmill.api.base import ApiModel
 from tokenmill.api.placement import PodExtras
@@ -20,6 +20,9 @@ from tokenmill.api.fields import (
     StoreUri,
 )
 
+# The registered kinds (tokenmill.api.resources.KINDS); a test keeps the two in step.
+KindName = Literal["CorpusFilter", "SyntheticDataJob", "TrainingStage", "PTSJob"]
+
 # Spec fields (wire paths below spec) a user may change after the first attempt started: they
 # change how the resource is run, retried, queued and cleaned up, never what it produces or where.
 MUTABLE_AFTER_START = frozenset({
@@ -33,29 +36,13 @@ EXACTLY_ONE_OF_REF_URI = {
 }
 
 
-def _registered_kinds(schema: dict[str, Any]) -> None:
-    # The kinds are registered after this module is imported; the schema is made later.
-    from tokenmill.api.resources import KINDS
-
-    schema["enum"] = list(KINDS)
-
-
 class ObjectRef(ApiModel):
     """A tokenmill resource in the same namespace whose committed output this resource reads."""
 
-    kind: str = Field(max_length=63, json_schema_extra=_registered_kinds)
+    kind: KindName
     """Kind of the referenced resource."""
     name: ResourceName
     """Name of the referenced resource (metadata.name), in the same namespace."""
-
-    @field_validator("kind")
-    @classmethod
-    def _registered(cls, kind: str) -> str:
-        from tokenmill.api.resources import KINDS
-
-        if kind not in KINDS:
-            raise ValueError(f"unknown kind; allowed kinds are {', '.join(KINDS)}")
-        return kind
 
 
 class DataSource(ApiModel):

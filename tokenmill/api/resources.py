@@ -1,8 +1,8 @@
 """The registry of kinds: each kind's resource class and descriptor, collected from its API module.
 
 Adding a kind: its API module (spec, resource class, DESCRIPTOR), its entries in `_DESCRIPTORS`
-and `AnyResource` here, and its workload module. References (`ref.kind`), the CRDs, the loader,
-the operator and the local runner pick it up from the registry.
+and `AnyResource` here and in `common.KindName` (the kinds a `ref` may name), and its workload
+module. The CRDs, the loader, the operator and the local runner pick it up from the registry.
 """
 
 from __future__ import annotations
