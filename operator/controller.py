@@ -649,6 +649,8 @@ class Controller:
                 if fresh:
                     self.queue.add(key)
                 return
+            except ApiError as error:  # such as a 422 from a schema the status does not fit
+                raise ActionError("StatusUpdateFailed", "updating the status", error) from error
             self.cache.put_resource(key, updated)
             stored = True
             for reader in self.cache.readers(key):

@@ -114,3 +114,21 @@ async def test_a_deletion_that_cannot_delete_the_outputs_says_why(kube, start_op
 
     store_proxy.clear()
     await eventually(lambda: get(kube, "CorpusFilter", "web") is None)
+
+
+async def test_a_status_the_api_server_refuses_is_told_in_an_event(kube, start_operator, store_root):
+    async def refuse_status(request):
+        if request.method == "PATCH" and request.path.endswith("/corpusfilters/web/status"):
+            return aiohttp.web.json_response({
+                "apiVersion": "v1", "kind": "Status", "status": "Failure", "reason": "Invalid", "code": 422,
+                "message": 'CorpusFilter.tokenmill.dev "web" is invalid: status.phase: Unsupported value'}, status=422)
+        return None
+
+    kube.faults.append(refuse_status)
+    await start_operator()
+    await apply(kube, corpus("web", inputs=[{"name": "raw", "uri": f"{store_root}/never"}]))
+    warning = await eventually(lambda: [e for e in events(kube, "web") if e["reason"] == "StatusUpdateFailed"])
+    assert warning[0]["type"] == "Warning" and "422" in warning[0]["message"]
+    assert "status.phase: Unsupported value" in warning[0]["message"]
+    kube.faults.remove(refuse_status)
+    await phase_is(kube, "CorpusFilter", "web", "Waiting")
