@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tokenmill.store import CheckpointStore
+from tokenmill.store import CheckpointStore, write_run_spec
 from tokenmill.trainer.data.stage import build_stage_caches
 from tokenmill.trainer.train.loop import StopForTest, read_history, run
 from tokenmill.trainer.train.prepare import dataset_names, prepare, stage_datasets
@@ -47,7 +47,8 @@ def test_the_loop_trains_checkpoints_and_resumes_under_a_cuda_only_group(tmp_pat
     make_data.write(docs, 60)
     output = (tmp_path / "out").as_uri()
     doc = {
-        "kind": "TrainingStage", "metadata": {"name": "collectives"}, "attempt": 1, "output": output,
+        "runSpecVersion": 1, "kind": "TrainingStage", "metadata": {"name": "collectives"}, "attempt": 1,
+        "output": output,
         "spec": {
             "stage": "pretrain", "model": {"config": "tiny"}, "tokenizer": "byte",
             "datasets": [{"uri": docs.as_uri(), "name": "docs", "weight": 1.0, "epochs": 10}],
@@ -59,6 +60,7 @@ def test_the_loop_trains_checkpoints_and_resumes_under_a_cuda_only_group(tmp_pat
             "ray": {"workers": {"replicas": 1, "gpusPerWorker": 0}},
         },
     }
+    write_run_spec(output, doc)
     job = prepare_without_ray(doc)
     with pytest.raises(StopForTest):  # label counts, loss, RNG gather, checkpoint, barrier
         run(job, 0, 1, torch.device("cpu"), stop_after=2)
