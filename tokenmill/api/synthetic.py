@@ -12,7 +12,7 @@ from tokenmill.api.fields import Endpoint, Fraction, LongText, PositiveFraction,
 from tokenmill.api.kinds import KindDescriptor, Resource
 
 StepType = Literal[
-    "agreementFilter", "rewrite", "selfRevision", "instructionReversal", "multiTurn", "executionCheck"
+    "seedSelection", "agreementFilter", "rewrite", "selfRevision", "instructionReversal", "multiTurn", "executionCheck"
 ]
 STEP_TYPES: tuple[str, ...] = StepType.__args__  # type: ignore[attr-defined]
 
@@ -21,6 +21,16 @@ DOCUMENT_TYPES = frozenset({"documents", "qa", "math", "code"})
 # The OpenAI-compatible endpoint's key (generator.apiKeySecret), given to the workload from the
 # Secret by the kubelet: its value never appears in a spec or status.
 GENERATOR_API_KEY_ENV = "TOKENMILL_GENERATOR_API_KEY"
+
+
+class SeedSelection(ApiModel):
+    """Splits seed documents into passages, scores each for educational value and reasoning
+    content with the generator, tags its complexity, and keeps the top fraction."""
+
+    keep_fraction: PositiveFraction = 0.5
+    """Share of passages kept, by the sum of their two scores."""
+    passage_words: int = Field(default=200, ge=8, le=4096)
+    """Words per passage."""
 
 
 class AgreementFilter(ApiModel):
@@ -103,6 +113,8 @@ class WorkflowStep(ApiModel):
 
     type: StepType
     """The step."""
+    seed_selection: SeedSelection | None = None
+    """Parameters when type is seedSelection."""
     agreement_filter: AgreementFilter | None = None
     """Parameters when type is agreementFilter."""
     rewrite: Rewrite | None = None
@@ -126,14 +138,15 @@ class Generator(ApiModel):
             "message": "engine openai needs endpoint, apiKeySecret and modelName",
         },
         {
-            "rule": "self.engine == 'openai' || has(self.model)",
+            "rule": "self.engine == 'openai' || self.engine == 'scripted' || has(self.model)",
             "message": "engines vllm and torch need model",
         },
     )
 
-    engine: Literal["vllm", "openai", "torch"] = "vllm"
+    engine: Literal["vllm", "openai", "torch", "scripted"] = "vllm"
     """vllm runs the model on the Ray cluster's GPUs; openai calls an OpenAI-compatible endpoint;
-    torch is the built-in engine for tiny models."""
+    torch is the built-in engine for tiny models; scripted is a rule-based stand-in teacher for
+    offline demos and tests (arithmetic and word problems), not a model."""
     model: ModelSource | None = None
     """The teacher checkpoint or Hugging Face export (vllm, torch)."""
     model_name: ShortText | None = None
@@ -148,6 +161,8 @@ class Generator(ApiModel):
     """GPUs per model replica (vllm)."""
     max_concurrency: int = Field(default=64, ge=1, le=4096)
     """Requests in flight per replica or to the endpoint."""
+    mistake_rate: Fraction = 0.2
+    """Share of worked solutions in which the scripted stand-in teacher slips (scripted only)."""
 
 
 class Budgets(ApiModel):
@@ -183,7 +198,7 @@ class SyntheticDataJob(Resource):
 
 def _needs_gpus(spec: SyntheticDataJobSpec) -> bool:
     """vllm and torch serve the teacher on the Ray cluster; openai calls an endpoint elsewhere."""
-    return spec.generator.engine != "openai"
+    return spec.generator.engine not in ("openai", "scripted")
 
 
 def _dataset_types(spec: SyntheticDataJobSpec | None) -> frozenset[str]:

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from tokenmill.trainer.generate.loading import load_model, load_torch_engine
     from tokenmill.trainer.generate.openai_engine import OpenAIEngine
     from tokenmill.trainer.generate.torch_engine import PrefixCache, TorchEngine, prompt_ids
+    from tokenmill.trainer.generate.scripted_engine import ScriptedEngine
     from tokenmill.trainer.generate.vllm_engine import VLLMEngine
 
 _LAZY = {
@@ -45,6 +46,7 @@ _LAZY = {
     "sampling_from_spec": "tokenmill.trainer.generate.factory",
     "OpenAIEngine": "tokenmill.trainer.generate.openai_engine",
     "VLLMEngine": "tokenmill.trainer.generate.vllm_engine",
+    "ScriptedEngine": "tokenmill.trainer.generate.scripted_engine",
     "prompt_ids": "tokenmill.trainer.generate.torch_engine",
     "TorchEngine": "tokenmill.trainer.generate.torch_engine",
     "PrefixCache": "tokenmill.trainer.generate.torch_engine",
@@ -76,6 +78,7 @@ __all__ = [
     "RequestOutput",
     "SampleFailure",
     "SamplingParams",
+    "ScriptedEngine",
     "TopLogprob",
     "TorchEngine",
     "VLLMEngine",

@@ -16,7 +16,7 @@ from tokenmill.trainer.generate.cache import CachedEngine, FailureBudget, Reques
 from tokenmill.trainer.generate.interface import Engine, GenerationInputError, SamplingParams
 from tokenmill.trainer.generate.metrics import GenerateMetrics
 
-ENGINES = ("openai", "torch", "vllm")
+ENGINES = ("openai", "torch", "vllm", "scripted")
 
 
 def sampling_from_spec(sampling: Any, **overrides: Any) -> SamplingParams:
@@ -43,6 +43,7 @@ def build_engine(
     device: str | None = None,
     field: str = "generator",
     check: bool = True,
+    mistake_rate: float = 0.2,
 ) -> Engine:
     """The engine, checked (unless `check=False`); errors name `field`'s subfields."""
     if engine not in ENGINES:
@@ -56,6 +57,10 @@ def build_engine(
 
         built = OpenAIEngine(endpoint, model_name, max_concurrency=max_concurrency,
                              tokenizer=get_tokenizer(tokenizer) if tokenizer else None)
+    elif engine == "scripted":  # the rule-based stand-in teacher: only when a spec asks for it
+        from tokenmill.trainer.generate.scripted_engine import ScriptedEngine
+
+        built = ScriptedEngine(mistake_rate=mistake_rate)
     else:
         if not model_uri:
             raise GenerationInputError(f"{field}.model: engine {engine} needs a model with a resolved uri")
@@ -91,13 +96,15 @@ def engine_from_generator(
         values = {"model_uri": model.get("uri"), "endpoint": generator.get("endpoint"),
                   "model_name": generator.get("modelName"),
                   "max_concurrency": generator.get("maxConcurrency", 64),
-                  "tensor_parallel_size": generator.get("tensorParallelSize", 1)}
+                  "tensor_parallel_size": generator.get("tensorParallelSize", 1),
+                  "mistake_rate": generator.get("mistakeRate", 0.2)}
     else:
         engine = generator.engine
         values = {"model_uri": generator.model.uri if generator.model else None,
                   "endpoint": generator.endpoint, "model_name": generator.model_name,
                   "max_concurrency": generator.max_concurrency,
-                  "tensor_parallel_size": generator.tensor_parallel_size}
+                  "tensor_parallel_size": generator.tensor_parallel_size,
+                  "mistake_rate": generator.mistake_rate}
     built = build_engine(engine, tokenizer=tokenizer, device=device, field=field, **values)
     cache = RequestCache(generations_uri(output)).load() if output is not None else None
     return CachedEngine(built, cache, budget, built.metrics)
