@@ -120,7 +120,11 @@ def filter_report(datasets: Sequence[StageDataset], *, output: str, tokenizer: s
     for dataset in datasets:
         cache = token_cache_uri(output, dataset.name, tokenizer, seq_len)
         spec = cache_spec(dataset, tokenizer, seq_len)
-        left_out = filtered_counts(dataset.uri, cache, spec)
+        try:
+            left_out = filtered_counts(dataset.uri, cache, spec)
+        except StoreError as error:
+            lines.append(f"  {dataset.name}: the length filter's counts cannot be read ({error})")
+            continue
         if left_out is None:
             continue
         kept = sum(open_dataset(bucket_uri(cache, bucket)).manifest.summary.tokens or 0 for bucket in dataset.buckets)
