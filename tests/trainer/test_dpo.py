@@ -292,3 +292,29 @@ def test_dpo_figures_are_exported_as_prometheus_metrics() -> None:
     assert families["tokenmill_train_dpo_rejected_reward"] == pytest.approx(-0.1)
     assert families["tokenmill_train_dpo_pairs"] == 24  # a counter: exposed as _total
     assert "tokenmill_train_mfu_ratio" not in families  # a figure the stage does not report is left out
+
+
+@pytest.mark.slow
+def test_dpo_stage_on_full_sequence_chat_pairs_in_one_process(dpo_inputs, tmp_path) -> None:
+    """The stage's loop on one rank, without Ray, over pairs given as chat text (two sequences each)."""
+    from tokenmill.store import read_run_spec_at
+    from tokenmill.trainer.train import loop
+    from tokenmill.trainer.train.prepare import prepare
+
+    parent, _, _ = dpo_inputs
+    rng = random.Random(1)
+    rows = []
+    for index in range(24):
+        a, b = rng.sample(["red", "blue", "green", "cat", "dog"], 2)
+        rows.append({"id": f"c{index}", "prompt": [{"role": "user", "content": f"say {a}"}],
+                     "chosen": a, "rejected": b})
+    pairs = write_pairs(tmp_path / "chat-pairs", rows)
+    output = (tmp_path / "out").as_uri()
+    spec = dpo_spec(parent, pairs, optimization={"globalBatchSequences": 8, "microBatchSequences": 4,
+                                                 "peakLearningRate": 3e-3, "totalTokens": 8 * 8 * 64})
+    job = prepare(read_run_spec_at(write_spec(output, spec, "dpo")), build_caches=True)
+    loop.run(job, 0, 1, torch.device("cpu"))
+    history = read_history(output)
+    assert all(row["sequences_per_pair"] == 2.0 for row in history)  # prompt + chosen, prompt + rejected
+    assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert history[-1]["loss"] < history[0]["loss"] - 0.05 and history[-1]["margin"] > 0, history
