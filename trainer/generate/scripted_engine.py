@@ -14,6 +14,7 @@ word problems:
 - `instruct` / `implement`: the instruction a Python snippet answers, and the snippet back
   (dropping a line at `mistake_rate`), for instruction reversal;
 - `follow-up`: the next user turn of a conversation about a number;
+- `score`: a passage's educational value and reasoning (out of 5) and its complexity;
 - `tests`: assert-lines for a Python function it can read.
 
 Each sample draws its slips from its own stream (`sample_seed(seed, index)`, or the prompt
@@ -215,6 +216,20 @@ def follow_up(conversation: str, rng: random.Random) -> str:
     return f"Now add {rng.randint(2, 20)} to {answer}. What do you get?"
 
 
+def score_passage(passage: str) -> str:
+    """Educational value from the quantities a passage gives, reasoning from the operations it
+    needs, complexity from both."""
+    quantities = len(_NUMBER.findall(passage))
+    expression = expression_of(passage)
+    try:
+        operations = len(solve_steps(expression)[0]) if expression else 0
+    except (ValueError, SyntaxError, ZeroDivisionError):
+        operations = 0
+    value, reasoning = min(5, 1 + quantities), min(5, 1 + operations)
+    complexity = "high" if operations >= 3 else "medium" if operations else "low"
+    return f"educational value: {value}/5\nreasoning: {reasoning}/5\ncomplexity: {complexity}"
+
+
 class ScriptedEngine(Engine):
     """A stand-in teacher (see the module's description); thread-safe, stateless between calls
     apart from `answered` (samples it produced, for tests and benchmarks)."""
@@ -273,6 +288,8 @@ class ScriptedEngine(Engine):
             return tests_for(_strip_fence(parts.get("code", "")))
         if task == "follow-up":
             return follow_up(parts.get("conversation", ""), rng)
+        if task == "score":
+            return score_passage(parts.get("passage", ""))
         return ""  # a task it does not know: an empty answer (the caller drops and counts it)
 
 

@@ -1,0 +1,1 @@
+"""The SyntheticDataJob workload: seeds in, a synthetic dataset with provenance out."""

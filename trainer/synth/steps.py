@@ -1,0 +1,526 @@
+"""The workflow's steps: each takes a batch of items and returns an outcome per item (kept or
+dropped, with a reason); a step may also turn one item into several (seed selection, rewrite).
+
+An `Item` is one sample in the making: its question, the current solution, the reference
+answer, the conversation, and the trail of what every step asked and decided (its
+provenance). Every request goes through `Context.generate`, which counts the step's tokens
+and drops samples the engine failed on or answered with empty text.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
+
+from tokenmill.trainer.generate.interface import Completion, Engine, GenerationRequest, SamplingParams, stable_hash
+from tokenmill.trainer.oracles.math import extract_answer, normalise_answer
+from tokenmill.trainer.synth import templates
+
+KEPT = "kept"
+DROPPED = "dropped"
+PASS_SCORE = 4
+"""A rubric criterion passes with a score of at least this (out of 5)."""
+_SCORE = re.compile(r"^\s*[-*]?\s*(.+?)\s*:\s*(\d+(?:\.\d+)?)\s*/\s*5\b(.*)$", re.MULTILINE)
+_COMPLEXITY = re.compile(r"complexity\s*:\s*(low|medium|high)", re.IGNORECASE)
+_FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)```", re.DOTALL)
+_CODE_TOKEN = re.compile(r"\w+|[^\w\s]")
+
+
+@dataclass
+class Item:
+    """One sample on its way through the workflow."""
+
+    id: str
+    seed_id: str
+    question: str
+    seed: dict[str, Any]
+    solution: str | None = None
+    answer: str | None = None
+    code: str | None = None
+    tests: list[str] | None = None
+    messages: list[dict[str, str]] | None = None
+    trail: list[dict[str, Any]] = field(default_factory=list)
+
+    def note(self, step: str, **outputs: Any) -> None:
+        self.trail.append({"step": step, **outputs})
+
+
+@dataclass(frozen=True)
+class Outcome:
+    item: Item
+    kept: bool
+    reason: str
+
+    @property
+    def verdict(self) -> str:
+        return KEPT if self.kept else DROPPED
+
+
+def keep(item: Item, reason: str) -> Outcome:
+    return Outcome(item, True, reason)
+
+
+def drop(item: Item, reason: str) -> Outcome:
+    return Outcome(item, False, reason)
+
+
+@dataclass
+class Context:
+    """What the steps share: the engine (behind the request cache), the base sampling
+    parameters, and the counts of the step that is running."""
+
+    engine: Engine
+    sampling: SamplingParams
+    tokens: Counter = field(default_factory=Counter)
+    requests: Counter = field(default_factory=Counter)
+    after_call: Callable[[], None] | None = None
+    """Called after every engine call (the workload commits the request cache there)."""
+
+    def ask(self, step: str, prompts: Sequence[str], n: int = 1, *, salt: str = "",
+            history: Sequence[Sequence[dict[str, str]]] | None = None) -> list[list[Completion] | str]:
+        """Each prompt as a user turn (after its history, if any), `n` samples each: per prompt
+        its completions, or the reason it failed (`generation-failed`, `empty-generation`)."""
+        if not prompts:
+            return []
+        seed = self.sampling.seed
+        requests = []
+        for position, prompt in enumerate(prompts):
+            before = tuple(history[position]) if history is not None else ()
+            sampling = self.sampling if not salt else replace(
+                self.sampling, seed=int(stable_hash([seed, salt])[:12], 16))
+            requests.append(GenerationRequest(messages=(*before, {"role": "user", "content": prompt}), n=n,
+                                              sampling=sampling))
+        outputs = self.engine.generate(requests)
+        if self.after_call is not None:
+            self.after_call()
+        answers: list[list[Completion] | str] = []
+        for output in outputs:
+            self.requests[step] += len(output.request.indices)
+            self.tokens[step] += sum(c.completion_tokens for c in output.completions)
+            if output.failures or len(output.completions) != n:
+                answers.append("generation-failed")
+            elif any(not c.text.strip() for c in output.completions):
+                answers.append("empty-generation")
+            else:
+                answers.append(output.completions)
+        return answers
+
+
+class Step:
+    """A named step of the workflow. `run` returns one outcome per output item."""
+
+    type: ClassVar[str]
+    templates: ClassVar[frozenset[str]] = frozenset()
+
+    def run(self, items: list[Item], context: Context) -> list[Outcome]:
+        raise NotImplementedError
+
+
+def _final_answer(text: str) -> str | None:
+    found = extract_answer(text)
+    return found[0] if found else None
+
+
+def _draft_missing(items: list[Item], context: Context, step: str) -> tuple[list[Item], list[Outcome]]:
+    """Items without a solution get one worked solution; those the engine fails on are dropped."""
+    needing = [item for item in items if item.solution is None]
+    dropped: list[Outcome] = []
+    answers = context.ask(step, [templates.render("solve", question=i.question) for i in needing])
+    for item, answer in zip(needing, answers):
+        if isinstance(answer, str):
+            dropped.append(drop(item, answer))
+        else:
+            item.solution = answer[0].text
+            item.note(step, draft=item.solution)
+    lost = {id(outcome.item) for outcome in dropped}
+    return [item for item in items if id(item) not in lost], dropped
+
+
+# -- seed selection --------------------------------------------------------------------------
+
+def passages(text: str, words: int) -> list[str]:
+    split = text.split()
+    return [" ".join(split[start:start + words]) for start in range(0, len(split), words)] or [""]
+
+
+def parse_passage_scores(text: str) -> tuple[float, float, str] | None:
+    scores = {name.lower(): float(value) for name, value, _ in _SCORE.findall(text)}
+    complexity = _COMPLEXITY.search(text)
+    if "educational value" not in scores or "reasoning" not in scores:
+        return None
+    return scores["educational value"], scores["reasoning"], (complexity.group(1).lower() if complexity else "unknown")
+
+
+@dataclass
+class SeedSelection(Step):
+    keep_fraction: float
+    passage_words: int
+    type: ClassVar[str] = "seedSelection"
+    templates: ClassVar[frozenset[str]] = frozenset({"score_passage"})
+
+    def run(self, items: list[Item], context: Context) -> list[Outcome]:
+        pieces = []
+        for item in items:
+            for number, passage in enumerate(passages(item.question, self.passage_words)):
+                pieces.append(Item(id=f"{item.id}-p{number}", seed_id=item.seed_id, question=passage,
+                                   seed=item.seed, answer=item.answer, tests=item.tests,
+                                   trail=[dict(entry) for entry in item.trail]))
+        answers = context.ask(self.type, [templates.render("score_passage", passage=p.question) for p in pieces])
+        outcomes: list[Outcome] = []
+        scored: list[tuple[float, int, Item]] = []
+        for position, (piece, answer) in enumerate(zip(pieces, answers)):
+            if isinstance(answer, str):
+                outcomes.append(drop(piece, answer))
+                continue
+            parsed = parse_passage_scores(answer[0].text)
+            if parsed is None:
+                outcomes.append(drop(piece, "unparseable-score"))
+                continue
+            value, reasoning, complexity = parsed
+            piece.note(self.type, educationalValue=value, reasoning=reasoning, complexity=complexity)
+            scored.append((value + reasoning, position, piece))
+        wanted = math.ceil(self.keep_fraction * len(scored))
+        ranked = sorted(scored, key=lambda entry: (-entry[0], entry[1]))
+        for rank, (_, _, piece) in enumerate(ranked):
+            outcomes.append(keep(piece, "top-fraction") if rank < wanted else drop(piece, "low-score"))
+        return outcomes
+
+
+# -- agreement filter ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Agreement:
+    """The votes of one question's samples: plurality answer (as first written), its share."""
+
+    plurality: str | None
+    share: float
+    votes: dict[str, int]
+    chosen: int | None
+    """Index of the first sample that reached the plurality answer."""
+
+
+def tally(solutions: Sequence[str]) -> Agreement:
+    """Votes by normalised final answer; a sample without one votes for nothing (but counts)."""
+    keys: list[str | None] = []
+    first_written: dict[str, str] = {}
+    for text in solutions:
+        answer = _final_answer(text)
+        key = normalise_answer(answer) if answer else None
+        keys.append(key or None)
+        if key and key not in first_written:
+            first_written[key] = answer  # type: ignore[assignment]
+    votes = Counter(key for key in keys if key)
+    if not votes:
+        return Agreement(None, 0.0, {}, None)
+    best = max(votes.values())
+    winner = next(key for key in keys if key and votes[key] == best)  # ties: the earliest sample's answer
+    return Agreement(first_written[winner], best / len(solutions), dict(votes), keys.index(winner))
+
+
+def agreement_reason(agreement: Agreement, min_agreement: float, max_agreement: float) -> tuple[bool, str]:
+    """Kept only when min < share < max: at max or above all agree (too easy), at min or below
+    none agree (too hard or ambiguous)."""
+    if agreement.plurality is None:
+        return False, "no-answer"
+    if agreement.share >= max_agreement:
+        return False, "too-easy"
+    if agreement.share <= min_agreement:
+        return False, "too-hard-or-ambiguous"
+    return True, "agreement-in-window"
+
+
+@dataclass
+class AgreementFilter(Step):
+    samples: int
+    min_agreement: float
+    max_agreement: float
+    type: ClassVar[str] = "agreementFilter"
+    templates: ClassVar[frozenset[str]] = frozenset({"solve"})
+
+    def run(self, items: list[Item], context: Context) -> list[Outcome]:
+        answers = context.ask(self.type, [templates.render("solve", question=i.question) for i in items],
+                              n=self.samples)
+        outcomes = []
+        for item, answer in zip(items, answers):
+            if isinstance(answer, str):
+                outcomes.append(drop(item, answer))
+                continue
+            texts = [c.text for c in answer]
+            agreement = tally(texts)
+            kept, reason = agreement_reason(agreement, self.min_agreement, self.max_agreement)
+            item.note(self.type, answers=[_final_answer(t) for t in texts], plurality=agreement.plurality,
+                      share=round(agreement.share, 6))
+            if kept:
+                item.answer = agreement.plurality
+                item.solution = texts[agreement.chosen]  # type: ignore[index]
+            outcomes.append(Outcome(item, kept, reason))
+        return outcomes
+
+
+# -- rewrite ---------------------------------------------------------------------------------
+
+@dataclass
+class Rewrite(Step):
+    targets: Sequence[str]
+    instructions: str | None
+    type: ClassVar[str] = "rewrite"
+    templates: ClassVar[frozenset[str]] = frozenset({"rewrite"})
+
+    def run(self, items: list[Item], context: Context) -> list[Outcome]:
+        made = [(item, target) for item in items for target in self.targets]
+        prompts = [templates.render("rewrite", question=item.question, target=target,
+                                    instructions=self.instructions or "") for item, target in made]
+        outcomes = []
+        for (item, target), answer in zip(made, context.ask(self.type, prompts)):
+            new = Item(id=f"{item.id}-{target}", seed_id=item.seed_id, question=item.question, seed=item.seed,
+                       tests=item.tests, trail=[dict(entry) for entry in item.trail])
+            if isinstance(answer, str):
+                outcomes.append(drop(new, answer))
+                continue
+            new.question = answer[0].text.strip()
+            new.note(self.type, target=target, rewritten=new.question)
+            outcomes.append(keep(new, f"rewritten-{target}"))
+        return outcomes
+
+
+# -- self-revision ---------------------------------------------------------------------------
+
+def parse_critique(text: str, rubric: Sequence[str]) -> dict[str, float] | None:
+    """The score per rubric criterion (None when one is missing)."""
+    found = {name.strip().lower(): float(value) for name, value, _ in _SCORE.findall(text)}
+    scores = {criterion: found.get(criterion.strip().lower()) for criterion in rubric}
+    if any(value is None for value in scores.values()):
+        return None
+    return scores  # type: ignore[return-value]
+
+
+@dataclass
+class SelfRevision(Step):
+    rounds: int
+    rubric: Sequence[str]
+    type: ClassVar[str] = "selfRevision"
+    templates: ClassVar[frozenset[str]] = frozenset({"solve", "critique", "revise"})
+
+    def run(self, items: list[Item], context: Context) -> list[Outcome]:
+        alive, outcomes = _draft_missing(items, context, self.type)
+        trails: dict[int, list[dict[str, Any]]] = {id(item): [] for item in alive}
+        for round_number in range(self.rounds + 1):
+            if not alive:
+                break
+            prompts = [templates.render("critique", question=i.question, draft=i.solution, rubric=list(self.rubric))
+                       for i in alive]
+            failing: list[tuple[Item, str]] = []
+            for item, answer in zip(alive, context.ask(self.type, prompts, salt=f"critique-{round_number}")):
+                if isinstance(answer, str):
+                    outcomes.append(drop(item, answer))
+                    continue
+                scores = parse_critique(answer[0].text, self.rubric)
+                if scores is None:
+                    outcomes.append(drop(item, "unparseable-critique"))
+                    continue
+                trails[id(item)].append({"round": round_number, "draft": item.solution,
+                                         "critique": answer[0].text, "scores": scores})
+                if all(score >= PASS_SCORE for score in scores.values()):
+                    item.note(self.type, revisions=round_number, trail=trails[id(item)])
+                    outcomes.append(keep(item, "rubric-passed" if round_number == 0 else "revised-and-passed"))
+                elif round_number == self.rounds:
+                    item.note(self.type, revisions=round_number, trail=trails[id(item)])
+                    outcomes.append(drop(item, "rubric-not-met"))
+                else:
+                    failing.append((item, answer[0].text))
+            alive = []
+            prompts = [templates.render("revise", question=i.question, draft=i.solution, critique=critique)
+                       for i, critique in failing]
+            for (item, _), answer in zip(failing, context.ask(self.type, prompts, salt=f"revise-{round_number}")):
+                if isinstance(answer, str):
+                    outcomes.append(drop(item, answer))
+                    continue
+                item.solution = answer[0].text
+                alive.append(item)
+        return outcomes
+
+
+# -- instruction reversal --------------------------------------------------------------------
+
+def code_of(text: str) -> str:
+    blocks = [body for language, body in _FENCE.findall(text) if language.lower() in ("", "python", "py", "python3")]
+    return (blocks[-1] if blocks else text).strip()
+
+
+def token_jaccard(a: str, b: str) -> float:
+    """Jaccard similarity of the sets of word and punctuation tokens."""
+    left, right = set(_CODE_TOKEN.findall(a)), set(_CODE_TOKEN.findall(b))
+    return 1.0 if not left and not right else len(left & right) / len(left | right)
+
+
+def char_ngram(a: str, b: str, n: int = 3) -> float:
+    """Jaccard similarity of the sets of character n-grams (n=3) after collapsing whitespace."""
+    def grams(text: str) -> set[str]:
+        flat = " ".join(text.split())
+        return {flat[i:i + n] for i in range(max(1, len(flat) - n + 1))}
+    left, right = grams(a), grams(b)
+    return len(left & right) / len(left | right) if left | right else 1.0
+
+
+SIMILARITY = {"token-jaccard": token_jaccard, "char-ngram": char_ngram}
+
+
+@dataclass
+class InstructionReversal(Step):
+    similarity_threshold: float
+    metric: str
+    type: ClassVar[str] = "instructionReversal"
+    templates: ClassVar[frozenset[str]] = frozenset({"instruct", "implement"})
+
+    def run(self, items: list[Item], context: Context) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        for item in items:
+            item.code = item.code or code_of(item.question)
+        answers = context.ask(self.type, [templates.render("instruct", code=i.code) for i in items])
+        described = []
+        for item, answer in zip(items, answers):
+            if isinstance(answer, str):
+                outcomes.append(drop(item, answer))
+            else:
+                described.append((item, answer[0].text.strip()))
+        prompts = [templates.render("implement", instruction=instruction) for _, instruction in described]
+        measure = SIMILARITY[self.metric]
+        for (item, instruction), answer in zip(described, context.ask(self.type, prompts)):
+            if isinstance(answer, str):
+                outcomes.append(drop(item, answer))
+                continue
+            regenerated = code_of(answer[0].text)
+            similarity = measure(item.code or "", regenerated)
+            kept = similarity >= self.similarity_threshold
+            item.note(self.type, instruction=instruction, regenerated=regenerated, metric=self.metric,
+                      similarity=round(similarity, 6))
+            if kept:
+                item.question = instruction
+                item.solution = f"```python\n{item.code}\n```"
+            outcomes.append(Outcome(item, kept, "similar" if kept else "dissimilar"))
+        return outcomes
+
+
+# -- multi-turn ------------------------------------------------------------------------------
+
+@dataclass
+class MultiTurn(Step):
+    turns: int
+    revise_each_turn: bool
+    rubric: Sequence[str] = ("reasoning", "factual accuracy")
+    type: ClassVar[str] = "multiTurn"
+    templates: ClassVar[frozenset[str]] = frozenset({"solve", "follow_up", "critique", "revise"})
+
+    def run(self, items: list[Item], context: Context) -> list[Outcome]:
+        alive, outcomes = _draft_missing(items, context, self.type)
+        for item in alive:
+            item.messages = item.messages or [{"role": "user", "content": item.question},
+                                              {"role": "assistant", "content": item.solution or ""}]
+        for turn in range(2, self.turns + 1):
+            if not alive:
+                break
+            asked = context.ask(self.type, [templates.render("follow_up", conversation=i.messages) for i in alive],
+                                salt=f"follow-up-{turn}")
+            next_alive: list[tuple[Item, str]] = []
+            for item, answer in zip(alive, asked):
+                if isinstance(answer, str):
+                    outcomes.append(drop(item, answer))
+                else:
+                    next_alive.append((item, answer[0].text.strip()))
+            solved = context.ask(self.type, [templates.render("solve", question=q) for _, q in next_alive],
+                                 salt=f"turn-{turn}", history=[i.messages or [] for i, _ in next_alive])
+            alive = []
+            for (item, question), answer in zip(next_alive, solved):
+                if isinstance(answer, str):
+                    outcomes.append(drop(item, answer))
+                    continue
+                reply = answer[0].text
+                if self.revise_each_turn:
+                    reply = self._revised(item, question, reply, context, turn)
+                item.messages = [*(item.messages or []), {"role": "user", "content": question},
+                                 {"role": "assistant", "content": reply}]
+                alive.append(item)
+        for item in alive:
+            item.note(self.type, turns=len(item.messages or []) // 2)
+            outcomes.append(keep(item, "conversation-complete"))
+        return outcomes
+
+    def _revised(self, item: Item, question: str, reply: str, context: Context, turn: int) -> str:
+        [critique] = context.ask(self.type, [templates.render("critique", question=question, draft=reply,
+                                                              rubric=list(self.rubric))], salt=f"critique-{turn}")
+        if isinstance(critique, str):
+            return reply
+        scores = parse_critique(critique[0].text, self.rubric)
+        if scores is None or all(score >= PASS_SCORE for score in scores.values()):
+            return reply
+        [revised] = context.ask(self.type, [templates.render("revise", question=question, draft=reply,
+                                                             critique=critique[0].text)], salt=f"revise-{turn}")
+        item.note(self.type, turn=turn, draft=reply, critique=critique[0].text)
+        return reply if isinstance(revised, str) else revised[0].text
+
+
+# -- execution check -------------------------------------------------------------------------
+
+@dataclass
+class ExecutionCheck(Step):
+    timeout_seconds: float
+    memory_mb: int
+    type: ClassVar[str] = "executionCheck"
+    templates: ClassVar[frozenset[str]] = frozenset({"tests"})
+
+    def run(self, items: list[Item], context: Context) -> list[Outcome]:
+        from tokenmill.trainer.oracles.code import SandboxLimits, run_candidate
+
+        outcomes: list[Outcome] = []
+        for item in items:
+            item.code = code_of(item.solution) if item.solution else (item.code or code_of(item.question))
+        needing = [item for item in items if not item.tests]
+        answers = context.ask(self.type, [templates.render("tests", question=i.question, code=i.code)
+                                          for i in needing])
+        lost = set()
+        for item, answer in zip(needing, answers):
+            if isinstance(answer, str):
+                outcomes.append(drop(item, answer))
+                lost.add(id(item))
+            else:
+                item.tests = [code_of(answer[0].text)]
+        limits = SandboxLimits(timeout_seconds=self.timeout_seconds, memory_mb=self.memory_mb)
+        for item in items:
+            if id(item) in lost:
+                continue
+            verdict = run_candidate(item.code or "", item.tests or [], limits)
+            item.note(self.type, tests=item.tests, passed=verdict.correct, reason=verdict.reason,
+                      detail=verdict.detail[:500])
+            outcomes.append(keep(item, "tests-passed") if verdict.correct else drop(item, f"tests-{verdict.reason}"))
+        return outcomes
+
+
+def build(step: Any, spec_seed: int = 0) -> Step:
+    """The step for one entry of `spec.workflow` (the API's WorkflowStep)."""
+    kind = step.type
+    if kind == "seedSelection":
+        p = step.seed_selection
+        return SeedSelection(p.keep_fraction, p.passage_words)
+    if kind == "agreementFilter":
+        p = step.agreement_filter
+        return AgreementFilter(p.samples, p.min_agreement, p.max_agreement)
+    if kind == "rewrite":
+        p = step.rewrite
+        return Rewrite(list(p.targets), p.instructions)
+    if kind == "selfRevision":
+        p = step.self_revision
+        return SelfRevision(p.rounds, list(p.rubric))
+    if kind == "instructionReversal":
+        p = step.instruction_reversal
+        return InstructionReversal(p.similarity_threshold, p.metric)
+    if kind == "multiTurn":
+        p = step.multi_turn
+        return MultiTurn(p.turns, p.revise_each_turn)
+    if kind == "executionCheck":
+        p = step.execution_check
+        return ExecutionCheck(p.timeout_seconds, p.memory_mb)
+    raise ValueError(f"unknown step type {kind!r}")

@@ -1,0 +1,350 @@
+"""The SyntheticDataJob workload: `python -m tokenmill.trainer synthetic-data --spec <uri>`.
+
+The driver reads the run spec and checks everything before the first request (`prepare`):
+the dataset type and whether the workflow's steps fit it, the seed datasets (committed,
+`documents/1` or `chat_samples/1`), every template against every seed, and the engine's
+probe. Then the seeds, in shards of `SEEDS_PER_SHARD`, run through the workflow on Ray Data
+(an actor pool: each actor loads the engine once, behind the request cache). Each shard
+commits its rows and its step statistics on its own; the driver merges the statistics,
+writes progress as shards finish, stops when a budget is spent, and at the end writes the
+statistics (`<output>/_run/synth-stats.json`), the request cache's manifest, and the
+dataset's manifest last.
+
+A retried or resumed attempt skips committed shards and answers every request it already
+paid for from the request cache (flushed after every engine call).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from tokenmill.api.synthetic import SyntheticDataJobSpec
+from tokenmill.layout import dataset_uri, join
+from tokenmill.store import (
+    CHAT_SAMPLES,
+    DOCUMENTS,
+    DatasetWriter,
+    ManifestNotFoundError,
+    Producer,
+    Progress,
+    StoreError,
+    open_dataset,
+    open_store,
+    read_run_spec_at,
+    shard_name,
+    write_progress,
+)
+from tokenmill.trainer.synth import steps as synth_steps
+from tokenmill.trainer.synth.workflow import (
+    OUTPUT_STEP,
+    StepStats,
+    SynthInputError,
+    Workflow,
+    check_templates,
+    check_workflow,
+    dataset_type,
+    seed_from_row,
+)
+from tokenmill.workloads import PHASE_SUCCEEDED
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+SEEDS_PER_SHARD = 16
+STATS_KEY = "_run/synth-stats.json"
+SHARD_STATS_PREFIX = "_run/synth-shards"
+WORKERS_ENV = "TOKENMILL_SYNTH_WORKERS"
+"""Engine actors; by default one per CPU of the Ray cluster (at most one per shard)."""
+KILL_AFTER_REQUESTS_ENV = "TOKENMILL_SYNTH_KILL_AFTER_REQUESTS"
+"""Tests: a worker SIGKILLs the driver and itself once it has sent this many samples (a crash)."""
+
+
+def _error(message: str) -> None:
+    print(f"tokenmill synthetic-data: {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Job:
+    """Everything a worker needs; pickled into each actor."""
+
+    spec: SyntheticDataJobSpec
+    output: str
+    producer: Producer
+    schema_name: str
+    workflow: Workflow
+    driver_pid: int = field(default_factory=os.getpid)
+
+    @property
+    def step_order(self) -> list[str]:
+        return [step.type for step in self.workflow.steps] + [OUTPUT_STEP]
+
+
+@dataclass
+class Prepared:
+    job: Job
+    seeds: list[dict[str, Any]]
+
+
+def read_seeds(spec: SyntheticDataJobSpec) -> list[dict[str, Any]]:
+    seeds: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for index, source in enumerate(spec.seeds):
+        where = f"spec.seeds[{index}]"
+        uri = str(source.uri)
+        try:
+            dataset = open_dataset(uri)
+        except ManifestNotFoundError:
+            raise SynthInputError(f"{where}: no committed dataset at {uri} (its _manifest.json is missing)") from None
+        except StoreError as error:
+            raise SynthInputError(f"{where}: cannot open {uri}: {error}") from None
+        schema = dataset.schema.name
+        if schema not in (DOCUMENTS.name, CHAT_SAMPLES.name):
+            raise SynthInputError(f"{where}: dataset {uri} has schema {dataset.schema.ref}; seeds are "
+                                  f"{DOCUMENTS.ref} or {CHAT_SAMPLES.ref} rows")
+        for row in dataset.read_all().to_pylist():
+            seed = seed_from_row(row, schema, f"{where} ({uri}) row {row['id']}")
+            if len(spec.seeds) > 1:  # ids stay unique across seed datasets
+                seed["id"] = f"{index}/{seed['id']}"
+            if seed["id"] in seen:
+                raise SynthInputError(f"{where} ({uri}): seed id {seed['id']!r} appears twice")
+            seen.add(seed["id"])
+            seeds.append(seed)
+    if not seeds:
+        raise SynthInputError("spec.seeds: the seed datasets hold no rows")
+    return seeds
+
+
+def prepare(doc: dict[str, Any]) -> Prepared:
+    """Check and load everything the run needs; SynthInputError names the bad input."""
+    try:
+        spec = SyntheticDataJobSpec.model_validate(doc["spec"])
+    except Exception as error:  # pydantic's message lists every field
+        raise SynthInputError(f"the run spec is not a valid SyntheticDataJob spec: {error}") from None
+    if any(not source.uri for source in spec.seeds):
+        raise SynthInputError("spec.seeds need resolved URIs (the run spec must carry committed URIs)")
+    kind = dataset_type(spec.dataset_type)
+    steps = [synth_steps.build(step) for step in spec.workflow]
+    check_workflow(kind, steps)
+    description = [step.to_wire() for step in spec.workflow]
+    workflow = Workflow(kind, steps, description)
+    seeds = read_seeds(spec)
+    check_templates(steps, seeds, "spec.seeds")
+    _probe(spec)
+    metadata = doc.get("metadata") or {}
+    producer = Producer(kind="SyntheticDataJob", name=str(metadata.get("name") or ""),
+                        uid=str(metadata.get("uid") or ""), generation=int(metadata.get("generation") or 0),
+                        attempt=int(doc.get("attempt") or 0))
+    return Prepared(Job(spec, str(doc["output"]), producer, kind.schema.name, workflow), seeds)
+
+
+def _probe(spec: SyntheticDataJobSpec) -> None:
+    """The engine's own check (model loads, endpoint answers, key accepted) before any request."""
+    from tokenmill.trainer.generate import GenerationInputError, build_engine
+
+    generator = spec.generator
+    try:
+        engine = build_engine(generator.engine, model_uri=str(generator.model.uri) if generator.model else None,
+                              endpoint=generator.endpoint, model_name=generator.model_name,
+                              max_concurrency=generator.max_concurrency,
+                              tensor_parallel_size=generator.tensor_parallel_size,
+                              mistake_rate=generator.mistake_rate)
+    except GenerationInputError as error:
+        raise SynthInputError(str(error)) from None
+    except (StoreError, OSError, ValueError) as error:
+        raise SynthInputError(f"spec.generator.model: cannot load it: {error}") from None
+    engine.close()
+
+
+def sampling_of(spec: SyntheticDataJobSpec):
+    from tokenmill.trainer.generate import sampling_from_spec
+
+    sampling = spec.generator.sampling
+    return sampling_from_spec(sampling, seed=sampling.seed if sampling.seed is not None else spec.seed)
+
+
+def shard_stats_key(number: int) -> str:
+    return f"{SHARD_STATS_PREFIX}/{shard_name(number)}.json"
+
+
+class ShardWorker:
+    """One Ray Data actor: the engine behind the request cache, and the workflow over shards."""
+
+    def __init__(self, job: Job) -> None:
+        from tokenmill.trainer.generate import engine_from_generator
+
+        self.job = job
+        self.engine = engine_from_generator(job.spec.generator, output=job.output)
+        self.kill_after = int(os.environ.get(KILL_AFTER_REQUESTS_ENV) or 0)
+        self.context = synth_steps.Context(self.engine, sampling_of(job.spec), after_call=self._after_call)
+        self.writer = DatasetWriter(dataset_uri(job.output), self.job.workflow.kind.schema, producer=job.producer)
+        self.store = open_store(job.output)
+
+    def _after_call(self) -> None:
+        if self.engine.cache is not None:
+            self.engine.cache.flush()  # what was paid for is on record before anything else happens
+        if self.kill_after and self.engine.attempted >= self.kill_after:
+            os.kill(self.job.driver_pid, signal.SIGKILL)
+            os._exit(1)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        results = []
+        for payload in batch["shard"]:
+            unit = json.loads(payload)
+            sent_before = self.engine.attempted
+            rows, stats = self.job.workflow.run(unit["seeds"], self.context)
+            result = {"shard": unit["shard"], "stats": stats.to_data(), "sent": self.engine.attempted - sent_before}
+            self.store.write_json(shard_stats_key(unit["shard"]), result)  # before the shard's commit record
+            self.writer.write_shard(unit["shard"], rows or self.job.workflow.kind.schema.arrow.empty_table())
+            results.append(json.dumps(result))
+        return {"result": results}
+
+
+def _workers(pending: int) -> int:
+    import ray
+
+    configured = int(os.environ.get(WORKERS_ENV) or 0)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return max(1, min(pending, configured or cpus))
+
+
+@dataclass
+class Outcome:
+    stats: StepStats
+    shards: list[int]
+    stopped_by: str | None
+    sent: int
+
+
+def execute(job: Job, seeds: list[dict[str, Any]]) -> Outcome:
+    import ray
+    import ray.data
+
+    from tokenmill.trainer.generate import RequestCache, generations_uri
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)
+    units = [seeds[start:start + SEEDS_PER_SHARD] for start in range(0, len(seeds), SEEDS_PER_SHARD)]
+    writer = DatasetWriter(dataset_uri(job.output), job.workflow.kind.schema, producer=job.producer)
+    committed = set(writer.resume())
+    store = open_store(job.output)
+    total, sent, done = StepStats(), 0, []
+    budgets = job.spec.budgets
+    for number in range(len(units)):
+        if shard_name(number) in committed and store.exists(shard_stats_key(number)):
+            result = store.read_json(shard_stats_key(number))
+            total.merge(StepStats.from_data(result["stats"]))
+            sent += int(result["sent"])
+            done.append(number)
+    pending = [number for number in range(len(units)) if number not in done]
+    if done:
+        print(f"tokenmill synthetic-data: resuming; {len(done)} of {len(units)} shards already committed", flush=True)
+    stopped_by = _spent(total, budgets)
+    if pending and stopped_by is None:
+        items = [{"shard": json.dumps({"shard": n, "seeds": units[n]})} for n in pending]
+        dataset = ray.data.from_items(items, override_num_blocks=len(items))
+        mapped = dataset.map_batches(ShardWorker, fn_constructor_kwargs={"job": job}, batch_size=1,
+                                     batch_format="numpy", num_cpus=1,
+                                     compute=ray.data.ActorPoolStrategy(size=_workers(len(pending))))
+        rows = mapped.iter_rows()
+        for row in rows:
+            result = json.loads(row["result"])
+            total.merge(StepStats.from_data(result["stats"]))
+            sent += int(result["sent"])
+            done.append(int(result["shard"]))
+            write_progress(job.output, Progress(phase="generating", done=total.seeds, total=len(seeds), unit="seeds",
+                                                metrics=progress_metrics(total)))
+            stopped_by = _spent(total, budgets)
+            if stopped_by is not None:
+                break
+        del rows, mapped
+    shards = sorted(set(writer.resume()) & {shard_name(n) for n in done})
+    if budgets.max_samples is not None and total.written > budgets.max_samples:
+        _trim(writer, shards, budgets.max_samples, total)
+    store.write_json(STATS_KEY, {**total.to_dict(job.step_order), "stoppedBy": stopped_by,
+                                 "workflowVersion": job.workflow.version,
+                                 "templates": job.workflow.template_versions, "requestsSent": sent})
+    RequestCache(generations_uri(job.output)).finalize()
+    writer.finalize(expected=shards)  # last: the dataset becomes visible
+    return Outcome(total, [int(s.split("-")[-1]) for s in shards], stopped_by, sent)
+
+
+def _spent(stats: StepStats, budgets: Any) -> str | None:
+    if budgets.max_samples is not None and stats.written >= budgets.max_samples:
+        return "maxSamples"
+    if budgets.max_generated_tokens is not None and stats.tokens_generated >= budgets.max_generated_tokens:
+        return "maxGeneratedTokens"
+    return None
+
+
+def _trim(writer: DatasetWriter, shards: list[str], limit: int, total: StepStats) -> None:
+    """Keeps exactly the first `limit` rows in shard order (shards finish out of order)."""
+    from tokenmill.store.dataset_reader import read_verified_shard
+
+    committed = writer.resume()
+    remaining = limit
+    for name in shards:
+        info = committed[name]
+        if info.rows <= remaining:
+            remaining -= info.rows
+            continue
+        table = read_verified_shard(writer.store, info).slice(0, remaining)
+        cut = info.rows - table.num_rows
+        writer.write_shard(name, table)
+        total.records[(OUTPUT_STEP, "kept", "written")] -= cut
+        total.records[(OUTPUT_STEP, "dropped", "budget")] += cut
+        remaining -= table.num_rows
+
+
+def progress_metrics(stats: StepStats) -> dict[str, float]:
+    """Flat figures for the progress record (and so for the metrics endpoint)."""
+    out: dict[str, float] = {"seeds": float(stats.seeds), "records_written": float(stats.written),
+                             "tokens_generated": float(stats.tokens_generated)}
+    for (step, verdict, reason), count in stats.records.items():
+        out[f"records|{step}|{verdict}|{reason}"] = float(count)
+    for step, count in stats.requests.items():
+        out[f"requests|{step}"] = float(count)
+    for step, count in stats.tokens.items():
+        out[f"tokens|{step}"] = float(count)
+    return out
+
+
+def run(spec_uri: str) -> int:
+    try:
+        doc = read_run_spec_at(spec_uri)
+    except StoreError as error:
+        _error(f"cannot read the run spec {spec_uri}: {error}")
+        return EXIT_BAD_INPUT
+    started = time.monotonic()
+    try:
+        prepared = prepare(doc)
+    except SynthInputError as error:
+        _error(f"{error}; nothing was generated")
+        return EXIT_BAD_INPUT
+    job = prepared.job
+    print(f"tokenmill synthetic-data: {len(prepared.seeds)} seeds, {len(job.workflow.steps)} steps, "
+          f"{job.spec.generator.engine} engine, writing {dataset_uri(job.output)}", flush=True)
+    write_progress(job.output, Progress(phase="generating", done=0, total=len(prepared.seeds), unit="seeds"))
+    try:
+        outcome = execute(job, prepared.seeds)
+    except Exception as error:  # an engine or store failure: the next attempt resumes
+        _error(f"generation failed: {error}")
+        write_progress(job.output, Progress(phase="failed", message=str(error)[:500]))
+        return EXIT_FAILED
+    seconds = time.monotonic() - started
+    stats = outcome.stats
+    stop = f"; stopped by budget {outcome.stopped_by}" if outcome.stopped_by else ""
+    write_progress(job.output, Progress(
+        phase=PHASE_SUCCEEDED, done=stats.seeds, total=len(prepared.seeds), unit="seeds",
+        message=(f"wrote {stats.written:,} records from {stats.seeds:,} seeds, {stats.tokens_generated:,} tokens "
+                 f"generated in {seconds:.0f} s{stop}; dataset at {dataset_uri(job.output)}"),
+        metrics=progress_metrics(stats)))
+    return 0
+
+
+def stats_uri(output: str) -> str:
+    return join(output, STATS_KEY)
