@@ -98,13 +98,31 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from tokenmill.runner.local import default_store
 
+    from tokenmill.runner.evaluation import load_config, resolve_config
+
     store = args.store or default_store(Path(args.recipe))
     try:
         resources = plan_recipe(args.recipe, store=store)
+        evaluation = load_config(Path(args.recipe))
+        if evaluation is not None:
+            evaluation = resolve_config(evaluation, Path(args.recipe), resources, store)
     except RecipeError as error:
         return _print_problems(error)
     return run_with_progress(resources, Path(args.recipe), store=store, ray_address=args.ray_address,
-                             start_ray=not args.no_ray, console=console)
+                             start_ray=not args.no_ray, console=console, evaluation=evaluation)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from tokenmill.report import ReportError
+    from tokenmill.runner.console import print_report
+    from tokenmill.store import StoreError
+
+    try:
+        print_report(args.run if "://" in args.run else Path(args.run).resolve().as_uri(), console)
+    except (ReportError, StoreError) as error:
+        errors.print(Text.assemble(("error", "red"), f" {error}"), soft_wrap=True)
+        return EXIT_INVALID
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -141,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ray-address", help="an existing Ray cluster to run on (default: start a local one)")
     run.add_argument("--no-ray", action="store_true", help="do not start Ray; each workload starts its own")
     run.set_defaults(func=cmd_run)
+
+    report = commands.add_parser("report", help="(re)build report.html for a finished run, local or in S3")
+    report.add_argument("run", metavar="DIR", help="the run's store root (a folder, file:// or s3:// URI)")
+    report.set_defaults(func=cmd_report)
 
     serve = commands.add_parser("serve", help="serve a model over the OpenAI API with the torch engine")
     serve.add_argument("model", metavar="MODEL_URI", help="a checkpoint or Hugging Face export (s3://, file://, path)")

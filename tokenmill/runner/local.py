@@ -20,7 +20,14 @@ from tokenmill.api.status import OutputSummary
 from tokenmill.layout import run_spec_uri
 from tokenmill.outputs import check_outputs
 from tokenmill.resolve import UnresolvedInput, output_uri, resolve_spec, run_spec
-from tokenmill.store import ObjectNotFoundError, StoreError, read_progress, read_run_spec, write_run_spec
+from tokenmill.store import (
+    ObjectNotFoundError,
+    Progress,
+    StoreError,
+    read_progress,
+    read_run_spec,
+    write_run_spec,
+)
 from tokenmill.workloads import NOT_BUILT_EXIT_CODE, PHASE_SUCCEEDED, workload_built
 
 
@@ -39,8 +46,9 @@ class StageResult:
 class RunEvents:
     """Callbacks the CLI uses to draw progress; all optional."""
 
-    started: Callable[[AnyResource], None] = lambda resource: None
-    progress: Callable[[AnyResource, float | None, str], None] = lambda resource, fraction, message: None
+    started: Callable[[AnyResource, bool], None] = lambda resource, resuming: None
+    """A workload starts; `resuming` when an earlier, unfinished run of the same spec left work to resume."""
+    progress: Callable[[AnyResource, Progress], None] = lambda resource, record: None
     line: Callable[[AnyResource, str], None] = lambda resource, text: None
     finished: Callable[[StageResult], None] = lambda result: None
 
@@ -85,8 +93,9 @@ class LocalRunner:
             if report.committed:
                 return StageResult(resource, "Up to date", "outputs committed by an earlier run", output=output,
                                    outputs=report.summary)
+        resuming = _unfinished_earlier_run(output, document)
         write_run_spec(output, document)
-        self.events.started(resource)
+        self.events.started(resource, resuming)
         started = time.monotonic()
         code = self._execute(resource, output)
         seconds = time.monotonic() - started
@@ -128,7 +137,7 @@ class LocalRunner:
         except (StoreError, ValueError):  # a record being replaced; the next poll reads it
             return
         if progress is not None:
-            self.events.progress(resource, progress.fraction, progress.message)
+            self.events.progress(resource, progress)
 
 
 def check_outputs_apart(resources: list[AnyResource], store_root: str) -> None:
@@ -154,6 +163,15 @@ def _up_to_date(output: str, document: dict) -> bool:
     try:
         return read_run_spec(output) == document
     except ObjectNotFoundError:
+        return False
+
+
+def _unfinished_earlier_run(output: str, document: dict) -> bool:
+    """An earlier run of the same spec started and did not finish: its committed work is resumed."""
+    try:
+        progress = read_progress(output)
+        return progress is not None and progress.phase != PHASE_SUCCEEDED and read_run_spec(output) == document
+    except (StoreError, ValueError):
         return False
 
 
