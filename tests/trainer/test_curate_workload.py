@@ -66,7 +66,9 @@ def test_the_whole_pipeline_on_ray_against_s3(ray_with_s3_environment):
     assert all(row["lang"] == "en" and "langScore" in json.loads(row["meta"]) for row in kept.values())
     assert json.loads(kept["jsonl-0"]["meta"])["n"] == 0  # the input's own meta is kept
     dropped = {row["id"]: json.loads(row["meta"])["dropped"] for row in open_dataset(dropped_uri(output)).read_all().to_pylist()}
-    assert dropped["contaminated-13"]["evidence"]["ngram"].startswith("a farmer has seventeen sheep")
+    ngram = dropped["contaminated-13"]["evidence"]["ngram"]
+    assert ngram in curate_corpus.BENCHMARK_ITEM and len(ngram.split()) == 13
+    assert dropped["contaminated-13"]["evidence"]["item"] == "farmer-sheep"
     assert dropped["near-3"]["evidence"]["duplicateOf"] == "doc-003"
     assert dropped["exact-1"]["evidence"] == {"duplicateOf": "doc-001"}
 
@@ -128,8 +130,10 @@ def test_a_run_killed_mid_write_resumes_without_losing_or_duplicating_documents(
     assert resumed == 0, log
     assert "resuming;" in log
     check_output(output, corpus)
+    # shards committed before the kill were not redone (a worker of the killed run may still have
+    # committed one more as it went down); the rest were written by the second attempt
     attempts = Counter(shard.attempt for shard in read_manifest(f"{output}/data").shards)
-    assert attempts[1] == len(committed) and attempts[2] == 7 - len(committed)
+    assert attempts[1] >= len(committed) and attempts[2] >= 1 and attempts[1] + attempts[2] == 7
 
 
 def run_workload(command: list[str], log_path, **environment: str) -> tuple[int, str]:
