@@ -17,6 +17,8 @@ workload itself. Every series carries the resource's `kind`, `namespace` and `na
   `_estimates_total`, `_tokens_generated_total`, `_problems_searched_total`,
   `_problems_skipped_too_hard_total`, `_problems_skipped_too_easy_total`,
   `_pivotal_pairs_total`, `_full_solution_pairs_total`.
+- SyntheticDataJob: `tokenmill_synth_records_total{step,verdict}`,
+  `tokenmill_synth_tokens_generated_total` and the rest listed in `trainer/synth/metrics.py`;
 - any workload that generates: `tokenmill_generate_*` (requests, tokens, errors, retries,
   cache hits, latency), counted live by the engines (`trainer/generate/metrics.py`).
 """
@@ -124,6 +126,10 @@ def progress_metrics(progress: Progress | None, labels: Mapping[str, str]) -> li
         from tokenmill.trainer.curate.metrics import corpus_families
 
         families += corpus_families(progress.metrics, names, values)
+    if labels.get("kind") == "SyntheticDataJob":
+        from tokenmill.trainer.synth.metrics import synth_families
+
+        families += synth_families(progress.metrics, names, values)
     return families
 
 

@@ -17,8 +17,7 @@ word problems:
 - `score`: a passage's educational value and reasoning (out of 5) and its complexity;
 - `tests`: assert-lines for a Python function it can read.
 
-Each sample draws its slips from its own stream (`sample_seed(seed, index)`, or the prompt
-and index when unseeded), so answers are reproducible and the request cache applies as for
+Each sample draws its slips from its own stream (the prompt and `sample_seed(seed, index)`), so answers are reproducible and the request cache applies as for
 any engine. Tokens are the text's words and punctuation marks (ids are their CRC32 modulo
 50,000): good enough for token budgets, not a real tokenizer. `latency_s` waits that long per
 request (benchmarks). Never the default engine: the spec must say `engine: scripted`.
@@ -306,10 +305,10 @@ def _prompt_text(request: GenerationRequest) -> str:
 
 
 def _rng(request: GenerationRequest, prompt: str, index: int) -> random.Random:
-    seed = sample_seed(request.sampling.seed, index)
-    if seed is None:
-        seed = int(stable_hash({"prompt": prompt, "index": index})[:15], 16)
-    return random.Random(seed)
+    """The sample's own stream: its seed (or its index, unseeded) and the prompt, so different
+    questions slip at different samples."""
+    return random.Random(stable_hash({"prompt": prompt, "sample": sample_seed(request.sampling.seed, index),
+                                      "index": index}))
 
 
 def pieces(text: str) -> list[str]:

@@ -16,7 +16,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
-from tokenmill.trainer.generate.interface import Completion, Engine, GenerationRequest, SamplingParams, stable_hash
+from tokenmill.trainer.generate.interface import (
+    Completion,
+    Engine,
+    GenerationInputError,
+    GenerationRequest,
+    SamplingParams,
+    stable_hash,
+)
 from tokenmill.trainer.oracles.math import extract_answer, normalise_answer
 from tokenmill.trainer.synth import templates
 
@@ -94,11 +101,22 @@ class Context:
                 self.sampling, seed=int(stable_hash([seed, salt])[:12], 16))
             requests.append(GenerationRequest(messages=(*before, {"role": "user", "content": prompt}), n=n,
                                               sampling=sampling))
-        outputs = self.engine.generate(requests)
+        try:
+            outputs: list[Any] = self.engine.generate(requests)
+        except GenerationInputError:  # one bad prompt (too long for the model): find it, keep the rest
+            outputs = []
+            for request in requests:
+                try:
+                    outputs.extend(self.engine.generate([request]))
+                except GenerationInputError:
+                    outputs.append(None)
         if self.after_call is not None:
             self.after_call()
         answers: list[list[Completion] | str] = []
         for output in outputs:
+            if output is None:
+                answers.append("prompt-rejected")
+                continue
             self.requests[step] += len(output.request.indices)
             self.tokens[step] += sum(c.completion_tokens for c in output.completions)
             if output.failures or len(output.completions) != n:
@@ -397,7 +415,7 @@ class InstructionReversal(Step):
             similarity = measure(item.code or "", regenerated)
             kept = similarity >= self.similarity_threshold
             item.note(self.type, instruction=instruction, regenerated=regenerated, metric=self.metric,
-                      similarity=round(similarity, 6))
+                      similarity=similarity)
             if kept:
                 item.question = instruction
                 item.solution = f"```python\n{item.code}\n```"
