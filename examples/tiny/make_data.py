@@ -2,7 +2,7 @@
 
 Deterministic: rerunning it produces the same documents. The corpus deliberately holds
 what the CorpusFilter must catch: other languages, binary junk, near-duplicates, and a
-document that quotes a benchmark item.
+few documents that quote items of the held-out evaluation set.
 
     python examples/tiny/make_data.py
 """
@@ -29,11 +29,11 @@ TOPICS = {
 }
 CONNECTIVES = ["In other words,", "For example,", "This means that", "Students often learn that",
                "It is worth noting that", "A simple check shows that"]
-BENCHMARK_ITEMS = [
-    "natalia sold clips to forty eight of her friends in april and then she sold half as many clips in may",
-    "which of the following best describes the function of the mitochondria in a eukaryotic cell",
-    "a train leaves the station at nine and travels sixty miles per hour for three hours how far does it go",
-]
+NAMES = ["Sam", "Mia", "Leo", "Ava", "Noah", "Zoe"]
+OBJECTS = ["apples", "pens", "cards", "shells", "stamps", "marbles"]
+# Single-digit sums: the (a, b) pairs of the held-out evaluation never occur in training.
+PAIRS = [(a, b) for a in range(1, 10) for b in range(1, 10)]
+EVAL_PAIRS = set(random.Random(99).sample(PAIRS, 20))
 GERMAN = "Die Katze schläft auf dem Sofa und der Hund spielt im Garten mit dem Ball. "
 FRENCH = "Le chat dort sur le canapé et le chien joue dans le jardin avec la balle. "
 
@@ -58,10 +58,11 @@ def raw_documents(rng: random.Random) -> list[dict]:
     junk = ["".join(chr(rng.randint(0x2500, 0x25FF)) for _ in range(800)) for _ in range(15)]
     documents += [{"text": text, "source": "web", "lang": "und", "meta": "{}"} for text in junk]
     documents += [dict(documents[i]) for i in range(0, 60, 3)]  # exact duplicates
+    # Web pages that quote evaluation items: decontamination must drop them.
     documents += [
-        {"text": f"Homework help. {item}. The answer is explained below.", "source": "web", "lang": "en",
-         "meta": "{}"}
-        for item in BENCHMARK_ITEMS
+        {"text": f"Homework help. {row['text']} The answer is explained below, step by step, for students.",
+         "source": "web", "lang": "en", "meta": "{}"}
+        for row in word_problems(random.Random(5), sorted(EVAL_PAIRS)[:4], "leak")
     ]
     rng.shuffle(documents)
     return [{"id": f"raw-{i:05d}", **doc} for i, doc in enumerate(documents)]
@@ -80,18 +81,21 @@ def annotations(rng: random.Random) -> list[dict]:
     return rows
 
 
-def benchmark() -> list[dict]:
-    return [{"id": f"bench-{i}", "text": item, "source": "benchmark", "lang": "en", "meta": "{}"}
-            for i, item in enumerate(BENCHMARK_ITEMS)]
+def word_problem(rng: random.Random, a: int, b: int) -> str:
+    name, thing = rng.choice(NAMES), rng.choice(OBJECTS)
+    return f"{name} has {a} {thing} and buys {b} more {thing} at the market. How many {thing} does {name} have now?"
 
 
-def problems(rng: random.Random) -> list[dict]:
-    rows = []
-    for index in range(64):
-        a, b = rng.randint(2, 40), rng.randint(2, 40)
-        rows.append({"id": f"prob-{index:03d}", "text": f"What is {a} plus {b}?", "source": "problems",
-                     "lang": "en", "meta": json.dumps({"prompt": f"What is {a} plus {b}?", "answer": str(a + b)})})
-    return rows
+def word_problems(rng: random.Random, pairs: list[tuple[int, int]], prefix: str) -> list[dict]:
+    """Math problems as documents; the oracle's ground truth is meta.answer."""
+    return [{"id": f"{prefix}-{i:03d}", "text": word_problem(rng, a, b), "source": prefix, "lang": "en",
+             "meta": json.dumps({"answer": str(a + b)})}
+            for i, (a, b) in enumerate(pairs)]
+
+
+def training_pairs(rng: random.Random, count: int) -> list[tuple[int, int]]:
+    pool = [pair for pair in PAIRS if pair not in EVAL_PAIRS]
+    return [rng.choice(pool) for _ in range(count)]
 
 
 def write(name: str, rows: list[dict], shard_rows: int = 256) -> None:
@@ -109,8 +113,12 @@ def main() -> None:
     rng = random.Random(1234)
     write("raw", raw_documents(rng))
     write("annotations", annotations(rng))
-    write("benchmarks", benchmark())
-    write("problems", problems(rng))
+    # Seeds of the synthetic math data (the teacher's worked solutions become the SFT set), and
+    # the problems Pivotal Token Search searches on.
+    write("seeds", word_problems(rng, training_pairs(rng, 240), "seed"))
+    write("problems", word_problems(rng, training_pairs(rng, 48), "prob"))
+    # The held-out evaluation set; the CorpusFilter decontaminates the corpus against it.
+    write("eval", word_problems(random.Random(7), sorted(EVAL_PAIRS), "eval"))
 
 
 if __name__ == "__main__":

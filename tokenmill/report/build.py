@@ -86,6 +86,8 @@ def read_run(root: str) -> RunRecords:
                 stage.records["funnel"] = _read_json(resource, "_run/funnel.json")
             elif kind == "TrainingStage":
                 stage.records["history"] = _read_jsonl(resource, "_run/train_metrics.jsonl")
+            elif kind == "SyntheticDataJob":
+                stage.records["synth"] = _read_json(resource, "_run/synth-stats.json")
             elif kind == "PTSJob":
                 stats = _read_json(resource, "_run/pts-stats.json")
                 stage.records["pts"] = stats.get("stats", stats) if isinstance(stats, dict) else None
@@ -112,16 +114,9 @@ def funnel_steps(funnel: dict[str, Any]) -> tuple[list[tuple[str, int]], list[tu
     return list(kept.items()), dropped
 
 
-def synthetic_steps(progress: dict[str, Any]) -> list[tuple[str, float, float]]:
-    """(step, samples in, samples accepted) per workflow step, from the job's progress metrics
-    `<step>_in` / `<step>_accepted` (or `_out`)."""
-    metrics = progress.get("metrics") or {}
-    steps: dict[str, list[float]] = {}
-    for key, value in metrics.items():
-        for suffix, slot in (("_in", 0), ("_accepted", 1), ("_out", 1)):
-            if key.endswith(suffix):
-                steps.setdefault(key[: -len(suffix)], [0.0, 0.0])[slot] = float(value)
-    return [(step, counts[0], counts[1]) for step, counts in steps.items()]
+def synthetic_steps(stats: dict[str, Any]) -> list[tuple[str, int, int]]:
+    """(step, items in, items kept) per workflow step, from the job's `_run/synth-stats.json`."""
+    return [(str(row.get("step")), int(row.get("in", 0)), int(row.get("kept", 0))) for row in stats.get("steps", [])]
 
 
 def _png(figure: Any) -> bytes:
@@ -154,14 +149,14 @@ def draw_plots(run: RunRecords) -> dict[str, bytes]:
                 axis.set_title(f"{stage.label}: documents after each step")
                 axis.tick_params(axis="x", labelrotation=20)
                 images[f"{slug}-funnel.png"] = _png(figure)
-        elif stage.kind == "SyntheticDataJob":
-            steps = synthetic_steps(stage.progress)
+        elif stage.kind == "SyntheticDataJob" and stage.records.get("synth"):
+            steps = synthetic_steps(stage.records["synth"])
             if steps:
                 figure, axis = plt.subplots(figsize=(7, 3.2))
                 names = [s for s, _, _ in steps]
                 rates = [accepted / total if total else 0.0 for _, total, accepted in steps]
                 bars = axis.bar(names, rates, color="#55a868")
-                axis.bar_label(bars, labels=[f"{a:,.0f}/{t:,.0f}" for _, t, a in steps], fontsize=8)
+                axis.bar_label(bars, labels=[f"{kept:,} of {total:,}" for _, total, kept in steps], fontsize=8)
                 axis.set_ylim(0, 1.1)
                 axis.set_ylabel("accepted share")
                 axis.set_title(f"{stage.label}: acceptance per workflow step")
@@ -213,6 +208,10 @@ def _stage_facts(stage: StageRecord) -> list[tuple[str, str]]:
     if stage.kind == "TrainingStage" and stage.records.get("history"):
         last = stage.records["history"][-1]
         facts.append(("final loss", f"{last.get('loss', float('nan')):.4f} at step {last.get('step')}"))
+    if stage.kind == "SyntheticDataJob" and stage.records.get("synth"):
+        stats = stage.records["synth"]
+        facts.append(("seeds", f"{stats.get('seeds', 0):,}"))
+        facts += [(f"{step} kept", f"{kept:,} of {total:,}") for step, total, kept in synthetic_steps(stats)]
     if stage.kind == "PTSJob" and stage.records.get("pts"):
         stats = stage.records["pts"]
         facts += [("problems searched", f"{stats.get('problemsSearched', 0)} of {stats.get('problems', 0)}"),
@@ -235,6 +234,10 @@ def render_html(run: RunRecords, images: dict[str, bytes]) -> str:
                                    "images": [f"{IMAGES_DIR}/{name}" for name in images if name.startswith(slug + "-")]}
         if stage.kind == "CorpusFilter" and stage.records.get("funnel"):
             section["dropped"] = funnel_steps(stage.records["funnel"])[1]
+        if stage.kind == "SyntheticDataJob" and stage.records.get("synth"):
+            section["dropped"] = [(str(row.get("step")), str(reason), int(count))
+                                  for row in stage.records["synth"].get("steps", [])
+                                  for reason, count in (row.get("droppedByReason") or {}).items()]
         sections.append(section)
     return environment.from_string(REPORT_TEMPLATE).render(run=run, sections=sections, evaluation=run.evaluation)
 

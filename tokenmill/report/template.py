@@ -58,7 +58,7 @@ share of {{ (evaluation.models.values() | first).samplesPerProblem }} samples pe
 {% endfor %}
 {% if section.dropped %}
 <table>
-<tr><th>step</th><th>dropped because</th><th>documents</th></tr>
+<tr><th>step</th><th>dropped because</th><th>count</th></tr>
 {% for step, reason, count in section.dropped %}<tr><td>{{ step }}</td><td>{{ reason }}</td><td class="num">{{ count }}</td></tr>
 {% endfor %}
 </table>
