@@ -17,6 +17,7 @@ and Ray only inside Dataset.to_ray.
 
 from tokenmill.store.backends import FileStore, ObjectInfo, S3Store, Store
 from tokenmill.store.checkpoint import (
+    EXPORT_PRODUCER_NAME,
     STATE_NAME,
     CheckpointFile,
     CheckpointInfo,
@@ -84,6 +85,7 @@ __all__ = [
     "AccessDeniedError",
     "BucketNotFoundError",
     "AttemptFence",
+    "EXPORT_PRODUCER_NAME",
     "CheckpointError",
     "CheckpointFile",
     "CheckpointInfo",
