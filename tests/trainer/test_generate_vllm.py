@@ -41,7 +41,9 @@ def test_vllm_engine_matches_the_torch_engine(tiny):
     from tokenmill.trainer.generate.vllm_engine import VLLMEngine
 
     model, directory = tiny
-    engine = VLLMEngine(f"file://{directory}", use_ray=False, dtype="float32", max_model_len=256)
+    # on the CPU backend gpu_memory_utilization is the share of host memory vLLM reserves
+    engine = VLLMEngine(f"file://{directory}", use_ray=False, dtype="float32", max_model_len=256,
+                        gpu_memory_utilization=0.05)
     engine.check()
     prompts = [tuple(BYTE.encode(text)) for text in ("Once upon a time", "def f(x):", "1, 2, 3,")]
     greedy = [GenerationRequest(prompt_token_ids=p, sampling=SamplingParams(temperature=0, max_tokens=24, logprobs=True))

@@ -59,6 +59,14 @@ def export_uri(model_uri: str, field: str = "model") -> str:
         "engine vllm loads exports only")
 
 
+def _ray_running() -> bool:
+    try:
+        import ray
+    except ImportError:
+        return False
+    return ray.is_initialized()
+
+
 class VLLMRunner:
     """One vLLM engine (in a Ray actor, or in this process)."""
 
@@ -165,12 +173,12 @@ class VLLMEngine(Engine):
     def _start(self) -> list[Any]:
         if self._runners is not None:
             return self._runners
-        import ray
-
-        ray_ready = ray.is_initialized() if self.use_ray is None else self.use_ray
+        ray_ready = self.use_ray if self.use_ray is not None else _ray_running()
         if not ray_ready:
             self._runners = [VLLMRunner(self.export, self.tensor_parallel_size, self.options)]
             return self._runners
+        import ray
+
         gpus = int(ray.cluster_resources().get("GPU", 0))
         count = self.replicas or max(1, gpus // self.tensor_parallel_size)
         actor = ray.remote(num_gpus=self.tensor_parallel_size if gpus else 0)(VLLMRunner)
