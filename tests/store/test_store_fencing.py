@@ -108,6 +108,11 @@ def test_commit_records_checksums(base_uri: str, tmp_path: Path) -> None:
     assert sums[".metadata"] == hashlib.sha256(b"meta").hexdigest()
     assert all(sums.values()) and {f.path for f in info.files} == {".metadata", "__0_0.distcp", "__1_0.distcp",
                                                                    "state.json"}
+    checkpoints.verify(5, checksums=True)
+    open_store(checkpoints.uri).write_bytes("step-00000005/__1_0.distcp", b"\x02" * 101)  # same size, other bytes
+    checkpoints.verify(5)  # sizes alone cannot tell
+    with pytest.raises(CheckpointError, match=r"__1_0\.distcp does not match the sha256"):
+        checkpoints.verify(5, checksums=True)
 
 
 def test_a_rank_that_failed_to_upload_never_yields_a_committed_checkpoint(base_uri: str, tmp_path: Path) -> None:

@@ -187,18 +187,27 @@ class CheckpointStore:
         self.get(step)
         return self.store.read_json(f"{step_dir(step)}/{STATE_NAME}")
 
-    def verify(self, step: int) -> CheckpointInfo:
-        """Check that every file the marker lists is there with its size."""
+    def verify(self, step: int, *, checksums: bool = False) -> CheckpointInfo:
+        """Check that every file the marker lists is there with its size, and with `checksums`
+        that its bytes hash to the sha256 the marker records (this reads every file)."""
         info = self.get(step)
-        present = {o.key: o.size for o in self.store.list(step_dir(step))}
+        directory = step_dir(step)
+        present = {o.key: o.size for o in self.store.list(directory)}
         for entry in info.files:
-            key = f"{step_dir(step)}/{entry.path}"
+            key = f"{directory}/{entry.path}"
             if present.get(key) != entry.bytes:
                 problem = "is missing" if key not in present else f"has {present[key]} bytes"
                 raise CheckpointError(
                     f"checkpoint {info.uri}: {entry.path} {problem}, the marker says {entry.bytes}",
                     info.uri,
                 )
+            if checksums and entry.sha256 is not None:
+                digest = self._sha256(directory, entry.path, entry.bytes, None)
+                if digest != entry.sha256:
+                    raise CheckpointError(
+                        f"checkpoint {info.uri}: {entry.path} does not match the sha256 its marker records",
+                        info.uri,
+                    )
         return info
 
     def download(self, step: int, dest: str | Path) -> Path:
