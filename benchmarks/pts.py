@@ -154,6 +154,7 @@ def model(problems: int, samples: int, max_tokens: int) -> dict[str, dict[str, f
     naive_engine = CountingEngine(TorchEngine(network, BYTE, prefix_cache_tokens=0))
     judge = ParityJudge()
     naive_found = 0
+    overflowed = [0]
     cpu = time.process_time()
     for question in questions:
         solutions = EnginePolicy(TorchEngine(network, BYTE), sampling, stop_token_ids=STOPS,
@@ -166,6 +167,9 @@ def model(problems: int, samples: int, max_tokens: int) -> dict[str, dict[str, f
                 return [type(solutions[0])(()) for _ in range(n)]
             text = question_text + BYTE.decode(list(prefix))
             prompt = tuple(BYTE.encode(text))  # re-tokenised text, not the sampled ids
+            if len(prompt) >= network.max_positions:  # re-tokenising grew it past the context
+                overflowed[0] += 1
+                return [type(solutions[0])(()) for _ in range(n)]
             request = GenerationRequest(prompt_token_ids=prompt, n=n, sampling=SamplingParams(
                 temperature=1.0, max_tokens=budget, seed=derived_seed(5, "rollout", prompt)))
             (output,) = naive_engine.generate([request])
@@ -181,7 +185,7 @@ def model(problems: int, samples: int, max_tokens: int) -> dict[str, dict[str, f
     naive_work = naive_engine.engine.prefill_tokens + naive_engine.generated
     return {
         "ours": {"pivots": ours_pivots, "work": ours_work, "cpu": ours_cpu},
-        "naive": {"pivots": naive_found, "work": naive_work, "cpu": naive_cpu},
+        "naive": {"pivots": naive_found, "work": naive_work, "cpu": naive_cpu, "overflowed": overflowed[0]},
     }
 
 
@@ -205,6 +209,9 @@ def main() -> int:
         per = side["work"] / max(1, side["pivots"])
         print(f"  {name:5s} pivotal tokens {side['pivots']:3d}  model tokens {side['work']:,}  "
               f"per pivotal token {per:,.0f}  CPU s per pivotal token {side['cpu'] / max(1, side['pivots']):.2f}")
+    if naive["overflowed"]:
+        print(f"  naive: {naive['overflowed']} re-tokenised prompts outgrew the model's context (each invalid "
+              "UTF-8 byte decodes to a 3-byte replacement character); their rollouts count as failures")
     print(f"  model work for the same solutions: naive / ours = {naive['work'] / ours['work']:.1f}x; "
           f"CPU time {naive['cpu'] / ours['cpu']:.1f}x")
     if ours["pivots"] and naive["pivots"]:
