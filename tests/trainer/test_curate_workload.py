@@ -147,3 +147,44 @@ def run_workload(command: list[str], log_path, **environment: str) -> tuple[int,
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
     return code, log_path.read_text(errors="replace")
+
+
+@pytest.mark.slow
+def test_the_annotator_labels_a_sample_with_the_scripted_teacher_and_the_classifier_learns_it(ray_cluster, tmp_path):
+    import random
+
+    corpus = curate_corpus.build(documents=40)
+    rng = random.Random(2)
+    lessons = []
+    for number in range(24):
+        identifier = f"lesson-{number}"
+        a, b = rng.randint(2, 50), rng.randint(2, 50)
+        text = (curate_corpus.english(rng, 60) + f" Tom buys {a} apples and then gets {b} more apples. "
+                f"Count them: {a} + {b} apples in all, and {a} * {b} if every apple came in a bag of {b}.")
+        corpus.dataset_rows.append({"id": identifier, "text": text, "source": "web"})
+        lessons.append(identifier)
+    uris = curate_corpus.write(corpus, (tmp_path / "inputs").as_uri())
+    output = (tmp_path / "out").as_uri()
+    spec = curate_corpus.spec(uris, keepDropped=True, quality={
+        "annotate": {"generator": {"engine": "scripted"}, "sampleDocuments": 500}, "threshold": 0.5,
+        "nonStem": {"enabled": False}})
+    assert workload.run(write_spec(output, spec)) == 0
+
+    kept = set(kept_ids(output))
+    assert len(kept & set(lessons)) >= 0.8 * len(lessons)
+    plain = {i for i in corpus.kept if i.startswith("doc-")}
+    assert len(plain - kept) >= 0.8 * len(plain)
+    dropped = {row["id"]: json.loads(row["meta"])["dropped"] for row in open_dataset(dropped_uri(output)).read_all().to_pylist()}
+    assert all(dropped[i]["reason"] == "low-quality" for i in plain - kept)
+    card = open_store(f"{output}/quality").read_json("classifier.json")
+    assert card["metrics"]["heldOutAccuracy"] >= 0.8
+    assert open_store(output).list("generations")  # the requests went through the request cache
+
+
+def test_annotator_replies_are_parsed_into_labels():
+    from tokenmill.trainer.curate.annotate import parse_score, prompt_for
+
+    assert parse_score("educational value: 4/5\nreasoning: 3/5\ncomplexity: high") == 0.7
+    assert parse_score("Educational value: 5 / 5") is None
+    assert prompt_for("a passage", "educational-value-v1").startswith("Task: score\n")
+    assert "### Passage\na passage" in prompt_for("a passage", "educational-value-v1")

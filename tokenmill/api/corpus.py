@@ -9,7 +9,8 @@ from pydantic import Field
 from tokenmill.api.base import ApiModel
 from tokenmill.api.common import CommonSpec, DataSource, NamedDataSource
 from tokenmill.api.fields import Fraction, PositiveFraction, ShortText, StoreUri
-from tokenmill.api.kinds import KindDescriptor, Resource, never
+from tokenmill.api.kinds import KindDescriptor, Resource
+from tokenmill.api.synthetic import GENERATOR_API_KEY_ENV, Generator
 
 PHI4_LANGUAGES = ["en", "de", "es", "fr", "pt", "it", "hi", "ja"]
 NON_STEM_TOPICS = ["arts", "history", "travel", "culture", "entertainment"]
@@ -43,6 +44,18 @@ class NonStemPass(ApiModel):
     """Fraction of documents on those topics to keep, best first."""
 
 
+class QualityAnnotator(ApiModel):
+    """An LLM scores a sample of the inputs; the scores become the classifier's annotations."""
+
+    generator: Generator
+    """The model that scores documents and the engine that serves it."""
+    sample_documents: int = Field(default=10000, ge=10, le=10_000_000)
+    """Documents to score, taken evenly from every input shard."""
+    prompt: Literal["educational-value-v1"] = "educational-value-v1"
+    """Versioned prompt: educational value and reasoning depth, each 0 to 5 (FineWeb-Edu style);
+    the label is their mean over 5."""
+
+
 class QualityFilter(ApiModel):
     """A small non-LLM classifier trained on LLM-written annotations picks the best documents."""
 
@@ -52,8 +65,9 @@ class QualityFilter(ApiModel):
             "message": "set exactly one of keepFraction or threshold",
         },
         {
-            "rule": "has(self.annotations) != has(self.classifier)",
-            "message": "set exactly one of annotations (to train a classifier) or classifier (to reuse one)",
+            "rule": "(has(self.annotations) ? 1 : 0) + (has(self.classifier) ? 1 : 0) + (has(self.annotate) ? 1 : 0) == 1",
+            "message": "set exactly one of annotations (labelled documents), annotate (an LLM labels a sample) "
+                       "or classifier (reuse a saved one)",
         },
     )
 
@@ -62,6 +76,8 @@ class QualityFilter(ApiModel):
     optionally topic) to train the classifier and the non-STEM topic classifier on."""
     classifier: StoreUri | None = None
     """A classifier an earlier CorpusFilter saved (its <output>/quality), reused instead of training one."""
+    annotate: QualityAnnotator | None = None
+    """Have an LLM label a sample of the inputs, then train on those labels."""
     keep_fraction: PositiveFraction | None = None
     """Keep this fraction of documents, best first."""
     threshold: Fraction | None = None
@@ -170,6 +186,12 @@ class CorpusFilter(Resource):
     spec: CorpusFilterSpec
 
 
+def _needs_gpus(spec: CorpusFilterSpec) -> bool:
+    """Only an annotator served on the cluster (vllm, torch) needs GPUs."""
+    annotate = spec.quality.annotate if spec.quality is not None else None
+    return annotate is not None and annotate.generator.engine in ("vllm", "torch")
+
+
 DESCRIPTOR = KindDescriptor(
     kind="CorpusFilter",
     plural="corpusfilters",
@@ -184,6 +206,8 @@ DESCRIPTOR = KindDescriptor(
         "spec.inputs", "spec.quality.annotations", "spec.decontamination.benchmarks", "spec.decontamination.allowList",
     ),
     file_fields=("spec.languages.model",),
-    needs_gpus=never,
+    model_fields=("spec.quality.annotate.generator.model",),
+    secret_key_env={"spec.quality.annotate.generator.apiKeySecret": GENERATOR_API_KEY_ENV},
+    needs_gpus=_needs_gpus,
     dataset_types=lambda spec: frozenset({"documents"}),
 )

@@ -33,7 +33,7 @@ from tokenmill.store import (
 )
 from tokenmill.trainer.curate import decontaminate as decon
 from tokenmill.trainer.curate import pipeline, quality
-from tokenmill.trainer.curate.inputs import InputError, Unit, plan_inputs, read_rows
+from tokenmill.trainer.curate.inputs import InputError, Unit, plan_inputs, read_rows, read_unit
 from tokenmill.trainer.curate.langid import LanguageModelError, load_identifier
 from tokenmill.workloads import PHASE_SUCCEEDED
 
@@ -87,7 +87,7 @@ def prepare(doc: dict[str, Any]) -> Prepared:
     job = pipeline.Job(spec=spec, output=output, work=pipeline.work_uri(output, pipeline.fingerprint(doc)),
                        producer=producer, index=index, allow=allow)
     if spec.quality is not None:
-        job.quality_uri = _quality_classifier(spec, output)
+        job.quality_uri = _quality_classifier(spec, output, units)
     return Prepared(job, units)
 
 
@@ -108,7 +108,7 @@ def _benchmarks(spec: CorpusFilterSpec) -> tuple[decon.BenchmarkIndex | None, np
     return index, allow
 
 
-def _quality_classifier(spec: CorpusFilterSpec, output: str) -> str:
+def _quality_classifier(spec: CorpusFilterSpec, output: str, units: list[Unit]) -> str:
     settings = spec.quality
     assert settings is not None
     if settings.classifier:
@@ -117,19 +117,56 @@ def _quality_classifier(spec: CorpusFilterSpec, output: str) -> str:
         except (StoreError, quality.AnnotationError, ValueError, KeyError) as error:
             raise CurationInputError(f"spec.quality.classifier: cannot load {settings.classifier}: {error}") from None
         return str(settings.classifier)
-    assert settings.annotations is not None
-    uri = str(settings.annotations.uri)
+    if settings.annotate is not None:
+        if settings.non_stem.enabled:
+            raise CurationInputError("spec.quality.nonStem: the annotator's labels carry no topics, so the non-STEM "
+                                     "pass cannot be trained; set nonStem.enabled: false or give labelled annotations")
+        where = f"spec.quality.annotate (prompt {settings.annotate.prompt})"
+        texts, labels = _annotate(settings.annotate, units, output)
+        topics = None
+    else:
+        assert settings.annotations is not None
+        where = f"spec.quality.annotations ({settings.annotations.uri})"
+        try:
+            rows = read_rows("annotations", str(settings.annotations.uri), "spec.quality")
+            texts, labels, topics = quality.labelled_rows(rows, where)
+        except (InputError, quality.AnnotationError) as error:
+            raise CurationInputError(str(error)) from None
     try:
-        rows = read_rows("annotations", uri, "spec.quality")
-        texts, labels, topics = quality.labelled_rows(rows, f"spec.quality.annotations ({uri})")
-        model = quality.train(texts, labels, topics, where=f"spec.quality.annotations ({uri})")
-    except (InputError, quality.AnnotationError) as error:
+        model = quality.train(texts, labels, topics, where=where)
+    except quality.AnnotationError as error:
         raise CurationInputError(str(error)) from None
     if settings.non_stem.enabled and not set(settings.non_stem.topics) & set(model.topics):
         raise CurationInputError(
-            f"spec.quality.annotations ({uri}): no annotation has a topic among nonStem.topics "
+            f"{where}: no annotation has a topic among nonStem.topics "
             f"{list(settings.non_stem.topics)}, so the non-STEM pass cannot be trained (found {model.topics or 'none'})")
     return quality.save(model, quality_uri(output))
+
+
+def _annotate(settings: Any, units: list[Unit], output: str) -> tuple[list[str], list[float]]:
+    """Score an even sample of the inputs with the generator; (texts, labels)."""
+    from tokenmill.trainer.curate import annotate, steps
+    from tokenmill.trainer.generate import GenerationError, engine_from_generator, sampling_from_spec
+
+    per_unit = -(-settings.sample_documents // len(units))
+    sample: list[str] = []
+    for unit in units:
+        table, malformed = read_unit(unit)
+        texts = steps.normalise_documents(table.column("text").combine_chunks().cast("string")).to_pylist()
+        sample += [text for text, why in zip(texts, malformed) if not why and text][:per_unit]
+    sample = sample[:settings.sample_documents]
+    try:
+        engine = engine_from_generator(settings.generator, output=output, field="spec.quality.annotate.generator")
+        try:
+            found = annotate.annotate(sample, engine, sampling_from_spec(settings.generator.sampling),
+                                      settings.prompt)
+        finally:
+            engine.close()
+    except (GenerationError, annotate.AnnotatorError) as error:
+        raise CurationInputError(f"spec.quality.annotate: {error}") from None
+    print(f"tokenmill corpus-filter: annotated {found.asked} documents with prompt {settings.prompt}; "
+          f"{found.unusable} replies without both scores", flush=True)
+    return found.texts, found.labels
 
 
 def run(spec_uri: str) -> int:
