@@ -17,7 +17,7 @@ from typing import Any
 
 from tokenmill.store import CHAT_SAMPLES, DOCUMENTS, DatasetSchema
 from tokenmill.trainer.generate.interface import stable_hash
-from tokenmill.trainer.oracles.math import extract_answer
+from tokenmill.trainer.oracles.math import extract_answer, normalise_answer
 from tokenmill.trainer.synth import templates
 from tokenmill.trainer.synth.steps import DROPPED, KEPT, Context, Item, Outcome, Step
 
@@ -42,19 +42,17 @@ class DatasetType:
     """The row for a finished item, or None and the reason it cannot become one."""
 
 
-def _reference(item: Item) -> str | None:
-    if item.answer:
-        return item.answer
-    found = extract_answer(item.solution or "")
-    return found[0] if found else None
-
-
 def _qa_row(item: Item) -> tuple[dict[str, Any] | None, str]:
+    """A question and its worked solution; the solution must reach the reference answer (the
+    plurality of the agreement filter, or the seed's own), compared after normalisation."""
     if not item.solution:
         return None, "no-solution"
-    answer = _reference(item)
-    if answer is None:
+    found = extract_answer(item.solution)
+    if found is None:
         return None, "no-answer"
+    answer = item.answer or found[0]
+    if normalise_answer(found[0]) != normalise_answer(answer):
+        return None, "disagrees-with-reference"
     messages = [{"role": "user", "content": item.question}, {"role": "assistant", "content": item.solution}]
     return {"id": item.id, "messages": messages, "meta": {"answer": answer}}, "written"
 

@@ -1,0 +1,251 @@
+"""The SyntheticDataJob workload end to end on Ray: seeds in, a committed dataset with provenance
+and per-step statistics out; budgets; bad input stopped before generation; a killed run resumed
+without paying for any request twice; the openai engine against `tokenmill serve`."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.trainer.synth_fixtures import PROBLEMS, spec, write_seeds, write_spec
+from tokenmill.layout import dataset_uri
+from tokenmill.store import (
+    TOKEN_SEQUENCES,
+    DatasetWriter,
+    ManifestNotFoundError,
+    open_dataset,
+    open_store,
+    read_manifest,
+    read_progress,
+)
+from tokenmill.trainer.generate.cache import generations_uri
+from tokenmill.trainer.metrics import progress_metrics, resource_labels
+from tokenmill.trainer.oracles.math import extract_answer
+from tokenmill.trainer.synth import workload
+
+pytestmark = pytest.mark.slow  # starts Ray
+
+
+def stats_of(output: str) -> dict:
+    return open_store(output).read_json(workload.STATS_KEY)
+
+
+def check_consistent(output: str) -> tuple[list[dict], dict]:
+    """Every item counted once per step it reached; the dataset holds what the statistics say."""
+    rows = open_dataset(dataset_uri(output)).read_all().to_pylist()
+    stats = stats_of(output)
+    for step in stats["steps"]:
+        assert step["in"] == step["kept"] + sum(step["droppedByReason"].values()), step
+    assert stats["written"] == len(rows)
+    assert len({row["id"] for row in rows}) == len(rows)
+    for row in rows:
+        meta = json.loads(row["meta"])
+        assert extract_answer(row["messages"][-1]["content"])[0] == meta["answer"]
+        assert meta["provenance"]["workflowVersion"] == stats["workflowVersion"]
+    return rows, stats
+
+
+def cache_keys(output: str) -> list[str]:
+    return [row["key"] for row in open_dataset(generations_uri(output)).read_all().to_pylist()]
+
+
+@pytest.fixture
+def ray_with_s3_environment(s3_bucket):
+    """A Ray started after the bucket's endpoint and credentials are in the environment, so workers inherit them."""
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield s3_bucket
+    ray.shutdown()
+
+
+def test_the_whole_job_on_ray_against_s3(ray_with_s3_environment, monkeypatch):
+    bucket = ray_with_s3_environment
+    monkeypatch.setattr(workload, "SEEDS_PER_SHARD", 4)
+    seeds = write_seeds(f"{bucket.uri}/seeds", chat=True, shards=2)
+    output = f"{bucket.uri}/runs/math"
+    assert workload.run(write_spec(output, spec(seeds))) == 0
+
+    rows, stats = check_consistent(output)
+    assert len(read_manifest(dataset_uri(output)).shards) == 3  # 9 seeds, 4 a shard
+    assert [s["step"] for s in stats["steps"]] == ["agreementFilter", "selfRevision", "output"]
+    agreement = stats["steps"][0]
+    assert agreement["in"] == len(PROBLEMS) and agreement["requests"] == 8 * len(PROBLEMS)
+    assert agreement["droppedByReason"]["no-answer"] == 1  # the poem
+    assert 0 < stats["written"] < len(PROBLEMS)
+    assert stats["templates"] == {"critique": 1, "revise": 1, "solve": 1}
+    provenance = json.loads(rows[0]["meta"])["provenance"]
+    assert provenance["seedId"] == rows[0]["id"] and provenance["datasetType"] == "math"
+    assert provenance["steps"][0]["step"] == "agreementFilter" and len(provenance["steps"][0]["answers"]) == 8
+    # every sample paid for is in the request cache, committed with its manifest
+    keys = cache_keys(output)
+    assert len(keys) == len(set(keys)) == stats["requestsSent"] == sum(s["requests"] for s in stats["steps"])
+
+    progress = read_progress(output)
+    assert progress.phase == "succeeded" and progress.fraction == 1.0
+    labels = resource_labels({"kind": "SyntheticDataJob", "metadata": {"name": "synth", "namespace": "default"}})
+    families = {family.name: family for family in progress_metrics(progress, labels)}
+    records = {(s.labels["step"], s.labels["verdict"]): s.value for s in families["tokenmill_synth_records"].samples}
+    assert records[("agreementFilter", "dropped")] == sum(agreement["droppedByReason"].values())
+    assert records[("output", "kept")] == len(rows)
+    [tokens] = families["tokenmill_synth_tokens_generated"].samples
+    assert tokens.name == "tokenmill_synth_tokens_generated_total" and tokens.value == stats["tokensGenerated"] > 0
+
+
+@pytest.fixture
+def ray_local():
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_max_samples_stops_with_exactly_that_many_committed_records(ray_local, tmp_path, monkeypatch, workers):
+    monkeypatch.setattr(workload, "SEEDS_PER_SHARD", 2)
+    monkeypatch.setenv(workload.WORKERS_ENV, workers)
+    seeds = write_seeds((tmp_path / "seeds").as_uri(), PROBLEMS * 3)
+    output = (tmp_path / "out").as_uri()
+    body = spec(seeds, budgets={"maxSamples": 3}, workflow=[
+        {"type": "agreementFilter", "agreementFilter": {"samples": 4, "minAgreement": 0.0, "maxAgreement": 1.0}}])
+    assert workload.run(write_spec(output, body)) == 0
+    rows, stats = check_consistent(output)
+    assert len(rows) == 3 and stats["stoppedBy"] == "maxSamples"
+    assert stats["seeds"] < len(PROBLEMS) * 3  # not every seed was needed
+    assert "stopped by budget maxSamples" in read_progress(output).message
+
+
+def test_max_generated_tokens_stops_early(ray_local, tmp_path, monkeypatch):
+    monkeypatch.setattr(workload, "SEEDS_PER_SHARD", 2)
+    monkeypatch.setenv(workload.WORKERS_ENV, "1")
+    seeds = write_seeds((tmp_path / "seeds").as_uri(), PROBLEMS * 3)
+    output = (tmp_path / "out").as_uri()
+    assert workload.run(write_spec(output, spec(seeds, budgets={"maxGeneratedTokens": 500}))) == 0
+    rows, stats = check_consistent(output)
+    assert stats["stoppedBy"] == "maxGeneratedTokens" and stats["tokensGenerated"] >= 500
+    assert stats["seeds"] < len(PROBLEMS) * 3
+
+
+def _nothing_written(output: str) -> None:
+    with pytest.raises(ManifestNotFoundError):
+        read_manifest(dataset_uri(output))
+    assert not open_store(output).list("generations/")
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("schema", r"spec\.seeds\[0\]: dataset .* has schema token_sequences/1; seeds are documents/1 or chat_samples/1"),
+    ("workflow", r"spec\.workflow\[0\]\.type: instructionReversal does not fit datasetType math"),
+    ("probe", r"generator\.model"),
+    ("missing", r"spec\.seeds\[0\]: no committed dataset"),
+])
+def test_bad_input_fails_before_any_generation(tmp_path, capfd, case, message):
+    seeds = write_seeds((tmp_path / "seeds").as_uri())
+    body = spec(seeds)
+    if case == "schema":
+        wrong = (tmp_path / "tokens").as_uri()
+        writer = DatasetWriter(wrong, TOKEN_SEQUENCES)
+        writer.write_shard(0, [{"id": "a", "tokens": [1, 2], "loss_mask": None, "source": "x"}])
+        writer.finalize()
+        body["seeds"] = [{"uri": wrong}]
+    elif case == "workflow":
+        body["workflow"] = [{"type": "instructionReversal", "instructionReversal": {"similarityThreshold": 0.8}}]
+    elif case == "probe":
+        body["generator"] = {"engine": "torch", "model": {"uri": (tmp_path / "no-model").as_uri()}}
+    else:
+        body["seeds"] = [{"uri": (tmp_path / "nothing").as_uri()}]
+    output = (tmp_path / "out").as_uri()
+    assert workload.run(write_spec(output, body)) == workload.EXIT_BAD_INPUT
+    err = capfd.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    import re
+
+    assert re.search(message, err), err
+    assert "nothing was generated" in err
+    _nothing_written(output)
+
+
+def run_workload(command: list[str], log_path: Path, **environment: str) -> tuple[int, str]:
+    """The workload in its own session (its Ray with it); whatever it leaves is killed afterwards."""
+    env = {**os.environ, "RAY_DISABLE_USAGE_STATS": "1", **environment}
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            code = process.wait(timeout=600)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+    return code, log_path.read_text(errors="replace")
+
+
+def test_a_killed_run_resumes_without_repeating_a_single_request(tmp_path):
+    questions = [f"Compute {a} * {a % 7 + 2} + {a + 5}." for a in range(3, 43)]  # 40 seeds: 3 shards of 16
+    seeds = write_seeds((tmp_path / "seeds").as_uri(), questions)
+    body = spec(seeds)
+    command = [sys.executable, "-m", "tokenmill.trainer", "synthetic-data", "--spec"]
+
+    output = (tmp_path / "out").as_uri()
+    killed, log = run_workload([*command, write_spec(output, body)], tmp_path / "killed.log",
+                               **{workload.WORKERS_ENV: "1", workload.KILL_AFTER_REQUESTS_ENV: "200"})
+    assert killed == -signal.SIGKILL, log
+    with pytest.raises(ManifestNotFoundError):
+        read_manifest(dataset_uri(output))
+    resumed, log = run_workload([*command, write_spec(output, body, attempt=2)], tmp_path / "resumed.log",
+                                **{workload.WORKERS_ENV: "1"})
+    assert resumed == 0, log
+    assert "resuming; 1 of 3 shards already committed" in log
+
+    clean = (tmp_path / "clean").as_uri()
+    finished, log = run_workload([*command, write_spec(clean, body)], tmp_path / "clean.log",
+                                 **{workload.WORKERS_ENV: "1"})
+    assert finished == 0, log
+
+    rows, stats = check_consistent(output)
+    clean_rows, clean_stats = check_consistent(clean)
+    assert rows == clean_rows  # the same dataset, interrupted or not
+    keys, clean_keys = cache_keys(output), cache_keys(clean)
+    # every request the killed and the resumed attempts paid for, each exactly once
+    assert Counter(keys).most_common(1)[0][1] == 1
+    assert sorted(keys) == sorted(clean_keys) and len(keys) == clean_stats["requestsSent"]
+    # the resumed attempt answered the interrupted shard's first requests from the cache
+    assert stats["requestsSent"] < clean_stats["requestsSent"]
+
+
+def test_the_openai_engine_against_tokenmill_serve(ray_local, tmp_path, monkeypatch):
+    from tests.trainer.generate_fixtures import export_tiny
+    from tests.trainer.generate_http import ServeProcess
+
+    key = "sk-synth-0123456789"
+    server = ServeProcess(export_tiny(tmp_path / "hf").as_uri(), name="tiny", api_key=key).wait_ready()
+    try:
+        import ray
+
+        ray.shutdown()  # the workers must see the key the operator would mount
+        monkeypatch.setenv("TOKENMILL_GENERATOR_API_KEY", key)
+        ray.init(num_cpus=2, include_dashboard=False)
+        seeds = write_seeds((tmp_path / "seeds").as_uri(), PROBLEMS[:4])
+        output = (tmp_path / "out").as_uri()
+        body = spec(seeds, generator={"engine": "openai", "endpoint": server.url, "modelName": "tiny",
+                                      "apiKeySecret": {"name": "teacher", "key": "api-key"},
+                                      "sampling": {"temperature": 1.0, "maxTokens": 8}},
+                    workflow=[{"type": "agreementFilter",
+                               "agreementFilter": {"samples": 3, "minAgreement": 0.0, "maxAgreement": 1.0}}])
+        assert workload.run(write_spec(output, body)) == 0
+        stats = stats_of(output)
+        [agreement, written] = stats["steps"]
+        assert agreement["in"] == 4 and agreement["requests"] == 12
+        assert agreement["in"] == agreement["kept"] + sum(agreement["droppedByReason"].values())
+        assert server.metric("tokenmill_generate_requests_total", outcome="ok") == 12 == stats["requestsSent"]
+        assert len(cache_keys(output)) == 12
+        assert key not in json.dumps(stats) and key not in json.dumps(read_progress(output).to_dict())
+    finally:
+        server.stop()
