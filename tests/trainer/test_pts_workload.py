@@ -150,3 +150,26 @@ def test_problems_that_are_not_a_dataset(tmp_path, model_uri, capsys):
     spec_uri, output = run_spec(tmp_path, model_uri, (tmp_path / "missing").as_uri())
     assert workload.run(spec_uri) == workload.EXIT_BAD_INPUT
     assert "problems: no committed dataset at" in capsys.readouterr().err
+
+
+def test_a_stale_attempt_commits_nothing(tmp_path, model_uri, capsys, monkeypatch):
+    """The operator starts attempt 1 while attempt 0 is still searching: attempt 0's shards,
+    statistics and manifest are refused, and it fails saying why."""
+    problems = write_problems((tmp_path / "problems").as_uri(), [problem(0, answer="3")])
+    spec_uri, output = run_spec(tmp_path, model_uri, problems)
+    real_search = workload.search
+
+    def search_then_superseded(*args, **kwargs):
+        result = real_search(*args, **kwargs)
+        newer = open_store(output).read_json("_run/spec.json")
+        write_run_spec(output, {**newer, "attempt": 1})
+        return result
+
+    monkeypatch.setattr(workload, "search", search_then_superseded)
+    assert workload.run(spec_uri) == workload.EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "attempt 0 may not commit shard" in err and "names attempt 1" in err, err
+    store = open_store(output)
+    assert not store.exists("data/_manifest.json")
+    assert not store.exists(workload.STATS_KEY)
+    assert not [info.key for info in store.list("data/")] and not [info.key for info in store.list("_run/pts-shards")]

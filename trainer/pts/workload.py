@@ -32,6 +32,7 @@ from tokenmill.store import (
     CHAT_SAMPLES,
     DOCUMENTS,
     PREFERENCE_PAIRS,
+    AttemptFence,
     DatasetWriter,
     ManifestNotFoundError,
     Producer,
@@ -70,6 +71,8 @@ class Prepared:
     policy: Any
     judge: OracleJudge
     config: SearchConfig
+    fence: AttemptFence | None = None
+    """The attempt this run spec starts: a stale attempt commits nothing once the next has begun."""
 
 
 def _meta(value: Any, where: str) -> dict[str, Any]:
@@ -171,7 +174,8 @@ def prepare(doc: dict[str, Any]) -> Prepared:
     metadata = doc.get("metadata") or {}
     producer = Producer(kind="PTSJob", name=str(metadata.get("name") or ""), uid=str(metadata.get("uid") or ""),
                         generation=int(metadata.get("generation") or 0), attempt=int(doc.get("attempt") or 0))
-    return Prepared(spec, str(doc["output"]), producer, problems, policy, judge, config)
+    return Prepared(spec, str(doc["output"]), producer, problems, policy, judge, config,
+                    fence=AttemptFence.from_run_spec(doc))
 
 
 def progress_metrics(stats: SearchStats) -> dict[str, float]:
@@ -207,8 +211,9 @@ def _stats_data(stats: SearchStats) -> dict[str, Any]:
 def execute(job: Prepared) -> SearchStats:
     shards = [job.problems[start:start + PROBLEMS_PER_SHARD]
               for start in range(0, len(job.problems), PROBLEMS_PER_SHARD)]
-    writer = DatasetWriter(dataset_uri(job.output), PREFERENCE_PAIRS, producer=job.producer)
-    full_writer = DatasetWriter(full_solution_pairs_uri(job.output), PREFERENCE_PAIRS, producer=job.producer)
+    writer = DatasetWriter(dataset_uri(job.output), PREFERENCE_PAIRS, producer=job.producer, fence=job.fence)
+    full_writer = DatasetWriter(full_solution_pairs_uri(job.output), PREFERENCE_PAIRS, producer=job.producer,
+                                fence=job.fence)
     committed = set(writer.resume()) & set(full_writer.resume())
     store = open_store(job.output)
     total = SearchStats()
@@ -220,6 +225,8 @@ def execute(job: Prepared) -> SearchStats:
             done += len(problems)
             continue
         result = search(problems, job.policy, job.judge, job.config)
+        if job.fence is not None:  # the shards' commit records are not fenced by the writer itself
+            job.fence.check(f"commit shard {shard_name(number)} of {dataset_uri(job.output)}")
         store.write_json(stats_key, _stats_data(result.stats))  # before the shards' commit records
         full_writer.write_shard(number, _table([pair.to_row() for pair in result.full_pairs]))
         writer.write_shard(number, _table([pair.to_row() for pair in result.pairs]))
@@ -227,6 +234,8 @@ def execute(job: Prepared) -> SearchStats:
         done += len(problems)
         write_progress(job.output, Progress(phase="searching", done=done, total=len(job.problems), unit="problems",
                                             metrics=progress_metrics(total)))
+    if job.fence is not None:
+        job.fence.check(f"write {STATS_KEY} under {job.output}")
     store.write_json(STATS_KEY, {"stats": total.to_dict(), "warnings": job.config.warnings()})
     full_writer.finalize(expected=range(len(shards)))
     writer.finalize(expected=range(len(shards)))  # last: the output becomes visible
