@@ -305,6 +305,7 @@ class TorchEngine(Engine):
         cache.padded = any(row.prompt_len != longest for row in rows)
         logits = torch.stack([prefilled[row.prompt][2] for row in rows])
         active = list(range(len(rows)))  # batch position -> index into rows
+        lengths = torch.tensor([row.prompt_len for row in rows], device=self.device)
         step = 0
         while True:
             chosen = self._choose(logits, [rows[a] for a in active])
@@ -321,11 +322,11 @@ class TorchEngine(Engine):
             if len(still) <= len(active) * 3 // 4:
                 keep = torch.tensor(still, device=self.device)
                 cache = cache.select(keep)
-                chosen_ids = chosen[0][keep]
+                chosen_ids, lengths = chosen[0][keep], lengths[keep]
                 active = [active[p] for p in still]
             else:
                 chosen_ids = chosen[0]
-            positions = torch.tensor([[rows[a].prompt_len + step - 1] for a in active], device=self.device)
+            positions = (lengths + (step - 1))[:, None]
             cache.valid[:, cache.length] = True
             logits = forward_cached(self.model, chosen_ids[:, None], positions, cache, fused=self.fused)
 
@@ -393,15 +394,16 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, 
     if top_k and top_k < scores.shape[1]:
         kth = scores.topk(top_k, dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
+    probs = scores.softmax(dim=-1)
     if top_p < 1.0:
-        scores, order = scores.sort(dim=-1, descending=True)
-        probs = scores.softmax(dim=-1)
+        probs, order = probs.sort(dim=-1, descending=True)
         before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
-        scores = scores.masked_fill(before >= top_p, float("-inf"))
-    probs = scores.softmax(dim=-1).double()
+        probs = probs.masked_fill(before >= top_p, 0.0)
+    # no need to renormalise what is left: the uniform number is scaled to the total instead
+    probs = probs.double()
     cdf = probs.cumsum(dim=-1)
     picks = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], right=True)[:, 0]
-    picks = picks.clamp(max=scores.shape[1] - 1)
+    picks = picks.clamp(max=probs.shape[1] - 1)
     # a token of probability zero is never drawn: step back past any run of them
     zero = probs.gather(1, picks[:, None])[:, 0] == 0
     if zero.any():
