@@ -180,7 +180,7 @@ def _distinct(documents: np.ndarray, hashes: np.ndarray, *extra: np.ndarray) -> 
 
 
 def _bitmap(hashes: np.ndarray) -> np.ndarray:
-    bits = 1 << max(20, min(30, int(len(hashes) * 16).bit_length()))
+    bits = 1 << max(20, min(27, int(len(hashes) * 16).bit_length()))
     bitmap = np.zeros(bits, dtype=bool)
     bitmap[(hashes & np.uint64(bits - 1)).astype(np.int64)] = True
     return bitmap
