@@ -58,6 +58,8 @@ EXIT_FAILED = 1
 SEEDS_PER_SHARD = 16
 STATS_KEY = "_run/synth-stats.json"
 SHARD_STATS_PREFIX = "_run/synth-shards"
+STOP_KEY = "_run/synth-stop.json"
+"""Written by the driver once a budget is spent: workers skip the shards they have not begun."""
 WORKERS_ENV = "TOKENMILL_SYNTH_WORKERS"
 """Engine actors; by default one per CPU of the Ray cluster (at most one per shard)."""
 KILL_AFTER_REQUESTS_ENV = "TOKENMILL_SYNTH_KILL_AFTER_REQUESTS"
@@ -195,6 +197,9 @@ class ShardWorker:
         results = []
         for payload in batch["shard"]:
             unit = json.loads(payload)
+            if self.store.exists(STOP_KEY):
+                results.append(json.dumps({"shard": unit["shard"], "skipped": True}))
+                continue
             sent_before = self.engine.attempted
             rows, stats = self.job.workflow.run(unit["seeds"], self.context)
             result = {"shard": unit["shard"], "stats": stats.to_data(), "sent": self.engine.attempted - sent_before}
@@ -243,6 +248,8 @@ def execute(job: Job, seeds: list[dict[str, Any]]) -> Outcome:
     pending = [number for number in range(len(units)) if number not in done]
     if done:
         print(f"tokenmill synthetic-data: resuming; {len(done)} of {len(units)} shards already committed", flush=True)
+    if store.exists(STOP_KEY):
+        store.delete(STOP_KEY)
     stopped_by = _spent(total, budgets)
     if pending and stopped_by is None:
         items = [{"shard": json.dumps({"shard": n, "seeds": units[n]})} for n in pending]
@@ -250,18 +257,19 @@ def execute(job: Job, seeds: list[dict[str, Any]]) -> Outcome:
         mapped = dataset.map_batches(ShardWorker, fn_constructor_kwargs={"job": job}, batch_size=1,
                                      batch_format="numpy", num_cpus=1,
                                      compute=ray.data.ActorPoolStrategy(size=_workers(len(pending))))
-        rows = mapped.iter_rows()
-        for row in rows:
+        # Every shard comes back (skipped ones at once after a stop), so no worker is still
+        # writing when the driver trims and commits the manifest.
+        for row in mapped.iter_rows():
             result = json.loads(row["result"])
+            if result.get("skipped"):
+                continue
             total.merge(StepStats.from_data(result["stats"]))
             sent += int(result["sent"])
             done.append(int(result["shard"]))
             write_progress(job.output, Progress(phase="generating", done=total.seeds, total=len(seeds), unit="seeds",
                                                 metrics=progress_metrics(total)))
-            stopped_by = _spent(total, budgets)
-            if stopped_by is not None:
-                break
-        del rows, mapped
+            if stopped_by is None and (stopped_by := _spent(total, budgets)) is not None:
+                store.write_json(STOP_KEY, {"stoppedBy": stopped_by})
     shards = sorted(set(writer.resume()) & {shard_name(n) for n in done})
     if budgets.max_samples is not None and total.written > budgets.max_samples:
         _trim(writer, shards, budgets.max_samples, total)
