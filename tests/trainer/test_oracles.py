@@ -140,9 +140,14 @@ def _process_gone(pid: int) -> bool:
         return True
 
 
-def test_code_timeout_kills_the_process_group(tmp_path):
-    tmp_path.chmod(0o777)  # the candidate may run as an unprivileged user
-    pid_file = tmp_path / "grandchild.pid"
+def test_code_timeout_kills_the_process_group():
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    shared = Path(tempfile.mkdtemp(prefix="tokenmill-test-"))  # pytest's tmp_path is private to this user
+    shared.chmod(0o777)  # the candidate may run as an unprivileged user
+    pid_file = shared / "grandchild.pid"
     code = (
         "import subprocess, sys, time\n"
         "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
@@ -155,6 +160,7 @@ def test_code_timeout_kills_the_process_group(tmp_path):
     deadline = time.monotonic() + 30
     while not _process_gone(grandchild) and time.monotonic() < deadline:
         time.sleep(0.05)
+    shutil.rmtree(shared)
     assert _process_gone(grandchild)
 
 
@@ -214,6 +220,101 @@ def test_code_says_when_it_cannot_isolate_the_network(monkeypatch):
         assert code.sandbox_report()["networkNamespace"] is False
     finally:
         code.network_namespace_prefix.cache_clear()
+
+
+FORGED_VERDICT = '{"reason": "correct", "detail": "every test passed"}'
+
+FORGERIES = {
+    "exits early with success": "import os\nos._exit(0)",
+    "exits inside the call": "import os\ndef add(a, b):\n    os._exit(0)",
+    "prints the success line": (
+        "import sys\n"
+        f"print({FORGED_VERDICT!r})\nprint({FORGED_VERDICT!r}, file=sys.stderr)\n"
+        "def add(a, b):\n    return 0"),
+    "answers yes to every comparison": (
+        "class Yes:\n    def __eq__(self, other):\n        return True\n    __hash__ = object.__hash__\n"
+        "def add(a, b):\n    return Yes()"),
+    "patches the harness it can see": (
+        "import builtins, sys\n"
+        "builtins.AssertionError = type('Never', (Exception,), {})\n"
+        "frame = sys._getframe()\n"
+        "while frame is not None:\n"
+        "    for name, value in list(frame.f_globals.items()):\n"
+        "        if callable(value) and name in ('judge', '_answer', 'main', 'send'):\n"
+        "            frame.f_globals[name] = lambda *a, **k: {'reason': 'correct', 'loaded': True, 'exports': {}}\n"
+        "    frame = frame.f_back\n"
+        "def add(a, b):\n    return a - b"),
+    "writes a forged verdict to every descriptor and the judge's": (
+        "import os, json\n"
+        f"line = {FORGED_VERDICT!r}.encode()\n"
+        "for fd in range(3, 256):\n"
+        "    try:\n        os.write(fd, line)\n    except OSError:\n        pass\n"
+        "for name in os.listdir('/proc/%d/fd' % os.getppid()) if os.access('/proc/%d/fd' % os.getppid(), os.R_OK) "
+        "else []:\n"
+        "    try:\n"
+        "        with open('/proc/%d/fd/%s' % (os.getppid(), name), 'wb') as handle:\n"
+        "            handle.write(line)\n"
+        "    except OSError:\n        pass\n"
+        "for path in ('result.json', '../result.json'):\n"
+        "    try:\n        open(path, 'w').write(line.decode())\n    except OSError:\n        pass\n"
+        "os._exit(0)"),
+    "reads the harness's secrets and writes its result file": (
+        "import gc, json, os, sys\n"
+        "secrets = [v for f in [sys._getframe()] for v in f.f_back.f_locals.values() if isinstance(v, str)] "
+        "if sys._getframe().f_back else []\n"
+        "secrets += [o for o in gc.get_objects() if isinstance(o, str) and len(o) == 32][:50]\n"
+        "for secret in secrets:\n"
+        "    for path in ('result.json', '../result.json'):\n"
+        "        try:\n"
+        "            open(path, 'w').write(json.dumps({'nonce': secret, 'passed': 1, 'reason': 'correct'}))\n"
+        "        except OSError:\n            pass\n"
+        "os._exit(0)"),
+    "kills the judge": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\ndef add(a, b):\n    return a + b",
+}
+
+
+@pytest.mark.parametrize("forgery", list(FORGERIES), ids=list(FORGERIES))
+def test_code_a_candidate_cannot_forge_a_pass(forgery):
+    verdict = run_candidate(FORGERIES[forgery], ["assert add(2, 3) == 5"], LIMITS)
+    assert not verdict.correct, (forgery, verdict)
+    assert verdict.reason in ("error", "test-failed"), verdict
+
+
+def test_code_candidate_objects_work_through_the_judge():
+    code = (
+        "class Stack:\n"
+        "    def __init__(self):\n        self.items = []\n"
+        "    def push(self, item):\n        self.items.append(item)\n"
+        "    def pop(self):\n        return self.items.pop()\n"
+        "    def __len__(self):\n        return len(self.items)\n"
+        "def root(x):\n"
+        "    if x < 0:\n        raise ValueError('negative')\n"
+        "    return x ** 0.5, {'x': x}\n"
+        "table = {(1, 2): b'ab', 'set': {3}}\n"
+    )
+    tests = ["s = Stack()\ns.push([1, 'a'])\nassert len(s) == 1 and s.items == [[1, 'a']]\n"
+             "assert s.pop() == [1, 'a'] and len(s) == 0",
+             "assert root(4) == (2.0, {'x': 4})\n"
+             "try:\n    root(-1)\nexcept ValueError as error:\n    assert 'negative' in str(error)\n"
+             "else:\n    raise AssertionError('no ValueError')",
+             "assert table == {(1, 2): b'ab', 'set': {3}}"]
+    verdict = run_candidate(code, tests, LIMITS)
+    assert verdict.correct, verdict.detail
+
+
+def test_code_runs_the_candidate_unprivileged_and_apart_from_the_judge():
+    import os
+
+    from tokenmill.trainer.oracles import code
+
+    report = code.sandbox_report()
+    if os.geteuid() != 0:
+        pytest.skip("not root: the candidate keeps this user (no other uid to drop to)")
+    assert report["unprivilegedUser"] and report["judgeSeparated"], report
+    verdict = run_candidate("import os\nids = (os.getuid(), os.getgid(), os.getppid())",
+                            ["import os\nassert ids[0] == ids[1] == 65534, ids\n"
+                             "assert os.getuid() == 65533 and ids[2] == os.getpid(), (ids, os.getuid())"], LIMITS)
+    assert verdict.correct, verdict.detail
 
 
 # ---- multiple choice --------------------------------------------------------------------------

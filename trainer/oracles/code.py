@@ -12,21 +12,22 @@ candidate and tests travel as files.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import os
 import re
-import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenmill.trainer.oracles import sandbox_runner
+from tokenmill.trainer.oracles import sandbox_candidate, sandbox_runner
 from tokenmill.trainer.oracles.base import (
     CORRECT,
     ERROR,
@@ -41,8 +42,13 @@ from tokenmill.trainer.oracles.base import (
 
 KIND = "code"
 NOBODY_UID = 65534
+JUDGE_UID = 65533
+"""Run as root, the judge drops to this uid: another than the candidate's, so the candidate
+can neither signal nor trace it."""
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)```", re.DOTALL)
 _RUNNER = Path(sandbox_runner.__file__).resolve()
+_CANDIDATE = Path(sandbox_candidate.__file__).resolve()
+_JUDGE_REASONS = {CORRECT, ERROR, MEMORY_LIMIT, OUTPUT_LIMIT, TEST_FAILED, TIMEOUT}
 
 
 @dataclass(frozen=True)
@@ -83,67 +89,172 @@ def network_namespace_prefix() -> tuple[str, ...] | None:
 
 
 @functools.lru_cache(maxsize=1)
+def candidate_namespace_prefix() -> tuple[str, ...]:
+    """Not root, inside a network namespace of its own (`unshare --map-root-user`), the judge has
+    every capability there; the candidate then starts in a user namespace nested below it, so
+    none of them reach the judge. Empty where that is not needed or not possible."""
+    isolation = network_namespace_prefix()
+    if os.geteuid() == 0 or isolation is None:
+        return ()
+    prefix = (isolation[0], "--user", "--map-root-user", "--")
+    try:
+        probe = subprocess.run([*isolation, *prefix, sys.executable, "-c", ""], capture_output=True, timeout=30,
+                               env={"PATH": os.defpath})
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    return prefix if probe.returncode == 0 else ()
+
+
+_SKIPPED_LIBRARY = {"site-packages", "dist-packages", "test", "idlelib", "tkinter", "turtledemo", "ensurepip",
+                    "lib2to3"}
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+_SANDBOX_PYTHON_LOCK = threading.Lock()
+
+
+def sandbox_python() -> tuple[str, dict[str, str]]:
+    with _SANDBOX_PYTHON_LOCK:  # judged in threads: one copy per process
+        return _sandbox_python()
+
+
+@functools.lru_cache(maxsize=1)
+def _sandbox_python() -> tuple[str, dict[str, str]]:
+    """The interpreter the sandbox runs (and its extra environment): this one, or, run as root
+    with an interpreter unprivileged users cannot read (under root's home), a copy of it and its
+    standard library (hard links where the file system allows) in a world-readable temporary
+    directory, removed at exit."""
+    if os.geteuid() != 0 or _runs_unprivileged(sys.executable, {}):
+        return sys.executable, {}
+    base = Path(sys.base_prefix)
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    copy = Path(tempfile.mkdtemp(prefix="tokenmill-sandbox-python-"))
+    atexit.register(shutil.rmtree, copy, True)
+    try:
+        copy.chmod(0o755)
+        (copy / "bin").mkdir(mode=0o755)
+        (copy / "lib").mkdir(mode=0o755)
+        _link_or_copy(os.path.realpath(sys._base_executable), str(copy / "bin" / version))  # type: ignore[attr-defined]
+        for library in (base / "lib").glob("libpython*.so*"):
+            _link_or_copy(str(library.resolve()), str(copy / "lib" / library.name))
+        shutil.copytree(base / "lib" / version, copy / "lib" / version, copy_function=_link_or_copy,
+                        ignore=lambda directory, names: [n for n in names if n in _SKIPPED_LIBRARY])
+        for directory in [copy, *(path for path in copy.rglob("*") if path.is_dir())]:
+            directory.chmod(0o755)
+    except OSError:
+        return sys.executable, {}
+    executable = str(copy / "bin" / version)
+    environment = {"LD_LIBRARY_PATH": str(copy / "lib")}  # its runpath points under root's home
+    return (executable, environment) if _runs_unprivileged(executable, environment) else (sys.executable, {})
+
+
+def _runs_unprivileged(executable: str, environment: dict[str, str]) -> bool:
+    probe_code = (f"import os; os.setgroups([]); os.setgid({NOBODY_UID}); os.setuid({NOBODY_UID}); "
+                  "import socket, subprocess, json, decimal, sys; "
+                  "subprocess.run([sys.executable, '-c', ''], check=True)")
+    try:
+        probe = subprocess.run([executable, "-I", "-c", probe_code], capture_output=True, timeout=60,
+                               env={"PATH": os.defpath, **environment}, cwd=tempfile.gettempdir())
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return probe.returncode == 0
+
+
+@functools.lru_cache(maxsize=1)
 def unprivileged_uid() -> int | None:
-    """The uid a candidate runs as when this process is root: `nobody`, where it can still
-    import the standard library (an interpreter under root's home cannot); None otherwise."""
+    """The uid a candidate runs as when this process is root: `nobody`, where the sandbox's
+    interpreter lets it; None otherwise."""
     if os.geteuid() != 0:
         return None
-    probe_code = (f"import os; os.setgroups([]); os.setgid({NOBODY_UID}); os.setuid({NOBODY_UID}); "
-                  "import socket, subprocess, json, decimal")
-    try:
-        probe = subprocess.run([sys.executable, "-I", "-c", probe_code], capture_output=True,
-                               timeout=30, env={"PATH": os.defpath}, cwd=tempfile.gettempdir())
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return NOBODY_UID if probe.returncode == 0 else None
+    executable, environment = sandbox_python()
+    return NOBODY_UID if _runs_unprivileged(executable, environment) else None
 
 
 def sandbox_report() -> dict[str, bool]:
     """What this platform's sandbox enforces, for the job's log and manifest."""
+    root = os.geteuid() == 0
     return {
         "networkNamespace": network_namespace_prefix() is not None,
-        "unprivilegedUser": os.geteuid() != 0 or unprivileged_uid() is not None,
+        "unprivilegedUser": not root or unprivileged_uid() is not None,
+        # the candidate cannot trace or signal the judge, nor open its result pipe
+        "judgeSeparated": unprivileged_uid() is not None if root
+        else network_namespace_prefix() is None or bool(candidate_namespace_prefix()),
     }
 
 
 def run_candidate(code: str, tests: Sequence[str], limits: SandboxLimits) -> Verdict:
-    """Runs `code` then each test in order; passes when every test runs without raising."""
+    """Runs `code` in one process and each test, in order, in another (the judge), which calls
+    into the first; passes when every test runs without raising."""
     isolation = network_namespace_prefix()
-    nonce = secrets.token_hex(16)
-    drop_to_uid = unprivileged_uid()
+    candidate_uid = unprivileged_uid()
+    executable, extra_environment = sandbox_python()
     with tempfile.TemporaryDirectory(prefix="tokenmill-sandbox-") as directory:
         workdir = Path(directory)
-        (workdir / "solution.py").write_text(code, encoding="utf-8")
+        candidate_dir = workdir / "candidate"
+        candidate_dir.mkdir(mode=0o700)
+        (candidate_dir / "solution.py").write_text(code, encoding="utf-8")
         (workdir / "tests.json").write_text(json.dumps(list(tests)), encoding="utf-8")
-        if drop_to_uid is not None:
-            for path in (workdir, workdir / "solution.py", workdir / "tests.json"):
-                os.chown(path, drop_to_uid, drop_to_uid)
+        if candidate_uid is not None:
+            workdir.chmod(0o711)  # the judge's uid may pass through, not list
+            for path in (candidate_dir, candidate_dir / "solution.py"):
+                os.chown(path, candidate_uid, candidate_uid)
+        result_read, result_write = os.pipe()
         runner_limits = {
             "memory_bytes": limits.memory_mb << 20,
             "cpu_seconds": max(1, int(limits.timeout_seconds) + 1),
             "output_bytes": limits.output_bytes,
-            "drop_to_uid": drop_to_uid,
+            "candidate_uid": candidate_uid,
+            "judge_uid": JUDGE_UID if candidate_uid is not None else None,
+            "candidate_prefix": list(candidate_namespace_prefix()),
+            "candidate_script": str(_CANDIDATE),
+            "result_fd": result_write,
         }
-        argv = [*(isolation or ()), sys.executable, "-I", str(_RUNNER), json.dumps(runner_limits)]
-        environment = {"PATH": os.defpath, "HOME": directory, "TMPDIR": directory, "LANG": "C.UTF-8"}
-        with open(workdir / "stdout", "wb") as stdout, open(workdir / "stderr", "wb") as stderr:
-            process = subprocess.Popen(argv, cwd=directory, env=environment, stdin=subprocess.PIPE,
-                                       stdout=stdout, stderr=stderr, start_new_session=True)
-            timed_out = False
-            try:
-                process.stdin.write(f"{nonce}\n".encode())  # type: ignore[union-attr]
-                process.stdin.close()  # type: ignore[union-attr]
-            except BrokenPipeError:
-                pass
-            try:
-                process.wait(timeout=limits.timeout_seconds)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            _kill_group(process.pid)
-            process.wait()
+        argv = [*(isolation or ()), executable, "-I", str(_RUNNER), json.dumps(runner_limits)]
+        environment = {"PATH": os.defpath, "HOME": directory, "TMPDIR": directory, "LANG": "C.UTF-8",
+                       **extra_environment}
+        try:
+            with open(workdir / "stdout", "wb") as stdout, open(workdir / "stderr", "wb") as stderr:
+                process = subprocess.Popen(argv, cwd=directory, env=environment, stdin=subprocess.DEVNULL,
+                                           stdout=stdout, stderr=stderr, start_new_session=True,
+                                           pass_fds=(result_write,))
+                os.close(result_write)
+                result_write = -1
+                timed_out = False
+                try:
+                    process.wait(timeout=limits.timeout_seconds)
+                except subprocess.TimeoutExpired:
+                    timed_out = True
+                _kill_group(process.pid)
+                process.wait()
+            result = _read_result(result_read)
+        finally:
+            os.close(result_read)
+            if result_write >= 0:
+                os.close(result_write)
         message = _tail(workdir / "stderr")
-        passed = _passed(workdir / "result.json", nonce)
-    return _verdict(process.returncode, timed_out, passed, message, limits, isolation is not None)
+    return _verdict(process.returncode, timed_out, result, message, limits, isolation is not None)
+
+
+def _read_result(descriptor: int) -> dict | None:
+    """What the judge wrote to its pipe; only the judge ever held the pipe's write end."""
+    os.set_blocking(descriptor, False)
+    chunks = []
+    try:
+        while chunk := os.read(descriptor, 65536):
+            chunks.append(chunk)
+    except BlockingIOError:
+        pass
+    try:
+        result = json.loads(b"".join(chunks))
+    except ValueError:
+        return None
+    return result if isinstance(result, dict) and result.get("reason") in _JUDGE_REASONS else None
 
 
 def _kill_group(group: int) -> None:
@@ -159,31 +270,20 @@ def _tail(path: Path, chars: int = 1000) -> str:
         return handle.read().decode("utf-8", "replace")[-chars:].strip()
 
 
-def _passed(path: Path, nonce: str) -> bool:
-    try:
-        return json.loads(path.read_text(encoding="utf-8")).get("nonce") == nonce
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _verdict(returncode: int, timed_out: bool, passed: bool, message: str, limits: SandboxLimits,
+def _verdict(returncode: int, timed_out: bool, result: dict | None, message: str, limits: SandboxLimits,
              isolated: bool) -> Verdict:
     def verdict(correct: bool, reason: str, detail: str) -> Verdict:
         return Verdict(correct, reason, detail, network_isolated=isolated)
 
-    if timed_out or returncode == -signal.SIGXCPU:
+    if timed_out or (result is not None and result["reason"] == TIMEOUT):
         return verdict(False, TIMEOUT, f"ran past the {limits.timeout_seconds:g} s limit")
-    if returncode == -signal.SIGXFSZ:
+    if returncode == -signal.SIGXFSZ or (result is not None and result["reason"] == OUTPUT_LIMIT):
         return verdict(False, OUTPUT_LIMIT, f"wrote more than {limits.output_bytes} bytes")
-    if returncode == sandbox_runner.EXIT_MEMORY or returncode == -signal.SIGKILL:
-        return verdict(False, MEMORY_LIMIT, message or f"ran out of its {limits.memory_mb} MB")
-    if returncode == sandbox_runner.EXIT_TEST_FAILED:
-        return verdict(False, TEST_FAILED, message)
-    if returncode == sandbox_runner.EXIT_PASSED and passed:
-        return verdict(True, CORRECT, "every test passed")
-    if returncode == sandbox_runner.EXIT_PASSED:
-        return verdict(False, ERROR, "the candidate exited before its tests finished")
-    return verdict(False, ERROR, message or f"exit status {returncode}")
+    if result is None:
+        return verdict(False, ERROR, message or f"the judge reported nothing (exit status {returncode})")
+    if result["reason"] == MEMORY_LIMIT:
+        return verdict(False, MEMORY_LIMIT, str(result.get("detail")) or f"ran out of its {limits.memory_mb} MB")
+    return verdict(result["reason"] == CORRECT, result["reason"], str(result.get("detail", "")))
 
 
 class CodeOracle:
