@@ -17,15 +17,20 @@ for `--rounds` rounds; figures are medians of tokens per wall second over rounds
 per-round ratio's median and range, and tokens per CPU second (all threads), which other
 processes on a shared machine do not distort.
 
-    python benchmarks/generate.py [--rounds 3] [--skip-openai]
+    python benchmarks/generate.py [--rounds 3] [--skip-openai | --only-openai]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -94,12 +99,22 @@ def compare(name: str, ours: Callable[[], int], theirs: Callable[[], int], round
 
 
 def bench_openai(export_dir: Path, requests: int = 640, concurrency: int = 64, delay_ms: float = 50.0) -> None:
-    from tests.trainer.generate_http import ServeProcess  # the same child-process helper the tests use
     from tokenmill.trainer.generate.openai_engine import OpenAIEngine
 
-    server = ServeProcess(f"file://{export_dir}", name="tiny", delay_ms=delay_ms).wait_ready()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "tokenmill.cli", "serve", f"file://{export_dir}", "--port",
+                               str(port), "--served-model-name", "tiny", "--device", "cpu", "--delay-ms", str(delay_ms)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        engine = OpenAIEngine(server.url, "tiny", api_key="unused", max_concurrency=concurrency)
+        for _ in range(600):
+            with contextlib.suppress(OSError), urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                break
+            if server.poll() is not None:
+                raise RuntimeError(f"tokenmill serve exited with {server.returncode}")
+            time.sleep(0.5)
+        engine = OpenAIEngine(f"http://127.0.0.1:{port}/v1", "tiny", api_key="unused", max_concurrency=concurrency)
         engine.check()
         sampling = SamplingParams(temperature=0.8, max_tokens=1, seed=1)
         batch = [GenerationRequest(prompt_token_ids=tuple(TOKENIZER.encode(f"request {i}")), sampling=sampling)
@@ -109,7 +124,8 @@ def bench_openai(export_dir: Path, requests: int = 640, concurrency: int = 64, d
         outputs = engine.generate(batch)
         seconds = time.perf_counter() - started
     finally:
-        server.stop()
+        server.terminate()
+        server.wait()
     done = sum(len(o.completions) for o in outputs)
     bound = concurrency / (delay_ms / 1000)
     print(f"openai: openai engine {done / seconds:,.0f} requests/s against tokenmill serve at {delay_ms:g} ms per "
@@ -122,6 +138,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--config", default="tiny")
     parser.add_argument("--skip-openai", action="store_true")
+    parser.add_argument("--only-openai", action="store_true")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for both sides (default 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -136,6 +153,9 @@ def main() -> None:
         generator = torch.Generator().manual_seed(0)
         prompts = [torch.randint(0, 256, (int(length),), generator=generator).tolist()
                    for length in torch.randint(16, 48, (32,), generator=generator)]
+        if args.only_openai:
+            bench_openai(export_dir)
+            return
         engine = TorchEngine(model, TOKENIZER)
         compare("batch", lambda: ours_batch(engine, prompts, 64), lambda: hf_batch(theirs, prompts, 64), args.rounds)
 
