@@ -41,6 +41,7 @@ from tokenmill.trainer.tokenizer import Tokenizer
 
 DEFAULT_MAX_BATCH_ROWS = 256
 DEFAULT_PREFIX_CACHE_TOKENS = 65_536
+DEFAULT_PREFIX_CACHE_ENTRIES = 256
 FUSE_BELOW_PARAMETERS = 1_000_000_000
 
 
@@ -61,12 +62,15 @@ class _PrefixEntry:
 class PrefixCache:
     """Keys and values of recent prompts, reused for any prompt that shares a prefix.
 
-    Least recently used entries go first once the cache holds more than `max_tokens` tokens.
-    An entry that is a prefix of a newer one is dropped: the newer one serves it too.
+    Least recently used entries go first once the cache holds more than `max_tokens` tokens
+    or `max_entries` prompts (a lookup compares against every entry). An entry that is a
+    prefix of a newer one is dropped: the newer one serves it too.
     """
 
-    def __init__(self, max_tokens: int = DEFAULT_PREFIX_CACHE_TOKENS) -> None:
+    def __init__(self, max_tokens: int = DEFAULT_PREFIX_CACHE_TOKENS,
+                 max_entries: int = DEFAULT_PREFIX_CACHE_ENTRIES) -> None:
         self.max_tokens = max_tokens
+        self.max_entries = max_entries
         self.entries: OrderedDict[int, _PrefixEntry] = OrderedDict()
         self.tokens = 0
         self.hits = 0
@@ -102,7 +106,7 @@ class PrefixCache:
         self.entries[self._next_id] = _PrefixEntry(prompt.copy(), keys, values)
         self._next_id += 1
         self.tokens += len(prompt)
-        while self.tokens > self.max_tokens:
+        while self.tokens > self.max_tokens or len(self.entries) > self.max_entries:
             _, evicted = self.entries.popitem(last=False)
             self.tokens -= len(evicted.tokens)
 
