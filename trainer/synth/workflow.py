@@ -62,7 +62,7 @@ def _chat_row(item: Item) -> tuple[dict[str, Any] | None, str]:
                                   {"role": "assistant", "content": item.solution}] if item.solution else None)
     if not messages:
         return None, "no-solution"
-    return {"id": item.id, "messages": messages, "meta": {}}, "written"
+    return {"id": item.id, "messages": messages, "meta": {"answer": item.answer} if item.answer else {}}, "written"
 
 
 def _code_row(item: Item) -> tuple[dict[str, Any] | None, str]:
