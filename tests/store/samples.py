@@ -13,6 +13,7 @@ from tokenmill.store import (
     TOKEN_SEQUENCES,
     DatasetSchema,
 )
+from tokenmill.store.schemas import GENERATIONS
 
 
 def sample_table(schema: DatasetSchema, rows: int, start: int = 0) -> pa.Table:
@@ -71,6 +72,16 @@ def sample_table(schema: DatasetSchema, rows: int, start: int = 0) -> pa.Table:
             "prompt_tokens": [[7, 8, n] for n in range(start, start + rows)],
             "chosen_tokens": [[n % 100] for n in range(start, start + rows)],
             "rejected_tokens": [[n % 100 + 1] for n in range(start, start + rows)],
+        }
+    elif schema is GENERATIONS:
+        numbers = range(start, start + rows)
+        data = {
+            "key": [f"{n:064x}" for n in numbers],
+            "request_id": ids,
+            "sample_index": [n % 4 for n in numbers],
+            "completion": [None if n % 5 == 4 else json.dumps({"text": f"answer {n}"}) for n in numbers],
+            "error_kind": ["timeout" if n % 5 == 4 else None for n in numbers],
+            "error": ["no answer within 60 s" if n % 5 == 4 else None for n in numbers],
         }
     else:
         raise ValueError(schema.ref)
