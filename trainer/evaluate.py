@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import sys
+from dataclasses import replace
 from typing import Any
 
 from tokenmill.store import StoreError, open_parent
@@ -28,36 +29,44 @@ from tokenmill.store import StoreError, open_parent
 EXIT_INVALID = 2
 
 
-def _success(policy: Any, judge: Any, problem: Any, n: int) -> list[bool]:
-    return [judge.check(problem, solution.token_ids).correct for solution in policy.sample_solutions(problem.question_ids, n)]
+def _judged(engine: Any, judge: Any, problems: list, sampling: Any, n: int) -> list[list[bool]]:
+    """n solutions to every problem, all in one batch, each judged by the oracle."""
+    from tokenmill.trainer.generate import GenerationRequest
+
+    requests = [GenerationRequest(prompt_token_ids=tuple(problem.question_ids), n=n,
+                                  sampling=replace(sampling, seed=sampling.seed * 1_000_003 + index), id=problem.id)
+                for index, problem in enumerate(problems)]
+    verdicts = []
+    for problem, output in zip(problems, engine.generate(requests)):
+        if not output.ok:
+            raise RuntimeError(f"problem {problem.id}: generation failed: {output.error}")
+        verdicts.append([judge.check(problem, completion.token_ids).correct for completion in output.completions])
+    return verdicts
 
 
 def evaluate_model(model_uri: str, config: dict[str, Any], label: str) -> dict[str, Any]:
     from tokenmill.trainer.generate import SamplingParams, build_engine
     from tokenmill.trainer.oracles import make_oracle
-    from tokenmill.trainer.pts.engine_policy import EnginePolicy, solution_decoder
+    from tokenmill.trainer.pts.engine_policy import solution_decoder
     from tokenmill.trainer.pts.policy import OracleJudge
     from tokenmill.trainer.pts.workload import read_problems
 
     engine = build_engine("torch", model_uri=model_uri, field=f"models.{label}")
     try:
         tokenizer = engine.tokenizer
-        stops = sorted({tokenizer.eos_id, tokenizer.eot_id})
+        stops = tuple(sorted({tokenizer.eos_id, tokenizer.eot_id}))
         problems = read_problems(str(config["problems"]), tokenizer)
         judge = OracleJudge(make_oracle(str(config.get("oracle", "math"))), solution_decoder(tokenizer.decode, stops))
         max_tokens = int(config.get("maxTokens", 40))
         seed = int(config.get("seed", 0))
-        greedy = EnginePolicy(engine, SamplingParams(temperature=0.0, max_tokens=max_tokens, seed=seed),
-                              stop_token_ids=stops, vocab_size=tokenizer.vocab_size)
-        sampled = EnginePolicy(engine, SamplingParams(temperature=float(config.get("temperature", 1.0)),
-                                                      max_tokens=max_tokens, seed=seed),
-                               stop_token_ids=stops, vocab_size=tokenizer.vocab_size)
         samples = int(config.get("samples", 8))
-        rows = []
-        for problem in problems:
-            greedy_ok = _success(greedy, judge, problem, 1)[0]
-            rates = _success(sampled, judge, problem, samples)
-            rows.append({"id": problem.id, "greedyCorrect": greedy_ok, "successRate": sum(rates) / len(rates)})
+        greedy = _judged(engine, judge, problems,
+                         SamplingParams(temperature=0.0, max_tokens=max_tokens, seed=seed, stop_token_ids=stops), 1)
+        sampled = _judged(engine, judge, problems,
+                          SamplingParams(temperature=float(config.get("temperature", 1.0)), max_tokens=max_tokens,
+                                         seed=seed, stop_token_ids=stops), samples)
+        rows = [{"id": problem.id, "greedyCorrect": first[0], "successRate": sum(many) / len(many)}
+                for problem, first, many in zip(problems, greedy, sampled)]
     finally:
         close = getattr(engine, "close", None)
         if close is not None:

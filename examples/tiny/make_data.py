@@ -115,8 +115,8 @@ def main() -> None:
     write("annotations", annotations(rng))
     # Seeds of the synthetic math data (the teacher's worked solutions become the SFT set), and
     # the problems Pivotal Token Search searches on.
-    write("seeds", word_problems(rng, training_pairs(rng, 240), "seed"))
-    write("problems", word_problems(rng, training_pairs(rng, 48), "prob"))
+    write("seeds", word_problems(rng, training_pairs(rng, 480), "seed"))
+    write("problems", word_problems(rng, training_pairs(rng, 32), "prob"))
     # The held-out evaluation set; the CorpusFilter decontaminates the corpus against it.
     write("eval", word_problems(random.Random(7), sorted(EVAL_PAIRS), "eval"))
 

@@ -208,7 +208,6 @@ def _describe_outputs(result: StageResult) -> str:
     if outputs.tokens:
         parts.append(f"{outputs.tokens:,} tokens")
     if outputs.checkpoint:
-        parts.append(f"checkpoint {outputs.checkpoint.rstrip('/').rsplit('/', 1)[-1]}")
-    if outputs.hf_export:
-        parts.append("hf export")
+        step = outputs.checkpoint.rstrip("/").rsplit("/", 1)[-1].removeprefix("step-").lstrip("0") or "0"
+        parts.append(f"step {step}" + (" + hf export" if outputs.hf_export else ""))
     return ", ".join(parts) or outputs.uri
