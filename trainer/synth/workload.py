@@ -256,7 +256,8 @@ def execute(job: Job, seeds: list[dict[str, Any]]) -> Outcome:
         dataset = ray.data.from_items(items, override_num_blocks=len(items))
         mapped = dataset.map_batches(ShardWorker, fn_constructor_kwargs={"job": job}, batch_size=1,
                                      batch_format="numpy", num_cpus=1,
-                                     compute=ray.data.ActorPoolStrategy(size=_workers(len(pending))))
+                                     compute=ray.data.ActorPoolStrategy(min_size=1,
+                                                                        max_size=_workers(len(pending))))
         # Every shard comes back (skipped ones at once after a stop), so no worker is still
         # writing when the driver trims and commits the manifest.
         for row in mapped.iter_rows():
