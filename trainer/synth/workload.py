@@ -60,6 +60,9 @@ STATS_KEY = "_run/synth-stats.json"
 SHARD_STATS_PREFIX = "_run/synth-shards"
 STOP_KEY = "_run/synth-stop.json"
 """Written by the driver once a budget is spent: workers skip the shards they have not begun."""
+FAILURE_BUDGET_SAMPLES, FAILURE_BUDGET_FRACTION = 16, 0.01
+"""Samples the engine may fail on (after its own retries) per actor before the attempt fails:
+each is dropped and counted as `generation-failed` until then."""
 WORKERS_ENV = "TOKENMILL_SYNTH_WORKERS"
 """Engine actors; by default one per CPU of the Ray cluster (at most one per shard)."""
 KILL_AFTER_REQUESTS_ENV = "TOKENMILL_SYNTH_KILL_AFTER_REQUESTS"
@@ -177,10 +180,12 @@ class ShardWorker:
     """One Ray Data actor: the engine behind the request cache, and the workflow over shards."""
 
     def __init__(self, job: Job) -> None:
-        from tokenmill.trainer.generate import engine_from_generator
+        from tokenmill.trainer.generate import FailureBudget, engine_from_generator
 
         self.job = job
-        self.engine = engine_from_generator(job.spec.generator, output=job.output)
+        self.engine = engine_from_generator(
+            job.spec.generator, output=job.output,
+            budget=FailureBudget(FAILURE_BUDGET_SAMPLES, FAILURE_BUDGET_FRACTION))
         self.kill_after = int(os.environ.get(KILL_AFTER_REQUESTS_ENV) or 0)
         self.context = synth_steps.Context(self.engine, sampling_of(job.spec), after_call=self._after_call)
         self.writer = DatasetWriter(dataset_uri(job.output), self.job.workflow.kind.schema, producer=job.producer)
