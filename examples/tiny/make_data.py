@@ -59,10 +59,11 @@ def raw_documents(rng: random.Random) -> list[dict]:
     documents += [{"text": text, "source": "web", "lang": "und", "meta": "{}"} for text in junk]
     documents += [dict(documents[i]) for i in range(0, 60, 3)]  # exact duplicates
     # Web pages that quote evaluation items: decontamination must drop them.
+    leak_rng = random.Random(5)
     documents += [
-        {"text": f"Homework help. {row['text']} The answer is explained below, step by step, for students.",
+        {"text": f"{english_document(leak_rng, 'math')} {row['text']} {english_document(leak_rng, 'math')}",
          "source": "web", "lang": "en", "meta": "{}"}
-        for row in word_problems(random.Random(5), sorted(EVAL_PAIRS)[:4], "leak")
+        for row in evaluation_set()[:4]
     ]
     rng.shuffle(documents)
     return [{"id": f"raw-{i:05d}", **doc} for i, doc in enumerate(documents)]
@@ -93,6 +94,10 @@ def word_problems(rng: random.Random, pairs: list[tuple[int, int]], prefix: str)
             for i, (a, b) in enumerate(pairs)]
 
 
+def evaluation_set() -> list[dict]:
+    return word_problems(random.Random(7), sorted(EVAL_PAIRS), "eval")
+
+
 def training_pairs(rng: random.Random, count: int) -> list[tuple[int, int]]:
     pool = [pair for pair in PAIRS if pair not in EVAL_PAIRS]
     return [rng.choice(pool) for _ in range(count)]
@@ -118,7 +123,7 @@ def main() -> None:
     write("seeds", word_problems(rng, training_pairs(rng, 480), "seed"))
     write("problems", word_problems(rng, training_pairs(rng, 32), "prob"))
     # The held-out evaluation set; the CorpusFilter decontaminates the corpus against it.
-    write("eval", word_problems(random.Random(7), sorted(EVAL_PAIRS), "eval"))
+    write("eval", evaluation_set())
 
 
 if __name__ == "__main__":
