@@ -308,7 +308,11 @@ def test_a_workflow_records_provenance_and_counts_every_item_once_per_step() -> 
     import json
 
     meta = json.loads(rows[0]["meta"])
-    assert meta["answer"] == correct_answer(seeds[int(rows[0]["id"][1:])]["question"]) or meta["answer"]
+    assert meta["answer"] == extract_answer(rows[0]["messages"][1]["content"])[0]
+    # with 6 samples and a 30% slip rate the plurality is the true answer for these seeds
+    for row in rows:
+        question = row["messages"][0]["content"]
+        assert json.loads(row["meta"])["answer"] == correct_answer(question)
     provenance = meta["provenance"]
     assert provenance["seedId"] == rows[0]["id"] and provenance["templates"] == {"critique": 1, "revise": 1, "solve": 1}
     assert provenance["workflowVersion"] == workflow.version
