@@ -205,6 +205,9 @@ def _stage_facts(stage: StageRecord) -> list[tuple[str, str]]:
         facts.append(("rows committed", f"{outputs['rows']:,}"))
     if outputs.get("tokens"):
         facts.append(("tokens", f"{outputs['tokens']:,}"))
+    if outputs.get("checkpoint"):
+        step = str(outputs["checkpoint"]).rstrip("/").rsplit("/", 1)[-1].removeprefix("step-").lstrip("0") or "0"
+        facts.append(("checkpoint", f"step {step}" + (", Hugging Face export" if outputs.get("hf_export") else "")))
     if stage.kind == "TrainingStage" and stage.records.get("history"):
         last = stage.records["history"][-1]
         facts.append(("final loss", f"{last.get('loss', float('nan')):.4f} at step {last.get('step')}"))
@@ -253,18 +256,33 @@ def build_report(root: str, out: str | None = None) -> str:
     return join(target.uri, REPORT_NAME)
 
 
+def headline(stage: StageRecord) -> str:
+    """The one figure a reader wants first from each stage."""
+    outputs = stage.outputs or {}
+    if stage.kind == "CorpusFilter" and stage.records.get("funnel"):
+        kept, _ = funnel_steps(stage.records["funnel"])
+        if kept:
+            return f"{kept[-1][1]:,} of {kept[0][1]:,} documents kept"
+    if stage.kind == "SyntheticDataJob" and stage.records.get("synth"):
+        return f"{outputs.get('rows', 0):,} rows from {stage.records['synth'].get('seeds', 0):,} seeds"
+    if stage.kind == "TrainingStage" and stage.records.get("history"):
+        last = stage.records["history"][-1]
+        return f"{stage.stage}: {last.get('step')} steps, final loss {last.get('loss', float('nan')):.3f}"
+    if stage.kind == "PTSJob" and stage.records.get("pts"):
+        stats = stage.records["pts"]
+        return (f"{stats.get('pivotalTokens', 0)} pivotal tokens, {stats.get('problemsSearched', 0)} of "
+                f"{stats.get('problems', 0)} problems searched")
+    return str(stage.progress.get("phase", ""))
+
+
 def text_summary(run: RunRecords) -> list[str]:
     """A few lines for the terminal (each under 80 columns)."""
-    lines = []
-    for stage in run.stages:
-        facts = [f"{key} {value}" for key, value in _stage_facts(stage) if key != "phase"]
-        lines.append(f"{stage.label[:32]:<32} {'; '.join(facts)}"[:79])
+    lines = [f"{stage.label[:30]:<30} {headline(stage)}"[:79] for stage in run.stages]
     if run.evaluation:
-        lines.append("held-out evaluation (greedy accuracy, success rate ± s.e.):")
+        lines.append("held-out evaluation    greedy accuracy   success rate")
         for label, figures in run.evaluation.get("models", {}).items():
-            lines.append(f"  {label[:16]:<16} {figures['greedyAccuracy']:.3f}   "
-                         f"{figures['successRate']:.3f} ± {figures['successRateStderr']:.3f}"
-                         f"  ({figures['problems']} problems)")
+            lines.append(f"  {label[:20]:<20} {figures['greedyAccuracy']:>15.3f}   "
+                         f"{figures['successRate']:.3f} ± {figures['successRateStderr']:.3f}"[:79])
     return lines
 
 

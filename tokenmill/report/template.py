@@ -26,7 +26,7 @@ progress records and metrics.</p>
 {% for section in sections %}
 <tr><td>{{ section.label }}</td><td>{{ section.stage }}</td>
 <td>{% for key, value in section.facts if key == "phase" %}{{ value }}{% endfor %}</td>
-<td>{% for key, value in section.facts if key in ("rows committed", "tokens") %}{{ key }} {{ value }}{% if not loop.last %}, {% endif %}{% endfor %}</td></tr>
+<td>{% for key, value in section.facts if key in ("rows committed", "tokens", "checkpoint") %}{{ key }} {{ value }}{% if not loop.last %}, {% endif %}{% endfor %}</td></tr>
 {% endfor %}
 </table>
 
