@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from rich.console import Console
@@ -65,12 +65,12 @@ class CountColumn(ProgressColumn):
         return Text(f"{task.completed:,.0f}/{task.total:,.0f} {unit}")
 
 
-def progress_bars(console: Console) -> Progress:
+def progress_bars(console: Console, get_time: Callable[[], float] | None = None) -> Progress:
     """One bar per running stage: done/total in the workload's unit, rate, ETA, elapsed, message."""
     return Progress(
         TextColumn("{task.description}", markup=False), BarColumn(bar_width=20), CountColumn(), RateColumn(),
         TextColumn("eta"), TimeRemainingColumn(), TimeElapsedColumn(),
-        TextColumn("{task.fields[message]}", markup=False), console=console,
+        TextColumn("{task.fields[message]}", markup=False), console=console, get_time=get_time,
     )
 
 
