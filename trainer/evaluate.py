@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     store.write_json(key, result)
     for label, figures in result["models"].items():
         print(f"{label}: greedy accuracy {figures['greedyAccuracy']:.3f}, success rate "
-              f"{figures['successRate']:.3f} ± {figures['successRateStderr']:.3f} on {figures['problems']} problems")
+              f"{figures['successRate']:.3f} ± {figures['successRateStderr']:.3f}")
     return 0
 
 
