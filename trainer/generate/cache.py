@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from tokenmill.layout import join
-from tokenmill.store import DatasetWriter, StoreError
+from tokenmill.store import AttemptFence, DatasetWriter, StoreError
 from tokenmill.store.dataset_reader import read_verified_shard
 from tokenmill.store.schemas import GENERATIONS
 from tokenmill.trainer.generate.interface import (
@@ -78,6 +78,8 @@ class RequestCache:
     uri: str
     flush_rows: int = DEFAULT_FLUSH_ROWS
     flush_seconds: float = DEFAULT_FLUSH_SECONDS
+    fence: AttemptFence | None = None
+    """The attempt's fence: a superseded attempt commits no shard, deletes nothing, writes no manifest."""
     completions: dict[str, Completion] = field(default_factory=dict)
     failures: dict[str, SampleFailure] = field(default_factory=dict)
     _pending: list[dict] = field(default_factory=list)
@@ -88,7 +90,7 @@ class RequestCache:
 
     def __post_init__(self) -> None:
         # No producer: keys are content hashes, so results stay valid when the spec changes.
-        self.writer = DatasetWriter(self.uri, GENERATIONS)
+        self.writer = DatasetWriter(self.uri, GENERATIONS, fence=self.fence)
 
     def load(self) -> RequestCache:
         """Reads every committed shard (other workers' and earlier attempts' too)."""
@@ -136,6 +138,8 @@ class RequestCache:
             self._shards_written += 1 if rows else 0
             self._last_flush = time.monotonic()
         if rows:
+            if self.fence is not None:  # the writer fences deletions and the manifest, not commit records
+                self.fence.check(f"commit shard {name} of {self.uri}")
             self.writer.write_shard(name, rows)
 
     def finalize(self) -> None:

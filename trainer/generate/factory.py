@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from tokenmill.store import AttemptFence
 from tokenmill.trainer.generate.cache import CachedEngine, FailureBudget, RequestCache, generations_uri
 from tokenmill.trainer.generate.interface import Engine, GenerationInputError, SamplingParams
 from tokenmill.trainer.generate.metrics import GenerateMetrics
@@ -87,9 +88,11 @@ def engine_from_generator(
     tokenizer: str | None = None,
     device: str | None = None,
     field: str = "generator",
+    fence: AttemptFence | None = None,
 ) -> CachedEngine:
     """A checked engine for a `Generator` spec (the pydantic object or its camelCase dict), behind
-    the request cache at `<output>/generations` (no cache when `output` is None)."""
+    the request cache at `<output>/generations` (no cache when `output` is None; fenced by the
+    attempt's `fence` when given)."""
     if isinstance(generator, Mapping):
         engine = generator.get("engine", "vllm")
         model = generator.get("model") or {}
@@ -106,5 +109,5 @@ def engine_from_generator(
                   "tensor_parallel_size": generator.tensor_parallel_size,
                   "mistake_rate": generator.mistake_rate}
     built = build_engine(engine, tokenizer=tokenizer, device=device, field=field, **values)
-    cache = RequestCache(generations_uri(output)).load() if output is not None else None
+    cache = RequestCache(generations_uri(output), fence=fence).load() if output is not None else None
     return CachedEngine(built, cache, budget, built.metrics)

@@ -28,6 +28,7 @@ from tokenmill.api.synthetic import SyntheticDataJobSpec
 from tokenmill.layout import dataset_uri, join
 from tokenmill.store import (
     CHAT_SAMPLES,
+    AttemptFence,
     DOCUMENTS,
     DatasetWriter,
     ManifestNotFoundError,
@@ -82,6 +83,8 @@ class Job:
     producer: Producer
     schema_name: str
     workflow: Workflow
+    fence: AttemptFence | None = None
+    """Checked before every commit, deletion and manifest, by the driver and every worker."""
     driver_pid: int = field(default_factory=os.getpid)
 
     @property
@@ -144,7 +147,8 @@ def prepare(doc: dict[str, Any]) -> Prepared:
     producer = Producer(kind="SyntheticDataJob", name=str(metadata.get("name") or ""),
                         uid=str(metadata.get("uid") or ""), generation=int(metadata.get("generation") or 0),
                         attempt=int(doc.get("attempt") or 0))
-    return Prepared(Job(spec, str(doc["output"]), producer, kind.schema.name, workflow), seeds)
+    job = Job(spec, str(doc["output"]), producer, kind.schema.name, workflow, fence=AttemptFence.from_run_spec(doc))
+    return Prepared(job, seeds)
 
 
 def _probe(spec: SyntheticDataJobSpec) -> None:
@@ -185,10 +189,11 @@ class ShardWorker:
         self.job = job
         self.engine = engine_from_generator(
             job.spec.generator, output=job.output,
-            budget=FailureBudget(FAILURE_BUDGET_SAMPLES, FAILURE_BUDGET_FRACTION))
+            budget=FailureBudget(FAILURE_BUDGET_SAMPLES, FAILURE_BUDGET_FRACTION), fence=job.fence)
         self.kill_after = int(os.environ.get(KILL_AFTER_REQUESTS_ENV) or 0)
         self.context = synth_steps.Context(self.engine, sampling_of(job.spec), after_call=self._after_call)
-        self.writer = DatasetWriter(dataset_uri(job.output), self.job.workflow.kind.schema, producer=job.producer)
+        self.writer = DatasetWriter(dataset_uri(job.output), self.job.workflow.kind.schema, producer=job.producer,
+                                    fence=job.fence)
         self.store = open_store(job.output)
 
     def _after_call(self) -> None:
@@ -208,6 +213,7 @@ class ShardWorker:
             sent_before = self.engine.attempted
             rows, stats = self.job.workflow.run(unit["seeds"], self.context)
             result = {"shard": unit["shard"], "stats": stats.to_data(), "sent": self.engine.attempted - sent_before}
+            _check_fence(self.job, f"commit shard {shard_name(unit['shard'])} of {self.writer.uri}")
             self.store.write_json(shard_stats_key(unit["shard"]), result)  # before the shard's commit record
             self.writer.write_shard(unit["shard"], rows or self.job.workflow.kind.schema.arrow.empty_table())
             results.append(json.dumps(result))
@@ -239,7 +245,8 @@ def execute(job: Job, seeds: list[dict[str, Any]]) -> Outcome:
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
     units = [seeds[start:start + SEEDS_PER_SHARD] for start in range(0, len(seeds), SEEDS_PER_SHARD)]
-    writer = DatasetWriter(dataset_uri(job.output), job.workflow.kind.schema, producer=job.producer)
+    writer = DatasetWriter(dataset_uri(job.output), job.workflow.kind.schema, producer=job.producer,
+                           fence=job.fence)
     committed = set(writer.resume())
     store = open_store(job.output)
     total, sent, done = StepStats(), 0, []
@@ -254,6 +261,7 @@ def execute(job: Job, seeds: list[dict[str, Any]]) -> Outcome:
     if done:
         print(f"tokenmill synthetic-data: resuming; {len(done)} of {len(units)} shards already committed", flush=True)
     if store.exists(STOP_KEY):
+        _check_fence(job, f"delete {STOP_KEY} under {job.output}")
         store.delete(STOP_KEY)
     stopped_by = _spent(total, budgets)
     if pending and stopped_by is None:
@@ -278,13 +286,20 @@ def execute(job: Job, seeds: list[dict[str, Any]]) -> Outcome:
                 store.write_json(STOP_KEY, {"stoppedBy": stopped_by})
     shards = sorted(set(writer.resume()) & {shard_name(n) for n in done})
     if budgets.max_samples is not None and total.written > budgets.max_samples:
+        _check_fence(job, f"trim the shards of {writer.uri}")
         _trim(writer, shards, budgets.max_samples, total)
+    _check_fence(job, f"write {STATS_KEY} under {job.output}")
     store.write_json(STATS_KEY, {**total.to_dict(job.step_order), "stoppedBy": stopped_by,
                                  "workflowVersion": job.workflow.version,
                                  "templates": job.workflow.template_versions, "requestsSent": sent})
-    RequestCache(generations_uri(job.output)).finalize()
+    RequestCache(generations_uri(job.output), fence=job.fence).finalize()
     writer.finalize(expected=shards)  # last: the dataset becomes visible
     return Outcome(total, [int(s.split("-")[-1]) for s in shards], stopped_by, sent)
+
+
+def _check_fence(job: Job, doing: str) -> None:
+    if job.fence is not None:  # the writer fences deletions and the manifest, not commit records
+        job.fence.check(doing)
 
 
 def _spent(stats: StepStats, budgets: Any) -> str | None:
