@@ -3,9 +3,10 @@
 Prometheus (Debian's package) scrapes a running operator (kopf against the emulated API
 server, driving CorpusFilters, a SyntheticDataJob, a TrainingStage and a PTSJob through the
 KubeRay stand-in to success and failure), a running training workload's driver (the real
-entrypoint training a tiny model) and the metrics servers of a CorpusFilter and a PTSJob
-workload that ran to completion (the real entrypoints on a small corpus and a tiny model;
-the server their drivers run, serving the final progress record). Every panel's PromQL must
+entrypoint training a tiny model) and the metrics servers of a CorpusFilter, a
+SyntheticDataJob and a PTSJob workload that ran to completion (the real entrypoints on a small
+corpus, a few seeds with the scripted engine and a tiny model; the server their drivers run,
+serving the final progress record). Every panel's PromQL must
 parse, and must return series once they have reported; every metric a panel names must be
 one the code exports.
 """
@@ -34,6 +35,8 @@ from tests.operator.emulator import _status_response
 from tests.operator.standin import Behaviour
 from tests.trainer import curate_corpus
 from tests.trainer.generate_fixtures import TINY_GEN, tiny_model
+from tests.trainer.synth_fixtures import spec as synth_spec
+from tests.trainer.synth_fixtures import write_seeds
 from tests.trainer.test_pts_workload import answers_the_policy_reaches, problem, write_problems
 from tests.trainer.test_train_stage import make_data, stage_spec
 from tokenmill.api.resources import KINDS
@@ -167,6 +170,18 @@ def corpus_workload(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Finish
 
 
 @pytest.fixture(scope="module")
+def synth_workload(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FinishedWorkload]:
+    """The SyntheticDataJob entrypoint (on Ray) with the scripted engine: an agreement filter (which
+    drops the seed without an answer) and self-revision over a few math questions."""
+    root = tmp_path_factory.mktemp("synth")
+    seeds = write_seeds((root / "seeds").as_uri())
+    workload = FinishedWorkload(root, {"kind": "SyntheticDataJob", "spec": synth_spec(seeds),
+                                       "metadata": {"name": "math", "namespace": WORKLOAD_NAMESPACE}})
+    yield workload
+    workload.stop()
+
+
+@pytest.fixture(scope="module")
 def pts_workload(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FinishedWorkload]:
     """The PTSJob entrypoint on a tiny random model and three problems whose answers it can reach."""
     root = tmp_path_factory.mktemp("pts")
@@ -267,11 +282,11 @@ async def run_every_kind_through_the_operator(kube, start_operator, standin, sto
 
 @pytest.mark.slow
 async def test_every_panel_returns_series_from_the_running_operator_and_workload(
-        prometheus, training_workload, corpus_workload, pts_workload, kube, start_operator, standin,
+        prometheus, training_workload, corpus_workload, synth_workload, pts_workload, kube, start_operator, standin,
         store_root) -> None:
     prometheus.add_targets("tokenmill-workloads", training_workload)
     await run_every_kind_through_the_operator(kube, start_operator, standin, store_root, prometheus)
-    for finished in (corpus_workload, pts_workload):
+    for finished in (corpus_workload, synth_workload, pts_workload):
         prometheus.add_targets("tokenmill-workloads", await asyncio.to_thread(finished.served))
 
     queries = panel_queries()
