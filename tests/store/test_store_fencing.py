@@ -43,7 +43,11 @@ def test_a_stale_attempt_cannot_commit_or_garbage_collect_a_dataset(base_uri: st
         old.finalize(expected=[0])
     with pytest.raises(StaleAttemptError):
         old.reset()
-    assert sorted(info.key for info in open_store(f"{base_uri}/data").list("")) == before  # nothing deleted
+    with pytest.raises(StaleAttemptError, match="attempt 1 may not commit shard part-000002"):
+        old.write_shard(2, sample_table(DOCUMENTS, 4))
+    after = sorted(info.key for info in open_store(f"{base_uri}/data").list(""))
+    assert not [key for key in after if key.startswith("_commits/part-000002")]  # no commit record
+    assert set(before) <= set(after)  # nothing deleted
     new.commit(staged)
     new.write_shard(0, sample_table(DOCUMENTS, 3))
     assert new.finalize(expected=[0, 1]).summary.shards == 2

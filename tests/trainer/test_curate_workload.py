@@ -13,7 +13,17 @@ from collections import Counter
 import pytest
 
 from tests.trainer import curate_corpus
-from tokenmill.store import ManifestNotFoundError, open_dataset, open_store, read_manifest, read_progress, write_run_spec
+from tokenmill.store import (
+    AttemptFence,
+    ManifestNotFoundError,
+    StaleAttemptError,
+    open_dataset,
+    open_store,
+    read_manifest,
+    read_progress,
+    read_run_spec_at,
+    write_run_spec,
+)
 from tokenmill.trainer.curate import workload
 from tokenmill.trainer.curate.pipeline import dropped_uri
 from tokenmill.workloads import PHASE_SUCCEEDED
@@ -188,3 +198,16 @@ def test_annotator_replies_are_parsed_into_labels():
     assert parse_score("Educational value: 5 / 5") is None
     assert prompt_for("a passage", "educational-value-v1").startswith("Task: score\n")
     assert "### Passage\na passage" in prompt_for("a passage", "educational-value-v1")
+
+
+
+def test_the_writers_are_fenced_by_the_run_specs_attempt(tmp_path):
+    """The operator started attempt 2 while attempt 1 was running: attempt 1's job refuses to commit."""
+    corpus = curate_corpus.build(documents=5)
+    uris = curate_corpus.write(corpus, (tmp_path / "inputs").as_uri())
+    output = (tmp_path / "out").as_uri()
+    job = workload.prepare(read_run_spec_at(write_spec(output, curate_corpus.spec(uris)))).job
+    assert job.fence == AttemptFence(output, 1)
+    write_spec(output, curate_corpus.spec(uris), attempt=2)
+    with pytest.raises(StaleAttemptError, match="attempt 1 may not .* names attempt 2"):
+        job.fence.check("commit shard part-000000")

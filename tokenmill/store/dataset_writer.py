@@ -125,6 +125,8 @@ class DatasetWriter:
 
     def commit(self, staged: StagedShard) -> ShardInfo:
         """Record a staged shard as done: one PUT of this shard's own commit record."""
+        if self.fence is not None:
+            self.fence.check(f"commit shard {staged.shard} of {self.uri}")
         info = ShardInfo(
             shard=staged.shard,
             path=staged.path,
@@ -143,6 +145,8 @@ class DatasetWriter:
         self, shard: int | str, data: TableLike, *, tokens: int | None = None
     ) -> ShardInfo:
         """Stage and commit one shard. Writing a committed shard again replaces it."""
+        if self.fence is not None:  # before the upload too, so a stale attempt leaves no file behind
+            self.fence.check(f"commit shard {shard_name(shard)} of {self.uri}")
         return self.commit(self.stage(shard, data, tokens=tokens))
 
     # -- resuming ------------------------------------------------------------------------

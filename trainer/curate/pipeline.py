@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from tokenmill.api.corpus import CorpusFilterSpec
 from tokenmill.layout import dataset_uri, join
-from tokenmill.store import DOCUMENTS, DatasetWriter, Producer, open_store
+from tokenmill.store import DOCUMENTS, AttemptFence, DatasetWriter, Producer, open_store
 from tokenmill.trainer.curate import decontaminate as decon
 from tokenmill.trainer.curate import dedup, quality, steps
 from tokenmill.trainer.curate.inputs import Unit, read_unit
@@ -73,6 +73,8 @@ class Job:
     allow: np.ndarray | None = None
     """Hashes of the allow-list dataset's n-grams."""
     quality_uri: str | None = None
+    fence: AttemptFence | None = None
+    """The attempt this run spec starts: a stale attempt commits and deletes nothing."""
 
     @property
     def spec_wire(self) -> dict[str, Any]:
@@ -368,8 +370,8 @@ def write_decisions(job: Job, units: Sequence[Unit], offsets: Sequence[int], dec
 
 def write_unit(unit: Unit, job: Job) -> dict[str, int]:
     """Write one shard's kept (and dropped) documents; returns rows and bytes written."""
-    kept_writer = DatasetWriter(dataset_uri(job.output), DOCUMENTS, producer=job.producer)
-    dropped_writer = DatasetWriter(dropped_uri(job.output), DOCUMENTS, producer=job.producer) \
+    kept_writer = DatasetWriter(dataset_uri(job.output), DOCUMENTS, producer=job.producer, fence=job.fence)
+    dropped_writer = DatasetWriter(dropped_uri(job.output), DOCUMENTS, producer=job.producer, fence=job.fence) \
         if job.spec.keep_dropped else None
     work = open_store(job.work)
     decisions = pq.read_table(pa.BufferReader(work.read_bytes(f"decisions/part-{unit.number:06d}.parquet")))

@@ -23,6 +23,7 @@ from tokenmill.api.corpus import CorpusFilterSpec
 from tokenmill.layout import dataset_uri, join
 from tokenmill.store import (
     DOCUMENTS,
+    AttemptFence,
     DatasetWriter,
     Producer,
     Progress,
@@ -85,7 +86,7 @@ def prepare(doc: dict[str, Any]) -> Prepared:
     except LanguageModelError as error:
         raise CurationInputError(f"spec.languages.model: {error}") from None
     job = pipeline.Job(spec=spec, output=output, work=pipeline.work_uri(output, pipeline.fingerprint(doc)),
-                       producer=producer, index=index, allow=allow)
+                       producer=producer, index=index, allow=allow, fence=AttemptFence.from_run_spec(doc))
     if spec.quality is not None:
         job.quality_uri = _quality_classifier(spec, output, units)
     return Prepared(job, units)
@@ -237,8 +238,9 @@ def execute(job: pipeline.Job, units: list[Unit]) -> dict[str, Any]:
         card = open_store(job.quality_uri).read_json(quality.CARD_NAME)
         funnel.classifier.update({k: float(v) for k, v in (card.get("metrics") or {}).items()})
 
-    kept_writer = DatasetWriter(dataset_uri(job.output), DOCUMENTS, producer=job.producer)
-    dropped_writer = DatasetWriter(pipeline.dropped_uri(job.output), DOCUMENTS, producer=job.producer)
+    kept_writer = DatasetWriter(dataset_uri(job.output), DOCUMENTS, producer=job.producer, fence=job.fence)
+    dropped_writer = DatasetWriter(pipeline.dropped_uri(job.output), DOCUMENTS, producer=job.producer,
+                                   fence=job.fence)
     committed = set(kept_writer.resume())
     committed_dropped = set(dropped_writer.resume()) if job.spec.keep_dropped else None
     work = open_store(job.work)

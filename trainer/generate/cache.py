@@ -138,8 +138,6 @@ class RequestCache:
             self._shards_written += 1 if rows else 0
             self._last_flush = time.monotonic()
         if rows:
-            if self.fence is not None:  # the writer fences deletions and the manifest, not commit records
-                self.fence.check(f"commit shard {name} of {self.uri}")
             self.writer.write_shard(name, rows)
 
     def finalize(self) -> None:

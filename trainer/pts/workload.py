@@ -225,7 +225,7 @@ def execute(job: Prepared) -> SearchStats:
             done += len(problems)
             continue
         result = search(problems, job.policy, job.judge, job.config)
-        if job.fence is not None:  # the shards' commit records are not fenced by the writer itself
+        if job.fence is not None:  # the statistics beside the shards; the writers fence their own commits
             job.fence.check(f"commit shard {shard_name(number)} of {dataset_uri(job.output)}")
         store.write_json(stats_key, _stats_data(result.stats))  # before the shards' commit records
         full_writer.write_shard(number, _table([pair.to_row() for pair in result.full_pairs]))

@@ -298,7 +298,7 @@ def execute(job: Job, seeds: list[dict[str, Any]]) -> Outcome:
 
 
 def _check_fence(job: Job, doing: str) -> None:
-    if job.fence is not None:  # the writer fences deletions and the manifest, not commit records
+    if job.fence is not None:  # for the files beside the datasets; the writers fence their own
         job.fence.check(doing)
 
 
