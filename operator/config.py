@@ -17,6 +17,7 @@ chart) and most have a command-line flag on `tokenmill operator` that overrides 
 | TOKENMILL_RAY_POD                | additions to every Ray pod, JSON as spec.ray.pod (RDMA resources, NCCL env, volumes, priority class, Kueue topology); spec.ray.pod adds to it | {} |
 | TOKENMILL_STORE                  | default output store; outputs go to <store>/<ns>/<plural>/<name> | none (spec.output.uri required) |
 | TOKENMILL_CREDENTIALS_SECRET     | Secret with store credentials when spec.output.credentialsSecret is omitted | none |
+| TOKENMILL_QUEUE                  | Kueue LocalQueue of a RayJob when spec.ray.queueName is omitted | none (not queued) |
 | TOKENMILL_NAMESPACES             | comma-separated namespaces to serve; empty serves all      | all |
 | TOKENMILL_RESYNC_SECONDS         | every resource is reconciled at least this often           | 60 |
 | TOKENMILL_RETRY_BACKOFF_SECONDS  | delay before the first retry; doubles per failure, capped at 10 min | 10 |
@@ -35,12 +36,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tokenmill import __version__
+from tokenmill.api.fields import LABEL_VALUE
 from tokenmill.api.placement import PodExtras
 
 DEFAULT_IMAGE = f"ghcr.io/tokenmill/ray-worker:{__version__}"
@@ -66,6 +69,7 @@ class OperatorConfig:
     pod_extras: PodExtras = field(default_factory=PodExtras)
     store: str | None = None
     credentials_secret: str | None = None
+    queue_name: str | None = None
     namespaces: tuple[str, ...] = ()
     resync_seconds: float = 60.0
     retry_backoff_seconds: float = 10.0
@@ -131,6 +135,7 @@ def from_env(environ: Mapping[str, str] | None = None) -> OperatorConfig:
         pod_extras=_pod_extras(text("TOKENMILL_RAY_POD")),
         store=text("TOKENMILL_STORE"),
         credentials_secret=text("TOKENMILL_CREDENTIALS_SECRET"),
+        queue_name=_queue_name(text("TOKENMILL_QUEUE")),
         namespaces=namespaces,
         resync_seconds=number("TOKENMILL_RESYNC_SECONDS", base.resync_seconds, minimum=0.1),
         retry_backoff_seconds=number("TOKENMILL_RETRY_BACKOFF_SECONDS", base.retry_backoff_seconds),
@@ -162,6 +167,13 @@ def _string_map(name: str, raw: str | None, default: dict[str, str]) -> dict[str
             raise ConfigError(f"{name} must be a JSON object or key=value pairs separated by commas")
         out[key.strip()] = value.strip()
     return out
+
+
+def _queue_name(raw: str | None) -> str | None:
+    if raw is not None and (len(raw) > 63 or not re.fullmatch(LABEL_VALUE, raw)):
+        raise ConfigError(f"TOKENMILL_QUEUE must be a Kueue LocalQueue name (a label value of at most 63 "
+                          f"characters: letters, digits, '-', '_', '.', alphanumeric at both ends), not {raw!r}")
+    return raw
 
 
 def _pod_extras(raw: str | None) -> PodExtras:

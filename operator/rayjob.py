@@ -194,8 +194,9 @@ def render(
     spec = resource.spec
     ray = spec.ray
     meta_labels = labels(resource, attempt)
-    if ray.queue_name:
-        meta_labels[naming.LABEL_QUEUE] = ray.queue_name
+    queue = ray.queue_name or config.queue_name
+    if queue:
+        meta_labels[naming.LABEL_QUEUE] = queue
     pod_labels = {key: meta_labels[key] for key in (naming.LABEL_KIND, naming.LABEL_NAME, naming.LABEL_ATTEMPT)}
 
     secret = spec.output.credentials_secret.name if spec.output.credentials_secret else config.credentials_secret

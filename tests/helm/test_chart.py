@@ -35,6 +35,7 @@ NON_DEFAULT = {
         "rayImage": "registry.example.com/tokenmill/ray-worker:0.1.0-rc1",
         "store": "s3://models/tokenmill",
         "credentialsSecret": "store-credentials",
+        "queueName": "h100-research",
         "rayServiceAccount": "ray-workloads",
         "rayEnv": {"HF_HUB_OFFLINE": "1"},
         # Helm merges maps with the defaults: null removes a default key.
@@ -188,6 +189,7 @@ def test_non_default_values_reach_the_operator(custom_objects) -> None:
     config = from_env(env_of(deployment))
     assert config.image == "registry.example.com/tokenmill/ray-worker:0.1.0-rc1"
     assert config.store == "s3://models/tokenmill" and config.credentials_secret == "store-credentials"
+    assert config.queue_name == "h100-research"
     assert config.namespaces == ("research", "prod") and not config.clusterwide
     assert config.node_selector == {"cloud.example.com/pool": "h100"}
     assert config.tolerations == ({"key": "dedicated", "operator": "Equal", "value": "h100", "effect": "NoSchedule"},)

@@ -104,7 +104,7 @@ def test_rayjob_manifest_defaults():
         assert pod["automountServiceAccountToken"] is False
     assert "nvidia.com/gpu" not in worker["containers"][0]["resources"]["limits"]  # gpusPerWorker: 0
     assert worker["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "256Gi"}}]
-    assert "queue-name" not in str(meta["labels"])
+    assert "queue-name" not in str(meta["labels"])  # no queue named, none configured
     # The driver runs on the head and serves the workload's metrics on a named port there.
     assert head["containers"][0]["ports"] == [{"name": "tm-metrics", "containerPort": 9464, "protocol": "TCP"}]
     assert {"name": "TOKENMILL_METRICS_PORT", "value": "9464"} in head["containers"][0]["env"]
@@ -185,9 +185,22 @@ def test_config_from_environment():
     assert defaults.clusterwide and defaults.store is None and defaults.node_selector == {"nvidia.com/gpu.present": "true"}
     assert 100 <= defaults.priority() < 2**31
     for bad in ({"TOKENMILL_GPU_TOLERATIONS": "{"}, {"TOKENMILL_RESYNC_SECONDS": "soon"},
-                {"TOKENMILL_GPU_NODE_SELECTOR": "novalue"}):
+                {"TOKENMILL_GPU_NODE_SELECTOR": "novalue"}, {"TOKENMILL_QUEUE": "h100 research"},
+                {"TOKENMILL_QUEUE": "q" * 64}):
         with pytest.raises(ConfigError):
             from_env(bad)
+
+
+def test_a_rayjob_goes_to_the_configured_queue_unless_its_spec_names_one():
+    config = from_env({"TOKENMILL_QUEUE": "h100-default"})
+    document = stage("pretrain", datasets=[{**ref("CorpusFilter", "web"), "weight": 1.0}])
+    manifest = rayjob.render(parsed(document), namespace="default", attempt=1, spec_uri="s3://b/x/_run/spec.json",
+                             config=config)
+    assert manifest["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "h100-default"
+    document["spec"]["ray"]["queueName"] = "research"
+    manifest = rayjob.render(parsed(document), namespace="default", attempt=1, spec_uri="s3://b/x/_run/spec.json",
+                             config=config)
+    assert manifest["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "research"
 
 
 async def test_work_queue_coalesces_and_never_runs_a_key_twice_at_once():
