@@ -120,6 +120,59 @@ def test_manifest_records_everything(base_uri: str) -> None:
     assert parquet.schema_arrow.metadata[b"tokenmill.schema"] == b"token_sequences/1"
 
 
+def test_manifest_carries_the_workloads_stats(base_uri: str) -> None:
+    uri = f"{base_uri}/data"
+    writer = DatasetWriter(uri, DOCUMENTS, producer=RUN)
+    writer.write_shard(0, sample_table(DOCUMENTS, 5))
+    funnel = {"kept": 4, "bytesIn": 900, "languages": {"en": 4, "fr": 1},
+              "documents": [{"step": "quality", "verdict": "dropped", "reason": "low", "documents": 1}]}
+    manifest = writer.finalize(expected=[0], stats=funnel)
+    assert manifest.stats == funnel
+    assert open_store(uri).read_json("_manifest.json")["stats"] == funnel
+    assert read_manifest(uri).stats == funnel and read_manifest(uri) == manifest
+    assert open_dataset(uri).read_all().num_rows == 5
+
+
+def test_manifest_without_stats_reads_as_before(base_uri: str) -> None:
+    uri = f"{base_uri}/data"
+    writer = DatasetWriter(uri, DOCUMENTS, producer=RUN)
+    writer.write_shard(0, sample_table(DOCUMENTS, 5))
+    manifest = writer.finalize()
+    raw = open_store(uri).read_json("_manifest.json")
+    assert "stats" not in raw and raw["format_version"] == 1  # byte-for-byte the earlier layout
+    assert manifest.stats is None and read_manifest(uri).stats is None
+
+
+@pytest.mark.parametrize(
+    ("stats", "reason"),
+    [
+        ([1, 2], "mapping"),
+        ({"when": object()}, "JSON-serialisable"),
+        ({"mean": float("nan")}, "JSON-serialisable"),
+        ({"blob": "x" * (64 * 1024)}, "at most"),
+    ],
+    ids=["not-a-mapping", "not-json", "nan", "too-large"],
+)
+def test_finalize_rejects_bad_stats_before_writing(base_uri: str, stats: object, reason: str) -> None:
+    uri = f"{base_uri}/data"
+    writer = DatasetWriter(uri, DOCUMENTS, producer=RUN)
+    writer.write_shard(0, sample_table(DOCUMENTS, 5))
+    with pytest.raises(ValueError, match=reason):
+        writer.finalize(stats=stats)  # type: ignore[arg-type]
+    with pytest.raises(ManifestNotFoundError):
+        read_manifest(uri)
+
+
+def test_manifest_with_stats_that_are_not_an_object_is_an_error(base_uri: str) -> None:
+    uri = f"{base_uri}/data"
+    writer = DatasetWriter(uri, DOCUMENTS, producer=RUN)
+    writer.write_shard(0, sample_table(DOCUMENTS, 5))
+    raw = writer.finalize().to_dict()
+    open_store(uri).write_json("_manifest.json", {**raw, "stats": ["kept", 4]})
+    with pytest.raises(ManifestError, match="stats"):
+        read_manifest(uri)
+
+
 def test_crash_between_shard_write_and_commit_leaves_nothing_visible(base_uri: str) -> None:
     uri = f"{base_uri}/data"
     writer = DatasetWriter(uri, DOCUMENTS, producer=RUN)

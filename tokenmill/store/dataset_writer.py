@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from tokenmill.layout import MANIFEST_NAME
 from tokenmill.store.backends.base import ObjectInfo, Store
@@ -44,6 +44,7 @@ from tokenmill.store.manifest import (
     Manifest,
     Producer,
     ShardInfo,
+    check_stats,
     commit_record_key,
     parse_json,
     shard_name,
@@ -200,13 +201,17 @@ class DatasetWriter:
 
     # -- committing ----------------------------------------------------------------------
 
-    def finalize(self, *, expected: Iterable[int | str] | None = None) -> Manifest:
+    def finalize(self, *, expected: Iterable[int | str] | None = None,
+                 stats: Mapping[str, Any] | None = None) -> Manifest:
         """Merge every commit record into `_manifest.json`; call once all writers are done.
 
         `expected` names the shards that must be there; if any lacks a commit record,
         IncompleteDatasetError is raised and no manifest is written. Records of another
-        run raise DatasetConflictError (call resume() first). Idempotent.
+        run raise DatasetConflictError (call resume() first). `stats`, the workload's own
+        statistics (a small JSON object, see `Manifest.stats`), is recorded in the manifest;
+        ValueError, before anything is read or written, if it is not one. Idempotent.
         """
+        checked_stats = check_stats(stats) if stats is not None else None
         listing = self.store.list("")
         records = self._records(listing)
         foreign = [r for r in records if not self._ours(r)]
@@ -239,6 +244,7 @@ class DatasetWriter:
             created_at=min((s.written_at for s in shards), default=utc_now()),
             committed_at=utc_now(),
             uri=self.uri,
+            stats=checked_stats,
         )
         self.store.write_json(MANIFEST_NAME, manifest.to_dict())
         if self.fence is not None:

@@ -11,8 +11,15 @@
       "summary": {"shards": 2, "rows": 2000, "bytes": 123456, "tokens": null},
       "shards": [{"shard": "part-000000", "path": "part-000000.3f9a1c2b7d4e.parquet",
                   "rows": 1000, "bytes": 61728, "sha256": "…", "tokens": null,
-                  "attempt": 1, "written_at": "2025-01-01T00:05:00Z"}, …]
+                  "attempt": 1, "written_at": "2025-01-01T00:05:00Z"}, …],
+      "stats": {"kept": 1990, "bytesIn": 234567, …}
     }
+
+`stats` (optional, absent unless the producer gave one) is the producing workload's own
+statistics as a small JSON object (a CorpusFilter's funnel, a synthetic job's per-step counts,
+a PTS job's search figures): at most `MAX_STATS_BYTES` serialised, a few KiB in practice.
+Adding it did not change `format_version`: older readers ignore it, and manifests without it
+still read.
 
 `<dataset>/_commits/<shard>.json` holds one shard entry plus the schema and producer, so a
 worker commits its shard with one PUT of its own and no worker rewrites a shared file.
@@ -31,6 +38,8 @@ from tokenmill.store.errors import ManifestError
 
 FORMAT = "tokenmill.dataset"
 FORMAT_VERSION = 1
+MAX_STATS_BYTES = 64 * 1024
+"""The most a manifest's `stats` may take as compact JSON: statistics, not data."""
 COMMITS_DIR = "_commits"
 _SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,199}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -61,6 +70,22 @@ def parse_json(data: bytes, where: str) -> Any:
         return json.loads(data)
     except ValueError as exc:
         raise ManifestError(f"{where} is not valid JSON ({exc})", where) from exc
+
+
+def check_stats(stats: Any) -> dict[str, Any]:
+    """`stats` as a plain dict ready for the manifest; ValueError unless it is a JSON object of
+    finite values with string keys within MAX_STATS_BYTES."""
+    if not isinstance(stats, Mapping):
+        raise ValueError(f"dataset stats must be a mapping, not {type(stats).__name__}")
+    try:
+        encoded = json.dumps(stats, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"dataset stats are not JSON-serialisable: {exc}") from exc
+    if len(encoded.encode()) > MAX_STATS_BYTES:
+        raise ValueError(f"dataset stats take {len(encoded.encode())} bytes as JSON; at most "
+                         f"{MAX_STATS_BYTES} fit in a manifest")
+    decoded: dict[str, Any] = json.loads(encoded)
+    return decoded
 
 
 def commit_record_key(shard: str) -> str:
@@ -195,6 +220,8 @@ class Manifest:
     created_at: str = ""
     committed_at: str = ""
     uri: str = field(default="", compare=False)
+    stats: Mapping[str, Any] | None = field(default=None, hash=False)
+    """The producing workload's statistics (see the module docstring), if it gave any."""
 
     @property
     def summary(self) -> Summary:
@@ -220,13 +247,16 @@ class Manifest:
         raise KeyError(f"{self.uri or 'dataset'} has no committed shard {wanted!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             **_header(self.schema_name, self.schema_version, self.producer),
             "created_at": self.created_at,
             "committed_at": self.committed_at,
             "summary": self.summary.as_dict(),
             "shards": [s.to_dict() for s in self.shards],
         }
+        if self.stats is not None:
+            data["stats"] = dict(self.stats)
+        return data
 
     @classmethod
     def from_dict(cls, data: Any, uri: str = "") -> Manifest:
@@ -241,6 +271,9 @@ class Manifest:
         if len(set(names)) != len(names):
             raise ManifestError(f"{where} lists a shard twice", uri)
         producer = data.get("producer")
+        stats = data.get("stats")
+        if stats is not None and not isinstance(stats, Mapping):
+            raise ManifestError(f"{where} has stats that are not a JSON object", uri)
         return cls(
             schema_name=name,
             schema_version=version,
@@ -249,6 +282,7 @@ class Manifest:
             created_at=str(data.get("created_at", "")),
             committed_at=str(data.get("committed_at", "")),
             uri=uri,
+            stats=dict(stats) if stats is not None else None,
         )
 
 
