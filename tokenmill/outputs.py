@@ -9,10 +9,13 @@ Transient store errors propagate, so a caller retries the read instead of counti
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from tokenmill.api.resources import KINDS
-from tokenmill.api.status import OutputSummary
+from tokenmill.api.status import OUTPUT_STAT_NAME, OUTPUT_STATS_MAX, OutputSummary
 from tokenmill.layout import HF_CONFIG_NAME, MANIFEST_NAME, dataset_uri, hf_export_uri
 from tokenmill.store import (
     EXPORT_PRODUCER_NAME,
@@ -81,5 +84,24 @@ def _dataset(output: str, uid: str | None) -> OutputReport:
                                            f"({producer.kind}/{producer.name})")
     counts = manifest.summary
     summary = OutputSummary(uri=output, dataset=data, shards=counts.shards, rows=counts.rows, bytes=counts.bytes,
-                            tokens=counts.tokens)
+                            tokens=counts.tokens, stats=headline_counts(manifest.stats))
     return OutputReport(True, summary, f"committed {counts.shards} shard(s), {counts.rows:,} rows")
+
+
+_STAT_NAME = re.compile(OUTPUT_STAT_NAME)
+_INT64_MAX = 2**63 - 1
+
+
+def headline_counts(stats: Mapping[str, Any] | None) -> dict[str, int] | None:
+    """The compact form of a manifest's statistics for status.outputs.stats: its top-level
+    non-negative integers under camelCase names, the first OUTPUT_STATS_MAX in the manifest's order. Nested
+    figures, text and anything else stay in the manifest, so no free text reaches status."""
+    if not stats:
+        return None
+    counts: dict[str, int] = {}
+    for name, value in stats.items():
+        if len(counts) == OUTPUT_STATS_MAX:
+            break
+        if isinstance(name, str) and _STAT_NAME.fullmatch(name) and type(value) is int and 0 <= value <= _INT64_MAX:
+            counts[name] = value
+    return counts or None

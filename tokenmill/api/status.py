@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, StringConstraints
 
 from tokenmill.api.base import ApiModel
 from tokenmill.api.fields import ConditionTypeName, ShortText, StoreUri, Timestamp
@@ -34,6 +34,14 @@ class Condition(ApiModel):
     """metadata.generation the condition was computed from."""
 
 
+OUTPUT_STATS_MAX = 32
+"""The most counts `OutputSummary.stats` holds."""
+OUTPUT_STAT_NAME = r"^[a-z][A-Za-z0-9]{0,62}$"
+"""A count's name in `OutputSummary.stats`: camelCase, as the workloads' statistics name them."""
+OutputStatName = Annotated[str, StringConstraints(pattern=OUTPUT_STAT_NAME, max_length=63)]
+OutputStatCount = Annotated[int, Field(ge=0, le=2**63 - 1)]
+
+
 class OutputSummary(ApiModel):
     """What the resource has committed to the object store."""
 
@@ -49,6 +57,10 @@ class OutputSummary(ApiModel):
     """Committed bytes."""
     tokens: int | None = Field(default=None, ge=0)
     """Committed tokens, where counted."""
+    stats: dict[OutputStatName, OutputStatCount] | None = Field(default=None, max_length=OUTPUT_STATS_MAX)
+    """The workload's headline counts from the dataset manifest's statistics (its top-level
+    non-negative integers: a CorpusFilter's kept, bytesIn, bytesOut; a SyntheticDataJob's seeds,
+    written, tokensGenerated, requestsSent; a PTSJob's problems, rollouts, pivotalTokens...)."""
     checkpoint: StoreUri | None = None
     """The final committed checkpoint (TrainingStage)."""
     hf_export: StoreUri | None = None
