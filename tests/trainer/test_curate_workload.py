@@ -13,6 +13,7 @@ from collections import Counter
 import pytest
 
 from tests.trainer import curate_corpus
+from tokenmill.outputs import check_outputs
 from tokenmill.store import (
     AttemptFence,
     ManifestNotFoundError,
@@ -90,6 +91,10 @@ def test_the_whole_pipeline_on_ray_against_s3(ray_with_s3_environment):
     assert funnel["classifier"]["heldOutAccuracy"] > 0.9 and "heldOutF1" in funnel["classifier"]
     assert funnel["languages"] == {"en": len(corpus.kept)}
     assert 0 < funnel["bytesOut"] < funnel["bytesIn"]
+    assert read_manifest(f"{output}/data").stats == funnel  # the funnel travels with the dataset
+    outputs = check_outputs("CorpusFilter", output).summary
+    assert outputs is not None
+    assert outputs.stats == {"kept": funnel["kept"], "bytesIn": funnel["bytesIn"], "bytesOut": funnel["bytesOut"]}
     progress = read_progress(output)
     assert progress.phase == PHASE_SUCCEEDED
     assert progress.metrics["documents|outliers|dropped|non-text"] == 1

@@ -10,7 +10,15 @@ import pytest
 
 from tests.trainer.generate_fixtures import TINY_GEN, tiny_model
 from tokenmill.layout import dataset_uri
-from tokenmill.store import CHAT_SAMPLES, DatasetWriter, open_dataset, open_store, read_progress, write_run_spec
+from tokenmill.store import (
+    CHAT_SAMPLES,
+    DatasetWriter,
+    open_dataset,
+    open_store,
+    read_manifest,
+    read_progress,
+    write_run_spec,
+)
 from tokenmill.trainer.model.hf import export_hf
 from tokenmill.trainer.pts import workload
 from tokenmill.trainer.tokenizer import get_tokenizer
@@ -98,6 +106,7 @@ def test_pts_workload_commits_pairs_and_statistics(tmp_path, model_uri, monkeypa
     assert report["warnings"] and "samplesPerEstimate=8" in report["warnings"][0]
     assert progress.metrics["rollouts"] == stats["rollouts"]
     assert progress.metrics["pivotal_tokens"] == stats["pivotalTokens"]
+    assert read_manifest(dataset_uri(output)).stats == {**stats, "warnings": report["warnings"]}
 
     pairs = open_dataset(dataset_uri(output))
     assert pairs.schema.name == "preference_pairs"
@@ -124,6 +133,7 @@ def test_pts_workload_commits_pairs_and_statistics(tmp_path, model_uri, monkeypa
     assert workload.run(spec_uri) == 0
     assert open_dataset(dataset_uri(output)).read_all().to_pylist() == rows
     assert open_store(output).read_json(workload.STATS_KEY)["stats"] == stats
+    assert read_manifest(dataset_uri(output)).stats == {**stats, "warnings": report["warnings"]}
 
 
 @pytest.mark.parametrize(("rows", "overrides", "message"), [

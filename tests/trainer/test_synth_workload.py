@@ -77,6 +77,7 @@ def test_the_whole_job_on_ray_against_s3(ray_with_s3_environment, monkeypatch):
 
     rows, stats = check_consistent(output)
     assert len(read_manifest(dataset_uri(output)).shards) == 3  # 9 seeds, 4 a shard
+    assert read_manifest(dataset_uri(output)).stats == stats  # the statistics travel with the dataset
     assert [s["step"] for s in stats["steps"]] == ["agreementFilter", "selfRevision", "output"]
     agreement = stats["steps"][0]
     assert agreement["in"] == len(PROBLEMS) and agreement["requests"] == 8 * len(PROBLEMS)

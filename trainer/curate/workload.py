@@ -5,7 +5,8 @@ inputs' shards, the benchmarks (an item too short for the n-gram test is an erro
 allow-list, the annotations (trained into the quality classifier, saved under
 `<output>/quality/`) or a saved classifier, and the language model. Then the three phases of
 `pipeline` run on Ray Data. A resumed attempt redoes neither analysed nor committed shards.
-The last act, after both manifests and the funnel are written, is the `succeeded` progress.
+The last act, after both manifests and the funnel (also in the kept dataset's manifest) are
+written, is the `succeeded` progress.
 """
 
 from __future__ import annotations
@@ -267,7 +268,7 @@ def execute(job: pipeline.Job, units: list[Unit]) -> dict[str, Any]:
     funnel.bytes_out = sum(result["bytes"] for result in written.values())
     report = funnel.to_dict()
     open_store(job.output).write_json("_run/funnel.json", report)
-    kept_writer.finalize(expected=expected)  # last: the dataset becomes visible
+    kept_writer.finalize(expected=expected, stats=report)  # last: the dataset becomes visible
     return report
 
 

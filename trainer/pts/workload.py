@@ -13,7 +13,7 @@ The output dataset (`<output>/data`, what a DPO stage reads) holds the one-token
 full-solution pairs, for comparison, are a dataset of their own at
 `<output>/full-solution-pairs`. The merged statistics go to `<output>/_run/pts-stats.json`
 and the progress record (and so to the metrics endpoint); the output's manifest, written
-last, makes the pairs visible.
+last with the same statistics, makes the pairs visible.
 """
 
 from __future__ import annotations
@@ -236,9 +236,11 @@ def execute(job: Prepared) -> SearchStats:
                                             metrics=progress_metrics(total)))
     if job.fence is not None:
         job.fence.check(f"write {STATS_KEY} under {job.output}")
-    store.write_json(STATS_KEY, {"stats": total.to_dict(), "warnings": job.config.warnings()})
+    warnings = job.config.warnings()
+    store.write_json(STATS_KEY, {"stats": total.to_dict(), "warnings": warnings})
     full_writer.finalize(expected=range(len(shards)))
-    writer.finalize(expected=range(len(shards)))  # last: the output becomes visible
+    # last: the output becomes visible, its figures (flat, so status can show the counts) in the manifest
+    writer.finalize(expected=range(len(shards)), stats={**total.to_dict(), "warnings": warnings})
     return total
 
 

@@ -8,7 +8,7 @@ probe. Then the seeds, in shards of `SEEDS_PER_SHARD`, run through the workflow 
 commits its rows and its step statistics on its own; the driver merges the statistics,
 writes progress as shards finish, stops when a budget is spent, and at the end writes the
 statistics (`<output>/_run/synth-stats.json`), the request cache's manifest, and the
-dataset's manifest last.
+dataset's manifest last (carrying the same statistics).
 
 A retried or resumed attempt skips committed shards and answers every request it already
 paid for from the request cache (flushed after every engine call).
@@ -289,11 +289,11 @@ def execute(job: Job, seeds: list[dict[str, Any]]) -> Outcome:
         _check_fence(job, f"trim the shards of {writer.uri}")
         _trim(writer, shards, budgets.max_samples, total)
     _check_fence(job, f"write {STATS_KEY} under {job.output}")
-    store.write_json(STATS_KEY, {**total.to_dict(job.step_order), "stoppedBy": stopped_by,
-                                 "workflowVersion": job.workflow.version,
-                                 "templates": job.workflow.template_versions, "requestsSent": sent})
+    stats = {**total.to_dict(job.step_order), "stoppedBy": stopped_by, "workflowVersion": job.workflow.version,
+             "templates": job.workflow.template_versions, "requestsSent": sent}
+    store.write_json(STATS_KEY, stats)
     RequestCache(generations_uri(job.output), fence=job.fence).finalize()
-    writer.finalize(expected=shards)  # last: the dataset becomes visible
+    writer.finalize(expected=shards, stats=stats)  # last: the dataset becomes visible
     return Outcome(total, [int(s.split("-")[-1]) for s in shards], stopped_by, sent)
 
 
