@@ -8,7 +8,8 @@ import pytest
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A local Ray of two CPUs for the module's training runs (two Ray Train workers)."""
-    ray = pytest.importorskip("ray")
+    import ray
+
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
     yield

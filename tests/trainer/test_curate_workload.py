@@ -53,7 +53,7 @@ def check_output(output: str, corpus: curate_corpus.Corpus) -> None:
 @pytest.fixture
 def ray_with_s3_environment(s3_bucket):
     """A Ray started after the bucket's endpoint and credentials are in the environment, so workers inherit them."""
-    ray = pytest.importorskip("ray")
+    import ray
     if ray.is_initialized():
         ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False)

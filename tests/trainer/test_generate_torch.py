@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import transformers
 
 from tests.trainer.generate_fixtures import export_tiny
 from tokenmill.trainer.generate import (
@@ -16,8 +17,6 @@ from tokenmill.trainer.generate import (
     load_torch_engine,
 )
 from tokenmill.trainer.tokenizer import get_tokenizer
-
-transformers = pytest.importorskip("transformers")
 
 PROMPTS = ["Once upon a time", "The", "def main():\n    return 4", "x" * 40, "1, 2, 3,"]
 BYTE = get_tokenizer("byte")

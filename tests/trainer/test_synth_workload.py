@@ -60,7 +60,7 @@ def cache_keys(output: str) -> list[str]:
 @pytest.fixture
 def ray_with_s3_environment(s3_bucket):
     """A Ray started after the bucket's endpoint and credentials are in the environment, so workers inherit them."""
-    ray = pytest.importorskip("ray")
+    import ray
     if ray.is_initialized():
         ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False)
@@ -104,7 +104,7 @@ def test_the_whole_job_on_ray_against_s3(ray_with_s3_environment, monkeypatch):
 
 @pytest.fixture
 def ray_local():
-    ray = pytest.importorskip("ray")
+    import ray
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False)
     yield
