@@ -10,7 +10,10 @@ word problems:
   `reasoning` and `factual accuracy` exactly when the draft's final answer is wrong;
 - `revise`: a fresh worked solution (it can slip again, at the same rate, on its own stream);
 - `pose`: an arithmetic problem (`arithmetic_problems` pairs them with worked solutions);
-- `rewrite`: the passage's problem restated as an exercise, discussion, structured task or Q&A;
+- `rewrite`: the passage's problem restated as an exercise, discussion or structured task;
+- `extract-qa`: question-answer pairs from the passage's reasoning chain, one per operation
+  and one for the whole problem (`Q: ...` / `A: ...`; an operation's result slips at
+  `mistake_rate`); a passage without arithmetic gets prose and no pairs;
 - `instruct` / `implement`: the instruction a Python snippet answers, and the snippet back
   (dropping a line at `mistake_rate`), for instruction reversal;
 - `follow-up`: the next user turn of a conversation about a number;
@@ -180,9 +183,31 @@ def rewrite(passage: str, target: str) -> str:
         return f"Discuss how to approach this problem and why each step is needed: {problem}"
     if target == "structured-reasoning":
         return f"Break the problem into named steps, then solve it: {problem}"
-    if target == "qa":
-        return f"Question: {problem}"
     return f"Exercise: {problem}"
+
+
+def extract_qa(passage: str, rng: random.Random, mistake_rate: float) -> str:
+    """One question-answer pair per operation of the passage's arithmetic, in the order it is
+    worked, then the passage's own question with its worked solution."""
+    expression = expression_of(passage)
+    try:
+        count = len(solve_steps(expression)[0]) if expression else 0
+    except (ValueError, SyntaxError, ZeroDivisionError):
+        count = 0
+    if not count:
+        return "The passage states no calculation, so there is no reasoning chain to ask about."
+    slip_at = rng.randrange(count) if rng.random() < mistake_rate else None
+    steps, final = solve_steps(expression, slip_at, rng.choice((-3, -2, -1, 1, 2, 3)))  # type: ignore[arg-type]
+    pairs = []
+    for left, symbol, right, result in steps:
+        operation = f"{format_number(left)} {symbol} {format_number(right)}"
+        pairs.append(f"Q: What is {operation}?\nA: {operation} = {format_number(result)}.\n"
+                     f"The answer is \\boxed{{{format_number(result)}}}.")
+    question = passage.strip().splitlines()[0]
+    worked = "\n".join(f"Step {number + 1}: {format_number(left)} {symbol} {format_number(right)} = "
+                       f"{format_number(result)}." for number, (left, symbol, right, result) in enumerate(steps))
+    pairs.append(f"Q: {question}\nA: {worked}\nThe answer is \\boxed{{{format_number(final)}}}.")
+    return "\n\n".join(pairs)
 
 
 def _function_name(code: str) -> str | None:
@@ -279,6 +304,8 @@ class ScriptedEngine(Engine):
             return pose(rng)
         if task == "rewrite":
             return rewrite(parts.get("passage", ""), parts.get("target", "exercise"))
+        if task == "extract-qa":
+            return extract_qa(parts.get("passage", ""), rng, self.mistake_rate)
         if task == "instruct":
             return instruct(_strip_fence(parts.get("code", "")))
         if task == "implement":

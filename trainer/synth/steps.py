@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -27,6 +27,8 @@ from tokenmill.trainer.generate.interface import (
 from tokenmill.trainer.oracles.math import extract_answer, normalise_answer
 from tokenmill.trainer.synth import templates
 
+DRAFT = "solve"
+"""In a step's `templates`: the template that writes answers, which the dataset type chooses."""
 KEPT = "kept"
 DROPPED = "dropped"
 PASS_SCORE = 4
@@ -86,6 +88,8 @@ class Context:
     requests: Counter = field(default_factory=Counter)
     after_call: Callable[[], None] | None = None
     """Called after every engine call (the workload commits the request cache there)."""
+    draft: str = DRAFT
+    """The template that writes an item's answer (its dataset type's; see `DatasetType.draft`)."""
 
     def ask(self, step: str, prompts: Sequence[str], n: int = 1, *, salt: str = "",
             history: Sequence[Sequence[dict[str, str]]] | None = None) -> list[list[Completion] | str]:
@@ -138,6 +142,11 @@ class Step:
         raise NotImplementedError
 
 
+def template_names(steps: Sequence[Step], draft: str = DRAFT) -> frozenset[str]:
+    """The templates a workflow renders, with `draft` writing its answers."""
+    return frozenset(draft if name == DRAFT else name for step in steps for name in step.templates)
+
+
 def _final_answer(text: str) -> str | None:
     found = extract_answer(text)
     return found[0] if found else None
@@ -147,7 +156,7 @@ def _draft_missing(items: list[Item], context: Context, step: str) -> tuple[list
     """Items without a solution get one worked solution; those the engine fails on are dropped."""
     needing = [item for item in items if item.solution is None]
     dropped: list[Outcome] = []
-    answers = context.ask(step, [templates.render("solve", question=i.question) for i in needing])
+    answers = context.ask(step, [templates.render(context.draft, question=i.question) for i in needing])
     for item, answer in zip(needing, answers):
         if isinstance(answer, str):
             dropped.append(drop(item, answer))
@@ -173,38 +182,112 @@ def parse_passage_scores(text: str) -> tuple[float, float, str] | None:
     return scores["educational value"], scores["reasoning"], (complexity.group(1).lower() if complexity else "unknown")
 
 
+PassageKey = tuple[int, int]
+"""A passage's place in the job: (its seed's position among the job's seeds, its number in the seed)."""
+
+
+@dataclass(frozen=True)
+class Cutoff:
+    """Which scored passages are kept: every one scoring above `score`, and those scoring exactly
+    `score` up to `last_tied` in job order (so ties are broken the same way on every run)."""
+
+    score: float
+    last_tied: PassageKey | None = None
+
+    def keeps(self, score: float, key: PassageKey) -> bool:
+        if score != self.score:
+            return score > self.score
+        return self.last_tied is not None and key <= self.last_tied
+
+
+KEEP_NONE = Cutoff(math.inf)
+
+
+def rank_cutoff(histograms: Sequence[Mapping[float, int]], keep_fraction: float,
+                tied_keys: Callable[[int, float], Sequence[PassageKey]]) -> Cutoff:
+    """The cutoff that keeps `ceil(keep_fraction x scored passages)` of the job's best passages.
+
+    `histograms` hold the number of passages per score of each part of the job (shards, in job
+    order: every key of a part precedes every key of the next); `tied_keys(part, score)` the
+    keys of a part's passages with that score, read only for the one part the cut falls in."""
+    total: Counter = Counter()
+    for histogram in histograms:
+        total.update(histogram)
+    wanted = math.ceil(keep_fraction * sum(total.values()))
+    if wanted == 0:
+        return KEEP_NONE
+    above = 0
+    for score in sorted(total, reverse=True):
+        if above + total[score] >= wanted:
+            needed = wanted - above
+            for part, histogram in enumerate(histograms):
+                here = histogram.get(score, 0)
+                if needed <= here:
+                    return Cutoff(score, sorted(tied_keys(part, score))[needed - 1])
+                needed -= here
+        above += total[score]
+    raise AssertionError("unreachable: the histograms hold at least `wanted` passages")
+
+
+@dataclass(frozen=True)
+class ScoredPassage:
+    item: Item
+    key: PassageKey
+    score: float
+    """Educational value + reasoning, each out of 5."""
+
+
 @dataclass
 class SeedSelection(Step):
+    """Splits seeds into passages, has the teacher score each (educational value, reasoning) and
+    tag its complexity, and keeps the top `keep_fraction` by the sum of the two scores.
+
+    Within a workload the fraction is job-wide: a first pass scores every passage of the job
+    (`score`), the driver computes the `cutoff` from the scores alone (`rank_cutoff`), and the
+    workflow's pass asks again (answered by the request cache) and keeps what the cutoff keeps.
+    Without a cutoff, `run` ranks the passages of its own batch."""
+
     keep_fraction: float
     passage_words: int
+    cutoff: Cutoff | None = None
     type: ClassVar[str] = "seedSelection"
     templates: ClassVar[frozenset[str]] = frozenset({"score_passage"})
 
-    def run(self, items: list[Item], context: Context) -> list[Outcome]:
-        pieces = []
-        for item in items:
+    def score(self, items: list[Item], context: Context) -> tuple[list[ScoredPassage], list[Outcome]]:
+        """Every passage of `items`, scored, and the passages dropped on the way (with reasons).
+        A passage's key uses its seed's `position` in the job (its place in `items` without one)."""
+        pieces: list[tuple[Item, PassageKey]] = []
+        for place, item in enumerate(items):
+            position = int(item.seed.get("position", place))
             for number, passage in enumerate(passages(item.question, self.passage_words)):
-                pieces.append(Item(id=f"{item.id}-p{number}", seed_id=item.seed_id, question=passage,
-                                   seed=item.seed, answer=item.answer, tests=item.tests,
-                                   trail=[dict(entry) for entry in item.trail]))
-        answers = context.ask(self.type, [templates.render("score_passage", passage=p.question) for p in pieces])
-        outcomes: list[Outcome] = []
-        scored: list[tuple[float, int, Item]] = []
-        for position, (piece, answer) in enumerate(zip(pieces, answers)):
+                piece = Item(id=f"{item.id}-p{number}", seed_id=item.seed_id, question=passage, seed=item.seed,
+                             answer=item.answer, tests=item.tests, trail=[dict(entry) for entry in item.trail])
+                pieces.append((piece, (position, number)))
+        answers = context.ask(self.type, [templates.render("score_passage", passage=p.question) for p, _ in pieces])
+        scored: list[ScoredPassage] = []
+        dropped: list[Outcome] = []
+        for (piece, key), answer in zip(pieces, answers):
             if isinstance(answer, str):
-                outcomes.append(drop(piece, answer))
+                dropped.append(drop(piece, answer))
                 continue
             parsed = parse_passage_scores(answer[0].text)
             if parsed is None:
-                outcomes.append(drop(piece, "unparseable-score"))
+                dropped.append(drop(piece, "unparseable-score"))
                 continue
             value, reasoning, complexity = parsed
             piece.note(self.type, educationalValue=value, reasoning=reasoning, complexity=complexity)
-            scored.append((value + reasoning, position, piece))
-        wanted = math.ceil(self.keep_fraction * len(scored))
-        ranked = sorted(scored, key=lambda entry: (-entry[0], entry[1]))
-        for rank, (_, _, piece) in enumerate(ranked):
-            outcomes.append(keep(piece, "top-fraction") if rank < wanted else drop(piece, "low-score"))
+            scored.append(ScoredPassage(piece, key, value + reasoning))
+        return scored, dropped
+
+    def run(self, items: list[Item], context: Context) -> list[Outcome]:
+        scored, outcomes = self.score(items, context)
+        cutoff = self.cutoff
+        if cutoff is None:
+            cutoff = rank_cutoff([Counter(p.score for p in scored)], self.keep_fraction,
+                                 lambda _, score: [p.key for p in scored if p.score == score])
+        for passage in scored:
+            kept = cutoff.keeps(passage.score, passage.key)
+            outcomes.append(keep(passage.item, "top-fraction") if kept else drop(passage.item, "low-score"))
         return outcomes
 
 
@@ -257,10 +340,10 @@ class AgreementFilter(Step):
     min_agreement: float
     max_agreement: float
     type: ClassVar[str] = "agreementFilter"
-    templates: ClassVar[frozenset[str]] = frozenset({"solve"})
+    templates: ClassVar[frozenset[str]] = frozenset({DRAFT})
 
     def run(self, items: list[Item], context: Context) -> list[Outcome]:
-        answers = context.ask(self.type, [templates.render("solve", question=i.question) for i in items],
+        answers = context.ask(self.type, [templates.render(context.draft, question=i.question) for i in items],
                               n=self.samples)
         outcomes = []
         for item, answer in zip(items, answers):
@@ -281,27 +364,113 @@ class AgreementFilter(Step):
 
 # -- rewrite ---------------------------------------------------------------------------------
 
+_QA_LINE = re.compile(r"^\s*(?:\*\*)?(Q|Question|A|Answer)\s*\d*\s*(?:\*\*)?\s*:\s*(?:\*\*)?\s*(.*)$",
+                      re.IGNORECASE)
+
+
+def parse_qa_pairs(text: str) -> tuple[list[tuple[str, str]], int]:
+    """The question-answer pairs of an extraction (`Q: ...` then `A: ...`, an answer running on
+    over the lines that follow it), and how many were malformed (a question without an answer,
+    an answer without a question, an empty side)."""
+    pairs: list[tuple[str, str]] = []
+    malformed = 0
+    question: list[str] | None = None
+    answer: list[str] | None = None
+
+    def close() -> None:
+        nonlocal malformed
+        if question is None and answer is None:
+            return
+        asked, answered = " ".join(question or []).strip(), "\n".join(answer or []).strip()
+        if asked and answered:
+            pairs.append((asked, answered))
+        else:
+            malformed += 1
+
+    for line in text.splitlines():
+        found = _QA_LINE.match(line)
+        if found and found.group(1)[0].upper() == "Q":
+            close()
+            question, answer = [found.group(2)], None
+        elif found:  # an answer: closes the pair it belongs to, or stands alone (malformed)
+            if question is None or answer is not None:
+                close()
+                question = None
+            answer = [found.group(2)]
+        elif answer is not None:
+            answer.append(line)
+        elif question is not None and line.strip():
+            question.append(line.strip())
+    close()
+    return pairs, malformed
+
+
+@dataclass(frozen=True)
+class RewriteTarget:
+    """A form a seed is rewritten into: the template that asks for it, and how the teacher's
+    answer becomes items (question, solution or None) plus the reasons of what was dropped."""
+
+    template: str
+    parse: Callable[[str], tuple[list[tuple[str, str | None]], list[str]]]
+
+
+def _restated(text: str) -> tuple[list[tuple[str, str | None]], list[str]]:
+    return [(text.strip(), None)], []
+
+
+def _extracted_pairs(text: str) -> tuple[list[tuple[str, str | None]], list[str]]:
+    pairs, malformed = parse_qa_pairs(text)
+    if not pairs:
+        return [], ["unparseable-qa"]
+    return list(pairs), ["malformed-qa-pair"] * malformed
+
+
+REWRITE_TARGETS: dict[str, RewriteTarget] = {
+    "exercise": RewriteTarget("rewrite", _restated),
+    "discussion": RewriteTarget("rewrite", _restated),
+    "structured-reasoning": RewriteTarget("rewrite", _restated),
+    "qa": RewriteTarget("extract_qa", _extracted_pairs),
+}
+"""The targets of `rewrite` (the API's `rewrite.targets`): one item per seed from a restatement,
+or one per question-answer pair extracted from the reasoning chains of the passage (`qa`)."""
+
+
 @dataclass
 class Rewrite(Step):
     targets: Sequence[str]
     instructions: str | None
     type: ClassVar[str] = "rewrite"
-    templates: ClassVar[frozenset[str]] = frozenset({"rewrite"})
+
+    @property  # type: ignore[override]
+    def templates(self) -> frozenset[str]:
+        return frozenset(REWRITE_TARGETS[target].template for target in self.targets)
 
     def run(self, items: list[Item], context: Context) -> list[Outcome]:
         made = [(item, target) for item in items for target in self.targets]
-        prompts = [templates.render("rewrite", question=item.question, target=target,
+        prompts = [templates.render(REWRITE_TARGETS[target].template, question=item.question, target=target,
                                     instructions=self.instructions or "") for item, target in made]
         outcomes = []
         for (item, target), answer in zip(made, context.ask(self.type, prompts)):
-            new = Item(id=f"{item.id}-{target}", seed_id=item.seed_id, question=item.question, seed=item.seed,
-                       tests=item.tests, trail=[dict(entry) for entry in item.trail])
+            def derived(suffix: str) -> Item:
+                return Item(id=f"{item.id}-{suffix}", seed_id=item.seed_id, question=item.question, seed=item.seed,
+                            tests=item.tests, trail=[dict(entry) for entry in item.trail])
+
             if isinstance(answer, str):
-                outcomes.append(drop(new, answer))
+                outcomes.append(drop(derived(target), answer))
                 continue
-            new.question = answer[0].text.strip()
-            new.note(self.type, target=target, rewritten=new.question)
-            outcomes.append(keep(new, f"rewritten-{target}"))
+            made_items, reasons = REWRITE_TARGETS[target].parse(answer[0].text)
+            for number, (question, solution) in enumerate(made_items):
+                new = derived(target if len(made_items) == 1 and solution is None else f"{target}{number}")
+                new.question, new.solution = question, solution
+                if solution is None:
+                    new.note(self.type, target=target, rewritten=question)
+                else:
+                    new.note(self.type, target=target, extracted={"question": question, "answer": solution})
+                outcomes.append(keep(new, f"rewritten-{target}"))
+            for number, reason in enumerate(reasons):
+                new = derived(f"{target}-dropped{number}")
+                new.note(self.type, target=target, output=answer[0].text[:2000])
+                outcomes.append(drop(new, reason))
         return outcomes
 
 
@@ -321,7 +490,7 @@ class SelfRevision(Step):
     rounds: int
     rubric: Sequence[str]
     type: ClassVar[str] = "selfRevision"
-    templates: ClassVar[frozenset[str]] = frozenset({"solve", "critique", "revise"})
+    templates: ClassVar[frozenset[str]] = frozenset({DRAFT, "critique", "revise"})
 
     def run(self, items: list[Item], context: Context) -> list[Outcome]:
         alive, outcomes = _draft_missing(items, context, self.type)
@@ -431,7 +600,7 @@ class MultiTurn(Step):
     revise_each_turn: bool
     rubric: Sequence[str] = ("reasoning", "factual accuracy")
     type: ClassVar[str] = "multiTurn"
-    templates: ClassVar[frozenset[str]] = frozenset({"solve", "follow_up", "critique", "revise"})
+    templates: ClassVar[frozenset[str]] = frozenset({DRAFT, "follow_up", "critique", "revise"})
 
     def run(self, items: list[Item], context: Context) -> list[Outcome]:
         alive, outcomes = _draft_missing(items, context, self.type)
@@ -449,7 +618,7 @@ class MultiTurn(Step):
                     outcomes.append(drop(item, answer))
                 else:
                     next_alive.append((item, answer[0].text.strip()))
-            solved = context.ask(self.type, [templates.render("solve", question=q) for _, q in next_alive],
+            solved = context.ask(self.type, [templates.render(context.draft, question=q) for _, q in next_alive],
                                  salt=f"turn-{turn}", history=[i.messages or [] for i, _ in next_alive])
             alive = []
             for (item, question), answer in zip(next_alive, solved):

@@ -19,7 +19,7 @@ from tokenmill.store import CHAT_SAMPLES, DOCUMENTS, DatasetSchema
 from tokenmill.trainer.generate.interface import stable_hash
 from tokenmill.trainer.oracles.math import extract_answer, normalise_answer
 from tokenmill.trainer.synth import templates
-from tokenmill.trainer.synth.steps import DROPPED, KEPT, Context, Item, Outcome, Step
+from tokenmill.trainer.synth.steps import DRAFT, DROPPED, KEPT, Context, Item, Outcome, Step, template_names
 
 OUTPUT_STEP = "output"
 PLACEHOLDERS = {"draft": "", "critique": "", "target": "exercise", "instructions": "", "rubric": ["reasoning"],
@@ -40,6 +40,9 @@ class DatasetType:
     steps: frozenset[str]
     row: Callable[[Item], tuple[dict[str, Any] | None, str]]
     """The row for a finished item, or None and the reason it cannot become one."""
+    draft: str = DRAFT
+    """The template that writes an answer (the agreement filter's samples, self-revision's first
+    draft, each multi-turn reply): `templates/<draft>.j2`."""
 
 
 def _qa_row(item: Item) -> tuple[dict[str, Any] | None, str]:
@@ -140,9 +143,10 @@ def item_of(seed: dict[str, Any]) -> Item:
                 answer=seed.get("answer"), tests=seed.get("tests"))
 
 
-def check_templates(steps: Sequence[Step], seeds: Sequence[dict[str, Any]], where: str) -> None:
-    """Renders every template the workflow uses against every seed (no generation)."""
-    names = {name for step in steps for name in step.templates}
+def check_templates(steps: Sequence[Step], seeds: Sequence[dict[str, Any]], where: str, draft: str = DRAFT) -> None:
+    """Renders every template the workflow uses (with `draft` writing answers) against every seed
+    (no generation)."""
+    names = template_names(steps, draft)
     for name in sorted(names):
         template = templates.get(name)
         for seed in seeds:
@@ -220,12 +224,13 @@ class Workflow:
 
     @property
     def template_versions(self) -> dict[str, int]:
-        return templates.versions(frozenset(name for step in self.steps for name in step.templates))
+        return templates.versions(template_names(self.steps, self.kind.draft))
 
     def run(self, seeds: Sequence[dict[str, Any]], context: Context) -> tuple[list[dict[str, Any]], StepStats]:
         """The rows (in the output schema's shape, meta as JSON) of one batch of seeds."""
         stats = StepStats(seeds=len(seeds))
         items = [item_of(seed) for seed in seeds]
+        context.draft = self.kind.draft
         for step in self.steps:
             if not items:
                 break

@@ -141,7 +141,7 @@ def prepare(doc: dict[str, Any]) -> Prepared:
     description = [step.to_wire() for step in spec.workflow]
     workflow = Workflow(kind, steps, description)
     seeds = read_seeds(spec)
-    check_templates(steps, seeds, "spec.seeds")
+    check_templates(steps, seeds, "spec.seeds", draft=kind.draft)
     _probe(spec)
     metadata = doc.get("metadata") or {}
     producer = Producer(kind="SyntheticDataJob", name=str(metadata.get("name") or ""),
@@ -264,6 +264,10 @@ def execute(job: Job, seeds: list[dict[str, Any]]) -> Outcome:
         _check_fence(job, f"delete {STOP_KEY} under {job.output}")
         store.delete(STOP_KEY)
     stopped_by = _spent(total, budgets)
+    # seedSelection keeps the top fraction of the whole job's passages: a scoring pass first
+    from tokenmill.trainer.synth.selection import select_job_wide
+
+    sent += select_job_wide(job, units, score=bool(pending) and stopped_by is None)
     if pending and stopped_by is None:
         items = [{"shard": json.dumps({"shard": n, "seeds": units[n]})} for n in pending]
         dataset = ray.data.from_items(items, override_num_blocks=len(items))
