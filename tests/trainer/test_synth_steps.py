@@ -217,6 +217,110 @@ def test_multi_turn_builds_conversations_and_revises_a_slipped_turn() -> None:
     assert revised, "at a 50% slip rate some turn was critiqued and revised"
 
 
+def test_multi_turn_without_revision_asks_no_critique() -> None:
+    shared = context(1.0)
+    outcomes = MultiTurn(turns=3, revise_each_turn=False).run(items(PROBLEMS[:2]), shared)
+    assert [o.reason for o in outcomes] == ["conversation-complete"] * 2
+    assert shared.requests["multiTurn"] == 2 * (1 + 2 * 2)  # a draft, then a follow-up and a reply per turn
+    assert not [entry for o in outcomes for entry in o.item.trail if "critique" in entry]
+
+
+def test_multi_turn_with_revision_critiques_every_reply_and_revises_exactly_the_failing_ones() -> None:
+    passing = context(0.0)
+    outcomes = MultiTurn(turns=3, revise_each_turn=True).run(items(PROBLEMS[:2]), passing)
+    assert passing.requests["multiTurn"] == 2 * (1 + 3 * 2)  # + a critique per reply; none fails
+    assert not [entry for o in outcomes for entry in o.item.trail if "critique" in entry]
+    for outcome in outcomes:  # a teacher that never slips answers each follow-up right
+        follow_up, reply = outcome.item.messages[-2:]
+        assert extract_answer(reply["content"])[0] == correct_answer(follow_up["content"])
+    slipping = context(1.0)
+    outcomes = MultiTurn(turns=3, revise_each_turn=True).run(items(PROBLEMS[:2]), slipping)
+    assert slipping.requests["multiTurn"] == 2 * (1 + 4 * 2)  # + a revision per reply: each one fails
+    for outcome in outcomes:
+        revised = [entry for entry in outcome.item.trail if "critique" in entry]
+        assert [entry["turn"] for entry in revised] == [2, 3]
+        assert all("is wrong" in entry["critique"] for entry in revised)
+        assert [m["content"] for m in outcome.item.messages[3::2]] != [entry["draft"] for entry in revised]
+
+
+# -- rewrite ------------------------------------------------------------------------------------
+
+def test_rewrite_restates_a_seed_once_per_target() -> None:
+    outcomes = steps.Rewrite(["exercise", "discussion", "structured-reasoning"], None).run(items(PROBLEMS[:1]),
+                                                                                          context(0.0))
+    assert [(o.item.id, o.reason) for o in outcomes] == [
+        ("q0-exercise", "rewritten-exercise"), ("q0-discussion", "rewritten-discussion"),
+        ("q0-structured-reasoning", "rewritten-structured-reasoning")]
+    assert all(PROBLEMS[0] in o.item.question and o.item.solution is None for o in outcomes)
+
+
+def test_qa_extraction_keeps_one_item_per_question_answer_pair_of_the_reasoning_chain() -> None:
+    shared = context(0.0)
+    outcomes = steps.Rewrite(["qa"], None).run(items(["Compute 3 * (4 + 5) - 2.", "Write a poem about the sea."]),
+                                               shared)
+    kept = [o for o in outcomes if o.kept]
+    assert [(o.item.id, o.item.question) for o in kept] == [
+        ("q0-qa0", "What is 4 + 5?"), ("q0-qa1", "What is 3 * 9?"), ("q0-qa2", "What is 27 - 2?"),
+        ("q0-qa3", "Compute 3 * (4 + 5) - 2.")]
+    for outcome in kept:
+        assert outcome.reason == "rewritten-qa"
+        assert extract_answer(outcome.item.solution)[0] == correct_answer(outcome.item.question)
+        assert outcome.item.trail[-1]["extracted"]["question"] == outcome.item.question
+    # a passage without a reasoning chain: the teacher's prose holds no pair
+    assert [(o.item.id, o.reason) for o in outcomes if not o.kept] == [("q1-qa-dropped0", "unparseable-qa")]
+    assert shared.requests["rewrite"] == 2
+
+
+def test_malformed_question_answer_pairs_are_dropped_and_counted_the_rest_kept() -> None:
+    assert steps.parse_qa_pairs("Q1: What is 2 + 2?\nA1: 2 + 2 = 4.\nThe answer is 4.\n\n"
+                                "**Question 2:** Why?\nA2: Because.") == (
+        [("What is 2 + 2?", "2 + 2 = 4.\nThe answer is 4."), ("Why?", "Because.")], 0)
+    assert steps.parse_qa_pairs("A: an answer to nothing\nQ: a question never answered\nQ: ok?\nA: yes\nQ: x\nA:") \
+        == ([("ok?", "yes")], 3)
+    assert steps.parse_qa_pairs("no pairs here") == ([], 0)
+
+    class Sloppy(ScriptedEngine):
+        def respond(self, prompt, rng):
+            return "Q: What is 1 + 1?\nA: 2.\nQ: What is 2 + 2?\n" if "Task: extract-qa" in prompt else ""
+
+    outcomes = steps.Rewrite(["qa"], None).run(items(PROBLEMS[:1]), Context(Sloppy(), SamplingParams(seed=0)))
+    assert [(o.item.id, o.verdict, o.reason) for o in outcomes] == [
+        ("q0-qa0", "kept", "rewritten-qa"), ("q0-qa-dropped0", "dropped", "malformed-qa-pair")]
+
+
+def test_extracted_pairs_become_math_records_whose_answer_is_their_own() -> None:
+    workflow = Workflow(DATASET_TYPES["math"], [steps.Rewrite(["qa"], None)], [{"type": "rewrite"}])
+    seeds = [{"id": "q0", "question": "Compute 12 * 7 + 5 * 3 - 9.", "source": "test", "answer": None,
+              "tests": None, "meta": {}}]
+    rows, stats = workflow.run(seeds, context(0.0))
+    import json
+
+    assert [row["messages"][0]["content"] for row in rows] == [
+        "What is 12 * 7?", "What is 5 * 3?", "What is 84 + 15?", "What is 99 - 9?", "Compute 12 * 7 + 5 * 3 - 9."]
+    assert [json.loads(row["meta"])["answer"] for row in rows] == ["84", "15", "99", "90", "90"]
+    assert json.loads(rows[0]["meta"])["provenance"]["templates"] == {"extract_qa": 1}
+    assert stats.records[("rewrite", "kept", "rewritten-qa")] == 5
+
+
+# -- revision in provenance ---------------------------------------------------------------------
+
+def test_a_record_carries_its_critique_trail_and_stops_where_the_rubric_passed() -> None:
+    import json
+
+    workflow = Workflow(DATASET_TYPES["math"], [SelfRevision(3, RUBRIC)], [{"type": "selfRevision"}])
+    seeds = [{"id": f"q{i}", "question": q, "source": "test", "answer": None, "tests": None, "meta": {}}
+             for i, q in enumerate(PROBLEMS)]
+    rows, stats = workflow.run(seeds, context(0.5))
+    assert rows and stats.records[("selfRevision", "kept", "revised-and-passed")] > 0
+    for row in rows:
+        [revision] = [e for e in json.loads(row["meta"])["provenance"]["steps"] if "trail" in e]
+        trail = revision["trail"]
+        assert revision["revisions"] == len(trail) - 1  # stopped at the first critique that passed
+        assert all(min(t["scores"].values()) < steps.PASS_SCORE for t in trail[:-1])
+        assert min(trail[-1]["scores"].values()) >= steps.PASS_SCORE
+        assert trail[-1]["draft"] == row["messages"][1]["content"] and all(t["critique"] for t in trail)
+
+
 # -- the torch engine ---------------------------------------------------------------------------
 
 @pytest.mark.slow

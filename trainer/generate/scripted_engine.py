@@ -58,7 +58,7 @@ _APPLY: dict[type, Callable[[Fraction, Fraction], Fraction]] = {
     ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 # Word problems: a verb phrase names the operation between the first two numbers.
 _WORDS = (
-    (re.compile(r"\b(buys|gets|finds|receives|adds|more|gains|joins|plus)\b", re.I), "+"),
+    (re.compile(r"\b(buys|gets|finds|receives|add|adds|more|gains|joins|plus)\b", re.I), "+"),
     (re.compile(r"\b(gives away|eats|loses|sells|spends|fewer|leave|leaves|minus|takes away)\b", re.I), "-"),
     (re.compile(r"\b(each|times|groups of|rows of|boxes of|bags of)\b", re.I), "*"),
     (re.compile(r"\b(shares|splits|divides|equally|among|per)\b", re.I), "/"),
