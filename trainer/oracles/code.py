@@ -182,10 +182,26 @@ def sandbox_report() -> dict[str, bool]:
     return {
         "networkNamespace": network_namespace_prefix() is not None,
         "unprivilegedUser": not root or unprivileged_uid() is not None,
-        # the candidate cannot trace or signal the judge, nor open its result pipe
+        # the candidate cannot trace the judge nor open its result pipe; not root, it keeps the
+        # judge's uid and can still end it with a signal, which makes the verdict an error
         "judgeSeparated": unprivileged_uid() is not None if root
         else network_namespace_prefix() is None or bool(candidate_namespace_prefix()),
     }
+
+
+def sandbox_warnings() -> list[str]:
+    """What this platform's sandbox cannot enforce, in words for the job's log and manifest."""
+    report = sandbox_report()
+    warnings = []
+    if not report["networkNamespace"]:
+        warnings.append("code oracle: this platform gives the sandbox no network namespace (unshare --net "
+                        "fails): candidates run with the host's network")
+    if not report["unprivilegedUser"]:
+        warnings.append("code oracle: running as root, the sandbox cannot drop candidates to an unprivileged "
+                        "user (the interpreter is not readable by nobody)")
+    if not report["judgeSeparated"]:
+        warnings.append("code oracle: candidates run as the judge's user without a namespace of their own")
+    return warnings
 
 
 def run_candidate(code: str, tests: Sequence[str], limits: SandboxLimits) -> Verdict:
