@@ -8,6 +8,15 @@ worker commits its own shards (a commit record per shard, so concurrent writers 
 overwrite each other), and the driver writes the manifest last (`finalize`). A worker
 starting later (a retry, a resumed job, another node) loads every committed shard first.
 
+Commits are group commits on a background thread: `commit_soon()` (the synthetic-data
+workload calls it after every engine call) hands the pending rows to the committer and
+returns at once, so the upload overlaps the next engine call; rows that arrive while a
+commit is in flight go into the next one, so a fast engine makes fewer, larger shards and
+a slow teacher has each call's results on record moments after it answered. Pending rows
+are also committed once there are `flush_rows` of them or `flush_seconds` have passed.
+`flush()` waits for the committer and commits the rest; a commit that failed in the
+background is raised there (and by the next `commit_soon()`), its rows kept for a retry.
+
 A sample that failed after the engine's retries is recorded with its error kind and
 message and counted; it is not served from the cache, so a later run tries it again. The
 job stops when failures exceed its `FailureBudget`.
@@ -15,6 +24,8 @@ job stops when failures exceed its `FailureBudget`.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import secrets
@@ -34,6 +45,7 @@ from tokenmill.trainer.generate.interface import (
     GenerationRequest,
     RequestOutput,
     SampleFailure,
+    SamplingParams,
     stable_hash,
 )
 from tokenmill.trainer.generate.metrics import GenerateMetrics
@@ -53,6 +65,37 @@ def request_key(engine: str, model_identity: str, request: GenerationRequest, in
     return stable_hash({
         "engine": engine, "model": model_identity, "prompt": request.prompt_key(),
         "sampling": sampling, "seed": sampling["seed"], "sample_index": index,
+    })
+
+
+def request_keys(engine: str, model_identity: str, request: GenerationRequest) -> dict[int, str]:
+    """`request_key` of each of the request's sample indices, serialising the request once."""
+    # the sorted keys of request_key's object: engine, model, prompt, sample_index, sampling, seed
+    head = f'{{"engine":{_json(engine)},"model":{_json(model_identity)},"prompt":{_json(request.prompt_key())},' \
+           '"sample_index":'
+    tail = _sampling_tail(request.sampling)
+    return {index: hashlib.sha256(f"{head}{index}{tail}".encode()).hexdigest() for index in request.indices}
+
+
+def _json(value: object) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+@functools.lru_cache(maxsize=1024)
+def _sampling_tail(sampling: SamplingParams) -> str:
+    values = sampling.to_dict()
+    return f',"sampling":{_json(values)},"seed":{_json(values["seed"])}}}'
+
+
+def completion_json(completion: Completion) -> str:
+    """`Completion.to_dict()` as JSON, without copying the token and log-prob lists first."""
+    tops = completion.top_logprobs
+    return json.dumps({
+        "index": completion.index, "token_ids": completion.token_ids, "text": completion.text,
+        "finish_reason": completion.finish_reason, "prompt_tokens": completion.prompt_tokens,
+        "logprobs": completion.logprobs,
+        "top_logprobs": None if tops is None else [
+            [{"token_id": t.token_id, "logprob": t.logprob, "token": t.token} for t in step] for step in tops],
     })
 
 
@@ -87,6 +130,12 @@ class RequestCache:
     _shards_written: int = 0
     _last_flush: float = field(default_factory=time.monotonic)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _state: threading.Condition = field(default_factory=threading.Condition)
+    """Guards the commit slot (one commit at a time), the request flag and the committer's error."""
+    _committing: bool = False
+    _requested: bool = False
+    _error: BaseException | None = None
+    _committer_running: bool = False
 
     def __post_init__(self) -> None:
         # No producer: keys are content hashes, so results stay valid when the spec changes.
@@ -115,30 +164,92 @@ class RequestCache:
     def put(self, key: str, request: GenerationRequest, completion: Completion | None,
             failure: SampleFailure | None = None) -> None:
         row = {"key": key, "request_id": request.id, "completion": None, "error_kind": None, "error": None}
+        if completion is not None:
+            row |= {"sample_index": completion.index, "completion": completion_json(completion)}
+        else:
+            assert failure is not None
+            row |= {"sample_index": failure.index, "error_kind": failure.kind, "error": failure.message}
         with self._lock:
             if completion is not None:
                 self.completions[key] = completion
                 self.failures.pop(key, None)
-                row |= {"sample_index": completion.index, "completion": json.dumps(completion.to_dict())}
             else:
                 assert failure is not None
                 self.failures[key] = failure
-                row |= {"sample_index": failure.index, "error_kind": failure.kind, "error": failure.message}
             self._pending.append(row)
             due = (len(self._pending) >= self.flush_rows
                    or time.monotonic() - self._last_flush >= self.flush_seconds)
         if due:
-            self.flush()
+            self.commit_soon()
+
+    def commit_soon(self) -> None:
+        """Hands the pending rows to the background committer and returns at once; raises the
+        error of an earlier background commit, if one failed (its rows stay pending)."""
+        with self._state:
+            if self._error is not None:
+                error, self._error = self._error, None
+                raise error
+            with self._lock:
+                if not self._pending:
+                    return
+            self._requested = True
+            if not self._committer_running:
+                self._committer_running = True
+                threading.Thread(target=self._commit_in_background, daemon=True,
+                                 name="request-cache-committer").start()
+            self._state.notify_all()
+
+    def _commit_in_background(self) -> None:
+        while True:
+            with self._state:
+                while not self._requested:
+                    if not self._state.wait(timeout=60.0):
+                        self._committer_running = False  # idle: the next commit_soon() starts another
+                        return
+                self._requested = False
+            if not self._commit_pending(background=True):
+                with self._state:
+                    self._committer_running = False
+                return
+
+    def _commit_pending(self, *, background: bool) -> bool:
+        """Commits the pending rows as one shard of this worker's, holding the commit slot.
+        In the background a failure is kept for the caller (and False returned); otherwise an
+        earlier background failure is cleared, since its rows are retried here."""
+        with self._state:
+            while self._committing:
+                self._state.wait()
+            self._committing = True
+            if not background:
+                self._error = None
+        rows: list[dict] = []
+        failed: BaseException | None = None
+        try:
+            with self._lock:
+                rows, self._pending = self._pending, []
+                name = f"w-{self._writer_id}-{self._shards_written:06d}"
+                self._last_flush = time.monotonic()
+            if rows:
+                self.writer.write_shard(name, rows)
+                with self._lock:
+                    self._shards_written += 1
+        except BaseException as error:
+            with self._lock:
+                self._pending[:0] = rows  # kept for the next commit
+            failed = error
+            if not background:
+                raise
+        finally:
+            with self._state:
+                self._committing = False
+                if background and failed is not None:
+                    self._error = failed
+                self._state.notify_all()
+        return failed is None
 
     def flush(self) -> None:
-        """Commits the pending rows as one shard of this worker's."""
-        with self._lock:
-            rows, self._pending = self._pending, []
-            name = f"w-{self._writer_id}-{self._shards_written:06d}"
-            self._shards_written += 1 if rows else 0
-            self._last_flush = time.monotonic()
-        if rows:
-            self.writer.write_shard(name, rows)
+        """Commits every pending row before returning (after a background commit in flight)."""
+        self._commit_pending(background=False)
 
     def finalize(self) -> None:
         """Flushes and writes the manifest over every committed shard (driver, at the end)."""
@@ -177,7 +288,7 @@ class CachedEngine(Engine):
         keys: list[dict[int, str]] = []
         todo: list[tuple[int, GenerationRequest]] = []
         for position, request in enumerate(requests):
-            by_index = {i: request_key(self.engine_name, self.model_identity, request, i) for i in request.indices}
+            by_index = request_keys(self.engine_name, self.model_identity, request)
             keys.append(by_index)
             missing = []
             for index, key in by_index.items():

@@ -9,10 +9,16 @@
   or one batch of the torch engine).
 
 By default the series live in prometheus-client's process registry, which `tokenmill serve`
-exposes at `/metrics` and the workload's metrics server includes.
+exposes at `/metrics` and the workload's metrics server includes. Engines in Ray actors count
+into a `GenerationTally` instead; the actor sends its counts back with each result and the
+driver adds them to its own series (`GenerateMetrics.add`).
 """
 
 from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 
@@ -54,6 +60,22 @@ class GenerateMetrics:
     def observe_latency(self, seconds: float) -> None:
         self._latency.observe(seconds)
 
+    def add(self, counts: Mapping[str, Any]) -> None:
+        """Adds another process's counts (a `GenerationTally.take()`) to these series."""
+        failed = counts.get("failed") or {}
+        for outcome, number in (("ok", counts.get("ok", 0)), ("error", sum(failed.values()))):
+            if number:
+                self._requests.labels(self.engine, outcome).inc(number)
+        for kind, number in [*failed.items(), *(counts.get("errors") or {}).items()]:
+            self._errors.labels(self.engine, kind).inc(number)
+        for kind, number in (counts.get("retries") or {}).items():
+            self._retries.labels(self.engine, kind).inc(number)
+        self._prompted.inc(counts.get("promptTokens", 0))
+        self._generated.inc(counts.get("generatedTokens", 0))
+        self._hits.inc(counts.get("cacheHits", 0))
+        for seconds in counts.get("latencies") or ():
+            self._latency.observe(seconds)
+
 
 def _families(registry: CollectorRegistry) -> dict:
     """The metric families, registered once per registry."""
@@ -77,3 +99,52 @@ def _families(registry: CollectorRegistry) -> dict:
                                  ["engine"], buckets=LATENCY_BUCKETS, registry=registry),
         }
     return _SHARED[key]
+
+
+class GenerationTally(GenerateMetrics):
+    """What a `GenerateMetrics` counts, kept in memory instead, for a process nobody scrapes (a
+    Ray actor): `take()` returns the counts since the last call, and the process that serves
+    `/metrics` adds them to its own series with `GenerateMetrics.add`."""
+
+    def __init__(self, engine: str) -> None:  # no registry: nothing is registered
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._counts = self._empty()
+
+    @staticmethod
+    def _empty() -> dict[str, Any]:
+        return {"ok": 0, "promptTokens": 0, "generatedTokens": 0, "cacheHits": 0, "failed": {}, "errors": {},
+                "retries": {}, "latencies": []}
+
+    def _add(self, name: str, kind: str, count: int = 1) -> None:
+        with self._lock:
+            self._counts[name][kind] = self._counts[name].get(kind, 0) + count
+
+    def sample_ok(self, prompt_tokens: int, generated_tokens: int) -> None:
+        with self._lock:
+            self._counts["ok"] += 1
+            self._counts["promptTokens"] += prompt_tokens
+            self._counts["generatedTokens"] += generated_tokens
+
+    def sample_failed(self, kind: str) -> None:
+        self._add("failed", kind)
+
+    def error(self, kind: str) -> None:
+        self._add("errors", kind)
+
+    def retry(self, kind: str) -> None:
+        self._add("retries", kind)
+
+    def cache_hits(self, count: int) -> None:
+        with self._lock:
+            self._counts["cacheHits"] += count
+
+    def observe_latency(self, seconds: float) -> None:
+        with self._lock:
+            self._counts["latencies"].append(seconds)
+
+    def take(self) -> dict[str, Any]:
+        """The counts since the last call (JSON data, labelled by `engine`)."""
+        with self._lock:
+            counts, self._counts = self._counts, self._empty()
+        return {"engine": self.engine, **counts}
