@@ -4,23 +4,28 @@ CPU-only clusters. It is not a vLLM replacement: one process, static batches.
 How a batch runs:
 1. The samples of all requests become rows, in chunks of at most `max_batch_rows`.
 2. Each distinct prompt of a chunk is prefilled once, however many samples it has; the
-   prefix cache supplies the keys and values of the longest prefix it already holds (the N
-   rollouts of one prefix, the successive prefixes of one solution), so only the rest is
-   computed. Prompts the cache knows nothing of are prefilled together, left-padded.
-3. Every row's prompt cache is copied, left-padded, into one batch cache and all rows decode
-   together, one token per step; rows that finish are dropped from the batch as it goes.
+   prefix cache (`prefix_cache.py`) supplies the keys and values of the longest prefix it
+   already holds (the N rollouts of one prefix, the successive prefixes of one solution), so
+   only the rest is computed. Prompts the cache knows nothing of are prefilled together,
+   left-padded.
+3. All rows decode together, one token per step (`kv.decode_step`). When a chunk has few
+   distinct prompts with several samples each, every prompt's keys and values are one shared
+   segment that all its samples attend to (no per-sample copy); otherwise the prompts are
+   copied, left-padded, into one per-row segment. Generated keys and values go into a
+   preallocated per-row cache. Rows that finish are dropped from the batch as it goes.
 
 Sampling: each row draws from its own `random.Random(sample_seed(seed, i))` by inverse CDF
-(one uniform number per token), so a sample depends only on its request, seed and index.
+(one uniform number per token, over the vocabulary in id order, restricted to the top-k and
+nucleus), so a sample depends only on its request, seed and index. All rows of a step are
+sampled together, whatever their temperature, top-k and top-p.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -35,14 +40,25 @@ from tokenmill.trainer.generate.interface import (
     TopLogprob,
     sample_seed,
 )
-from tokenmill.trainer.generate.kv import KVCache, forward_cached, fuse_weights
+from tokenmill.trainer.generate.kv import (
+    DecodeBatch,
+    KVCache,
+    PrefixSegment,
+    RopeTable,
+    decode_step,
+    forward_cached,
+    fuse_weights,
+)
+from tokenmill.trainer.generate.prefix_cache import DEFAULT_PREFIX_CACHE_TOKENS, PrefixCache
 from tokenmill.trainer.model.transformer import Transformer
 from tokenmill.trainer.tokenizer import Tokenizer
 
 DEFAULT_MAX_BATCH_ROWS = 256
-DEFAULT_PREFIX_CACHE_TOKENS = 65_536
-DEFAULT_PREFIX_CACHE_ENTRIES = 256
+# Up to this many distinct prompts in a chunk, samples attend to their prompt as a shared segment.
+DEFAULT_MAX_SHARED_PROMPTS = 8
 FUSE_BELOW_PARAMETERS = 1_000_000_000
+
+__all__ = ["PrefixCache", "TorchEngine", "prompt_ids"]
 
 
 def prompt_ids(tokenizer: Tokenizer, request: GenerationRequest) -> list[int]:
@@ -50,69 +66,6 @@ def prompt_ids(tokenizer: Tokenizer, request: GenerationRequest) -> list[int]:
     if request.prompt_token_ids is not None:
         return list(request.prompt_token_ids)
     return tokenizer.encode_chat(list(request.messages or ()), add_generation_prompt=True)
-
-
-@dataclass
-class _PrefixEntry:
-    tokens: np.ndarray
-    keys: list[torch.Tensor]  # per layer [kv_heads, length, head_dim]
-    values: list[torch.Tensor]
-
-
-class PrefixCache:
-    """Keys and values of recent prompts, reused for any prompt that shares a prefix.
-
-    Least recently used entries go first once the cache holds more than `max_tokens` tokens
-    or `max_entries` prompts (a lookup compares against every entry). An entry that is a
-    prefix of a newer one is dropped: the newer one serves it too.
-    """
-
-    def __init__(self, max_tokens: int = DEFAULT_PREFIX_CACHE_TOKENS,
-                 max_entries: int = DEFAULT_PREFIX_CACHE_ENTRIES) -> None:
-        self.max_tokens = max_tokens
-        self.max_entries = max_entries
-        self.entries: OrderedDict[int, _PrefixEntry] = OrderedDict()
-        self.tokens = 0
-        self.hits = 0
-        self.reused_tokens = 0
-        self._next_id = 0
-
-    def lookup(self, prompt: np.ndarray) -> tuple[int, _PrefixEntry | None]:
-        """The longest cached prefix of `prompt`, at most len(prompt) - 1 tokens (the last
-        prompt token is always computed: its logits start the completion)."""
-        best, best_entry, best_id = 0, None, None
-        limit = len(prompt) - 1
-        for entry_id, entry in self.entries.items():
-            length = min(limit, len(entry.tokens))
-            if length <= best:
-                continue
-            same = prompt[:length] == entry.tokens[:length]
-            common = length if same.all() else int(same.argmin())
-            if common > best:
-                best, best_entry, best_id = common, entry, entry_id
-        if best_id is not None:
-            self.entries.move_to_end(best_id)
-            self.hits += 1
-            self.reused_tokens += best
-        return best, best_entry
-
-    def insert(self, prompt: np.ndarray, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-        if self.max_tokens <= 0 or len(prompt) > self.max_tokens:
-            return
-        for entry_id, entry in list(self.entries.items()):
-            if len(entry.tokens) <= len(prompt) and np.array_equal(entry.tokens, prompt[:len(entry.tokens)]):
-                self.tokens -= len(entry.tokens)
-                del self.entries[entry_id]
-        self.entries[self._next_id] = _PrefixEntry(prompt.copy(), keys, values)
-        self._next_id += 1
-        self.tokens += len(prompt)
-        while self.tokens > self.max_tokens or len(self.entries) > self.max_entries:
-            _, evicted = self.entries.popitem(last=False)
-            self.tokens -= len(evicted.tokens)
-
-    def clear(self) -> None:
-        self.entries.clear()
-        self.tokens = 0
 
 
 @dataclass
@@ -125,11 +78,73 @@ class _Row:
     params: SamplingParams
     rng: random.Random
     stop_ids: frozenset[int]
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    tops: list[list[TopLogprob]] = field(default_factory=list)
+    count: int = 0  # tokens generated once finished
     finish: str | None = None
     text: str | None = None
+
+
+class _Sampler:
+    """Chooses the next token of every row of a step at once, each with its own parameters."""
+
+    def __init__(self, rows: list[_Row], vocab: int, device: torch.device) -> None:
+        self.rows, self.vocab, self.device = rows, vocab, device
+        params = [row.params for row in rows]
+        self.greedy_only = all(p.temperature == 0 for p in params)
+        self.greedy = torch.tensor([p.temperature == 0 for p in params], device=device)
+        self.any_greedy = bool(self.greedy.any())
+        self.temperature = torch.tensor([[p.temperature or 1.0] for p in params], device=device)
+        top_k = [p.top_k if p.temperature and 0 < p.top_k < vocab else vocab for p in params]
+        self.top_k = torch.tensor([[k - 1] for k in top_k], device=device)
+        self.use_top_k = any(k < vocab for k in top_k)
+        top_p = [p.top_p if p.temperature and p.top_p < 1.0 else 2.0 for p in params]  # 2: keep all
+        self.top_p = torch.tensor([[p] for p in top_p], device=device)
+        self.use_top_p = any(p < 1.0 for p in top_p)
+        self.logprobs = any(p.logprobs or p.top_logprobs for p in params)
+        self.top_logprobs = max(p.top_logprobs for p in params)
+
+    def select(self, keep: list[int]) -> _Sampler:
+        return _Sampler([self.rows[k] for k in keep], self.vocab, self.device)
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits[:, :self.vocab]
+        best = logits.argmax(dim=-1)
+        if self.greedy_only:
+            return best
+        scores = logits / self.temperature
+        if self.use_top_k or self.use_top_p:
+            if scores.device.type == "cpu":  # numpy's vectorised sort is far quicker than torch's on CPUs
+                ordered = torch.from_numpy(np.sort(scores.numpy(), axis=-1)[:, ::-1].copy())
+            else:
+                ordered = scores.sort(dim=-1, descending=True).values
+            if self.use_top_k:
+                kth = ordered.gather(1, self.top_k)
+                scores = scores.masked_fill(scores < kth, float("-inf"))
+                ordered = ordered.masked_fill(ordered < kth, float("-inf"))
+            normaliser = torch.logsumexp(scores, dim=-1, keepdim=True)
+            probs = (scores - normaliser).exp()
+            if self.use_top_p:
+                # the nucleus: the most likely tokens while the mass before them is under top_p
+                ordered_probs = (ordered - normaliser).exp()
+                before = ordered_probs.cumsum(dim=-1) - ordered_probs
+                last = (before < self.top_p).sum(dim=-1, keepdim=True) - 1
+                probs = probs.masked_fill(probs < ordered_probs.gather(1, last), 0.0)
+        else:
+            probs = scores.softmax(dim=-1)
+        # no need to renormalise: the uniform number is scaled to the total instead
+        cdf = probs.double().cumsum(dim=-1)
+        total = cdf[:, -1:]
+        uniforms = torch.tensor([[row.rng.random()] for row in self.rows], dtype=torch.float64, device=self.device)
+        # strictly below the total, so the first cdf value above it is a token of nonzero probability
+        target = torch.minimum(uniforms * total, torch.nextafter(total, torch.zeros_like(total)))
+        picks = torch.searchsorted(cdf, target, right=True)[:, 0]
+        return torch.where(self.greedy, best, picks) if self.any_greedy else picks
+
+    def logprobs_of(self, logits: torch.Tensor, chosen: torch.Tensor):
+        """The raw log-probabilities of the chosen tokens [rows], and the top-k (values, ids)."""
+        raw = torch.log_softmax(logits[:, :self.vocab], dim=-1)
+        picked = raw.gather(1, chosen[:, None])[:, 0]
+        top = raw.topk(self.top_logprobs, dim=-1) if self.top_logprobs else None
+        return picked, top
 
 
 class TorchEngine(Engine):
@@ -143,12 +158,15 @@ class TorchEngine(Engine):
         identity: str = "unnamed",
         max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS,
         prefix_cache_tokens: int = DEFAULT_PREFIX_CACHE_TOKENS,
+        prefix_cache_bytes: int | None = None,
+        max_shared_prompts: int = DEFAULT_MAX_SHARED_PROMPTS,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self._identity = identity
         self.max_batch_rows = max_batch_rows
-        self.prefix_cache = PrefixCache(prefix_cache_tokens)
+        self.prefix_cache = PrefixCache(prefix_cache_tokens, max_bytes=prefix_cache_bytes)
+        self.max_shared_prompts = max_shared_prompts
         self.device = model.embed.weight.device
         self.default_stop_ids = frozenset({tokenizer.eos_id, tokenizer.eot_id})
         if tokenizer.vocab_size > model.config.vocab_size:
@@ -159,6 +177,7 @@ class TorchEngine(Engine):
         # A second copy of the attention and MLP input matrices: worth it for small models only.
         small = model.num_parameters() < FUSE_BELOW_PARAMETERS
         self.fused = fuse_weights(self.model) if small else None
+        self.rope = RopeTable(self.model)
 
     @property
     def model_identity(self) -> str:
@@ -199,8 +218,8 @@ class TorchEngine(Engine):
         finished: dict[int, list[Completion]] = {r: [] for r in range(len(requests))}
         for start in range(0, len(tasks), self.max_batch_rows):
             chunk = tasks[start:start + self.max_batch_rows]
-            for row in self._run_chunk(requests, prompts, chunk):
-                finished[row.request_index].append(self._completion(row))
+            for request_index, completion in self._run_chunk(requests, prompts, chunk):
+                finished[request_index].append(completion)
         outputs = []
         for r, request in enumerate(requests):
             completions = sorted(finished[r], key=lambda c: c.index)
@@ -209,26 +228,9 @@ class TorchEngine(Engine):
             self.metrics.observe_latency(time.perf_counter() - started)
         return outputs
 
-    def _completion(self, row: _Row) -> Completion:
-        params = row.params
-        return Completion(
-            index=row.sample_index,
-            token_ids=row.tokens,
-            text=row.text if row.text is not None else self._text(row.tokens, row),
-            finish_reason=row.finish or "length",
-            prompt_tokens=row.prompt_len,
-            logprobs=row.logprobs if params.logprobs or params.top_logprobs else None,
-            top_logprobs=row.tops if params.top_logprobs else None,
-        )
-
-    def _text(self, tokens: list[int], row: _Row) -> str:
-        if tokens and row.finish == "stop" and tokens[-1] in row.stop_ids:
-            tokens = tokens[:-1]
-        return self.tokenizer.decode(tokens)
-
     def _run_chunk(
         self, requests: Sequence[GenerationRequest], prompts: list[list[int]], chunk: list[tuple[int, int]]
-    ) -> list[_Row]:
+    ) -> list[tuple[int, Completion]]:
         distinct = list(dict.fromkeys(r for r, _ in chunk))
         slot = {r: position for position, r in enumerate(distinct)}
         prefilled = self._prefill([prompts[r] for r in distinct])
@@ -243,8 +245,7 @@ class TorchEngine(Engine):
                 rng=random.Random(seed if seed is not None else random.SystemRandom().getrandbits(63)),
                 stop_ids=self.default_stop_ids | frozenset(params.stop_token_ids),
             ))
-        self._decode(rows, prefilled)
-        return rows
+        return self._decode(rows, prefilled)
 
     @torch.inference_mode()
     def _prefill(self, prompts: list[list[int]]) -> list[tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]]:
@@ -293,124 +294,124 @@ class TorchEngine(Engine):
         self.prefix_cache.insert(tokens, keys, values)
         return keys, values, logits
 
-    @torch.inference_mode()
-    def _decode(self, rows: list[_Row], prefilled: list) -> None:
+    def _segments(self, rows: list[_Row], prefilled: list) -> list[PrefixSegment]:
+        """The rows' prompts as decode segments: shared by each prompt's samples when the chunk
+        has few distinct prompts and some have several samples, else one per-row segment."""
+        if len(prefilled) <= self.max_shared_prompts and len(rows) > len(prefilled):
+            segments: list[PrefixSegment] = []
+            for b, row in enumerate(rows):  # a chunk's rows come grouped by request
+                if segments and rows[segments[-1].start].prompt == row.prompt:
+                    segments[-1].stop = b + 1
+                else:
+                    keys, values, _ = prefilled[row.prompt]
+                    segments.append(PrefixSegment(b, b + 1, keys, values, shared=True))
+            return segments
+        config = self.model.config
+        parameter = self.model.embed.weight
         longest = max(row.prompt_len for row in rows)
-        capacity = longest + max(row.max_new for row in rows)
-        cache = KVCache.empty(self.model, len(rows), capacity)
+        shape = (len(rows), config.num_kv_heads, longest, config.head_dim)
+        # zeros, not garbage, in the padding: a masked NaN would still poison the weighted sum
+        keys = [torch.zeros(shape, dtype=parameter.dtype, device=self.device) for _ in range(config.num_layers)]
+        values = [torch.zeros(shape, dtype=parameter.dtype, device=self.device) for _ in range(config.num_layers)]
+        mask = None
+        if any(row.prompt_len != longest for row in rows):
+            mask = torch.zeros((len(rows), 1, 1, longest), dtype=parameter.dtype, device=self.device)
         for b, row in enumerate(rows):
-            keys, values, _ = prefilled[row.prompt]
+            prompt_keys, prompt_values, _ = prefilled[row.prompt]
             pad = longest - row.prompt_len
-            for layer in range(len(keys)):
-                cache.keys[layer][b, :, pad:longest] = keys[layer]
-                cache.values[layer][b, :, pad:longest] = values[layer]
-            cache.valid[b, pad:longest] = True
-        cache.length = longest
-        cache.padded = any(row.prompt_len != longest for row in rows)
-        logits = torch.stack([prefilled[row.prompt][2] for row in rows])
-        active = list(range(len(rows)))  # batch position -> index into rows
-        lengths = torch.tensor([row.prompt_len for row in rows], device=self.device)
+            for layer in range(config.num_layers):
+                keys[layer][b, :, pad:] = prompt_keys[layer]
+                values[layer][b, :, pad:] = prompt_values[layer]
+            if pad and mask is not None:
+                mask[b, ..., :pad] = float("-inf")
+        return [PrefixSegment(0, len(rows), keys, values, shared=False, mask=mask)]
+
+    @torch.inference_mode()
+    def _decode(self, rows: list[_Row], prefilled: list) -> list[tuple[int, Completion]]:
+        capacity = max(row.max_new for row in rows)
+        batch = DecodeBatch.create(
+            self.model, self._segments(rows, prefilled),
+            torch.tensor([row.prompt_len for row in rows], device=self.device), capacity)
+        if len(prefilled) == 1:
+            logits = prefilled[0][2][None].expand(len(rows), -1)
+        else:
+            logits = torch.stack([prefilled[row.prompt][2] for row in rows])
+        sampler = _Sampler(rows, self.tokenizer.vocab_size, self.device)
+        tokens = np.zeros((len(rows), capacity), dtype=np.int64)
+        want_logprobs, top_k = sampler.logprobs, sampler.top_logprobs
+        logprobs = np.zeros((len(rows), capacity)) if want_logprobs else None
+        top_values = np.zeros((len(rows), capacity, top_k)) if top_k else None
+        top_ids = np.zeros((len(rows), capacity, top_k), dtype=np.int64) if top_k else None
+        max_new = np.array([row.max_new for row in rows])
+        stop_any = np.array(sorted(set().union(*(row.stop_ids for row in rows))), dtype=np.int64)
+        text_stops = [b for b, row in enumerate(rows) if row.params.stop]
+        done = np.zeros(len(rows), dtype=bool)
+        active = np.arange(len(rows))  # batch position -> row
         step = 0
         while True:
-            chosen = self._choose(logits, [rows[a] for a in active])
-            still = []
-            for position, a in enumerate(active):
-                row = rows[a]
-                if row.finish is None:
-                    self._append(row, chosen, position)
-                if row.finish is None:
-                    still.append(position)
-            if not still:
-                return
+            chosen = sampler.choose(logits)
+            ids = chosen.cpu().numpy()
+            tokens[active, step] = ids
+            if want_logprobs:
+                picked, top = sampler.logprobs_of(logits, chosen)
+                logprobs[active, step] = picked.cpu().numpy()
+                if top is not None:
+                    top_values[active, step] = top.values.cpu().numpy()
+                    top_ids[active, step] = top.indices.cpu().numpy()
+            ending = ~done[active] & (step + 1 >= max_new[active])
+            for position in np.flatnonzero(~done[active] & np.isin(ids, stop_any)):
+                row = rows[active[position]]
+                if int(ids[position]) in row.stop_ids:
+                    row.finish, ending[position] = "stop", True
+            for b in text_stops:
+                row = rows[b]
+                if not done[b] and row.finish is None:
+                    text = self.tokenizer.decode(tokens[b, :step + 1].tolist())
+                    cut = min((text.find(s) for s in row.params.stop if s in text), default=-1)
+                    if cut >= 0:
+                        row.finish, row.text = "stop", text[:cut]
+                        done[b], row.count = True, step + 1
+            for position in np.flatnonzero(ending):
+                row = rows[active[position]]
+                row.count, row.finish = step + 1, row.finish or "length"
+            done[active[ending]] = True
+            alive = np.flatnonzero(~done[active])
+            if not len(alive):
+                break
+            if len(alive) <= len(active) * 3 // 4:
+                keep = alive.tolist()
+                batch, sampler = batch.select(keep), sampler.select(keep)
+                chosen, active = chosen[torch.from_numpy(alive).to(self.device)], active[alive]
             step += 1
-            if len(still) <= len(active) * 3 // 4:
-                keep = torch.tensor(still, device=self.device)
-                cache = cache.select(keep)
-                chosen_ids, lengths = chosen[0][keep], lengths[keep]
-                active = [active[p] for p in still]
-            else:
-                chosen_ids = chosen[0]
-            positions = (lengths + (step - 1))[:, None]
-            cache.valid[:, cache.length] = True
-            logits = forward_cached(self.model, chosen_ids[:, None], positions, cache, fused=self.fused)
+            logits = decode_step(self.model, chosen, batch, self.rope, fused=self.fused)
+        return [(row.request_index, self._completion(row, b, tokens, logprobs, top_values, top_ids))
+                for b, row in enumerate(rows)]
 
-    def _append(self, row: _Row, chosen: tuple, position: int) -> None:
-        _, ids, logprobs, tops = chosen
-        token = ids[position]
-        row.tokens.append(token)
+    def _completion(self, row: _Row, b: int, tokens: np.ndarray, logprobs: np.ndarray | None,
+                    top_values: np.ndarray | None, top_ids: np.ndarray | None) -> Completion:
+        """Row b's completion from the decode arrays [rows, steps(, k)]."""
         params = row.params
-        if params.logprobs or params.top_logprobs:
-            row.logprobs.append(float(logprobs[position]))
+        ids = tokens[b, :row.count].tolist()
+        tops = None
         if params.top_logprobs:
-            values, indices = tops
-            row.tops.append([
-                TopLogprob(t, v, self.tokenizer.decode([t]))
-                for v, t in zip(values[position][:params.top_logprobs],
-                                indices[position][:params.top_logprobs], strict=True)
-            ])
-        if token in row.stop_ids:
-            row.finish = "stop"
-        elif params.stop:
-            text = self.tokenizer.decode(row.tokens)
-            cut = min((text.find(s) for s in params.stop if s in text), default=-1)
-            if cut >= 0:
-                row.finish, row.text = "stop", text[:cut]
-        if row.finish is None and len(row.tokens) >= row.max_new:
-            row.finish = "length"
+            k = params.top_logprobs
+            tops = [[TopLogprob(t, v, self.tokenizer.decode([t])) for v, t in zip(values[:k], indices[:k], strict=True)]
+                    for values, indices in zip(top_values[b, :row.count].tolist(), top_ids[b, :row.count].tolist(),
+                                               strict=True)]
+        return Completion(
+            index=row.sample_index,
+            token_ids=ids,
+            text=row.text if row.text is not None else self._text(ids, row),
+            finish_reason=row.finish or "length",
+            prompt_tokens=row.prompt_len,
+            logprobs=logprobs[b, :row.count].tolist() if params.logprobs or params.top_logprobs else None,
+            top_logprobs=tops,
+        )
 
-    def _choose(self, logits: torch.Tensor, rows: list[_Row]) -> tuple:
-        """The next token of every row, its raw log-probability, and the top-k when asked."""
-        vocab = self.tokenizer.vocab_size
-        if logits.shape[1] > vocab:
-            logits = logits.clone()
-            logits[:, vocab:] = float("-inf")
-        chosen = torch.empty(len(rows), dtype=torch.long, device=logits.device)
-        groups: dict[tuple, list[int]] = {}
-        for position, row in enumerate(rows):
-            p = row.params
-            key = (0.0, 0, 1.0) if p.temperature == 0 else (p.temperature, p.top_k, p.top_p)
-            groups.setdefault(key, []).append(position)
-        for (temperature, top_k, top_p), positions in groups.items():
-            index = torch.tensor(positions, device=logits.device)
-            if temperature == 0:
-                chosen[index] = logits[index].argmax(dim=-1)
-                continue
-            uniforms = torch.tensor([rows[p].rng.random() for p in positions], dtype=torch.float64)
-            chosen[index] = _sample(logits[index], temperature, top_k, top_p, uniforms.to(logits.device))
-        picked, tops = None, None
-        if any(row.params.logprobs or row.params.top_logprobs for row in rows):
-            raw = torch.log_softmax(logits, dim=-1)
-            picked = raw.gather(1, chosen[:, None])[:, 0].tolist()
-            want_top = max(row.params.top_logprobs for row in rows)
-            if want_top:
-                top = raw.topk(want_top, dim=-1)
-                tops = (top.values.tolist(), top.indices.tolist())
-        return chosen, chosen.tolist(), picked, tops
+    def _text(self, tokens: list[int], row: _Row) -> str:
+        if tokens and row.finish == "stop" and tokens[-1] in row.stop_ids:
+            tokens = tokens[:-1]
+        return self.tokenizer.decode(tokens)
 
     def close(self) -> None:
         self.prefix_cache.clear()
-
-
-def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, uniforms: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF sampling of each row with its own uniform number in [0, 1)."""
-    scores = logits / temperature
-    order = None
-    if top_k and top_k < scores.shape[1]:
-        kth = scores.topk(top_k, dim=-1).values[:, -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    probs = scores.softmax(dim=-1)
-    if top_p < 1.0:
-        probs, order = probs.sort(dim=-1, descending=True)
-        before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
-        probs = probs.masked_fill(before >= top_p, 0.0)
-    # no need to renormalise what is left: the uniform number is scaled to the total instead
-    probs = probs.double()
-    cdf = probs.cumsum(dim=-1)
-    picks = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], right=True)[:, 0]
-    picks = picks.clamp(max=probs.shape[1] - 1)
-    # a token of probability zero is never drawn: step back past any run of them
-    zero = probs.gather(1, picks[:, None])[:, 0] == 0
-    if zero.any():
-        nonzero_upto = torch.where(probs > 0, torch.arange(probs.shape[1], device=probs.device), -1).cummax(dim=-1).values
-        picks = torch.where(zero, nonzero_upto.gather(1, picks[:, None])[:, 0], picks)
-    return order.gather(1, picks[:, None])[:, 0] if order is not None else picks
