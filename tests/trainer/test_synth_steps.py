@@ -363,6 +363,96 @@ def test_a_prompt_too_long_for_the_model_is_dropped_and_counted_not_fatal(tmp_pa
     assert outcomes[1].reason == "prompt-rejected" and outcomes[0].reason != "prompt-rejected"
 
 
+def bigram_teacher(directory, chain: str, *, positions: int = 2048):
+    """A real torch model that, greedily, writes `chain` after the prompt (and then cycles on):
+    every block adds nothing to the residual stream, so each token alone decides the next, and
+    each character of `chain` is mapped to the one after it (the prompt's last token,
+    `<|im_sep|>`, to the first). The characters of `chain` must each have one successor."""
+    from dataclasses import replace
+
+    import torch
+
+    from tests.trainer.generate_fixtures import TINY_GEN
+    from tokenmill.trainer.generate import load_torch_engine
+    from tokenmill.trainer.model import build_model
+    from tokenmill.trainer.model.hf import export_hf
+    from tokenmill.trainer.tokenizer.byte import ByteTokenizer
+
+    config = replace(TINY_GEN, max_position_embeddings=positions)
+    model = build_model(config, seed=0).eval()
+    im_sep = ByteTokenizer().special_tokens["<|im_sep|>"]
+    successors: dict[int, int] = {}
+    tokens = [im_sep, *chain.encode()]
+    for here, following in zip(tokens, tokens[1:]):
+        assert successors.setdefault(here, following) == following, "a character with two successors"
+    slots = {token: slot for slot, token in enumerate(sorted(successors))}
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.attention.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.embed.weight.zero_()
+        model.lm_head.weight.zero_()
+        for token, slot in slots.items():
+            model.embed.weight[token, slot] = 1.0
+            model.lm_head.weight[successors[token], slot] = 10.0
+    export_hf(model, config, directory, dtype="float32")
+    return load_torch_engine(directory.as_uri())
+
+
+@pytest.mark.slow
+def test_qa_extraction_with_the_torch_engine_keeps_the_well_formed_pair_and_counts_the_rest(tmp_path) -> None:
+    engine = bigram_teacher(tmp_path / "hf", "Q: 7\nA:")  # then cycles: "Q: 7\nA: 7\nA: 7\nA..."
+    assert engine.generate([steps.GenerationRequest(messages=({"role": "user", "content": "x"},),
+                                                    sampling=SamplingParams(temperature=0.0, max_tokens=10))]
+                           )[0].completions[0].text == "Q: 7\nA: 7\n"
+    shared = Context(engine, SamplingParams(seed=0, temperature=0.0, max_tokens=15))
+    outcomes = steps.Rewrite(["qa", "exercise"], None).run(items(PROBLEMS[:2]), shared)
+    assert [(o.item.id, o.reason) for o in outcomes] == [
+        ("q0-qa0", "rewritten-qa"), ("q0-qa-dropped0", "malformed-qa-pair"),  # "A: 7\nA: 7": an answer to nothing
+        ("q0-exercise", "rewritten-exercise"),
+        ("q1-qa0", "rewritten-qa"), ("q1-qa-dropped0", "malformed-qa-pair"), ("q1-exercise", "rewritten-exercise")]
+    assert (outcomes[0].item.question, outcomes[0].item.solution) == ("7", "7")
+    assert shared.requests["rewrite"] == 4 and shared.tokens["rewrite"] == 4 * 15
+
+
+@pytest.mark.slow
+def test_every_step_drops_a_random_models_malformed_output_with_its_reason(tmp_path) -> None:
+    """A random tiny model writes no score, no question-answer pair, no code that matches and no
+    passing program: each step drops (or, for free-form text, keeps) with the reason it says."""
+    from dataclasses import replace
+
+    from tests.trainer.generate_fixtures import TINY_GEN
+    from tokenmill.trainer.generate import load_torch_engine
+    from tokenmill.trainer.model import build_model
+    from tokenmill.trainer.model.hf import export_hf
+
+    config = replace(TINY_GEN, max_position_embeddings=1024)
+    export_hf(build_model(config, seed=0).eval(), config, tmp_path / "hf", dtype="float32")
+    engine = load_torch_engine((tmp_path / "hf").as_uri())
+    shared = Context(engine, SamplingParams(seed=0, max_tokens=12, temperature=1.0))
+
+    def reasons(outcomes) -> Counter:
+        return Counter((o.verdict, o.reason) for o in outcomes)
+
+    selection = SeedSelection(keep_fraction=1.0, passage_words=12).run(items(PROBLEMS[:3]), shared)
+    assert reasons(selection) == {("dropped", "unparseable-score"): 3}
+    extraction = steps.Rewrite(["qa"], None).run(items(PROBLEMS[:3]), shared)
+    assert reasons(extraction) == {("dropped", "unparseable-qa"): 3}
+    reversal = InstructionReversal(0.8, "char-ngram").run(items([f"```python\n{CODE}\n```"] * 2), shared)
+    assert reasons(reversal) == {("dropped", "dissimilar"): 2}
+    assert all(o.item.trail[-1]["similarity"] < 0.8 for o in reversal)
+    conversation = MultiTurn(turns=2, revise_each_turn=True).run(items(PROBLEMS[:2]), shared)
+    assert reasons(conversation) == {("kept", "conversation-complete"): 2}  # free text; no critique to act on
+    assert shared.requests["multiTurn"] == 2 * (1 + 3)
+    assert all(len(o.item.messages) == 4 for o in conversation)
+    [draft] = items(["double"])
+    draft.tests = ["assert double(3) == 6"]
+    draft.solution = engine.generate([steps.GenerationRequest(messages=({"role": "user", "content": "def"},),
+                                                              sampling=shared.sampling)])[0].completions[0].text
+    [checked] = ExecutionCheck(timeout_seconds=10, memory_mb=512).run([draft], shared)
+    assert not checked.kept and checked.reason.startswith("tests-") and checked.reason != "tests-passed"
+
+
 # -- checks before generation -------------------------------------------------------------------
 
 def test_a_workflow_that_does_not_fit_the_dataset_type_is_refused() -> None:
