@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections import Counter
 
@@ -478,6 +479,43 @@ def test_a_template_naming_a_field_the_seeds_lack_is_refused_naming_file_and_fie
     finally:
         templates.get.cache_clear()
         templates._environment.cache_clear()
+
+
+def test_the_workload_refuses_a_template_naming_a_missing_field_before_any_request(tmp_path, monkeypatch, capfd):
+    from tests.trainer.synth_fixtures import spec, write_seeds, write_spec
+    from tokenmill.store import open_store
+    from tokenmill.trainer.synth import workload
+
+    copied = tmp_path / "templates"
+    shutil.copytree(templates.TEMPLATE_DIR, copied)
+    critique = copied / "critique.j2"
+    critique.write_text(critique.read_text() + "Audience: {{ seed.audience }}\n")
+    monkeypatch.setattr(templates, "TEMPLATE_DIR", copied)
+    templates.get.cache_clear()
+    templates._environment.cache_clear()
+    try:
+        output = (tmp_path / "out").as_uri()
+        seeds = write_seeds((tmp_path / "seeds").as_uri())
+        assert workload.run(write_spec(output, spec(seeds))) == workload.EXIT_BAD_INPUT
+    finally:
+        templates.get.cache_clear()
+        templates._environment.cache_clear()
+    err = capfd.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert re.search(r"spec\.seeds \(seed q0\): template critique\.j2 \(version 1\) names the field 'audience'", err)
+    assert err.endswith("nothing was generated")
+    assert not open_store(output).list("generations/") and not open_store(output).list("data/")
+
+
+@pytest.mark.parametrize(("row", "message"), [
+    ({"id": "a", "messages": [{"role": "assistant", "content": "hi"}], "meta": "{}"}, r"row a\.messages: no user turn"),
+    ({"id": "a", "messages": [{"role": "user", "content": "hi"}], "meta": "{oops"}, r"row a\.meta: not JSON"),
+])
+def test_a_seed_row_that_cannot_be_read_is_refused_naming_it(row, message) -> None:
+    from tokenmill.trainer.synth.workflow import seed_from_row
+
+    with pytest.raises(SynthInputError, match=message):
+        seed_from_row(row, "chat_samples", "spec.seeds[0] (s3://b/seeds) row a")
 
 
 def test_every_template_declares_its_version_and_renders_with_the_workflows_fields() -> None:
