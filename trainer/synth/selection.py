@@ -51,6 +51,8 @@ class ScoringWorker(ShardWorker):
             record = {"shard": unit["shard"], "scores": [[*passage.key, passage.score] for passage in scored],
                       "sent": self.engine.attempted - sent_before}
             key = scores_key(unit["shard"])
+            if self.engine.cache is not None:
+                self.engine.cache.flush()  # every score paid for is cached before the shard counts as scored
             _check_fence(self.job, f"write {key} under {self.job.output}")
             self.store.write_json(key, record)
             results.append(json.dumps({"shard": unit["shard"], "sent": record["sent"]}))
