@@ -35,32 +35,43 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from resource import RUSAGE_CHILDREN, getrusage
 
 from tokenmill.layout import dataset_uri, hf_export_uri, join
 from tokenmill.store import CHAT_SAMPLES, DOCUMENTS, PREFERENCE_PAIRS, CheckpointStore, DatasetWriter, open_dataset
 from tokenmill.trainer.generate.scripted_engine import correct_answer, worked_solution
 
-NAMES = ["Sam", "Mia", "Leo", "Ava", "Noah", "Zoe"]
-OBJECTS = ["apples", "pens", "cards", "shells", "stamps", "marbles"]
+# Names of one length and objects of another put the numbers of every problem at the same
+# places, so that a two-layer byte-level model learns to read them within minutes.
+NAMES = ["Sam", "Mia", "Leo", "Ava", "Max", "Zoe"]
+OBJECTS = ["apples", "shells", "stamps", "grapes", "sticks", "plates"]
 TRIPLES = [(a, "+", b) for a in range(1, 10) for b in range(1, 10)] + \
           [(a, "-", b) for a in range(2, 10) for b in range(1, a)]
-HELD_OUT = 24
+PROBLEMS = [(name, thing, a, op, b) for name in NAMES for thing in OBJECTS for (a, op, b) in TRIPLES]
+"""Every problem the example poses: 6 names x 6 objects x 126 sums and differences."""
+HELD_OUT = 64
 MODELS = ("SFT", "PTS-DPO", "Full-DPO")
 
 
-def problem_text(rng: random.Random, a: int, op: str, b: int) -> str:
-    name, thing = rng.choice(NAMES), rng.choice(OBJECTS)
+def problem_text(name: str, thing: str, a: int, op: str, b: int) -> str:
     if op == "+":
         return f"{name} has {a} {thing} and buys {b} more {thing} at the market. How many {thing} does {name} have now?"
     return f"{name} has {a} {thing} and gives away {b} {thing} to a friend. How many {thing} does {name} have now?"
 
 
-def solved(rng: random.Random, triple: tuple[int, str, int], teacher_rng: random.Random) -> tuple[str, str, str]:
-    text = problem_text(rng, *triple)
+def solved(problem: tuple, teacher: random.Random) -> tuple[str, str, str]:
+    text = problem_text(*problem)
     answer = correct_answer(text)
     if answer is None:
         raise ValueError(f"the scripted teacher cannot read {text!r}")
-    return text, worked_solution(text, teacher_rng, 0.0), answer
+    return text, worked_solution(text, teacher, 0.0), answer
+
+
+def split_problems(seed: int) -> tuple[list[tuple], list[tuple]]:
+    """The held-out problems and the training pool, disjoint: no held-out question is ever trained on."""
+    problems = list(PROBLEMS)
+    random.Random(seed).shuffle(problems)
+    return problems[:HELD_OUT], problems[HELD_OUT:]
 
 
 def write(uri: str, schema, rows: list[dict]) -> str:
@@ -71,15 +82,13 @@ def write(uri: str, schema, rows: list[dict]) -> str:
 
 
 def make_data(directory: Path, seed: int, scale: float) -> dict[str, str]:
-    rng = random.Random(seed)
+    rng = random.Random(seed + 1)
     teacher = random.Random(seed + 1000)
-    triples = list(TRIPLES)
-    rng.shuffle(triples)
-    held_out, training = triples[:HELD_OUT], triples[HELD_OUT:]
-    n_docs, n_sft, n_pts = int(1200 * scale), int(600 * scale), max(8, int(48 * scale))
+    held_out, training = split_problems(seed)
+    n_docs, n_sft, n_pts = int(SIZES["documents"] * scale), int(SIZES["sft"] * scale), max(4, int(SIZES["pts"] * scale))
 
     def sample(count: int) -> list[tuple[str, str, str]]:
-        return [solved(rng, rng.choice(training), teacher) for _ in range(count)]
+        return [solved(rng.choice(training), teacher) for _ in range(count)]
 
     uris = {}
     docs = [{"id": f"doc-{i}", "text": f"Question: {q}\nSolution: {s}", "source": "pretrain", "lang": "en", "meta": "{}"}
@@ -93,8 +102,8 @@ def make_data(directory: Path, seed: int, scale: float) -> dict[str, str]:
             "messages": [{"role": "user", "content": q}]} for i, (q, _, a) in enumerate(sample(n_pts))]
     uris["problems"] = write((directory / "problems").as_uri(), CHAT_SAMPLES, pts)
     evaluation = []
-    for i, triple in enumerate(held_out):
-        q, _, a = solved(rng, triple, teacher)
+    for i, problem in enumerate(held_out):
+        q, _, a = solved(problem, teacher)
         evaluation.append({"id": f"eval-{i}", "source": "eval", "meta": json.dumps({"answer": a}),
                            "messages": [{"role": "user", "content": q}]})
     uris["eval"] = write((directory / "eval").as_uri(), CHAT_SAMPLES, evaluation)
@@ -106,15 +115,30 @@ def resource(kind: str, name: str, spec: dict) -> dict:
 
 
 RAY_TRAIN = {"workers": {"replicas": 1, "gpusPerWorker": 0, "cpusPerWorker": "2", "memoryPerWorker": "4Gi"}}
+SEQUENCE = 256
+BATCH = 16
+SIZES = {"documents": 3000, "sft": 1500, "pts": 24}
+"""Rows of each dataset at --scale 1."""
+STEPS = {"pretrain": 192, "sft": 64, "dpo": 24}
+"""Optimizer steps of each stage at --scale 1 (BATCH sequences of SEQUENCE tokens each)."""
+DPO = {"beta": 0.1, "peakLearningRate": 2.0e-4}
+PTS = {"solutionsPerProblem": 2, "samplesPerEstimate": 16, "pGap": 0.2,
+       "queryFilter": {"minSuccess": 0.1, "maxSuccess": 0.9}, "maxPivotalTokens": 4}
+ROLLOUT_TOKENS = 56
+
+
+def tokens(stage: str, scale: float) -> int:
+    return max(1, round(STEPS[stage] * scale)) * BATCH * SEQUENCE
 
 
 def dpo_stage(name: str, model: dict, datasets: list[dict], seed: int, scale: float) -> dict:
     return resource("TrainingStage", name, {
         "stage": "dpo", "model": {"parent": model},
-        "dpo": {"beta": 0.1, "referenceModel": model},
-        "datasets": datasets, "sequenceLength": 256,
-        "optimization": {"globalBatchSequences": 8, "microBatchSequences": 8, "peakLearningRate": 1.0e-4,
-                         "totalTokens": int(40960 * scale)},
+        "dpo": {"beta": DPO["beta"], "referenceModel": model},
+        "datasets": datasets, "sequenceLength": SEQUENCE,
+        "optimization": {"globalBatchSequences": BATCH, "microBatchSequences": BATCH,
+                         "peakLearningRate": DPO["peakLearningRate"], "decay": "constant",
+                         "totalTokens": tokens("dpo", scale)},
         "execution": {"precision": "fp32", "seed": seed}, "ray": RAY_TRAIN})
 
 
@@ -122,27 +146,27 @@ def main_recipe(uris: dict[str, str], seed: int, scale: float) -> list[dict]:
     return [
         resource("TrainingStage", "pretrain", {
             "stage": "pretrain", "model": {"config": "tiny"},
-            "datasets": [{"uri": uris["documents"], "weight": 1.0, "epochs": 50}],
-            "sequenceLength": 128,
-            "optimization": {"globalBatchSequences": 8, "microBatchSequences": 8, "peakLearningRate": 3.0e-3,
-                             "warmupSteps": 10, "weightDecay": 0.1, "totalTokens": int(204800 * scale)},
+            "datasets": [{"uri": uris["documents"], "weight": 1.0, "epochs": 100}],
+            "sequenceLength": SEQUENCE,
+            "optimization": {"globalBatchSequences": BATCH, "microBatchSequences": BATCH, "peakLearningRate": 3.0e-3,
+                             "warmupSteps": 20, "decay": "cosine", "minLearningRateRatio": 0.1,
+                             "weightDecay": 0.1, "totalTokens": tokens("pretrain", scale)},
             "execution": {"precision": "fp32", "seed": seed}, "ray": RAY_TRAIN}),
         resource("TrainingStage", "sft", {
             "stage": "sft", "model": {"parent": {"ref": {"kind": "TrainingStage", "name": "pretrain"}}},
-            "datasets": [{"uri": uris["sft"], "weight": 1.0, "epochs": 50}],
-            "sequenceLength": 256,
-            "optimization": {"globalBatchSequences": 8, "microBatchSequences": 8, "peakLearningRate": 1.0e-3,
-                             "warmupSteps": 10, "totalTokens": int(102400 * scale)},
+            "datasets": [{"uri": uris["sft"], "weight": 1.0, "epochs": 100}],
+            "sequenceLength": SEQUENCE,
+            "optimization": {"globalBatchSequences": BATCH, "microBatchSequences": BATCH, "peakLearningRate": 1.0e-3,
+                             "warmupSteps": 5, "decay": "cosine", "minLearningRateRatio": 0.1,
+                             "totalTokens": tokens("sft", scale)},
             "execution": {"precision": "fp32", "seed": seed + 1}, "ray": RAY_TRAIN}),
         resource("PTSJob", "pts", {
             "model": {"ref": {"kind": "TrainingStage", "name": "sft"}},
-            "problems": {"uri": uris["problems"]}, "oracle": {"kind": "math"}, "engine": "torch",
-            "solutionsPerProblem": 2, "samplesPerEstimate": 16, "pGap": 0.2,
-            "queryFilter": {"minSuccess": 0.1, "maxSuccess": 0.9}, "maxPivotalTokens": 4,
-            "rollout": {"temperature": 1.0, "maxTokens": 48, "seed": seed},
-            "ray": {"workers": {"replicas": 1, "gpusPerWorker": 0, "cpusPerWorker": "2", "memoryPerWorker": "4Gi"}}}),
+            "problems": {"uri": uris["problems"]}, "oracle": {"kind": "math"}, "engine": "torch", **PTS,
+            "rollout": {"temperature": 1.0, "maxTokens": ROLLOUT_TOKENS, "seed": seed},
+            "ray": RAY_TRAIN}),
         dpo_stage("dpo-pts", {"ref": {"kind": "TrainingStage", "name": "sft"}},
-                  [{"ref": {"kind": "PTSJob", "name": "pts"}, "weight": 1.0, "epochs": 200}], seed + 2, scale),
+                  [{"ref": {"kind": "PTSJob", "name": "pts"}, "weight": 1.0, "epochs": 1000}], seed + 2, scale),
     ]
 
 
@@ -153,11 +177,35 @@ def write_recipe(directory: Path, resources: list[dict]) -> Path:
     return directory
 
 
-def tokenmill_run(recipe: Path, store: str, log: Path) -> None:
+def logged(command: list[str], log: Path, timings: dict[str, float], first: str) -> int:
+    """Runs `command` with its output appended to `log`, adding to `timings` the wall seconds of
+    each part: `first` until the runner starts its first resource, then each resource (from its
+    `start Kind/name` line to the next one, or to the end)."""
+    name, current = first, time.monotonic()
+
+    def lap(following: str) -> None:
+        nonlocal name, current
+        now = time.monotonic()
+        timings[name] = round(timings.get(name, 0.0) + now - current, 1)
+        name, current = following, now
+
+    with open(log, "a", encoding="utf-8", errors="replace") as output, \
+            subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             errors="replace") as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            output.write(line)
+            if line.startswith("start ") and "/" in line:
+                lap(line.split()[1].split("/", 1)[1])
+        status = process.wait()
+    lap(name)
+    return status
+
+
+def tokenmill_run(recipe: Path, store: str, log: Path, timings: dict[str, float]) -> None:
     command = [sys.executable, "-c", "import sys; from tokenmill.cli import main; sys.exit(main())",
                "run", str(recipe), "--store", store]
-    with open(log, "ab") as output:
-        status = subprocess.run(command, stdout=output, stderr=subprocess.STDOUT).returncode
+    status = logged(command, log, timings, "ray start-up")
     if status != 0:
         raise SystemExit(f"tokenmill run {recipe} failed (exit {status}); see {log}")
 
@@ -178,9 +226,11 @@ def run_seed(work: Path, seed: int, scale: float) -> dict:
     store = (directory / "store").as_uri()
     log = directory / "run.log"
     directory.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
+    started, cpu_started = time.monotonic(), children_cpu_seconds()
+    timings: dict[str, float] = {}
     uris = make_data(directory / "data", seed, scale)
-    tokenmill_run(write_recipe(directory / "main", main_recipe(uris, seed, scale)), store, log)
+    timings["data"] = round(time.monotonic() - started, 1)
+    tokenmill_run(write_recipe(directory / "main", main_recipe(uris, seed, scale)), store, log, timings)
     pivotal = open_dataset(dataset_uri(join(store, "ptsjobs", "pts"))).read_all().num_rows
     full_uri = (directory / "data" / "full-solution-pairs").as_uri()
     full = cut_full_solution_pairs(store, full_uri, pivotal, seed)
@@ -189,21 +239,19 @@ def run_seed(work: Path, seed: int, scale: float) -> dict:
     sft_checkpoint = sft_checkpoints.uri_for(sft_checkpoints.latest().step)  # type: ignore[union-attr]
     if pivotal and full:
         tokenmill_run(write_recipe(directory / "full", [dpo_stage(
-            "dpo-full", {"uri": sft_checkpoint}, [{"uri": full_uri, "weight": 1.0, "epochs": 200}], seed + 2, scale)]),
-            store, log)
+            "dpo-full", {"uri": sft_checkpoint}, [{"uri": full_uri, "weight": 1.0, "epochs": 1000}], seed + 2, scale)]),
+            store, log, timings)
     models = {"SFT": sft_export}
     if pivotal:
         models["PTS-DPO"] = hf_export_uri(join(store, "trainingstages", "dpo-pts"))
     if pivotal and full:
         models["Full-DPO"] = hf_export_uri(join(store, "trainingstages", "dpo-full"))
     config = {"problems": uris["eval"], "oracle": "math", "models": models, "samples": 8,
-              "temperature": 1.0, "maxTokens": 48, "seed": seed}
+              "temperature": 1.0, "maxTokens": ROLLOUT_TOKENS, "seed": seed}
     (directory / "evaluation.json").write_text(json.dumps(config))
     result_uri = (directory / "evaluation-result.json").as_uri()
-    with open(log, "ab") as output:
-        status = subprocess.run([sys.executable, "-m", "tokenmill.trainer.evaluate", "--config",
-                                 json.dumps(config), "--out", result_uri],
-                                stdout=output, stderr=subprocess.STDOUT).returncode
+    status = logged([sys.executable, "-m", "tokenmill.trainer.evaluate", "--config", json.dumps(config),
+                     "--out", result_uri], log, timings, "evaluation")
     if status != 0:
         raise SystemExit(f"the evaluation of seed {seed} failed (exit {status}); see {log}")
     result = json.loads((directory / "evaluation-result.json").read_text())
@@ -211,10 +259,25 @@ def run_seed(work: Path, seed: int, scale: float) -> dict:
                        .read_text())["stats"]
     return {"seed": seed, "pivotalPairs": pivotal, "fullSolutionPairs": full,
             "problemsSearched": stats["problemsSearched"], "problems": stats["problems"],
-            "seconds": round(time.monotonic() - started, 1), "models": result["models"]}
+            "rollouts": stats.get("rollouts"), "seconds": round(time.monotonic() - started, 1),
+            "cpuSeconds": round(children_cpu_seconds() - cpu_started, 1), "stageSeconds": timings,
+            "models": result["models"]}
+
+
+def children_cpu_seconds() -> float:
+    """CPU seconds of the finished child processes (the runner, its Ray cluster, the evaluation)."""
+    usage = getrusage(RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def table(runs: list[dict]) -> str:
+    """The accuracy table (mean ± standard deviation over seeds, then each seed), and what PTS found per seed."""
     lines = ["| model | greedy accuracy | success rate (8 samples) | per seed (greedy / success) |",
              "| --- | ---: | ---: | --- |"]
     for label in MODELS:
@@ -224,13 +287,15 @@ def table(runs: list[dict]) -> str:
             continue
         greedy = [m["greedyAccuracy"] for m in found]
         success = [m["successRate"] for m in found]
-
-        def spread(values: list[float]) -> str:
-            return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 \
-                else f"{values[0]:.3f}"
-
         per_seed = ", ".join(f"{g:.2f} / {s:.2f}" for g, s in zip(greedy, success))
+        if len(found) < len(runs):
+            per_seed += f" ({len(found)} of {len(runs)} seeds; the others had no pairs)"
         lines.append(f"| {label} | {spread(greedy)} | {spread(success)} | {per_seed} |")
+    if all("problemsSearched" in run for run in runs):
+        lines += ["", "| seed | problems searched | pivotal pairs | full-solution pairs | rollouts | minutes |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {run['seed']} | {run['problemsSearched']} of {run['problems']} | {run['pivotalPairs']} | "
+                  f"{run['fullSolutionPairs']} | {run['rollouts']} | {run['seconds'] / 60:.1f} |" for run in runs]
     return "\n".join(lines)
 
 
