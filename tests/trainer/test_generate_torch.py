@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from tests.trainer.generate_fixtures import export_tiny
+from tests.trainer.generate_fixtures import export_tiny, tiny_model
 from tokenmill.trainer.generate import (
     GenerationInputError,
     GenerationRequest,
@@ -60,7 +60,9 @@ def test_greedy_matches_transformers_generate(engine, hf_model):
         assert completion.text == BYTE.decode(expected[:-1] if stopped else expected)
 
 
-def test_logprobs_equal_a_full_forward(engine):
+@pytest.mark.parametrize("max_shared_prompts", [8, 0], ids=["shared-prompt-segments", "per-row-segments"])
+def test_logprobs_equal_a_full_forward(export_dir, max_shared_prompts):
+    engine = load_torch_engine(f"file://{export_dir}", device="cpu", max_shared_prompts=max_shared_prompts)
     sampling = SamplingParams(temperature=0.9, top_p=0.95, max_tokens=30, seed=3, logprobs=True, top_logprobs=3)
     padded = [GenerationRequest(prompt_token_ids=_ids(p), n=2, sampling=sampling) for p in PROMPTS[:3]]
     alone = [GenerationRequest(prompt_token_ids=_ids(PROMPTS[3]), n=2, sampling=sampling)]  # no padding: no mask
@@ -169,3 +171,47 @@ def test_bad_requests_fail_before_generation(engine):
     with pytest.raises(GenerationInputError, match=r"promptTokenIds: id 999"):
         engine.generate([GenerationRequest(prompt_token_ids=(999,))])
     assert engine.prefill_tokens == 0
+
+
+def _tiny_engine(**options) -> TorchEngine:
+    return TorchEngine(tiny_model(0), BYTE, **options)
+
+
+def test_shared_prompt_segments_and_per_row_segments_give_the_same_samples():
+    sampling = SamplingParams(temperature=0.9, top_k=40, top_p=0.9, max_tokens=20, seed=5, logprobs=True)
+    requests = [GenerationRequest(prompt_token_ids=_ids(p), n=3, sampling=sampling) for p in PROMPTS]
+    shared = _tiny_engine().generate(requests)  # 5 prompts, 3 samples each: shared segments
+    per_row = _tiny_engine(max_shared_prompts=0).generate(requests)  # left-padded per-row segment
+    for a, b in zip(shared, per_row, strict=True):
+        assert [c.token_ids for c in a.completions] == [c.token_ids for c in b.completions]
+        for x, y in zip(a.completions, b.completions, strict=True):
+            torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-4, rtol=0)
+
+
+def test_samples_keep_to_top_k_and_nucleus_and_do_not_depend_on_their_batch_mates():
+    model = tiny_model(0, sharpness=1.0)  # flat distributions: the filters have work to do
+    top_k = GenerationRequest(prompt_token_ids=_ids("Once upon"), n=6,
+                              sampling=SamplingParams(temperature=1.5, top_k=5, max_tokens=24, seed=1))
+    nucleus = GenerationRequest(prompt_token_ids=_ids("The cat"), n=6,
+                                sampling=SamplingParams(temperature=1.0, top_p=0.3, max_tokens=24, seed=2))
+    greedy = GenerationRequest(prompt_token_ids=_ids("x = "), sampling=SamplingParams(temperature=0, max_tokens=24))
+    together = TorchEngine(model, BYTE).generate([top_k, nucleus, greedy])
+    for request, output in zip([top_k, nucleus, greedy], together, strict=True):
+        (alone,) = TorchEngine(model, BYTE).generate([request])
+        assert [c.token_ids for c in alone.completions] == [c.token_ids for c in output.completions]
+    for output in together:
+        params = output.request.sampling
+        prompt = list(output.request.prompt_token_ids)
+        for completion in output.completions:
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + completion.token_ids]))[0, len(prompt) - 1:-1].float()
+            for step, token in enumerate(completion.token_ids):
+                probs = torch.softmax(logits[step] / (params.temperature or 1.0), dim=-1)
+                more_likely = probs > probs[token]
+                if params.temperature == 0:
+                    assert not more_likely.any()
+                if params.top_k:
+                    assert int(more_likely.sum()) < params.top_k
+                if params.top_p < 1:
+                    assert float(probs[more_likely].sum()) < params.top_p
+    assert len({tuple(c.token_ids) for c in together[0].completions}) > 1
