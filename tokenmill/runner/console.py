@@ -7,9 +7,11 @@ plain `Text`, never parsed as rich markup: a line such as `[/oops]` is shown as 
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.progress import (
@@ -26,9 +28,13 @@ from rich.table import Table
 from rich.text import Text
 
 from tokenmill.api.resources import AnyResource
-from tokenmill.runner.evaluation import run_evaluation
+from tokenmill.runner.evaluation import evaluation_state, run_evaluation, with_versions, work_uri
 from tokenmill.runner.local import LocalRunner, RunEvents, StageResult, default_store
 from tokenmill.store import Progress as ProgressRecord
+from tokenmill.store import StoreError, open_store, read_progress
+
+EVALUATION = "evaluation"
+INTERRUPTED_EXIT_CODE = 130
 
 SUMMARY_WIDTH = 80
 
@@ -122,13 +128,8 @@ def run_with_progress(
 
     def on_progress(resource: AnyResource, record: ProgressRecord) -> None:
         task = tasks.get(resource.key)
-        if task is None:
-            return
-        if record.total:
-            progress.update(task, total=record.total, completed=min(record.done, record.total),
-                            message=record.message, unit=record.unit)
-        else:
-            progress.update(task, message=record.message)
+        if task is not None:
+            show_record(progress, task, record)
 
     def line(resource: AnyResource, text: str) -> None:
         progress.console.print(Text.assemble((_label(resource), "dim"), " ", text), highlight=False, soft_wrap=True)
@@ -145,26 +146,87 @@ def run_with_progress(
         else:
             say((result.result, style), f" {_label(result.resource)}: ", result.detail)
 
-    with local_ray(ray_address, start_ray) as address, progress:
-        runner = LocalRunner(store_root, address, events=RunEvents(started, on_progress, line, finished))
-        results = runner.run(resources)
-    width = min(console.width, SUMMARY_WIDTH)
-    console.print(summary_table(results), width=width)
-    succeeded = all(r.result in ("Succeeded", "Up to date") for r in results)
-    evaluated = True
-    if succeeded and evaluation is not None:
-        console.print(Text.assemble(("start", "cyan"), " evaluation: ", ", ".join(evaluation["models"])))
-        started = time.monotonic()
-        code = run_evaluation(evaluation, store_root, lambda text: console.print(
-            Text.assemble(("evaluation", "dim"), " ", text), highlight=False, soft_wrap=True))
-        evaluated = code == 0
-        if evaluated:
-            console.print(Text.assemble(("done", "green"), f" evaluation in {time.monotonic() - started:.1f}s"))
-        else:
-            console.print(Text.assemble(("Failed", "red"), f" evaluation: exited with status {code}"))
+    try:
+        with local_ray(ray_address, start_ray) as address, progress:
+            runner = LocalRunner(store_root, address, events=RunEvents(started, on_progress, line, finished))
+            results = runner.run(resources)
+        width = min(console.width, SUMMARY_WIDTH)
+        console.print(summary_table(results), width=width)
+        succeeded = all(r.result in ("Succeeded", "Up to date") for r in results)
+        evaluated = True
+        if succeeded and evaluation is not None:
+            evaluated = evaluate_with_progress(evaluation, store_root, console)
+    except KeyboardInterrupt:
+        console.print(Text.assemble(("interrupted", "yellow"), f": committed work is kept; run `tokenmill run "
+                                    f"{recipe}` again to resume"), highlight=False, soft_wrap=True)
+        return INTERRUPTED_EXIT_CODE
     if succeeded:
         print_report(store_root, console, width)
     return 0 if succeeded and evaluated else 1
+
+
+def show_record(bars: Progress, task: TaskID, record: ProgressRecord) -> None:
+    """Move a bar to a progress record. The first record with a total starts the bar's clock
+    there, so work an earlier run committed does not count towards the rate."""
+    if not record.total:
+        bars.update(task, message=record.message)
+        return
+    completed = min(record.done, record.total)
+    if next(shown for shown in bars.tasks if shown.id == task).total is None:
+        bars.reset(task, total=record.total, completed=completed, message=record.message, unit=record.unit)
+    else:
+        bars.update(task, total=record.total, completed=completed, message=record.message, unit=record.unit)
+
+
+def evaluate_with_progress(config: dict[str, Any], store_root: str, console: Console,
+                           poll_seconds: float = 0.5) -> bool:
+    """Run the recipe's evaluation (skipped when an earlier run did exactly this one, resumed
+    when it evaluated some of the models) with a bar; True when it succeeded."""
+    config = with_versions(config)
+    state, evaluated = evaluation_state(config, store_root)
+    if state == "done":
+        console.print(Text.assemble(("skip", "green"), f" {EVALUATION}: already done (an earlier run evaluated "
+                                    f"{', '.join(config['models'])} as they are now)"), highlight=False,
+                      soft_wrap=True)
+        return True
+    if state == "partial":
+        console.print(Text.assemble(("resume", "cyan"), f" {EVALUATION}: {', '.join(evaluated)} evaluated by an "
+                                    "earlier run"), highlight=False, soft_wrap=True)
+    else:
+        console.print(Text.assemble(("start", "cyan"), f" {EVALUATION}: ", ", ".join(config["models"])),
+                      highlight=False, soft_wrap=True)
+    work = work_uri(store_root)
+    with contextlib.suppress(StoreError):  # a record of an earlier evaluation is not this one's progress
+        open_store(work).delete("_run/progress.json")
+    bars = progress_bars(console)
+    task = bars.add_task(EVALUATION, total=None, message="starting", unit="")
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(poll_seconds):
+            try:
+                record = read_progress(work)
+            except (StoreError, ValueError):  # a record being replaced; the next poll reads it
+                continue
+            if record is not None:
+                show_record(bars, task, record)
+
+    watcher = threading.Thread(target=poll, daemon=True)
+    started = time.monotonic()
+    with bars:
+        watcher.start()
+        try:
+            code = run_evaluation(config, store_root, lambda text: bars.console.print(
+                Text.assemble((EVALUATION, "dim"), " ", text), highlight=False, soft_wrap=True))
+        finally:
+            stop.set()
+            watcher.join()
+        bars.remove_task(task)
+    if code == 0:
+        console.print(Text.assemble(("done", "green"), f" {EVALUATION} in {time.monotonic() - started:.1f}s"))
+        return True
+    console.print(Text.assemble(("Failed", "red"), f" {EVALUATION}: exited with status {code}"))
+    return False
 
 
 def print_report(store_root: str, console: Console, width: int = SUMMARY_WIDTH) -> str | None:

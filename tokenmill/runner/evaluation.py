@@ -8,11 +8,18 @@
 or to a model URI; `problems` is a dataset URI (relative `file:` URIs are relative to the
 recipe's folder). The evaluation itself runs in the trainer
 (`python -m tokenmill.trainer.evaluate`), so the runner never imports torch; its result is
-`<store root>/_evaluation/evaluation.json`, which the report reads.
+`<store root>/_evaluation/evaluation.json`, which the report reads, beside its progress record
+and each model's committed figures (`models/<key>.json`).
+
+A model that is a stage of the recipe is versioned by the time its stage's last run
+succeeded: a rerun of the recipe whose stages were all up to date finds the evaluation done
+(skipped), one interrupted during the evaluation keeps the models already evaluated
+(resumed), and a retrained model is evaluated again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -26,13 +33,61 @@ from tokenmill.api.recipe import absolute_uri, recipe_dir
 from tokenmill.api.resources import AnyResource
 from tokenmill.layout import hf_export_uri, join
 from tokenmill.resolve import output_uri
+from tokenmill.store import ObjectNotFoundError, StoreError, open_store, read_progress
 
 CONFIG_NAME = "evaluation.json"
-RESULT_KEY = "_evaluation/evaluation.json"
+WORK_DIR = "_evaluation"
+RESULT_KEY = f"{WORK_DIR}/evaluation.json"
+SETTINGS = ("problems", "oracle", "samples", "temperature", "maxTokens", "seed")
+"""The config's fields that decide the figures (besides the models and their versions)."""
 
 
 def evaluation_uri(store_root: str) -> str:
     return join(store_root, RESULT_KEY)
+
+
+def work_uri(store_root: str) -> str:
+    """Where the evaluation keeps its result, progress record and per-model figures."""
+    return join(store_root, WORK_DIR)
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def config_key(config: dict[str, Any]) -> str:
+    """Digest of everything that decides an evaluation's figures."""
+    return _digest({"settings": {name: config.get(name) for name in SETTINGS}, "models": config.get("models"),
+                    "versions": config.get("versions") or {}})
+
+
+def model_key(config: dict[str, Any], label: str) -> str:
+    """Digest of everything that decides one model's figures."""
+    return _digest({"settings": {name: config.get(name) for name in SETTINGS}, "label": label,
+                    "model": config["models"][label], "version": (config.get("versions") or {}).get(label)})
+
+
+def with_versions(config: dict[str, Any]) -> dict[str, Any]:
+    """The config with `versions`: for each model that is a stage of the recipe, when its stage's
+    last run succeeded (from its progress record); models given by URI have none."""
+    versions = {}
+    for label, stage_output in (config.get("stages") or {}).items():
+        progress = read_progress(stage_output)
+        versions[label] = progress.updated_at if progress is not None else ""
+    return {**config, "versions": versions}
+
+
+def evaluation_state(config: dict[str, Any], store_root: str) -> tuple[str, list[str]]:
+    """("done", []) when an earlier run evaluated exactly this config (with its versions);
+    ("partial", labels) when it committed the figures of some of its models; ("new", [])."""
+    work = open_store(work_uri(store_root))
+    try:
+        if work.read_json("evaluation.json").get("key") == config_key(config):
+            return "done", []
+    except (ObjectNotFoundError, StoreError, ValueError):
+        pass
+    evaluated = [label for label in config["models"] if work.exists(f"models/{model_key(config, label)}.json")]
+    return ("partial", evaluated) if evaluated else ("new", [])
 
 
 def load_config(recipe: Path) -> dict[str, Any] | None:
@@ -63,25 +118,43 @@ def resolve_config(config: dict[str, Any], recipe: Path, resources: list[AnyReso
     base = recipe_dir(recipe).resolve()
     stages = {f"{resource.kind}/{resource.name}": resource for resource in resources}
     models = {}
+    stage_outputs = {}
     for label, target in config["models"].items():
         if target in stages:
-            models[label] = hf_export_uri(output_uri(stages[target], store_root))
+            stage_outputs[label] = output_uri(stages[target], store_root)
+            models[label] = hf_export_uri(stage_outputs[label])
         elif "/" in target and "://" not in target and not target.startswith("file:"):
             raise RecipeError([Problem(f"{target} is not a resource of the recipe", f"models.{label}",
                                        file=CONFIG_NAME)])
         else:
             models[label] = absolute_uri(target, base)
-    return {**config, "problems": absolute_uri(config["problems"], base), "models": models}
+    return {**config, "problems": absolute_uri(config["problems"], base), "models": models, "stages": stage_outputs}
 
 
 def run_evaluation(config: dict[str, Any], store_root: str, line: Callable[[str], None],
                    python: str = sys.executable) -> int:
-    """Run the evaluation workload; its output lines go to `line`; returns its exit status."""
+    """Run the evaluation workload; its output lines go to `line`; returns its exit status.
+    Interrupted (Ctrl-C), it stops the workload before it returns."""
     command = [python, "-m", "tokenmill.trainer.evaluate", "--config", json.dumps(config),
                "--out", evaluation_uri(store_root)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    assert process.stdout is not None
-    for text in process.stdout:
-        line(text.rstrip("\n"))
-    return process.wait()
+    try:
+        assert process.stdout is not None
+        for text in process.stdout:
+            line(text.rstrip("\n"))
+        return process.wait()
+    finally:
+        stop_process(process)
+
+
+def stop_process(process: subprocess.Popen, grace_seconds: float = 10.0) -> None:
+    """Terminate `process` if it still runs (then kill it after `grace_seconds`) and reap it."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(grace_seconds)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -20,6 +20,7 @@ from tokenmill.api.status import OutputSummary
 from tokenmill.layout import run_spec_uri
 from tokenmill.outputs import check_outputs
 from tokenmill.resolve import UnresolvedInput, output_uri, resolve_spec, run_spec
+from tokenmill.runner.evaluation import stop_process
 from tokenmill.store import (
     ObjectNotFoundError,
     Progress,
@@ -118,11 +119,14 @@ class LocalRunner:
         stop = threading.Event()
         watcher = threading.Thread(target=self._watch_progress, args=(resource, output, stop), daemon=True)
         watcher.start()
-        assert process.stdout is not None
-        for text in process.stdout:
-            self.events.line(resource, text.rstrip("\n"))
-        code = process.wait()
-        stop.set()
+        try:
+            assert process.stdout is not None
+            for text in process.stdout:
+                self.events.line(resource, text.rstrip("\n"))
+            code = process.wait()
+        finally:  # interrupted (Ctrl-C): the workload stops too; what it committed stays
+            stop.set()
+            stop_process(process)
         watcher.join()
         self._report_progress(resource, output)
         return code
