@@ -54,6 +54,10 @@ class RunEvents:
     finished: Callable[[StageResult], None] = lambda result: None
 
 
+WORKLOAD_MESSAGE_PREFIX = "tokenmill "
+"""How a workload's own messages begin (`tokenmill <kind>: ...`); the last one explains a failure."""
+
+
 @dataclass
 class LocalRunner:
     store_root: str
@@ -62,6 +66,7 @@ class LocalRunner:
     """The workload command; `<kind> --spec <uri>` is appended."""
     poll_seconds: float = 0.5
     events: RunEvents = field(default_factory=RunEvents)
+    _last_message: str = field(default="", init=False, repr=False)
 
     def run(self, resources: list[AnyResource]) -> list[StageResult]:
         """Run `resources` (in dependency order); raises RecipeError, before anything runs, when an
@@ -104,7 +109,8 @@ class LocalRunner:
             return StageResult(resource, "Not built yet", f"the {KINDS[resource.kind].cli_name} workload does not exist yet",
                                seconds, output)
         if code != 0:
-            return StageResult(resource, "Failed", f"workload exited with status {code}", seconds, output)
+            reason = f": {self._last_message}" if self._last_message else ""
+            return StageResult(resource, "Failed", f"workload exited with status {code}{reason}", seconds, output)
         report = check_outputs(resource.kind, output)
         if not report.committed:
             return StageResult(resource, "Failed", f"workload exited 0 but {report.message}", seconds, output)
@@ -119,10 +125,14 @@ class LocalRunner:
         stop = threading.Event()
         watcher = threading.Thread(target=self._watch_progress, args=(resource, output, stop), daemon=True)
         watcher.start()
+        self._last_message = ""
         try:
             assert process.stdout is not None
             for text in process.stdout:
-                self.events.line(resource, text.rstrip("\n"))
+                text = text.rstrip("\n")
+                if text.startswith(WORKLOAD_MESSAGE_PREFIX):
+                    self._last_message = text.split(": ", 1)[-1]
+                self.events.line(resource, text)
             code = process.wait()
         finally:  # interrupted (Ctrl-C): the workload stops too; what it committed stays
             stop.set()
