@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -149,6 +149,9 @@ class _Sampler:
 
 class TorchEngine(Engine):
     engine_name = "torch"
+    #: called after each decode step with (request index, sample index) of the rows that go on
+    #: and the token each drew (a row's last token is not reported); `tokenmill serve` streams them
+    step_listener: Callable[[list[tuple[int, int]], list[int]], None] | None = None
 
     def __init__(
         self,
@@ -376,6 +379,9 @@ class TorchEngine(Engine):
                 row.count, row.finish = step + 1, row.finish or "length"
             done[active[ending]] = True
             alive = np.flatnonzero(~done[active])
+            if self.step_listener is not None and len(alive):
+                self.step_listener([(rows[b].request_index, rows[b].sample_index) for b in active[alive]],
+                                   ids[alive].tolist())
             if not len(alive):
                 break
             if len(alive) <= len(active) * 3 // 4:
