@@ -29,20 +29,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-from resource import RUSAGE_CHILDREN, getrusage
+
+import psutil  # installed with Ray
 
 from tokenmill.layout import dataset_uri, hf_export_uri, join
 from tokenmill.store import CHAT_SAMPLES, DOCUMENTS, PREFERENCE_PAIRS, CheckpointStore, DatasetWriter, open_dataset
 from tokenmill.trainer.generate.scripted_engine import correct_answer, worked_solution
 
-# Names of one length and objects of another put the numbers of every problem at the same
-# places, so that a two-layer byte-level model learns to read them within minutes.
+# Names of one length, objects of another and verbs of a third put the numbers of every problem
+# at the same places, so that a two-layer byte-level model learns to read them within minutes.
 NAMES = ["Sam", "Mia", "Leo", "Ava", "Max", "Zoe"]
 OBJECTS = ["apples", "shells", "stamps", "grapes", "sticks", "plates"]
 TRIPLES = [(a, "+", b) for a in range(1, 10) for b in range(1, 10)] + \
@@ -54,9 +57,8 @@ MODELS = ("SFT", "PTS-DPO", "Full-DPO")
 
 
 def problem_text(name: str, thing: str, a: int, op: str, b: int) -> str:
-    if op == "+":
-        return f"{name} has {a} {thing} and buys {b} more {thing} at the market. How many {thing} does {name} have now?"
-    return f"{name} has {a} {thing} and gives away {b} {thing} to a friend. How many {thing} does {name} have now?"
+    verb = "finds" if op == "+" else "loses"
+    return f"{name} has {a} {thing} and {verb} {b}. How many does {name} have now?"
 
 
 def solved(problem: tuple, teacher: random.Random) -> tuple[str, str, str]:
@@ -116,10 +118,10 @@ def resource(kind: str, name: str, spec: dict) -> dict:
 
 RAY_TRAIN = {"workers": {"replicas": 1, "gpusPerWorker": 0, "cpusPerWorker": "2", "memoryPerWorker": "4Gi"}}
 SEQUENCE = 256
-BATCH = 16
+BATCH = 8
 SIZES = {"documents": 3000, "sft": 1500, "pts": 24}
 """Rows of each dataset at --scale 1."""
-STEPS = {"pretrain": 192, "sft": 64, "dpo": 24}
+STEPS = {"pretrain": 384, "sft": 128, "dpo": 32}
 """Optimizer steps of each stage at --scale 1 (BATCH sequences of SEQUENCE tokens each)."""
 DPO = {"beta": 0.1, "peakLearningRate": 2.0e-4}
 PTS = {"solutionsPerProblem": 2, "samplesPerEstimate": 16, "pGap": 0.2,
@@ -222,11 +224,17 @@ def cut_full_solution_pairs(store: str, target: str, count: int, seed: int) -> i
 
 
 def run_seed(work: Path, seed: int, scale: float) -> dict:
+    with CpuMeter() as meter:
+        run = measured_seed(work, seed, scale)
+    return {**run, "cpuSeconds": meter.seconds}
+
+
+def measured_seed(work: Path, seed: int, scale: float) -> dict:
     directory = work / f"seed-{seed}"
     store = (directory / "store").as_uri()
     log = directory / "run.log"
     directory.mkdir(parents=True, exist_ok=True)
-    started, cpu_started = time.monotonic(), children_cpu_seconds()
+    started = time.monotonic()
     timings: dict[str, float] = {}
     uris = make_data(directory / "data", seed, scale)
     timings["data"] = round(time.monotonic() - started, 1)
@@ -260,14 +268,39 @@ def run_seed(work: Path, seed: int, scale: float) -> dict:
     return {"seed": seed, "pivotalPairs": pivotal, "fullSolutionPairs": full,
             "problemsSearched": stats["problemsSearched"], "problems": stats["problems"],
             "rollouts": stats.get("rollouts"), "seconds": round(time.monotonic() - started, 1),
-            "cpuSeconds": round(children_cpu_seconds() - cpu_started, 1), "stageSeconds": timings,
-            "models": result["models"]}
+            "stageSeconds": timings, "models": result["models"]}
 
 
-def children_cpu_seconds() -> float:
-    """CPU seconds of the finished child processes (the runner, its Ray cluster, the evaluation)."""
-    usage = getrusage(RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+class CpuMeter:
+    """CPU seconds of every process this script starts and their descendants (the runner, its
+    Ray cluster and workers, the workloads, the evaluation), sampled each second while it runs."""
+
+    def __init__(self) -> None:
+        self.seen: dict[tuple[int, float], float] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        while not self.stop.wait(1.0):
+            for process in me.children(recursive=True):
+                try:
+                    times = process.cpu_times()
+                    self.seen[(process.pid, process.create_time())] = times.user + times.system
+                except psutil.Error:
+                    pass
+
+    def __enter__(self) -> CpuMeter:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    @property
+    def seconds(self) -> float:
+        return round(sum(self.seen.values()), 1)
 
 
 def spread(values: list[float]) -> str:
@@ -292,10 +325,11 @@ def table(runs: list[dict]) -> str:
             per_seed += f" ({len(found)} of {len(runs)} seeds; the others had no pairs)"
         lines.append(f"| {label} | {spread(greedy)} | {spread(success)} | {per_seed} |")
     if all("problemsSearched" in run for run in runs):
-        lines += ["", "| seed | problems searched | pivotal pairs | full-solution pairs | rollouts | minutes |",
-                  "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += ["", "| seed | problems searched | pivotal pairs | full-solution pairs | rollouts | minutes "
+                      "| CPU minutes |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         lines += [f"| {run['seed']} | {run['problemsSearched']} of {run['problems']} | {run['pivotalPairs']} | "
-                  f"{run['fullSolutionPairs']} | {run['rollouts']} | {run['seconds'] / 60:.1f} |" for run in runs]
+                  f"{run['fullSolutionPairs']} | {run['rollouts']} | {run['seconds'] / 60:.1f} | "
+                  f"{run.get('cpuSeconds', 0.0) / 60:.1f} |" for run in runs]
     return "\n".join(lines)
 
 
@@ -312,6 +346,7 @@ def main() -> int:
     for seed in range(args.seeds):
         runs.append(run_seed(work, seed, args.scale))
         print(f"seed {seed}: {json.dumps({k: v for k, v in runs[-1].items() if k != 'models'})}", flush=True)
+        print(f"load average {' '.join(f'{load:.1f}' for load in os.getloadavg())}", flush=True)
     for run in runs:
         for model in run["models"].values():
             model.pop("perProblem", None)
