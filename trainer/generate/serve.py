@@ -5,10 +5,16 @@ Endpoints: `GET /v1/models`, `POST /v1/completions` (prompt as text or token ids
 `temperature`, `top_p`, `top_k`, `max_tokens`, `stop`, `stop_token_ids`, log-probs and
 `stream` (server-sent events); `GET /metrics` (Prometheus), `GET /health`.
 
-Concurrent HTTP requests are decoded together: a batcher collects what arrived while the
-previous batch ran and hands it to the engine as one batch (in a worker thread, so the event
-loop keeps accepting requests). Streaming sends a completion's tokens as chunks once its
-batch is done; it follows the protocol but does not lower the time to the first token.
+Concurrent HTTP requests are decoded together (micro-batching): the requests that arrived
+while the previous batch ran become the next batch as soon as the engine is free; an idle
+engine waits for a burst to end (no new request for `GATHER_S`, at most `MAX_WAIT_S`). One
+batch runs at a time, in a worker thread, so the event loop keeps accepting requests.
+
+Streaming (`"stream": true`) sends server-sent events as the engine draws tokens: a chunk per
+token and choice (the text that token completes; text that could still turn out to be part of
+a stop string, or an incomplete UTF-8 character, waits for the next token), then a last chunk
+per choice with the rest and `finish_reason` (and the log-probs, when asked), a usage chunk
+with `stream_options.include_usage`, and `data: [DONE]`.
 
 When `TOKENMILL_SERVE_API_KEY` is set, every `/v1` request must carry it as a bearer token.
 Choices carry `token_ids` (the generated ids) besides the text, as vLLM's server can.
@@ -25,7 +31,8 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +52,8 @@ from tokenmill.trainer.generate.interface import (
 log = logging.getLogger("tokenmill.serve")
 API_KEY_ENV = "TOKENMILL_SERVE_API_KEY"
 MAX_BATCH_REQUESTS = 256
+GATHER_S = 0.002
+MAX_WAIT_S = 0.01
 
 
 class BadRequest(Exception):
@@ -59,20 +68,36 @@ def _error(status: int, message: str, kind: str, param: str | None = None, code:
     return web.json_response(body, status=status)
 
 
+TokenSink = Callable[[list[tuple[int, int]]], None]
+
+
 @dataclass
 class _Pending:
     request: GenerationRequest
     future: asyncio.Future = field(repr=False)
+    #: called on the event loop with (sample index, token id) pairs as the engine draws them
+    on_tokens: TokenSink | None = field(default=None, repr=False)
 
 
 class Batcher:
-    """Runs the engine on whatever requests are waiting, one batch at a time."""
+    """Runs the engine on batches of the requests waiting for it, one batch at a time.
 
-    def __init__(self, engine: Engine, delay_s: float = 0.0) -> None:
+    When the engine frees up, everything waiting becomes the next batch at once. When it was
+    idle, a batch opens with the first request and closes once no request has come for
+    `gather_s`, `max_wait_s` after it opened, or at `max_batch` requests. `delay_s` makes every
+    batch take at least that long (benchmarks: the step time of a larger model).
+    """
+
+    def __init__(self, engine: Engine, delay_s: float = 0.0, *, gather_s: float = GATHER_S,
+                 max_wait_s: float = MAX_WAIT_S, max_batch: int = MAX_BATCH_REQUESTS) -> None:
         self.engine = engine
         self.delay_s = delay_s
-        self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self.gather_s, self.max_wait_s, self.max_batch = gather_s, max_wait_s, max_batch
+        self.waiting: deque[_Pending] = deque()
+        self.arrived = asyncio.Event()
         self.task: asyncio.Task | None = None
+        self.batches = 0
+        self.batched_requests = 0
 
     async def start(self) -> None:
         self.task = asyncio.create_task(self._run())
@@ -81,20 +106,42 @@ class Batcher:
         if self.task is not None:
             self.task.cancel()
 
-    async def submit(self, request: GenerationRequest) -> RequestOutput:
+    async def submit(self, request: GenerationRequest, on_tokens: TokenSink | None = None) -> RequestOutput:
         future = asyncio.get_running_loop().create_future()
-        await self.queue.put(_Pending(request, future))
+        self.waiting.append(_Pending(request, future, on_tokens))
+        self.arrived.set()
         return await future
+
+    async def _gather(self) -> list[_Pending]:
+        loop = asyncio.get_running_loop()
+        if not self.waiting:
+            while not self.waiting:
+                self.arrived.clear()
+                await self.arrived.wait()
+            deadline = loop.time() + self.max_wait_s
+            while len(self.waiting) < self.max_batch:
+                wait = min(self.gather_s, deadline - loop.time())
+                if wait <= 0:
+                    break
+                self.arrived.clear()
+                try:
+                    await asyncio.wait_for(self.arrived.wait(), wait)
+                except TimeoutError:
+                    break  # the burst is over
+        count = min(len(self.waiting), self.max_batch)
+        return [self.waiting.popleft() for _ in range(count)]
 
     async def _run(self) -> None:
         while True:
-            batch = [await self.queue.get()]
-            while not self.queue.empty() and len(batch) < MAX_BATCH_REQUESTS:
-                batch.append(self.queue.get_nowait())
-            if self.delay_s:
-                await asyncio.sleep(self.delay_s)
+            batch = await self._gather()
+            self.batches += 1
+            self.batched_requests += len(batch)
             try:
-                outputs = await asyncio.to_thread(self.engine.generate, [p.request for p in batch])
+                work = asyncio.to_thread(self._generate, batch, asyncio.get_running_loop())
+                if self.delay_s:
+                    outputs, _ = await asyncio.gather(work, asyncio.sleep(self.delay_s))
+                else:
+                    outputs = await work
             except Exception as error:  # noqa: BLE001 - every waiter gets the error
                 for pending in batch:
                     if not pending.future.done():
@@ -103,6 +150,32 @@ class Batcher:
             for pending, output in zip(batch, outputs, strict=True):
                 if not pending.future.done():
                     pending.future.set_result(output)
+
+    def _generate(self, batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> list[RequestOutput]:
+        """The engine's answers to a batch (in the worker thread). When some of its requests
+        stream, the engine reports each step's tokens, passed on to the event loop."""
+        sinks = {r: p.on_tokens for r, p in enumerate(batch) if p.on_tokens is not None}
+        if not sinks or not hasattr(self.engine, "step_listener"):
+            return self.engine.generate([p.request for p in batch])
+
+        def on_step(rows: Sequence[tuple[int, int]], tokens: Sequence[int]) -> None:
+            drawn: dict[int, list[tuple[int, int]]] = {}
+            for (r, index), token in zip(rows, tokens, strict=True):
+                if r in sinks:
+                    drawn.setdefault(r, []).append((index, int(token)))
+            if drawn:
+                loop.call_soon_threadsafe(_deliver, sinks, drawn)
+
+        self.engine.step_listener = on_step  # type: ignore[attr-defined]
+        try:
+            return self.engine.generate([p.request for p in batch])
+        finally:
+            self.engine.step_listener = None  # type: ignore[attr-defined]
+
+
+def _deliver(sinks: dict[int, TokenSink], drawn: dict[int, list[tuple[int, int]]]) -> None:
+    for r, pairs in drawn.items():
+        sinks[r](pairs)
 
 
 class OpenAIServer:
@@ -196,32 +269,43 @@ class OpenAIServer:
             raise BadRequest(f"n must be an integer from 1 to {MAX_N}", "n")
         return n
 
-    async def _generate(self, requests: Sequence[GenerationRequest]) -> list[RequestOutput]:
+    async def _generate(self, requests: Sequence[GenerationRequest],
+                        sinks: Sequence[TokenSink | None] | None = None) -> list[RequestOutput]:
         self.engine.check_requests(requests)
-        return list(await asyncio.gather(*(self.batcher.submit(r) for r in requests)))
+        sinks = sinks or [None] * len(requests)
+        outputs = list(await asyncio.gather(*(self.batcher.submit(r, sink) for r, sink in zip(requests, sinks,
+                                                                                                strict=True))))
+        metrics = self.engine.metrics
+        if metrics is not None:
+            for output in outputs:
+                for completion in output.completions:
+                    metrics.sample_ok(completion.prompt_tokens, completion.completion_tokens)
+        return outputs
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
         prompts = self._prompts(body.get("prompt"))
         logprobs = body.get("logprobs")
-        if logprobs is not None and (not isinstance(logprobs, int) or not 0 <= logprobs <= 20):
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
+                                     or not 0 <= logprobs <= 20):
             raise BadRequest("logprobs must be an integer from 0 to 20", "logprobs")
         if body.get("echo"):
             raise BadRequest("echo is not supported", "echo")
         n = self._n(body)
-        sampling = self._sampling(body, logprobs=logprobs is not None, top_logprobs=logprobs or 0, default_max=16)
+        want = logprobs is not None
+        sampling = self._sampling(body, logprobs=want, top_logprobs=logprobs or 0, default_max=16)
         requests = [GenerationRequest(prompt_token_ids=p, n=n, sampling=sampling) for p in prompts]
-        outputs = await self._generate(requests)
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        choices = []
-        for p, output in enumerate(outputs):
-            for completion in output.completions:
-                choices.append(self._text_choice(p * n + completion.index, completion, logprobs is not None))
         if body.get("stream"):
-            return await self._stream(request, ident, created, "text_completion", choices)
+            return await self._stream(request, body, requests, _ChunkFormat(
+                ident, created, self.model_name, "text_completion", chat=False),
+                lambda c: self._text_logprobs(c) if want else None)
+        outputs = await self._generate(requests)
+        choices = [self._text_choice(p * n + completion.index, completion, want)
+                   for p, output in enumerate(outputs) for completion in output.completions]
         return web.json_response({
             "id": ident, "object": "text_completion", "created": created, "model": self.model_name,
-            "choices": [choice for choice, _ in choices], "usage": _usage(outputs)})
+            "choices": choices, "usage": _usage(outputs)})
 
     def _prompts(self, prompt: Any) -> list[tuple[int, ...]]:
         if isinstance(prompt, str):
@@ -235,22 +319,22 @@ class OpenAIServer:
             return [tuple(p) for p in prompt]
         raise BadRequest("prompt must be a string, a list of strings, token ids, or lists of token ids", "prompt")
 
-    def _text_choice(self, index: int, completion: Completion, logprobs: bool) -> tuple[dict, list]:
-        choice: dict[str, Any] = {"index": index, "text": completion.text, "finish_reason": completion.finish_reason,
-                                  "token_ids": completion.token_ids, "logprobs": None}
+    def _text_choice(self, index: int, completion: Completion, logprobs: bool) -> dict[str, Any]:
+        return {"index": index, "text": completion.text, "finish_reason": completion.finish_reason,
+                "token_ids": completion.token_ids, "logprobs": self._text_logprobs(completion) if logprobs else None}
+
+    def _text_logprobs(self, completion: Completion) -> dict[str, Any]:
         tokens = [self.tokenizer.decode([t]) for t in completion.token_ids]
-        if logprobs:
-            offsets, position = [], 0
-            for token in tokens:
-                offsets.append(position)
-                position += len(token)
-            choice["logprobs"] = {
-                "tokens": tokens, "token_logprobs": completion.logprobs,
-                "top_logprobs": [{t.token: t.logprob for t in step} for step in completion.top_logprobs]
-                if completion.top_logprobs is not None else None,
-                "text_offset": offsets,
-            }
-        return choice, tokens
+        offsets, position = [], 0
+        for token in tokens:
+            offsets.append(position)
+            position += len(token)
+        return {
+            "tokens": tokens, "token_logprobs": completion.logprobs,
+            "top_logprobs": [{t.token: t.logprob for t in step} for step in completion.top_logprobs]
+            if completion.top_logprobs is not None else None,
+            "text_offset": offsets,
+        }
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
@@ -261,7 +345,7 @@ class OpenAIServer:
             if not isinstance(message, dict) or not isinstance(message.get("content"), str):
                 raise BadRequest(f"messages[{index}] must have string content", f"messages[{index}].content")
         top = body.get("top_logprobs") or 0
-        if not isinstance(top, int) or not 0 <= top <= 20:
+        if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20:
             raise BadRequest("top_logprobs must be an integer from 0 to 20", "top_logprobs")
         want = bool(body.get("logprobs"))
         n = self._n(body)
@@ -271,61 +355,162 @@ class OpenAIServer:
         room = getattr(self.engine, "context_length", 4096) - len(ids)
         sampling = self._sampling(body, logprobs=want, top_logprobs=top if want else 0,
                                   default_max=max(1, room))
-        (output,) = await self._generate([GenerationRequest(messages=tuple(messages), n=n, sampling=sampling)])
+        requests = [GenerationRequest(messages=tuple(messages), n=n, sampling=sampling)]
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        choices = [self._chat_choice(c, want) for c in output.completions]
         if body.get("stream"):
-            return await self._stream(request, ident, created, "chat.completion.chunk", choices)
+            return await self._stream(request, body, requests, _ChunkFormat(
+                ident, created, self.model_name, "chat.completion.chunk", chat=True),
+                lambda c: self._chat_logprobs(c) if want else None)
+        (output,) = await self._generate(requests)
+        choices = [self._chat_choice(c, want) for c in output.completions]
         return web.json_response({
             "id": ident, "object": "chat.completion", "created": created, "model": self.model_name,
-            "choices": [choice for choice, _ in choices], "usage": _usage([output])})
+            "choices": choices, "usage": _usage([output])})
 
-    def _chat_choice(self, completion: Completion, logprobs: bool) -> tuple[dict, list]:
-        tokens = [self.tokenizer.decode([t]) for t in completion.token_ids]
-        choice: dict[str, Any] = {
+    def _chat_choice(self, completion: Completion, logprobs: bool) -> dict[str, Any]:
+        return {
             "index": completion.index, "message": {"role": "assistant", "content": completion.text},
-            "finish_reason": completion.finish_reason, "token_ids": completion.token_ids, "logprobs": None}
-        if logprobs:
-            choice["logprobs"] = {"content": [
-                {"token": token, "logprob": lp, "bytes": list(token.encode()),
-                 "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": list(t.token.encode())}
-                                  for t in (completion.top_logprobs[i] if completion.top_logprobs else [])]}
-                for i, (token, lp) in enumerate(zip(tokens, completion.logprobs or [], strict=False))]}
-        return choice, tokens
+            "finish_reason": completion.finish_reason, "token_ids": completion.token_ids,
+            "logprobs": self._chat_logprobs(completion) if logprobs else None}
 
-    async def _stream(self, request: web.Request, ident: str, created: int, kind: str,
-                      choices: list[tuple[dict, list]]) -> web.StreamResponse:
+    def _chat_logprobs(self, completion: Completion) -> dict[str, Any]:
+        tokens = [self.tokenizer.decode([t]) for t in completion.token_ids]
+        return {"content": [
+            {"token": token, "logprob": lp, "bytes": list(token.encode()),
+             "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": list(t.token.encode())}
+                              for t in (completion.top_logprobs[i] if completion.top_logprobs else [])]}
+            for i, (token, lp) in enumerate(zip(tokens, completion.logprobs or [], strict=False))]}
+
+    # -- streaming ---------------------------------------------------------------------
+
+    async def _stream(self, request: web.Request, body: dict[str, Any], requests: list[GenerationRequest],
+                      chunks: _ChunkFormat, logprobs_of: Callable[[Completion], dict | None]) -> web.StreamResponse:
+        """Server-sent events as the engine draws the tokens of `requests` (choice p * n + i
+        is sample i of prompt p)."""
+        n = requests[0].n
+        sampling = requests[0].sampling
+        stop_ids = frozenset({self.tokenizer.eos_id, self.tokenizer.eot_id, *sampling.stop_token_ids})
+        holdback = max((len(s) for s in sampling.stop), default=1) - 1
+        streams = [[_ChoiceStream(p * n + i, self.tokenizer, stop_ids, holdback) for i in range(n)]
+                   for p in range(len(requests))]
+        events: asyncio.Queue[tuple[int, list[tuple[int, int]]] | None] = asyncio.Queue()
+        sinks = [lambda pairs, p=p: events.put_nowait((p, pairs)) for p in range(len(requests))]
+        generation = asyncio.ensure_future(self._generate(requests, sinks))
+        generation.add_done_callback(lambda _: events.put_nowait(None))
+        response: web.StreamResponse | None = None
+        try:
+            while (event := await events.get()) is not None:
+                if response is None:
+                    response = await self._open_stream(request, chunks, streams)
+                p, pairs = event
+                await response.write(b"".join(
+                    chunks.encode(streams[p][index].index, streams[p][index].add([token]), [token])
+                    for index, token in pairs))
+            try:
+                outputs = generation.result()
+            except (BadRequest, GenerationInputError):
+                if response is None:
+                    raise
+                outputs = None
+            except Exception as error:  # noqa: BLE001 - the stream ends with the error
+                log.exception("generation failed")
+                if response is None:
+                    return _error(500, f"generation failed: {type(error).__name__}", "server_error")
+                outputs = None
+            if response is None:
+                response = await self._open_stream(request, chunks, streams)
+            if outputs is None:
+                error_event = {"error": {"message": "generation failed", "type": "server_error"}}
+                await response.write(f"data: {json.dumps(error_event)}\n\n".encode())
+                await response.write_eof()
+                return response
+            final = []
+            for p, output in enumerate(outputs):
+                for completion in output.completions:
+                    stream = streams[p][completion.index]
+                    text, token_ids = stream.finish(completion)
+                    final.append(chunks.encode(stream.index, text, token_ids, completion.finish_reason,
+                                               logprobs_of(completion)))
+            options = body.get("stream_options")
+            if isinstance(options, dict) and options.get("include_usage"):
+                final.append(chunks.usage(_usage(outputs)))
+            final.append(b"data: [DONE]\n\n")
+            await response.write(b"".join(final))
+            await response.write_eof()
+            return response
+        finally:
+            if not generation.done():
+                generation.add_done_callback(lambda done: done.exception())  # a client that left
+
+    async def _open_stream(self, request: web.Request, chunks: _ChunkFormat,
+                           streams: list[list[_ChoiceStream]]) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
-        chat = kind == "chat.completion.chunk"
-        for choice, tokens in choices:
-            text = choice["message"]["content"] if chat else choice["text"]
-            pieces = _split_text(text, tokens)
-            for position, piece in enumerate(pieces):
-                last = position == len(pieces) - 1
-                delta: dict[str, Any] = {"index": choice["index"], "finish_reason": choice["finish_reason"] if last else None}
-                if chat:
-                    delta["delta"] = ({"role": "assistant"} if position == 0 else {}) | {"content": piece}
-                else:
-                    delta["text"] = piece
-                chunk = {"id": ident, "object": kind, "created": created, "model": self.model_name, "choices": [delta]}
-                await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
+        if chunks.chat:
+            await response.write(b"".join(chunks.encode(s.index, "", [], role=True) for row in streams for s in row))
         return response
 
 
-def _split_text(text: str, tokens: list[str]) -> list[str]:
-    """The completion's text in pieces of about one token each, joining back to `text`."""
-    pieces, position = [], 0
-    for token in tokens:
-        if position >= len(text):
-            break
-        pieces.append(text[position:position + len(token)])
-        position += len(token)
-    if position < len(text):
-        pieces.append(text[position:])
-    return pieces or [""]
+@dataclass
+class _ChunkFormat:
+    """Server-sent events of one streamed response."""
+
+    ident: str
+    created: int
+    model: str
+    kind: str
+    chat: bool
+
+    def encode(self, index: int, text: str, token_ids: list[int], finish_reason: str | None = None,
+               logprobs: dict | None = None, *, role: bool = False) -> bytes:
+        choice: dict[str, Any] = {"index": index}
+        if self.chat:
+            choice["delta"] = {"role": "assistant", "content": text} if role else (
+                {"content": text} if text or finish_reason is None else {})
+        else:
+            choice["text"] = text
+        choice |= {"logprobs": logprobs, "finish_reason": finish_reason, "token_ids": token_ids}
+        return self._event({"choices": [choice]})
+
+    def usage(self, usage: dict[str, int]) -> bytes:
+        return self._event({"choices": [], "usage": usage})
+
+    def _event(self, fields: dict[str, Any]) -> bytes:
+        chunk = {"id": self.ident, "object": self.kind, "created": self.created, "model": self.model, **fields}
+        return f"data: {json.dumps(chunk)}\n\n".encode()
+
+
+class _ChoiceStream:
+    """One streamed choice: the tokens drawn so far and the text already sent.
+
+    Text is sent as soon as it is final: not an incomplete UTF-8 character (shown as U+FFFD
+    until its last byte comes), and not the last `holdback` characters, which could still
+    start a stop string (the engine cuts a completion's text before its first stop string).
+    """
+
+    def __init__(self, index: int, tokenizer: Any, stop_ids: frozenset[int], holdback: int) -> None:
+        self.index, self.tokenizer, self.stop_ids, self.holdback = index, tokenizer, stop_ids, holdback
+        self.token_ids: list[int] = []
+        self.text_ids: list[int] = []
+        self.sent = ""
+
+    def add(self, tokens: list[int]) -> str:
+        """The new text that `tokens` make final."""
+        self.token_ids.extend(tokens)
+        self.text_ids.extend(t for t in tokens if t not in self.stop_ids)
+        text = self.tokenizer.decode(self.text_ids).rstrip("\ufffd")
+        text = text[:max(0, len(text) - self.holdback)]
+        if len(text) <= len(self.sent) or not text.startswith(self.sent):
+            return ""
+        new, self.sent = text[len(self.sent):], text
+        return new
+
+    def finish(self, completion: Completion) -> tuple[str, list[int]]:
+        """The rest of the completion's text and token ids."""
+        rest = completion.text[len(self.sent):] if completion.text.startswith(self.sent) else ""
+        if not completion.text.startswith(self.sent):
+            log.warning("a streamed choice's text differs from its completion's")
+        return rest, completion.token_ids[len(self.token_ids):]
 
 
 def _usage(outputs: Sequence[RequestOutput]) -> dict[str, int]:
