@@ -77,8 +77,11 @@ class PlantedPolicy:
         self.rollout_prefixes[prefix_ids] += 1
         start = len(self.question_ids)
         solution = prefix_ids[start:]
-        assert prefix_ids[:start] == self.question_ids and solution == self.reference[: len(solution)], \
-            "the search only rolls out from prefixes of its solutions"
+        assert prefix_ids[:start] == self.question_ids, "rollouts continue the question"
+        if solution and solution[-1] == ALT_BASE + len(solution) - 1:  # an alternative ended the solution
+            assert solution[:-1] == self.reference[: len(solution) - 1]
+            return [Continuation(()) for _ in range(n)]
+        assert solution == self.reference[: len(solution)], "the search only rolls out from prefixes of its solutions"
         rollouts = []
         for _ in range(n):
             tokens, logprobs = [], []

@@ -52,12 +52,14 @@ def test_search_through_the_torch_engine(searched):
     policy, result = searched
     stats = result.stats
     assert stats.problems_searched == 1 and stats.solutions_searched == 2
-    # one request for the solutions, then one per estimate (the memo answers the rest), except
-    # at the ends of the solutions, which continue with nothing
+    # one request for the solutions, then at most one per estimate (the memo answers the rest),
+    # none at the ends of the solutions, which continue with nothing, or where rollouts from
+    # shorter prefixes that went on through the prefix were samples enough
     requests = policy.requests
     ends = {s.token_ids for s in policy.sample_solutions(PROBLEM.question_ids, CONFIG.solutions_per_problem)}
-    assert requests == 1 + stats.estimates - len(ends)
-    assert stats.rollouts == stats.estimates * CONFIG.samples_per_estimate
+    assert 1 < requests <= 1 + stats.estimates - len(ends)
+    assert stats.rollouts + stats.rollouts_reused == stats.estimates * CONFIG.samples_per_estimate
+    assert stats.rollouts <= (requests - 1 + len(ends)) * CONFIG.samples_per_estimate  # an end's are empty
     assert stats.pivotal_tokens == len(result.pairs) > 0
     # the solutions' successive prefixes reuse their KV from the engine's prefix cache
     assert policy.engine.prefix_cache.hits > 0
@@ -72,8 +74,16 @@ def test_pairs_come_from_the_sampled_tokens(searched):
         pivotal = solution[pair.position]
         assert pivotal in (pair.chosen_id, pair.rejected_id)
         other = pair.rejected_id if pair.chosen_id == pivotal else pair.chosen_id
-        rollouts = policy.rollout(PROBLEM.question_ids, solution[: pair.position], CONFIG.samples_per_estimate)
-        assert other in {r.token_ids[0] for r in rollouts if r.token_ids}
+        # a rollout drawn at this prefix, or at a shorter one that went on through it, began with it
+        reached = set()
+        for start in range(pair.position, -1, -1):
+            path = solution[start: pair.position]
+            rollouts = policy.rollout(PROBLEM.question_ids, solution[:start], CONFIG.samples_per_estimate)
+            reached |= {r.token_ids[len(path)] for r in rollouts
+                        if len(r.token_ids) > len(path) and r.token_ids[: len(path)] == path}
+            if other in reached:
+                break
+        assert other in reached
 
 
 def test_the_same_seed_gives_the_same_search(searched):

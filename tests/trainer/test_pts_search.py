@@ -80,9 +80,9 @@ def test_search_finds_exactly_the_planted_pivots_of_a_monotone_p(seed):
 
 
 def test_every_pivot_of_a_monotone_p_is_found():
-    pivots = {3: 0.25, 11: 0.25, 20: 0.25, 28: 0.22}
+    pivots = {3: 0.24, 11: 0.24, 20: 0.24, 28: 0.24}  # each 0.12 above pGap: more than 4 standard errors
     policy = planted(32, 0.01, pivots, seed=3)
-    found = run(policy).problems[0].pivots[0]
+    found = run(policy, p_gap=0.12).problems[0].pivots[0]
     assert [(pivot.position, pivot.token_id) for pivot in found] == [(p, 100 + p) for p in sorted(pivots)]
 
 
@@ -115,8 +115,23 @@ def test_estimates_grow_with_the_log_of_the_length(length, count):
     assert [pivot.position for pivot in result.problems[0].pivots[0]] == positions
     budget = 2 * count * math.log2(length)
     assert result.stats.estimates <= budget + 2, (result.stats.estimates, budget)
-    assert result.stats.rollouts == result.stats.estimates * N
-    assert len(policy.rollout_prefixes) == result.stats.estimates
+    assert result.stats.rollouts + result.stats.rollouts_reused == result.stats.estimates * N
+    assert len(policy.rollout_prefixes) <= result.stats.estimates
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_rollouts_that_went_on_through_a_prefix_are_its_samples(seed):
+    pivots = {20: 0.4, 41: 0.35}
+    fresh = run(planted(64, 0.1, pivots, seed=seed), reuse_rollouts=False)
+    reused = run(planted(64, 0.1, pivots, seed=seed))
+    assert fresh.problems[0].pivots[0] and fresh.stats.rollouts_reused == 0
+    assert [p.position for p in reused.problems[0].pivots[0]] == [p.position for p in fresh.problems[0].pivots[0]]
+    assert reused.stats.rollouts_reused > 0
+    assert reused.stats.rollouts + reused.stats.rollouts_reused == reused.stats.estimates * N
+    assert reused.stats.rollouts < fresh.stats.rollouts * reused.stats.estimates / fresh.stats.estimates
+    assert reused.stats.tokens_generated < fresh.stats.tokens_generated
+    for pair in reused.pairs:  # every estimate still stands on N samples
+        assert pair.prefix_rollouts == N and N in (pair.chosen_rollouts, pair.rejected_rollouts)
 
 
 def test_log_probability_split_isolates_unlikely_pivots_with_fewer_estimates():
@@ -257,7 +272,7 @@ def test_statistics():
     assert figures["pivotalTokens"] == 4  # two per solution (the same tokens twice)
     assert figures["pivotalPerSolution"] == {"2": 2}
     assert figures["deltaPHistogram"] == {"[0.3,0.4)": 2, "[0.4,0.5)": 2}
-    assert figures["rollouts"] == figures["estimates"] * N
+    assert figures["rollouts"] + figures["rolloutsReused"] == figures["estimates"] * N
     assert figures["tokensGenerated"] > figures["rollouts"]
     assert 0 < figures["estimateStandardError"]["mean"] <= figures["estimateStandardError"]["max"] <= 0.5 / math.sqrt(N) + 1e-9
     assert sum(figures["verdicts"].values()) == figures["rollouts"] + figures["solutionsSampled"]

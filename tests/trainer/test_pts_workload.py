@@ -102,7 +102,8 @@ def test_pts_workload_commits_pairs_and_statistics(tmp_path, model_uri, monkeypa
     report = open_store(output).read_json(workload.STATS_KEY)
     stats = report["stats"]
     assert stats["problems"] == stats["problemsSearched"] == 3
-    assert stats["solutionsSearched"] == 9 and stats["rollouts"] == 8 * stats["estimates"] > 0
+    assert stats["solutionsSearched"] == 9 and stats["estimates"] > 0
+    assert stats["rollouts"] + stats["rolloutsReused"] == 8 * stats["estimates"]
     assert report["warnings"] and "samplesPerEstimate=8" in report["warnings"][0]
     assert progress.metrics["rollouts"] == stats["rollouts"]
     assert progress.metrics["pivotal_tokens"] == stats["pivotalTokens"]
@@ -183,3 +184,25 @@ def test_a_stale_attempt_commits_nothing(tmp_path, model_uri, capsys, monkeypatc
     assert not store.exists("data/_manifest.json")
     assert not store.exists(workload.STATS_KEY)
     assert not [info.key for info in store.list("data/")] and not [info.key for info in store.list("_run/pts-shards")]
+
+
+def test_the_job_says_what_the_code_sandbox_cannot_enforce(tmp_path, model_uri, capsys, monkeypatch):
+    from tokenmill.trainer.oracles import code
+
+    monkeypatch.setattr(code.shutil, "which", lambda name: None)  # a platform without unshare
+    code.network_namespace_prefix.cache_clear()
+    code.candidate_namespace_prefix.cache_clear()
+    try:
+        row = {**problem(0), "meta": json.dumps({"tests": ["assert add(2, 3) == 5"]})}
+        problems = write_problems((tmp_path / "problems").as_uri(), [row])
+        spec_uri, output = run_spec(tmp_path, model_uri, problems, oracle={"kind": "code"}, solutionsPerProblem=1,
+                                    samplesPerEstimate=2, rollout={"temperature": 1.0, "maxTokens": 3, "seed": 3})
+        assert workload.run(spec_uri) == 0
+    finally:
+        code.network_namespace_prefix.cache_clear()
+        code.candidate_namespace_prefix.cache_clear()
+    said = "code oracle: this platform gives the sandbox no network namespace"
+    assert f"tokenmill pts: warning: {said}" in capsys.readouterr().out
+    warnings = read_manifest(dataset_uri(output)).stats["warnings"]
+    assert any(warning.startswith(said) for warning in warnings), warnings
+    assert any(warning.startswith(said) for warning in open_store(output).read_json(workload.STATS_KEY)["warnings"])

@@ -40,6 +40,9 @@ class SearchConfig:
     max_pivotal_tokens: int = 8
     judge_workers: int = 1
     """Completions judged at once (threads): the code oracle's sandboxed runs overlap."""
+    reuse_rollouts: bool = True
+    """Count a rollout drawn at a shorter prefix of the same solution that went on through this
+    prefix as one of this prefix's samples (its tail is a draw from the policy at this prefix)."""
 
     def problems(self) -> list[str]:
         found = []
@@ -165,6 +168,8 @@ class _ProblemSearch:
         self.problem, self.policy, self.judge = problem, policy, judge
         self.config, self.stats, self.pool = config, stats, pool
         self.memo: dict[TokenIds, Estimate] = {}
+        self.drawn: dict[TokenIds, list[tuple[TokenIds, bool]]] = {}
+        """The rollouts drawn at each solution prefix: (continuation, correct)."""
 
     def verdict(self, solution_ids: TokenIds) -> Verdict:
         try:
@@ -187,25 +192,46 @@ class _ProblemSearch:
             self.stats.estimate_reuses += 1
             return found
         estimate = Estimate()
-        continuations = list(self.policy.rollout(self.problem.question_ids, solution_prefix,
-                                                 self.config.samples_per_estimate))
-        solutions = [solution_prefix + tuple(int(t) for t in c.token_ids) for c in continuations]
-        for continuation, continued, correct in zip(continuations, solutions, self.judged(solutions)):
+        samples = self.passing_through(solution_prefix) if self.config.reuse_rollouts else []
+        self.stats.rollouts_reused += len(samples)
+        wanted = self.config.samples_per_estimate - len(samples)
+        drawn: list[tuple[TokenIds, bool]] = []
+        if wanted > 0:
+            continuations = [tuple(int(t) for t in c.token_ids) for c in
+                             self.policy.rollout(self.problem.question_ids, solution_prefix, wanted)]
+            verdicts = self.judged([solution_prefix + tokens for tokens in continuations])
+            drawn = list(zip(continuations, verdicts))
+            self.stats.rollouts += len(drawn)
+            self.stats.tokens_generated += sum(len(tokens) for tokens, _ in drawn)
+            self.drawn[solution_prefix] = drawn
+        for continuation, correct in samples + drawn:
             estimate.rollouts += 1
             estimate.successes += correct
-            self.stats.rollouts += 1
-            self.stats.tokens_generated += len(continuation.token_ids)
-            if continuation.token_ids:
-                counts = estimate.next_tokens.setdefault(int(continuation.token_ids[0]), [0, 0])
+            if continuation:
+                counts = estimate.next_tokens.setdefault(continuation[0], [0, 0])
                 counts[0] += 1
                 counts[1] += correct
             if keep is not None:
-                keep.append((continued, correct))
+                keep.append((solution_prefix + continuation, correct))
         if estimate.rollouts == 0:
             raise RuntimeError(f"problem {self.problem.id}: the policy returned no rollouts")
         self.stats.add_estimate(estimate.standard_error)
         self.memo[key] = estimate
         return estimate
+
+    def passing_through(self, solution_prefix: TokenIds) -> list[tuple[TokenIds, bool]]:
+        """Up to samplesPerEstimate rollouts drawn at shorter prefixes that went on through
+        `solution_prefix`, as (the part after it, correct); from the nearest prefix first."""
+        found: list[tuple[TokenIds, bool]] = []
+        wanted = self.config.samples_per_estimate
+        for start in sorted({len(p) for p in self.drawn if len(p) < len(solution_prefix)}, reverse=True):
+            ancestor, path = solution_prefix[:start], solution_prefix[start:]
+            for continuation, correct in self.drawn.get(ancestor, ()):
+                if continuation[:len(path)] == path:
+                    found.append((continuation[len(path):], correct))
+                    if len(found) == wanted:
+                        return found
+        return found
 
     def subdivide(self, solution: TokenIds, logprobs: Sequence[float], start: int, end: int,
                   found: list[Pivot]) -> None:

@@ -58,6 +58,10 @@ class SearchStats:
     estimate_reuses: int = 0
     """Estimates answered from the memo instead of new rollouts."""
     rollouts: int = 0
+    """Rollouts drawn from the policy."""
+    rollouts_reused: int = 0
+    """Samples of an estimate that were rollouts drawn at a shorter prefix of the same solution
+    and went on through this one (no new rollout)."""
     tokens_generated: int = 0
     """Tokens of sampled solutions and rollouts."""
     pivotal_tokens: int = 0
@@ -113,6 +117,7 @@ class SearchStats:
             "estimates": self.estimates,
             "estimateReuses": self.estimate_reuses,
             "rollouts": self.rollouts,
+            "rolloutsReused": self.rollouts_reused,
             "tokensGenerated": self.tokens_generated,
             "pivotalTokens": self.pivotal_tokens,
             "pivotalTokensOverLimit": self.pivotal_tokens_over_limit,

@@ -23,7 +23,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tokenmill.api.pts import PTSJobSpec
@@ -73,6 +73,9 @@ class Prepared:
     config: SearchConfig
     fence: AttemptFence | None = None
     """The attempt this run spec starts: a stale attempt commits nothing once the next has begun."""
+    warnings: list[str] = field(default_factory=list)
+    """What the job prints and writes into its statistics: settings too weak for pGap, what the
+    platform's code sandbox cannot enforce."""
 
 
 def _meta(value: Any, where: str) -> dict[str, Any]:
@@ -174,8 +177,13 @@ def prepare(doc: dict[str, Any]) -> Prepared:
     metadata = doc.get("metadata") or {}
     producer = Producer(kind="PTSJob", name=str(metadata.get("name") or ""), uid=str(metadata.get("uid") or ""),
                         generation=int(metadata.get("generation") or 0), attempt=int(doc.get("attempt") or 0))
+    warnings = config.warnings()
+    if spec.oracle.kind == "code":
+        from tokenmill.trainer.oracles.code import sandbox_warnings
+
+        warnings += sandbox_warnings()
     return Prepared(spec, str(doc["output"]), producer, problems, policy, judge, config,
-                    fence=AttemptFence.from_run_spec(doc))
+                    fence=AttemptFence.from_run_spec(doc), warnings=warnings)
 
 
 def progress_metrics(stats: SearchStats) -> dict[str, float]:
@@ -236,7 +244,7 @@ def execute(job: Prepared) -> SearchStats:
                                             metrics=progress_metrics(total)))
     if job.fence is not None:
         job.fence.check(f"write {STATS_KEY} under {job.output}")
-    warnings = job.config.warnings()
+    warnings = job.warnings
     store.write_json(STATS_KEY, {"stats": total.to_dict(), "warnings": warnings})
     full_writer.finalize(expected=range(len(shards)))
     # last: the output becomes visible, its figures (flat, so status can show the counts) in the manifest
@@ -264,7 +272,7 @@ def run(spec_uri: str) -> int:
     except PTSInputError as error:
         _error(f"{error}; nothing was sampled")
         return EXIT_BAD_INPUT
-    for warning in job.config.warnings():
+    for warning in job.warnings:
         print(f"tokenmill pts: warning: {warning}", flush=True)
     print(f"tokenmill pts: {len(job.problems)} problems, {job.spec.oracle.kind} oracle, writing "
           f"{dataset_uri(job.output)}", flush=True)
