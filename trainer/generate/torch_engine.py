@@ -15,9 +15,9 @@ How a batch runs:
    preallocated per-row cache. Rows that finish are dropped from the batch as it goes.
 
 Sampling: each row draws from its own `random.Random(sample_seed(seed, i))` by inverse CDF
-(one uniform number per token, over the vocabulary in id order, restricted to the top-k and
-nucleus), so a sample depends only on its request, seed and index. All rows of a step are
-sampled together, whatever their temperature, top-k and top-p.
+(one uniform number per token; over the vocabulary in id order, or in order of probability
+when top-p cuts the tail), so a sample depends only on its request, seed and index. All rows
+of a step are sampled together, whatever their temperature, top-k and top-p.
 """
 
 from __future__ import annotations
@@ -61,6 +61,22 @@ FUSE_BELOW_PARAMETERS = 1_000_000_000
 __all__ = ["PrefixCache", "TorchEngine", "prompt_ids"]
 
 
+def _descending(values: torch.Tensor) -> torch.Tensor:
+    """Each row's values sorted, largest first."""
+    if values.device.type == "cpu":  # numpy's vectorised sort is far quicker than torch's on CPUs
+        return torch.from_numpy(np.ascontiguousarray(np.sort(values.numpy(), axis=-1)[:, ::-1]))
+    return values.sort(dim=-1, descending=True).values
+
+
+def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Per row, the first position where the cumulative mass exceeds uniform x total mass (so no
+    renormalising), a position of nonzero probability since the target stays below the total."""
+    cdf = probs.double().cumsum(dim=-1)
+    total = cdf[:, -1:]
+    target = torch.minimum(uniforms * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True)[:, 0]
+
+
 def prompt_ids(tokenizer: Tokenizer, request: GenerationRequest) -> list[int]:
     """The prompt's token ids: chat messages with Phi-4's template and an open assistant turn."""
     if request.prompt_token_ids is not None:
@@ -98,7 +114,9 @@ class _Sampler:
         self.use_top_k = any(k < vocab for k in top_k)
         top_p = [p.top_p if p.temperature and p.top_p < 1.0 else 2.0 for p in params]  # 2: keep all
         self.top_p = torch.tensor([[p] for p in top_p], device=device)
+        self.nucleus = torch.tensor([p < 1.0 for p in top_p], device=device)
         self.use_top_p = any(p < 1.0 for p in top_p)
+        self.nucleus_only = all(p < 1.0 for p in top_p)
         self.logprobs = any(p.logprobs or p.top_logprobs for p in params)
         self.top_logprobs = max(p.top_logprobs for p in params)
 
@@ -111,32 +129,22 @@ class _Sampler:
         if self.greedy_only:
             return best
         scores = logits / self.temperature
-        if self.use_top_k or self.use_top_p:
-            if scores.device.type == "cpu":  # numpy's vectorised sort is far quicker than torch's on CPUs
-                ordered = torch.from_numpy(np.sort(scores.numpy(), axis=-1)[:, ::-1].copy())
-            else:
-                ordered = scores.sort(dim=-1, descending=True).values
-            if self.use_top_k:
-                kth = ordered.gather(1, self.top_k)
-                scores = scores.masked_fill(scores < kth, float("-inf"))
-                ordered = ordered.masked_fill(ordered < kth, float("-inf"))
-            normaliser = torch.logsumexp(scores, dim=-1, keepdim=True)
-            probs = (scores - normaliser).exp()
-            if self.use_top_p:
-                # the nucleus: the most likely tokens while the mass before them is under top_p
-                ordered_probs = (ordered - normaliser).exp()
-                before = ordered_probs.cumsum(dim=-1) - ordered_probs
-                last = (before < self.top_p).sum(dim=-1, keepdim=True) - 1
-                probs = probs.masked_fill(probs < ordered_probs.gather(1, last), 0.0)
-        else:
-            probs = scores.softmax(dim=-1)
-        # no need to renormalise: the uniform number is scaled to the total instead
-        cdf = probs.double().cumsum(dim=-1)
-        total = cdf[:, -1:]
+        if self.use_top_k:
+            kth = _descending(scores).gather(1, self.top_k)
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        probs = scores.softmax(dim=-1)
         uniforms = torch.tensor([[row.rng.random()] for row in self.rows], dtype=torch.float64, device=self.device)
-        # strictly below the total, so the first cdf value above it is a token of nonzero probability
-        target = torch.minimum(uniforms * total, torch.nextafter(total, torch.zeros_like(total)))
-        picks = torch.searchsorted(cdf, target, right=True)[:, 0]
+        picks = None
+        if not self.nucleus_only:  # rows without top-p draw over the vocabulary in id order
+            picks = _inverse_cdf(probs, uniforms)
+        if self.use_top_p:
+            # rows with top-p draw over the tokens in order of probability, cut where the mass
+            # of the more likely tokens reaches top_p
+            ordered = _descending(probs)
+            ordered = ordered.masked_fill(ordered.cumsum(dim=-1) - ordered >= self.top_p, 0.0)
+            value = ordered.gather(1, _inverse_cdf(ordered, uniforms)[:, None])
+            in_nucleus = (probs == value).to(torch.uint8).argmax(dim=-1)  # the first token of that probability
+            picks = in_nucleus if picks is None else torch.where(self.nucleus, in_nucleus, picks)
         return torch.where(self.greedy, best, picks) if self.any_greedy else picks
 
     def logprobs_of(self, logits: torch.Tensor, chosen: torch.Tensor):
