@@ -2,15 +2,17 @@
 on as many full-solution pairs from the same rollouts, judged on held-out problems.
 
     .venv/bin/python examples/pts-table9/run.py --seeds 3
+    .venv/bin/python examples/pts-table9/run.py --seeds 3 --parallel 3   # seeds side by side
     .venv/bin/python examples/pts-table9/run.py --seeds 1 --scale 0.25   # a quick check
 
 Per seed, everything through the project's own workloads, driven by the local runner
 (`tokenmill run`) on recipes this script writes:
 
-1. data: arithmetic word problems ("Mia has 3 pens and buys 4 more pens at the market. How
-   many pens does Mia have now?", sums and differences of numbers up to 9), each with the
-   scripted teacher's worked solution; the (a, op, b) triples of the held-out set never
-   occur in any training set;
+1. data: arithmetic word problems ("Mia has 8 shells and loses 5. How many does Mia have
+   now?", sums and differences of numbers up to 9, 6 names x 6 objects x 126 number pairs),
+   each with the scripted teacher's worked solution ("Step 1: 8 - 5 = 3.\nThe answer is
+   \\boxed{3}."); 64 problems are held out and never occur in any training set (documents,
+   SFT conversations, PTS problems);
 2. recipe `main`: TrainingStage pretrain (documents of solved problems, a tiny byte-level
    model) -> TrainingStage sft (the conversations) -> PTSJob pts (the SFT model's own
    solutions to training problems, math oracle) -> TrainingStage dpo-pts (the pivotal pairs);
@@ -19,10 +21,11 @@ Per seed, everything through the project's own workloads, driven by the local ru
 4. recipe `full`: TrainingStage dpo-full (those pairs, same DPO settings, the SFT model as
    policy and reference);
 5. `python -m tokenmill.trainer.evaluate` on the held-out problems for SFT, PTS-DPO and
-   full-solution DPO: greedy accuracy and the sampled success rate.
+   full-solution DPO: greedy accuracy and the success rate of 8 samples at temperature 1.
 
-The table (mean and standard deviation over seeds, and every seed) is printed and written to
-`<work>/table9.json` and `<work>/table9.md`.
+The table (mean and standard deviation over seeds, and every seed; then per seed the problems
+PTS searched, the pairs, the rollouts, wall and CPU minutes) is printed and written to
+`<work>/table9.json` (with each stage's wall seconds) and `<work>/table9.md`.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil  # installed with Ray
@@ -119,12 +123,12 @@ def resource(kind: str, name: str, spec: dict) -> dict:
 RAY_TRAIN = {"workers": {"replicas": 1, "gpusPerWorker": 0, "cpusPerWorker": "2", "memoryPerWorker": "4Gi"}}
 SEQUENCE = 256
 BATCH = 8
-SIZES = {"documents": 3000, "sft": 1500, "pts": 24}
+SIZES = {"documents": 3000, "sft": 1500, "pts": 10}
 """Rows of each dataset at --scale 1."""
 STEPS = {"pretrain": 384, "sft": 128, "dpo": 32}
 """Optimizer steps of each stage at --scale 1 (BATCH sequences of SEQUENCE tokens each)."""
 DPO = {"beta": 0.1, "peakLearningRate": 2.0e-4}
-PTS = {"solutionsPerProblem": 2, "samplesPerEstimate": 16, "pGap": 0.2,
+PTS = {"solutionsPerProblem": 2, "samplesPerEstimate": 32, "pGap": 0.2,
        "queryFilter": {"minSuccess": 0.1, "maxSuccess": 0.9}, "maxPivotalTokens": 4}
 ROLLOUT_TOKENS = 56
 
@@ -179,7 +183,7 @@ def write_recipe(directory: Path, resources: list[dict]) -> Path:
     return directory
 
 
-def logged(command: list[str], log: Path, timings: dict[str, float], first: str) -> int:
+def logged(command: list[str], log: Path, timings: dict[str, float], first: str, meter: CpuMeter) -> int:
     """Runs `command` with its output appended to `log`, adding to `timings` the wall seconds of
     each part: `first` until the runner starts its first resource, then each resource (from its
     `start Kind/name` line to the next one, or to the end)."""
@@ -195,6 +199,7 @@ def logged(command: list[str], log: Path, timings: dict[str, float], first: str)
             subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              errors="replace") as process:
         assert process.stdout is not None
+        meter.watch(process.pid)
         for line in process.stdout:
             output.write(line)
             if line.startswith("start ") and "/" in line:
@@ -204,10 +209,10 @@ def logged(command: list[str], log: Path, timings: dict[str, float], first: str)
     return status
 
 
-def tokenmill_run(recipe: Path, store: str, log: Path, timings: dict[str, float]) -> None:
+def tokenmill_run(recipe: Path, store: str, log: Path, timings: dict[str, float], meter: CpuMeter) -> None:
     command = [sys.executable, "-c", "import sys; from tokenmill.cli import main; sys.exit(main())",
                "run", str(recipe), "--store", store]
-    status = logged(command, log, timings, "ray start-up")
+    status = logged(command, log, timings, "ray start-up", meter)
     if status != 0:
         raise SystemExit(f"tokenmill run {recipe} failed (exit {status}); see {log}")
 
@@ -225,11 +230,11 @@ def cut_full_solution_pairs(store: str, target: str, count: int, seed: int) -> i
 
 def run_seed(work: Path, seed: int, scale: float) -> dict:
     with CpuMeter() as meter:
-        run = measured_seed(work, seed, scale)
+        run = measured_seed(work, seed, scale, meter)
     return {**run, "cpuSeconds": meter.seconds}
 
 
-def measured_seed(work: Path, seed: int, scale: float) -> dict:
+def measured_seed(work: Path, seed: int, scale: float, meter: CpuMeter) -> dict:
     directory = work / f"seed-{seed}"
     store = (directory / "store").as_uri()
     log = directory / "run.log"
@@ -238,7 +243,7 @@ def measured_seed(work: Path, seed: int, scale: float) -> dict:
     timings: dict[str, float] = {}
     uris = make_data(directory / "data", seed, scale)
     timings["data"] = round(time.monotonic() - started, 1)
-    tokenmill_run(write_recipe(directory / "main", main_recipe(uris, seed, scale)), store, log, timings)
+    tokenmill_run(write_recipe(directory / "main", main_recipe(uris, seed, scale)), store, log, timings, meter)
     pivotal = open_dataset(dataset_uri(join(store, "ptsjobs", "pts"))).read_all().num_rows
     full_uri = (directory / "data" / "full-solution-pairs").as_uri()
     full = cut_full_solution_pairs(store, full_uri, pivotal, seed)
@@ -248,7 +253,7 @@ def measured_seed(work: Path, seed: int, scale: float) -> dict:
     if pivotal and full:
         tokenmill_run(write_recipe(directory / "full", [dpo_stage(
             "dpo-full", {"uri": sft_checkpoint}, [{"uri": full_uri, "weight": 1.0, "epochs": 1000}], seed + 2, scale)]),
-            store, log, timings)
+            store, log, timings, meter)
     models = {"SFT": sft_export}
     if pivotal:
         models["PTS-DPO"] = hf_export_uri(join(store, "trainingstages", "dpo-pts"))
@@ -259,7 +264,7 @@ def measured_seed(work: Path, seed: int, scale: float) -> dict:
     (directory / "evaluation.json").write_text(json.dumps(config))
     result_uri = (directory / "evaluation-result.json").as_uri()
     status = logged([sys.executable, "-m", "tokenmill.trainer.evaluate", "--config", json.dumps(config),
-                     "--out", result_uri], log, timings, "evaluation")
+                     "--out", result_uri], log, timings, "evaluation", meter)
     if status != 0:
         raise SystemExit(f"the evaluation of seed {seed} failed (exit {status}); see {log}")
     result = json.loads((directory / "evaluation-result.json").read_text())
@@ -272,23 +277,34 @@ def measured_seed(work: Path, seed: int, scale: float) -> dict:
 
 
 class CpuMeter:
-    """CPU seconds of every process this script starts and their descendants (the runner, its
-    Ray cluster and workers, the workloads, the evaluation), sampled each second while it runs."""
+    """CPU seconds of the watched processes and their descendants (the runner, its Ray cluster
+    and workers, the workloads, the evaluation), sampled each second while they run."""
 
     def __init__(self) -> None:
+        self.roots: list[psutil.Process] = []
         self.seen: dict[tuple[int, float], float] = {}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._sample, daemon=True)
 
+    def watch(self, pid: int) -> None:
+        try:
+            self.roots.append(psutil.Process(pid))
+        except psutil.Error:
+            pass
+
     def _sample(self) -> None:
-        me = psutil.Process()
         while not self.stop.wait(1.0):
-            for process in me.children(recursive=True):
+            for root in list(self.roots):
                 try:
-                    times = process.cpu_times()
-                    self.seen[(process.pid, process.create_time())] = times.user + times.system
+                    processes = [root, *root.children(recursive=True)]
                 except psutil.Error:
-                    pass
+                    continue
+                for process in processes:
+                    try:
+                        times = process.cpu_times()
+                        self.seen[(process.pid, process.create_time())] = times.user + times.system
+                    except psutil.Error:
+                        pass
 
     def __enter__(self) -> CpuMeter:
         self.thread.start()
@@ -338,15 +354,23 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--scale", type=float, default=1.0, help="data and training tokens, relative")
     parser.add_argument("--work", type=Path, default=Path("tokenmill-runs/pts-table9"))
+    parser.add_argument("--parallel", type=int, default=1, help="seeds run at the same time")
     args = parser.parse_args()
-    if args.seeds < 1 or args.scale <= 0:
-        parser.error("--seeds must be at least 1 and --scale above 0")
+    if args.seeds < 1 or args.scale <= 0 or args.parallel < 1:
+        parser.error("--seeds and --parallel must be at least 1 and --scale above 0")
     work = args.work.resolve()
-    runs = []
-    for seed in range(args.seeds):
-        runs.append(run_seed(work, seed, args.scale))
-        print(f"seed {seed}: {json.dumps({k: v for k, v in runs[-1].items() if k != 'models'})}", flush=True)
+    started = time.monotonic()
+
+    def one(seed: int) -> dict:
+        run = run_seed(work, seed, args.scale)
+        print(f"seed {seed}: {json.dumps({k: v for k, v in run.items() if k != 'models'})}", flush=True)
         print(f"load average {' '.join(f'{load:.1f}' for load in os.getloadavg())}", flush=True)
+        return run
+
+    with ThreadPoolExecutor(args.parallel) as pool:
+        runs = list(pool.map(one, range(args.seeds)))
+    print(f"{args.seeds} seeds in {(time.monotonic() - started) / 60:.1f} minutes, "
+          f"{sum(run['cpuSeconds'] for run in runs) / 60:.1f} CPU minutes", flush=True)
     for run in runs:
         for model in run["models"].values():
             model.pop("perProblem", None)

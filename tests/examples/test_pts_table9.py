@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -91,3 +92,14 @@ def test_the_table_gives_mean_spread_and_every_seed(table9) -> None:
     assert "0.375 ± 0.177" in lines["SFT"] and "0.50 / 0.25, 0.25 / 0.50" in lines["SFT"]
     assert "0.750" in lines["PTS-DPO"] and "1 of 2 seeds" in lines["PTS-DPO"]
     assert "not trained" in lines["Full-DPO"]
+
+
+def test_the_cpu_meter_counts_a_watched_process_and_its_children(table9) -> None:
+    burn = "import time; sum(range(20_000_000)); time.sleep(2)"
+    parent = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {burn!r}])"
+    with table9.CpuMeter() as meter:
+        process = subprocess.Popen([sys.executable, "-c", parent])
+        meter.watch(process.pid)
+        process.wait()
+    assert meter.seconds > 0.2
+    assert len(meter.seen) == 2
