@@ -16,7 +16,8 @@ workload itself. Every series carries the resource's `kind`, `namespace` and `na
 - PTSJob: the counters `tokenmill_pts_pivotal_tokens_total`, `_rollouts_total`,
   `_estimates_total`, `_tokens_generated_total`, `_problems_searched_total`,
   `_problems_skipped_too_hard_total`, `_problems_skipped_too_easy_total`,
-  `_pivotal_pairs_total`, `_full_solution_pairs_total`.
+  `_pivotal_pairs_total`, `_full_solution_pairs_total`, and those of `trainer/pts/metrics.py`
+  (the Δp histogram, solutions by pivotal tokens, verdicts, estimate standard errors);
 - SyntheticDataJob: `tokenmill_synth_records_total{step,verdict}`,
   `tokenmill_synth_tokens_generated_total` and the rest listed in `trainer/synth/metrics.py`;
 - any workload that generates: `tokenmill_generate_*` (requests, tokens, errors, retries,
@@ -130,6 +131,10 @@ def progress_metrics(progress: Progress | None, labels: Mapping[str, str]) -> li
         from tokenmill.trainer.synth.metrics import synth_families
 
         families += synth_families(progress.metrics, names, values)
+    if labels.get("kind") == "PTSJob":
+        from tokenmill.trainer.pts.metrics import pts_families
+
+        families += pts_families(progress.metrics, names, values)
     return families
 
 

@@ -419,3 +419,39 @@ def test_statistics_reach_prometheus():
     assert samples["tokenmill_pts_pivotal_tokens_total"].value == stats.pivotal_tokens == 2
     assert samples["tokenmill_pts_rollouts_total"].value == stats.rollouts
     assert samples["tokenmill_pts_pivotal_pairs_total"].labels == {"kind": "PTSJob", "namespace": "ns", "name": "pts"}
+    assert samples["tokenmill_pts_problems_total"].value == 1
+    assert samples["tokenmill_pts_problems_searched_total"].value == 1
+    assert samples["tokenmill_pts_problems_skipped_too_hard_total"].value == 0
+    assert samples["tokenmill_pts_rollouts_reused_total"].value == stats.rollouts_reused
+    assert samples["tokenmill_pts_estimate_standard_error_max"].value == pytest.approx(stats.estimate_se_max)
+    assert 0 < samples["tokenmill_pts_estimate_standard_error_mean"].value <= stats.estimate_se_max
+    labelled = [(family.name, sample.labels, sample.value)
+                for family in text_string_to_metric_families(generate_latest(registry).decode())
+                for sample in family.samples if sample.name.endswith("_total")]
+    by_delta = {labels["delta_p"]: value for name, labels, value in labelled
+                if name == "tokenmill_pts_pivotal_tokens_by_delta_p"}
+    assert by_delta == {"[0.3,0.4)": 1.0, "[0.4,0.5)": 1.0}
+    by_count = {labels["pivotal_tokens"]: value for name, labels, value in labelled
+                if name == "tokenmill_pts_solutions_by_pivotal_tokens"}
+    assert by_count == {"2": 1.0}
+    verdicts = {labels["reason"]: value for name, labels, value in labelled if name == "tokenmill_pts_verdicts"}
+    assert verdicts == {reason: float(n) for reason, n in stats.verdicts.items()} and sum(verdicts.values()) > 0
+
+
+def test_skipped_problems_and_figures_reach_the_manifest_and_status():
+    from tokenmill.outputs import headline_counts
+
+    easy, hard, searched = (planted(16, start, {8: 0.3} if start < 0.5 else {}, seed=13) for start in (0.95, 0.02, 0.3))
+    stats = run(easy).stats
+    stats.merge(run(hard, min_success=0.2, max_success=0.8).stats)
+    stats.merge(run(searched, min_success=0.2, max_success=0.8).stats)
+    figures = stats.to_dict()
+    assert (figures["problems"], figures["problemsSearched"]) == (3, 2)
+    assert (figures["problemsSkippedTooHard"], figures["problemsSkippedTooEasy"]) == (1, 0)
+    assert figures["deltaPHistogram"] == {"[0.3,0.4)": 1} and figures["pivotalPerSolution"] == {"0": 1, "1": 1}
+    assert set(figures["estimateStandardError"]) == {"mean", "max"}
+    status = headline_counts({**figures, "warnings": []})
+    assert {key: status[key] for key in ("problems", "problemsSearched", "problemsSkippedTooHard", "pivotalTokens",
+                                         "rollouts", "rolloutsReused")} == {
+        "problems": 3, "problemsSearched": 2, "problemsSkippedTooHard": 1, "pivotalTokens": 1,
+        "rollouts": stats.rollouts, "rolloutsReused": stats.rollouts_reused}

@@ -45,6 +45,7 @@ from tokenmill.store import (
     write_progress,
 )
 from tokenmill.trainer.oracles import OracleInputError, make_oracle
+from tokenmill.trainer.pts.metrics import progress_figures
 from tokenmill.trainer.pts.search import PTSInputError, SearchConfig, check_problems, search
 from tokenmill.trainer.pts.policy import OracleJudge, SearchProblem
 from tokenmill.trainer.pts.stats import SearchStats
@@ -196,7 +197,7 @@ def progress_metrics(stats: SearchStats) -> dict[str, float]:
         "pivotal_tokens": stats.pivotal_tokens,
         "pairs_pivotal": stats.pairs["pivotal"], "pairs_full_solution": stats.pairs["full-solution"],
     }
-    return {key: float(value) for key, value in figures.items()}
+    return {**{key: float(value) for key, value in figures.items()}, **progress_figures(stats)}
 
 
 def _stats_from(data: dict[str, Any]) -> SearchStats:
