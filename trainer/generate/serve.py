@@ -9,6 +9,7 @@ Concurrent HTTP requests are decoded together (micro-batching): the requests tha
 while the previous batch ran become the next batch as soon as the engine is free; an idle
 engine waits for a burst to end (no new request for `GATHER_S`, at most `MAX_WAIT_S`). One
 batch runs at a time, in a worker thread, so the event loop keeps accepting requests.
+`--delay-ms` holds every batch's answers until that long after it started (benchmarks).
 
 Streaming (`"stream": true`) sends server-sent events as the engine draws tokens: a chunk per
 token and choice (the text that token completes; text that could still turn out to be part of
@@ -84,8 +85,9 @@ class Batcher:
 
     When the engine frees up, everything waiting becomes the next batch at once. When it was
     idle, a batch opens with the first request and closes once no request has come for
-    `gather_s`, `max_wait_s` after it opened, or at `max_batch` requests. `delay_s` makes every
-    batch take at least that long (benchmarks: the step time of a larger model).
+    `gather_s`, `max_wait_s` after it opened, or at `max_batch` requests. `delay_s` holds a
+    batch's answers until that long after the batch started, while the engine goes on with the
+    next one (benchmarks: a server that answers each request in that time).
     """
 
     def __init__(self, engine: Engine, delay_s: float = 0.0, *, gather_s: float = GATHER_S,
@@ -132,24 +134,18 @@ class Batcher:
         return [self.waiting.popleft() for _ in range(count)]
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             batch = await self._gather()
             self.batches += 1
             self.batched_requests += len(batch)
+            started = loop.time()
             try:
-                work = asyncio.to_thread(self._generate, batch, asyncio.get_running_loop())
-                if self.delay_s:
-                    outputs, _ = await asyncio.gather(work, asyncio.sleep(self.delay_s))
-                else:
-                    outputs = await work
+                outputs: list[RequestOutput] | BaseException = await asyncio.to_thread(self._generate, batch, loop)
             except Exception as error:  # noqa: BLE001 - every waiter gets the error
-                for pending in batch:
-                    if not pending.future.done():
-                        pending.future.set_exception(error)
-                continue
-            for pending, output in zip(batch, outputs, strict=True):
-                if not pending.future.done():
-                    pending.future.set_result(output)
+                outputs = error
+            # the answers wait out the delay; the engine goes on with the next batch meanwhile
+            loop.call_at(started + self.delay_s, _answer, batch, outputs)
 
     def _generate(self, batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> list[RequestOutput]:
         """The engine's answers to a batch (in the worker thread). When some of its requests
@@ -171,6 +167,16 @@ class Batcher:
             return self.engine.generate([p.request for p in batch])
         finally:
             self.engine.step_listener = None  # type: ignore[attr-defined]
+
+
+def _answer(batch: list[_Pending], outputs: list[RequestOutput] | BaseException) -> None:
+    for position, pending in enumerate(batch):
+        if pending.future.done():
+            continue
+        if isinstance(outputs, BaseException):
+            pending.future.set_exception(outputs)
+        else:
+            pending.future.set_result(outputs[position])
 
 
 def _deliver(sinks: dict[int, TokenSink], drawn: dict[int, list[tuple[int, int]]]) -> None:
