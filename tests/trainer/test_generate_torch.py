@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -64,7 +65,9 @@ def test_greedy_matches_transformers_generate(engine, hf_model):
 def test_logprobs_equal_a_full_forward(export_dir, max_shared_prompts):
     engine = load_torch_engine(f"file://{export_dir}", device="cpu", max_shared_prompts=max_shared_prompts)
     sampling = SamplingParams(temperature=0.9, top_p=0.95, max_tokens=30, seed=3, logprobs=True, top_logprobs=3)
-    padded = [GenerationRequest(prompt_token_ids=_ids(p), n=2, sampling=sampling) for p in PROMPTS[:3]]
+    # different lengths: rows leave the batch at different steps, the rest decode on
+    padded = [GenerationRequest(prompt_token_ids=_ids(p), n=2, sampling=replace(sampling, max_tokens=6 + 12 * i))
+              for i, p in enumerate(PROMPTS[:3])]
     alone = [GenerationRequest(prompt_token_ids=_ids(PROMPTS[3]), n=2, sampling=sampling)]  # no padding: no mask
     for output in engine.generate(padded) + engine.generate(alone):
         prompt = list(output.request.prompt_token_ids)

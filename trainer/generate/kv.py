@@ -216,7 +216,8 @@ def _attend(q: torch.Tensor, segment: PrefixSegment, layer: int, keys: torch.Ten
         prefix_scores = torch.matmul(q, prefix_keys.transpose(2, 3))
         if segment.mask is not None:
             prefix_scores = prefix_scores + segment.mask
-    weights = torch.cat([prefix_scores, torch.matmul(q, keys.transpose(2, 3))], dim=-1).softmax(dim=-1)
+    scores = torch.cat([prefix_scores, torch.matmul(q, keys.transpose(2, 3))], dim=-1)
+    weights = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)  # float32 sums for half-precision models
     prefix_weights, own_weights = weights[..., :length], weights[..., length:]
     if segment.shared:
         stacked = prefix_weights.transpose(0, 1).reshape(kv_heads, rows * group, length)
