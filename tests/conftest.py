@@ -12,6 +12,9 @@ import pytest
 # The S3-compatible test server's fixtures (moto_s3_server, s3_bucket), for every test module.
 from tests.fixtures.s3 import moto_s3_server, s3_bucket  # noqa: F401
 
+# One uninterrupted run of examples/tiny per session, for the tests that compare with it.
+from tests.fixtures.tiny_run import tiny_reference  # noqa: F401
+
 # Ray Train waits this long in every report(); the default (2 s) makes CPU tests crawl.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")

@@ -1,54 +1,47 @@
-"""The same recipe folder applied to a cluster (kopf operator, Kubernetes emulator, KubeRay
-stand-in running the real entrypoints) commits the same outputs as `tokenmill run`.
-
-The recipe is the smaller variant of examples/tiny the resume test uses (a scripted-teacher
-SyntheticDataJob feeding a pretraining stage with checkpoints)."""
+"""The same recipe folder applied to a cluster commits the same outputs as `tokenmill run`:
+examples/tiny through the kopf operator, the Kubernetes emulator and the KubeRay stand-in
+running the real workload entrypoints, compared with the session's local run of it."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import yaml
 
+from tests.fixtures.tiny_run import RUN_TIMEOUT_S, TINY, TinyRun, committed_outcome, tiny_stages
 from tests.operator.conftest import apply, phase_is
-from tests.runner.tiny_variant import committed_outputs, write_variant
-from tokenmill.api.recipe import absolute_uri
+from tokenmill.runner.plan import plan_recipe
 
 
-def cluster_documents(folder: Path) -> list[dict]:
-    """The recipe's resources as `kubectl apply` sends them: relative file: URIs made absolute
-    (the cluster has no recipe folder), namespace default."""
+def cluster_documents() -> list[dict]:
+    """examples/tiny as `kubectl apply` sends it: relative file: URIs made absolute (the cluster
+    has no recipe folder), namespace default."""
     documents = []
-    for document in yaml.safe_load_all((folder / "recipe.yaml").read_text()):
+    for resource in plan_recipe(TINY):
+        document = resource.model_dump(by_alias=True, exclude_none=True, mode="json")
         document["metadata"]["namespace"] = "default"
-        for seed in document["spec"].get("seeds", []):
-            if "uri" in seed:
-                seed["uri"] = absolute_uri(seed["uri"], folder)
         documents.append(document)
     return documents
 
 
 @pytest.mark.slow
-async def test_the_tiny_recipe_through_the_operator_matches_the_local_run(kube, start_operator, standin, store_root,
-                                                                          tmp_path):
-    folder = write_variant(tmp_path / "recipe")
-    local = tmp_path / "local"
-    env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
-    done = subprocess.run([sys.executable, "-m", "tokenmill.cli", "run", str(folder), "--store", local.as_uri()],
-                          capture_output=True, text=True, env=env, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+@pytest.mark.timeout(2 * RUN_TIMEOUT_S)
+async def test_the_tiny_recipe_through_the_operator_matches_the_local_run(tiny_reference: TinyRun, kube,
+                                                                          start_operator, standin, store_root):
+    expected = committed_outcome(tiny_reference.uri, evaluation=False)
 
     await start_operator()
     await standin(command=[sys.executable, "-m", "tokenmill.trainer"])
-    for document in cluster_documents(folder):
+    for document in cluster_documents():
         await apply(kube, document)
-    synthetic = await phase_is(kube, "SyntheticDataJob", "exercises", "Succeeded", timeout=300)
-    trained = await phase_is(kube, "TrainingStage", "pretrain", "Succeeded", timeout=300)
+    outputs = {}
+    for label, _ in tiny_stages():
+        kind, name = label.split("/")
+        done = await phase_is(kube, kind, name, "Succeeded", timeout=RUN_TIMEOUT_S)
+        outputs[label] = done["outputs"]["uri"]
 
-    prefix = synthetic["outputs"]["uri"].removeprefix(store_root).strip("/").removesuffix("syntheticdatajobs/exercises")
-    assert trained["outputs"]["uri"] == f"{store_root}/{prefix}trainingstages/pretrain"
-    assert committed_outputs(store_root, prefix) == committed_outputs(local.as_uri())
+    first_label, first_path = tiny_stages()[0]
+    prefix = outputs[first_label].removeprefix(store_root).strip("/").removesuffix(first_path)
+    for label, path in tiny_stages():
+        assert outputs[label] == f"{store_root}/{prefix}{path}", label
+    assert committed_outcome(store_root, prefix, evaluation=False) == expected

@@ -1,84 +1,119 @@
-"""`tokenmill run` interrupted at a random stage (Ctrl-C or killed) and run again resumes from
-committed work and reaches the same outputs and evaluation as an uninterrupted run.
+"""`tokenmill run examples/tiny` interrupted at random stages, first by Ctrl-C (SIGINT to the
+terminal's process group), then, in the run that resumes it, by SIGKILL, and run a third
+time: it resumes from committed work and commits the same outputs and evaluation as the
+uninterrupted reference run.
 
-A smaller variant of examples/tiny (its seed and evaluation data): a scripted-teacher
-SyntheticDataJob, a pretraining stage with checkpoints, and the held-out evaluation, through
-the real runner, workloads and Ray.
+The stages are drawn from a seed printed with every failure; `TOKENMILL_RESUME_SEED=<seed>`
+replays a draw. Within the drawn stage the run is interrupted once the stage's workload has
+reported a drawn share of its work (or, for a stage that reports only at the end, right after
+it starts).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
 import subprocess
-import sys
+import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
-from tests.runner.tiny_variant import STAGES, committed_outputs, recipe  # noqa: F401
-from tokenmill.store import open_store, read_progress
+from tests.fixtures.tiny_run import TinyRun, committed_outcome, finish, start_tiny, tiny_stages
+from tokenmill.store import read_progress
+
+STAGES = tiny_stages()
 
 
-def start(recipe: Path, store: Path) -> subprocess.Popen:
-    env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "COLUMNS": "100"}
-    return subprocess.Popen([sys.executable, "-m", "tokenmill.cli", "run", str(recipe), "--store", store.as_uri()],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
+class LiveOutput:
+    """The lines of a running process's output, read as they come."""
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, args=(process,), daemon=True)
+        self._thread.start()
+
+    def _read(self, process: subprocess.Popen) -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def text(self) -> str:
+        self._thread.join(timeout=120)
+        return "\n".join(self.lines)
 
 
-def finish(process: subprocess.Popen) -> str:
-    output, _ = process.communicate(timeout=900)
-    assert process.returncode == 0, output[-4000:]
-    return output
-
-
-def outcome(store: Path) -> dict:
-    """The committed outputs and the evaluation's figures (without the model URIs, which name the store)."""
-    evaluation = open_store(store.as_uri()).read_json("_evaluation/evaluation.json")
-    figures = {label: {k: v for k, v in model.items() if k != "model"} for label, model in evaluation["models"].items()}
-    return {**committed_outputs(store.as_uri()), "evaluation": figures}
-
-
-def wait_for(condition, process: subprocess.Popen, timeout: float = 600) -> None:
+def wait_for(condition, process: subprocess.Popen, what: str, output: LiveOutput, timeout: float = 2400) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
-        assert process.poll() is None, "the run ended before the moment to interrupt it"
-        assert time.monotonic() < deadline, "the run never reached the moment to interrupt it"
-        time.sleep(0.2)
+        assert process.poll() is None, f"the run ended before {what}:\n" + "\n".join(output.lines[-60:])
+        assert time.monotonic() < deadline, f"the run never reached {what}"
+        time.sleep(0.1)
+
+
+def interrupt(store: Path, index: int, share: float, how: signal.Signals) -> tuple[str, bool]:
+    """Run examples/tiny into `store` and interrupt it with `how` once stage `index` has reported
+    `share` of its work in this run (or has finished); returns the run's output and whether the
+    stage was unfinished when interrupted."""
+    label, path = STAGES[index]
+    process = start_tiny(store)
+    output = LiveOutput(process)
+    wait_for(lambda: any(line in (f"start {label}", f"resume {label}") or line.startswith(f"resume {label}:")
+                         for line in output.lines), process, f"the start of {label}", output)
+    began = datetime.now(timezone.utc)
+
+    def reached() -> bool:
+        record = read_progress(f"{store.as_uri()}/{path}")
+        if record is None or not record.updated_at:
+            return False
+        if datetime.fromisoformat(record.updated_at.replace("Z", "+00:00")) < began:
+            return False  # an earlier run's record
+        if record.phase == "succeeded":
+            return True
+        return (record.fraction or 0.0) >= share
+
+    wait_for(reached, process, f"{share:.0%} of {label}", output)
+    record = read_progress(f"{store.as_uri()}/{path}")
+    unfinished = record is not None and record.phase != "succeeded"
+    os.killpg(process.pid, how)
+    process.wait(timeout=300)
+    text = output.text()
+    assert process.returncode != 0, text[-3000:]
+    return text, unfinished
 
 
 @pytest.mark.slow
-def test_an_interrupted_run_resumes_to_the_same_result(recipe: Path, tmp_path: Path) -> None:
-    reference = tmp_path / "reference"
-    finish(start(recipe, reference))
-    expected = outcome(reference)
-    assert expected["evaluation"]["pretrain"]["problems"] == 20
+@pytest.mark.timeout(3 * 3000)
+def test_an_interrupted_tiny_run_resumes_to_the_same_result(tiny_reference: TinyRun, tmp_path: Path) -> None:
+    expected = committed_outcome(tiny_reference.uri)
+    assert set(expected["evaluation"]["models"]) == {"SFT", "PTS-DPO"}
 
-    rng = random.Random()
-    stage = rng.choice(STAGES)
-    how = rng.choice((signal.SIGINT, signal.SIGKILL))
+    seed = int(os.environ.get("TOKENMILL_RESUME_SEED") or random.randrange(1_000_000))
+    rng = random.Random(seed)
+    first = rng.randrange(len(STAGES))
+    second = rng.randrange(first, len(STAGES))
+    shares = (rng.choice((0.0, 0.3, 0.6)), rng.choice((0.0, 0.3, 0.6)))
+    draw = (f"seed {seed} (TOKENMILL_RESUME_SEED={seed}): Ctrl-C in {STAGES[first][0]} at {shares[0]:.0%}, "
+            f"then SIGKILL in {STAGES[second][0]} at {shares[1]:.0%}")
+    print(draw)
     store = tmp_path / "interrupted"
-    process = start(recipe, store)
 
-    def reached() -> bool:
-        progress = read_progress(f"{store.as_uri()}/{stage}")
-        if progress is None:
-            return False
-        if stage.startswith("trainingstages"):  # after a checkpoint, so there is committed work to resume
-            return (store / stage / "checkpoints").is_dir() and any((store / stage / "checkpoints").iterdir())
-        return True
+    output, _ = interrupt(store, first, shares[0], signal.SIGINT)
+    assert "interrupted: committed work is kept" in output, f"{draw}\n{output[-3000:]}"
+    assert "Traceback" not in output, f"{draw}\n{output[-3000:]}"
 
-    wait_for(reached, process)
-    os.killpg(process.pid, how)
-    process.communicate(timeout=120)
-    assert process.returncode != 0
+    output, unfinished = interrupt(store, second, shares[1], signal.SIGKILL)
+    assert all(f"skip {label}: already done" in output for label, _ in STAGES[:first]), f"{draw}\n{output[-3000:]}"
 
-    output = finish(start(recipe, store))
-    assert f"resume {'SyntheticDataJob/exercises' if stage.startswith('synth') else 'TrainingStage/pretrain'}" in output
-    assert outcome(store) == expected, f"interrupted at {stage} with {how.name}"
+    process = start_tiny(store)
+    output = finish(process)
+    label = STAGES[second][0]
+    if unfinished:
+        assert f"resume {label}: continuing from the work an earlier run committed" in output, f"{draw}\n{output}"
+    assert all(f"skip {done}: already done" in output for done, _ in STAGES[:second]), f"{draw}\n{output}"
+    assert committed_outcome(store.as_uri()) == expected, draw
     assert (store / "report.html").is_file()
-    assert "report: " in output
+    assert f"report: {store.as_uri()}/report.html" in output
