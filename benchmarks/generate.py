@@ -7,9 +7,11 @@ engine against `tokenmill serve`, in one run.
   the same at 8 successive prefixes of one solution (the prefix grown by 8 tokens each time).
   transformers expands the prompt 64 times (`num_return_sequences`); the torch engine prefills
   it once and reuses the cached prefix for each longer one.
-- ``openai``: 640 one-token requests from the openai engine (64 in flight) to `tokenmill serve`
-  with an artificial 50 ms per batch, in requests per second, against the bound 64 / 50 ms
-  = 1,280/s of a server that answers each request in exactly 50 ms.
+- ``openai``: rounds of 640 one-token requests from the openai engine (64 in flight) to
+  `tokenmill serve`, which answers a batch's requests 50 ms after the batch started
+  (`--delay-ms`; the engine goes on with the next batch meanwhile), in requests per second
+  against the bound 64 / 50 ms = 1,280/s of a server that answers each request in exactly
+  50 ms; with each side's CPU time per request, since client and server share the cores.
 
 Both sides of ``batch`` and ``pts`` run on the same random tiny model (the transformers side
 loads our Hugging Face export of it, KV cache on), with the same prompts, sampling settings
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import socket
 import statistics
 import subprocess
@@ -109,7 +112,17 @@ def compare(name: str, ours: Callable[[], int], theirs: Callable[[], int], round
           f"ratio {_spread(wall_ratios)}x", flush=True)
 
 
-def bench_openai(export_dir: Path, requests: int = 640, concurrency: int = 64, delay_ms: float = 50.0) -> None:
+def _cpu_seconds(pid: int) -> float | None:
+    """User and system CPU time of another process so far (Linux), or None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_openai(export_dir: Path, rounds: int, requests: int = 640, concurrency: int = 64,
+                 delay_ms: float = 50.0) -> None:
     from tokenmill.trainer.generate.openai_engine import OpenAIEngine
 
     with socket.socket() as probe:
@@ -117,7 +130,9 @@ def bench_openai(export_dir: Path, requests: int = 640, concurrency: int = 64, d
         port = probe.getsockname()[1]
     server = subprocess.Popen([sys.executable, "-m", "tokenmill.cli", "serve", f"file://{export_dir}", "--port",
                                str(port), "--served-model-name", "tiny", "--device", "cpu", "--delay-ms", str(delay_ms)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
+    rates, client_ms, server_ms, failed = [], [], [], 0
     try:
         for _ in range(600):
             with contextlib.suppress(OSError), urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
@@ -128,20 +143,30 @@ def bench_openai(export_dir: Path, requests: int = 640, concurrency: int = 64, d
         engine = OpenAIEngine(f"http://127.0.0.1:{port}/v1", "tiny", api_key="unused", max_concurrency=concurrency)
         engine.check()
         sampling = SamplingParams(temperature=0.8, max_tokens=1, seed=1)
-        batch = [GenerationRequest(prompt_token_ids=tuple(TOKENIZER.encode(f"request {i}")), sampling=sampling)
-                 for i in range(requests)]
-        engine.generate(batch[:concurrency])  # warm up
-        started = time.perf_counter()
-        outputs = engine.generate(batch)
-        seconds = time.perf_counter() - started
+        engine.generate([GenerationRequest(prompt_token_ids=tuple(TOKENIZER.encode(f"warm up {i}")),
+                                           sampling=sampling) for i in range(concurrency)])
+        for round_index in range(rounds):
+            batch = [GenerationRequest(prompt_token_ids=tuple(TOKENIZER.encode(f"round {round_index} request {i}")),
+                                       sampling=sampling) for i in range(requests)]
+            server_cpu, client_cpu, started = _cpu_seconds(server.pid), time.process_time(), time.perf_counter()
+            outputs = engine.generate(batch)
+            seconds = time.perf_counter() - started
+            done = sum(len(o.completions) for o in outputs)
+            failed += requests - done
+            rates.append(done / seconds)
+            client_ms.append((time.process_time() - client_cpu) * 1000 / requests)
+            if server_cpu is not None:
+                server_ms.append((_cpu_seconds(server.pid) - server_cpu) * 1000 / requests)
     finally:
         server.terminate()
         server.wait()
-    done = sum(len(o.completions) for o in outputs)
     bound = concurrency / (delay_ms / 1000)
-    print(f"openai: openai engine {done / seconds:,.0f} requests/s against tokenmill serve at {delay_ms:g} ms per "
-          f"batch, concurrency {concurrency}; bound {bound:,.0f}/s, ratio {done / seconds / bound:.2f} "
-          f"({len(outputs) - sum(o.ok for o in outputs)} failed)", flush=True)
+    server_cpu_text = f", server {_spread(server_ms)} ms" if server_ms else ""
+    print(f"openai: openai engine {_spread(rates)} requests/s over {rounds} rounds of {requests} against "
+          f"tokenmill serve (answers {delay_ms:g} ms after each batch starts, concurrency {concurrency}); "
+          f"bound {bound:,.0f}/s, "
+          f"ratio {_spread([rate / bound for rate in rates])}; CPU per request: client {_spread(client_ms)} ms"
+          f"{server_cpu_text}; {failed} failed", flush=True)
 
 
 def main() -> None:
@@ -165,7 +190,7 @@ def main() -> None:
         prompts = [torch.randint(0, 256, (int(length),), generator=generator).tolist()
                    for length in torch.randint(16, 48, (32,), generator=generator)]
         if args.only_openai:
-            bench_openai(export_dir)
+            bench_openai(export_dir, args.rounds)
             return
         engine = TorchEngine(model, TOKENIZER)
 
@@ -192,7 +217,7 @@ def main() -> None:
 
         compare("pts", ours_pts, theirs_pts, args.rounds)
         if not args.skip_openai:
-            bench_openai(export_dir)
+            bench_openai(export_dir, args.rounds)
 
 
 def ours_batch_solution(engine: TorchEngine, prefix: list[int]) -> list[int]:

@@ -187,6 +187,7 @@ def test_a_rerun_makes_no_requests(server, tmp_path):
     outputs = first.generate(_batch())
     first.close()
     before = server.metric("tokenmill_generate_requests_total")
+    assert before >= sum(r.n for r in _batch()), "the server counts the samples it answers"
     second = CachedEngine(OpenAIEngine(server.url, "tiny", api_key=KEY), RequestCache(cache_uri).load())
     again = second.generate(_batch())
     assert server.metric("tokenmill_generate_requests_total") == before

@@ -53,8 +53,8 @@ from tokenmill.trainer.generate.interface import (
 log = logging.getLogger("tokenmill.serve")
 API_KEY_ENV = "TOKENMILL_SERVE_API_KEY"
 MAX_BATCH_REQUESTS = 256
-GATHER_S = 0.002
-MAX_WAIT_S = 0.01
+GATHER_S = 0.001
+MAX_WAIT_S = 0.005
 
 
 class BadRequest(Exception):
