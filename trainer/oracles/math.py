@@ -28,6 +28,10 @@ KIND = "math"
 # thread has the alarm), and a process that still does not answer is killed.
 VERIFY_TIMEOUT_SECONDS = 5
 VERIFIER_PROCESS_TIMEOUT_SECONDS = 4 * VERIFY_TIMEOUT_SECONDS
+# Starting a verifier (a fresh interpreter importing math-verify and sympy) is not part of a
+# comparison's time: on a loaded machine it alone can take longer than the comparison's bound.
+VERIFIER_START_TIMEOUT_SECONDS = 300
+_READY = "ready"
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _ANSWER_IS = re.compile(r"(?:final\s+answer|answer)\s*(?:is|:|=)\s*", re.IGNORECASE)
@@ -106,6 +110,7 @@ def equivalent(gold: str, candidate: str) -> bool:
 
 def _serve(connection) -> None:
     """A verifier process: answers (gold, candidate) pairs until its parent closes the pipe."""
+    connection.send(_READY)  # its imports are done
     while True:
         try:
             gold, candidate = connection.recv()
@@ -132,12 +137,23 @@ class _VerifierProcesses:
                                   name="tokenmill-math-verifier")
         process.start()
         child_end.close()
-        return process, parent_end
+        try:
+            if parent_end.poll(VERIFIER_START_TIMEOUT_SECONDS) and parent_end.recv() == _READY:
+                return process, parent_end
+        except (EOFError, OSError):
+            pass
+        process.kill()
+        process.join()
+        parent_end.close()
+        raise OSError(f"a math verifier process did not start within {VERIFIER_START_TIMEOUT_SECONDS} s")
 
     def equivalent(self, gold: str, candidate: str) -> bool:
         with self._lock:
             worker = self._idle.pop() if self._idle else None
-        process, connection = worker or self._start()
+        try:
+            process, connection = worker or self._start()
+        except OSError:
+            return False
         try:
             connection.send((gold, candidate))
             if connection.poll(VERIFIER_PROCESS_TIMEOUT_SECONDS):
