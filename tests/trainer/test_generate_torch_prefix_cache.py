@@ -110,3 +110,23 @@ def test_the_engine_reuses_the_longest_cached_prefix_and_computes_the_rest():
     (cold,) = cold_engine.generate([GenerationRequest(prompt_token_ids=query, n=4, sampling=sampling)])
     assert cold_engine.prefill_tokens == len(query)
     assert [c.token_ids for c in warm.completions] == [c.token_ids for c in cold.completions]
+
+
+def test_prompts_with_cached_prefixes_are_computed_together_and_match_a_cold_engine():
+    system = tuple(BYTE.encode("You are a careful assistant. Answer in one short sentence. "))
+    questions = [system + tuple(BYTE.encode(q)) for q in ("Why is the sky blue?", "2+2?", "Name a prime number, please.")]
+    sampling = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=8, seed=4, logprobs=True)
+    engine = TorchEngine(tiny_model(0), BYTE)
+    engine.generate([GenerationRequest(prompt_token_ids=system + tuple(BYTE.encode("Hello")), sampling=sampling)])
+    before = engine.prefill_tokens
+    requests = [GenerationRequest(prompt_token_ids=q, n=2, sampling=sampling) for q in questions]
+    requests.append(GenerationRequest(prompt_token_ids=tuple(BYTE.encode("An unrelated prompt, not cached")),
+                                      n=2, sampling=sampling))
+    warm = engine.generate(requests)
+    assert engine.prefix_cache.hits == 3
+    assert engine.prefill_tokens - before == sum(len(r.prompt_token_ids) for r in requests) - 3 * len(system)
+    cold = TorchEngine(tiny_model(0), BYTE, prefix_cache_tokens=0).generate(requests)
+    for a, b in zip(warm, cold, strict=True):
+        assert [c.token_ids for c in a.completions] == [c.token_ids for c in b.completions]
+        for x, y in zip(a.completions, b.completions, strict=True):
+            torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-4, rtol=0)

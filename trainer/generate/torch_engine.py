@@ -260,44 +260,44 @@ class TorchEngine(Engine):
 
     @torch.inference_mode()
     def _prefill(self, prompts: list[list[int]]) -> list[tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]]:
-        """Per prompt: keys and values per layer [kv_heads, len, head_dim] and the last logits."""
+        """Per prompt: keys and values per layer [kv_heads, len, head_dim] and the last logits.
+        Prompts with a cached prefix are computed together, and so are those without."""
+        tokens = [np.asarray(prompt, dtype=np.int64) for prompt in prompts]
+        found = [self.prefix_cache.lookup(t) for t in tokens]
         results: list = [None] * len(prompts)
-        misses = []
-        for index, prompt in enumerate(prompts):
-            tokens = np.asarray(prompt, dtype=np.int64)
-            reused, entry = self.prefix_cache.lookup(tokens)
-            if entry is None:
-                misses.append(index)
-                continue
-            cache = KVCache.empty(self.model, 1, len(prompt))
-            for layer in range(len(cache.keys)):
-                cache.keys[layer][0, :, :reused] = entry.keys[layer][:, :reused]
-                cache.values[layer][0, :, :reused] = entry.values[layer][:, :reused]
-            cache.valid[:] = True
-            cache.length, cache.padded = reused, False
-            ids = torch.tensor([prompt[reused:]], device=self.device)
-            positions = torch.arange(reused, len(prompt), device=self.device)[None]
-            logits = forward_cached(self.model, ids, positions, cache, fused=self.fused)[0]
-            self.prefill_tokens += len(prompt) - reused
-            results[index] = self._keep(tokens, cache, 0, 0, logits)
-        if misses:
-            longest = max(len(prompts[i]) for i in misses)
-            cache = KVCache.empty(self.model, len(misses), longest)
-            ids = torch.full((len(misses), longest), self.tokenizer.pad_id, device=self.device)
-            positions = torch.zeros((len(misses), longest), dtype=torch.long, device=self.device)
-            for row, index in enumerate(misses):
-                prompt = prompts[index]
-                pad = longest - len(prompt)
-                ids[row, pad:] = torch.tensor(prompt, device=self.device)
-                positions[row, pad:] = torch.arange(len(prompt), device=self.device)
-                cache.valid[row, pad:] = True
-            cache.padded = any(len(prompts[i]) != longest for i in misses)
-            logits = forward_cached(self.model, ids, positions, cache, fused=self.fused)
-            self.prefill_tokens += sum(len(prompts[i]) for i in misses)
-            for row, index in enumerate(misses):
-                tokens = np.asarray(prompts[index], dtype=np.int64)
-                results[index] = self._keep(tokens, cache, row, longest - len(tokens), logits[row])
+        for hit in (True, False):
+            group = [i for i, (_, entry) in enumerate(found) if (entry is not None) == hit]
+            if group:
+                for index, result in zip(group, self._prefill_together([tokens[i] for i in group],
+                                                                       [found[i] for i in group]), strict=True):
+                    results[index] = result
         return results
+
+    def _prefill_together(self, prompts: list[np.ndarray], found: list) -> list:
+        """One forward pass over the last `width` tokens of every prompt (right-aligned, left-padded),
+        `width` being the most any of them lacks from the cache; whatever lies before a prompt's
+        window comes from its cached prefix."""
+        width = max(len(prompt) - reused for prompt, (reused, _) in zip(prompts, found, strict=True))
+        longest = max(len(prompt) for prompt in prompts)
+        cache = KVCache.empty(self.model, len(prompts), longest)
+        ids = torch.full((len(prompts), width), self.tokenizer.pad_id, device=self.device)
+        positions = torch.zeros((len(prompts), width), dtype=torch.long, device=self.device)
+        for row, (prompt, (reused, entry)) in enumerate(zip(prompts, found, strict=True)):
+            offset = longest - len(prompt)  # the column of the prompt's first token
+            first = max(0, len(prompt) - width)  # its first token inside the window (<= reused)
+            for layer in range(len(cache.keys)):
+                if first:
+                    cache.keys[layer][row, :, offset:offset + first] = entry.keys[layer][:, :first]
+                    cache.values[layer][row, :, offset:offset + first] = entry.values[layer][:, :first]
+            ids[row, width - (len(prompt) - first):] = torch.from_numpy(prompt[first:]).to(self.device)
+            positions[row, width - (len(prompt) - first):] = torch.arange(first, len(prompt), device=self.device)
+            cache.valid[row, offset:] = True
+            self.prefill_tokens += len(prompt) - reused
+        cache.length = longest - width
+        cache.padded = any(len(prompt) != longest for prompt in prompts)
+        logits = forward_cached(self.model, ids, positions, cache, fused=self.fused)
+        return [self._keep(prompt, cache, row, longest - len(prompt), logits[row])
+                for row, prompt in enumerate(prompts)]
 
     def _keep(self, tokens: np.ndarray, cache: KVCache, row: int, pad: int, logits: torch.Tensor):
         keys = [k[row, :, pad:].clone() for k in cache.keys]
