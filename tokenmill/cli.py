@@ -171,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", help="the model's name in the API (default: the URI's last segment)")
     serve.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     serve.add_argument("--delay-ms", type=float, default=0.0,
-                       help="wait this long before each batch: an artificial latency for benchmarks")
+                       help="answer each batch this long after it started (the engine goes on meanwhile): "
+                            "an artificial latency for benchmarks")
     serve.set_defaults(func=cmd_serve)
 
     if importlib.util.find_spec("tokenmill.operator.cli") is not None:

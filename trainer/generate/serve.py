@@ -98,8 +98,6 @@ class Batcher:
         self.waiting: deque[_Pending] = deque()
         self.arrived = asyncio.Event()
         self.task: asyncio.Task | None = None
-        self.batches = 0
-        self.batched_requests = 0
 
     async def start(self) -> None:
         self.task = asyncio.create_task(self._run())
@@ -137,8 +135,6 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._gather()
-            self.batches += 1
-            self.batched_requests += len(batch)
             started = loop.time()
             try:
                 outputs: list[RequestOutput] | BaseException = await asyncio.to_thread(self._generate, batch, loop)
