@@ -1,17 +1,12 @@
 """The SyntheticDataJob workload end to end on Ray: seeds in, a committed dataset with provenance
-and per-step statistics out; budgets; bad input stopped before generation; a killed run resumed
-without paying for any request twice; the openai engine against `tokenmill serve`."""
+and per-step statistics out; budgets; bad input stopped before generation; the engine actors'
+generation on the driver's metrics endpoint; the openai engine against `tokenmill serve`. (A
+killed run's resume and the failure budget: `test_synth_resume.py`.)"""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import subprocess
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
@@ -175,50 +170,48 @@ def test_bad_input_fails_before_any_generation(tmp_path, capfd, case, message):
     _nothing_written(output)
 
 
-def run_workload(command: list[str], log_path: Path, **environment: str) -> tuple[int, str]:
-    """The workload in its own session (its Ray with it); whatever it leaves is killed afterwards."""
-    env = {**os.environ, "RAY_DISABLE_USAGE_STATS": "1", **environment}
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            code = process.wait(timeout=600)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-    return code, log_path.read_text(errors="replace")
+def test_the_metrics_endpoint_shows_the_engine_actors_generation(ray_local, tmp_path, monkeypatch):
+    """The engines run in Ray actors; their requests, tokens and cache hits reach the driver's
+    `/metrics` (a seed asked twice is paid for once: the second time from the request cache)."""
+    import urllib.request
 
+    from prometheus_client.parser import text_string_to_metric_families
 
-def test_a_killed_run_resumes_without_repeating_a_single_request(tmp_path):
-    questions = [f"Compute {a} * {a % 7 + 2} + {a + 5}." for a in range(3, 43)]  # 40 seeds: 3 shards of 16
-    seeds = write_seeds((tmp_path / "seeds").as_uri(), questions)
-    body = spec(seeds)
-    command = [sys.executable, "-m", "tokenmill.trainer", "synthetic-data", "--spec"]
+    from tests.fixtures.s3 import free_port
+    from tokenmill.trainer.metrics import serve_workload_metrics
 
+    monkeypatch.setattr(workload, "SEEDS_PER_SHARD", 4)
+    monkeypatch.setenv(workload.WORKERS_ENV, "1")
+    seeds = write_seeds((tmp_path / "seeds").as_uri(), PROBLEMS[:4] * 2)  # the second shard repeats the first
     output = (tmp_path / "out").as_uri()
-    killed, log = run_workload([*command, write_spec(output, body)], tmp_path / "killed.log",
-                               **{workload.WORKERS_ENV: "1", workload.KILL_AFTER_REQUESTS_ENV: "200"})
-    assert killed == -signal.SIGKILL, log
-    with pytest.raises(ManifestNotFoundError):
-        read_manifest(dataset_uri(output))
-    resumed, log = run_workload([*command, write_spec(output, body, attempt=2)], tmp_path / "resumed.log",
-                                **{workload.WORKERS_ENV: "1"})
-    assert resumed == 0, log
-    assert "resuming; 1 of 3 shards already committed" in log
+    port = free_port()
+    server = serve_workload_metrics({"kind": "SyntheticDataJob", "metadata": {"name": "synth", "namespace": "default"},
+                                     "output": output}, port, address="127.0.0.1")
 
-    clean = (tmp_path / "clean").as_uri()
-    finished, log = run_workload([*command, write_spec(clean, body)], tmp_path / "clean.log",
-                                 **{workload.WORKERS_ENV: "1"})
-    assert finished == 0, log
+    def scrape() -> Counter:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
+            text = response.read().decode()
+        return Counter({(s.name, tuple(sorted(s.labels.items()))): s.value
+                        for family in text_string_to_metric_families(text) for s in family.samples})
 
-    rows, stats = check_consistent(output)
-    clean_rows, clean_stats = check_consistent(clean)
-    assert rows == clean_rows  # the same dataset, interrupted or not
-    keys, clean_keys = cache_keys(output), cache_keys(clean)
-    # every request the killed and the resumed attempts paid for, each exactly once
-    assert Counter(keys).most_common(1)[0][1] == 1
-    assert sorted(keys) == sorted(clean_keys) and len(keys) == clean_stats["requestsSent"]
-    # the resumed attempt answered the interrupted shard's first requests from the cache
-    assert stats["requestsSent"] < clean_stats["requestsSent"]
+    try:
+        before = scrape()
+        assert workload.run(write_spec(output, spec(seeds))) == 0
+        after = scrape()
+    finally:
+        server.shutdown()
+    stats = stats_of(output)
+    asked = sum(step["requests"] for step in stats["steps"])
+
+    def added(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted({"engine": "scripted", **labels}.items())))
+        return after[key] - before[key]
+
+    assert stats["requestsSent"] * 2 == asked  # the repeated shard cost nothing
+    assert added("tokenmill_generate_requests_total", outcome="ok") == stats["requestsSent"]
+    assert added("tokenmill_generate_cache_hits_total") == asked - stats["requestsSent"]
+    assert added("tokenmill_generate_generated_tokens_total") * 2 == stats["tokensGenerated"] > 0
+    assert added("tokenmill_generate_requests_total", outcome="error") == 0
 
 
 def test_the_openai_engine_against_tokenmill_serve(ray_local, tmp_path, monkeypatch):

@@ -32,7 +32,7 @@ import secrets
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tokenmill.layout import join
 from tokenmill.store import AttemptFence, DatasetWriter, StoreError
@@ -287,6 +287,8 @@ class CachedEngine(Engine):
         outputs = [RequestOutput(request) for request in requests]
         keys: list[dict[int, str]] = []
         todo: list[tuple[int, GenerationRequest]] = []
+        asked: set[str] = set()
+        repeats: list[tuple[int, str]] = []  # samples of this call equal to an earlier one: answered once
         for position, request in enumerate(requests):
             by_index = request_keys(self.engine_name, self.model_identity, request)
             keys.append(by_index)
@@ -295,30 +297,42 @@ class CachedEngine(Engine):
                 hit = self.cache.get(key) if self.cache is not None else None
                 if hit is not None:
                     outputs[position].completions.append(hit)
+                elif key in asked:
+                    repeats.append((position, key))
                 else:
+                    asked.add(key)
                     missing.append(index)
             self.hits += len(by_index) - len(missing)
             if self.metrics is not None and len(by_index) > len(missing):
                 self.metrics.cache_hits(len(by_index) - len(missing))
             if missing:
                 todo.append((position, request.with_indices(missing)))
+        results: dict[str, Completion | SampleFailure] = {}
         if todo:
             generated = self.engine.generate([request for _, request in todo])
             for (position, request), result in zip(todo, generated, strict=True):
                 for completion in result.completions:
                     outputs[position].completions.append(completion)
+                    results[keys[position][completion.index]] = completion
                     if self.metrics is not None:
                         self.metrics.sample_ok(completion.prompt_tokens, completion.completion_tokens)
                     if self.cache is not None:
                         self.cache.put(keys[position][completion.index], request, completion)
                 for failure in result.failures:
                     outputs[position].failures.append(failure)
+                    results[keys[position][failure.index]] = failure
                     if self.metrics is not None:
                         self.metrics.sample_failed(failure.kind)
                     if self.cache is not None:
                         self.cache.put(keys[position][failure.index], request, None, failure)
                 self.attempted += len(request.indices)
                 self.failed += len(result.failures)
+        for position, key in repeats:
+            answer = results[key]
+            if isinstance(answer, Completion):
+                outputs[position].completions.append(replace(answer, cached=True))
+            else:
+                outputs[position].failures.append(answer)
         for output in outputs:
             output.completions.sort(key=lambda c: c.index)
         if self.budget.exceeded(self.failed, self.attempted):

@@ -6,22 +6,24 @@ the dataset type and whether the workflow's steps fit it, the seed datasets (com
 probe. Then the seeds, in shards of `SEEDS_PER_SHARD`, run through the workflow on Ray Data
 (an actor pool: each actor loads the engine once, behind the request cache). Each shard
 commits its rows and its step statistics on its own; the driver merges the statistics,
-writes progress as shards finish, stops when a budget is spent, and at the end writes the
-statistics (`<output>/_run/synth-stats.json`), the request cache's manifest, and the
-dataset's manifest last (carrying the same statistics).
+writes progress as shards finish, adds the actors' generation counts to its own
+`tokenmill_generate_*` series, stops when a budget is spent or an actor's engine failed
+more samples than the failure budget allows, and at the end writes the statistics
+(`<output>/_run/synth-stats.json`), the request cache's manifest, and the dataset's
+manifest last (carrying the same statistics).
 
 A retried or resumed attempt skips committed shards and answers every request it already
-paid for from the request cache (flushed after every engine call).
+paid for from the request cache (committed in the background after every engine call, and
+in full before each shard's result is returned).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from tokenmill.api.synthetic import SyntheticDataJobSpec
@@ -62,12 +64,13 @@ SHARD_STATS_PREFIX = "_run/synth-shards"
 STOP_KEY = "_run/synth-stop.json"
 """Written by the driver once a budget is spent: workers skip the shards they have not begun."""
 FAILURE_BUDGET_SAMPLES, FAILURE_BUDGET_FRACTION = 16, 0.01
-"""Samples the engine may fail on (after its own retries) per actor before the attempt fails:
-each is dropped and counted as `generation-failed` until then."""
+"""Samples the engine may fail on (after its own retries) per actor: each is dropped and
+counted as `generation-failed`; past that the job stops (`FAILURE_BUDGET_STOP`)."""
+FAILURE_BUDGET_STOP = "failureBudget"
+"""`stoppedBy` when an actor's engine failed more samples than the failure budget allows: the
+shards committed so far become the dataset, the attempt fails, and a retry resumes."""
 WORKERS_ENV = "TOKENMILL_SYNTH_WORKERS"
 """Engine actors; by default one per CPU of the Ray cluster (at most one per shard)."""
-KILL_AFTER_REQUESTS_ENV = "TOKENMILL_SYNTH_KILL_AFTER_REQUESTS"
-"""Tests: a worker SIGKILLs the driver and itself once it has sent this many samples (a crash)."""
 
 
 def _error(message: str) -> None:
@@ -85,7 +88,6 @@ class Job:
     workflow: Workflow
     fence: AttemptFence | None = None
     """Checked before every commit, deletion and manifest, by the driver and every worker."""
-    driver_pid: int = field(default_factory=os.getpid)
 
     @property
     def step_order(self) -> list[str]:
@@ -185,12 +187,15 @@ class ShardWorker:
 
     def __init__(self, job: Job) -> None:
         from tokenmill.trainer.generate import FailureBudget, engine_from_generator
+        from tokenmill.trainer.generate.metrics import GenerationTally
 
         self.job = job
         self.engine = engine_from_generator(
             job.spec.generator, output=job.output,
             budget=FailureBudget(FAILURE_BUDGET_SAMPLES, FAILURE_BUDGET_FRACTION), fence=job.fence)
-        self.kill_after = int(os.environ.get(KILL_AFTER_REQUESTS_ENV) or 0)
+        # nobody scrapes an actor: its counts go back with each result, to the driver's series
+        self.tally = GenerationTally(self.engine.engine_name)
+        self.engine.metrics = self.engine.engine.metrics = self.tally
         self.context = synth_steps.Context(self.engine, sampling_of(job.spec), after_call=self._after_call)
         self.writer = DatasetWriter(dataset_uri(job.output), self.job.workflow.kind.schema, producer=job.producer,
                                     fence=job.fence)
@@ -198,10 +203,7 @@ class ShardWorker:
 
     def _after_call(self) -> None:
         if self.engine.cache is not None:
-            self.engine.cache.flush()  # what was paid for is on record before anything else happens
-        if self.kill_after and self.engine.attempted >= self.kill_after:
-            os.kill(self.job.driver_pid, signal.SIGKILL)
-            os._exit(1)
+            self.engine.cache.commit_soon()  # in the background, while the next call runs
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         results = []
@@ -210,14 +212,27 @@ class ShardWorker:
             if self.store.exists(STOP_KEY):
                 results.append(json.dumps({"shard": unit["shard"], "skipped": True}))
                 continue
-            sent_before = self.engine.attempted
-            rows, stats = self.job.workflow.run(unit["seeds"], self.context)
-            result = {"shard": unit["shard"], "stats": stats.to_data(), "sent": self.engine.attempted - sent_before}
-            _check_fence(self.job, f"commit shard {shard_name(unit['shard'])} of {self.writer.uri}")
-            self.store.write_json(shard_stats_key(unit["shard"]), result)  # before the shard's commit record
-            self.writer.write_shard(unit["shard"], rows or self.job.workflow.kind.schema.arrow.empty_table())
-            results.append(json.dumps(result))
+            results.append(json.dumps(self.run_shard(unit["shard"], unit["seeds"])))
         return {"result": results}
+
+    def run_shard(self, number: int, seeds: list[dict[str, Any]]) -> dict[str, Any]:
+        """The workflow over one shard's seeds, its rows committed; or, when the engine failed
+        more samples than the failure budget allows, nothing committed but the request cache."""
+        from tokenmill.trainer.generate import GenerationBudgetExceeded
+
+        sent_before = self.engine.attempted
+        try:
+            rows, stats = self.job.workflow.run(seeds, self.context)
+        except GenerationBudgetExceeded as error:
+            return {"shard": number, "failed": str(error), "sent": self.engine.attempted - sent_before,
+                    "generation": self.tally.take()}
+        result = {"shard": number, "stats": stats.to_data(), "sent": self.engine.attempted - sent_before}
+        _check_fence(self.job, f"commit shard {shard_name(number)} of {self.writer.uri}")
+        self.store.write_json(shard_stats_key(number), result)  # before the shard's commit record
+        self.writer.write_shard(number, rows or self.job.workflow.kind.schema.arrow.empty_table())
+        if self.engine.cache is not None:
+            self.engine.cache.flush()  # the shard's last requests are on record before it is reported
+        return {**result, "generation": self.tally.take()}
 
 
 def _workers(pending: int) -> int:
@@ -234,6 +249,17 @@ class Outcome:
     shards: list[int]
     stopped_by: str | None
     sent: int
+    failure: str | None = None
+    """Why the engine's failures stopped the job (`stopped_by` is then FAILURE_BUDGET_STOP)."""
+
+
+def add_generation_counts(result: dict[str, Any]) -> None:
+    """An actor's generation counts, added to this process's `tokenmill_generate_*` series."""
+    from tokenmill.trainer.generate.metrics import GenerateMetrics
+
+    counts = result.get("generation")
+    if counts:
+        GenerateMetrics(str(counts["engine"])).add(counts)
 
 
 def execute(job: Job, seeds: list[dict[str, Any]]) -> Outcome:
@@ -250,6 +276,7 @@ def execute(job: Job, seeds: list[dict[str, Any]]) -> Outcome:
     committed = set(writer.resume())
     store = open_store(job.output)
     total, sent, done = StepStats(), 0, []
+    failure: str | None = None
     budgets = job.spec.budgets
     for number in range(len(units)):
         if shard_name(number) in committed and store.exists(shard_stats_key(number)):
@@ -273,16 +300,23 @@ def execute(job: Job, seeds: list[dict[str, Any]]) -> Outcome:
         dataset = ray.data.from_items(items, override_num_blocks=len(items))
         mapped = dataset.map_batches(ShardWorker, fn_constructor_kwargs={"job": job}, batch_size=1,
                                      batch_format="numpy", num_cpus=1,
-                                     compute=ray.data.ActorPoolStrategy(min_size=1,
-                                                                        max_size=_workers(len(pending))))
+                                     compute=ray.data.ActorPoolStrategy(size=_workers(len(pending))))
         # Every shard comes back (skipped ones at once after a stop), so no worker is still
         # writing when the driver trims and commits the manifest.
         for row in mapped.iter_rows():
             result = json.loads(row["result"])
+            add_generation_counts(result)
             if result.get("skipped"):
                 continue
-            total.merge(StepStats.from_data(result["stats"]))
             sent += int(result["sent"])
+            if result.get("failed"):
+                failure = failure or str(result["failed"])
+                _error(f"shard {shard_name(int(result['shard']))} stopped: {result['failed']}")
+                if stopped_by is None:
+                    stopped_by = FAILURE_BUDGET_STOP
+                    store.write_json(STOP_KEY, {"stoppedBy": stopped_by})
+                continue
+            total.merge(StepStats.from_data(result["stats"]))
             done.append(int(result["shard"]))
             write_progress(job.output, Progress(phase="generating", done=total.seeds, total=len(seeds), unit="seeds",
                                                 metrics=progress_metrics(total)))
@@ -295,10 +329,12 @@ def execute(job: Job, seeds: list[dict[str, Any]]) -> Outcome:
     _check_fence(job, f"write {STATS_KEY} under {job.output}")
     stats = {**total.to_dict(job.step_order), "stoppedBy": stopped_by, "workflowVersion": job.workflow.version,
              "templates": job.workflow.template_versions, "requestsSent": sent}
+    if failure is not None:
+        stats["failure"] = failure[:1000]
     store.write_json(STATS_KEY, stats)
     RequestCache(generations_uri(job.output), fence=job.fence).finalize()
     writer.finalize(expected=shards, stats=stats)  # last: the dataset becomes visible
-    return Outcome(total, [int(s.split("-")[-1]) for s in shards], stopped_by, sent)
+    return Outcome(total, [int(s.split("-")[-1]) for s in shards], stopped_by, sent, failure)
 
 
 def _check_fence(job: Job, doing: str) -> None:
@@ -370,6 +406,14 @@ def run(spec_uri: str) -> int:
         return EXIT_FAILED
     seconds = time.monotonic() - started
     stats = outcome.stats
+    if outcome.failure is not None:
+        message = (f"generation stopped: {outcome.failure}; the {stats.written:,} records of the "
+                   f"{len(outcome.shards):,} shards finished before are committed at {dataset_uri(job.output)}, "
+                   f"and a retry resumes from them")
+        _error(message)
+        write_progress(job.output, Progress(phase="failed", done=stats.seeds, total=len(prepared.seeds),
+                                            unit="seeds", message=message[:1000], metrics=progress_metrics(stats)))
+        return EXIT_FAILED
     stop = f"; stopped by budget {outcome.stopped_by}" if outcome.stopped_by else ""
     write_progress(job.output, Progress(
         phase=PHASE_SUCCEEDED, done=stats.seeds, total=len(prepared.seeds), unit="seeds",

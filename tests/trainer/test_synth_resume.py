@@ -1,0 +1,301 @@
+"""The SyntheticDataJob against a real endpoint (`tokenmill serve`, through a proxy that counts
+every sample it forwards): a run killed from outside and resumed pays for no request twice,
+with one engine actor and with two; an engine that fails more samples than the failure
+budget allows stops the job with a committed, consistent dataset and says why."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.trainer.generate_http import OpenAIFaultProxy, ServeProcess, _Handler
+from tests.trainer.synth_fixtures import spec, write_seeds, write_spec
+from tokenmill.layout import dataset_uri
+from tokenmill.store import (
+    DatasetWriter,
+    ManifestNotFoundError,
+    open_dataset,
+    open_store,
+    read_manifest,
+    read_progress,
+    shard_name,
+)
+from tokenmill.store.schemas import GENERATIONS
+from tokenmill.trainer.generate.cache import generations_uri
+from tokenmill.trainer.synth import workload
+
+pytestmark = pytest.mark.slow  # tokenmill serve, and Ray
+
+MODEL = "tiny"
+KEY = "sk-resume-0123456789"
+KEY_ENV = "TOKENMILL_GENERATOR_API_KEY"
+COMMAND = [sys.executable, "-m", "tokenmill.trainer", "synthetic-data", "--spec"]
+
+
+class CountingProxy(OpenAIFaultProxy):
+    """Forwards to `tokenmill serve` and logs every sample (a request body, which a retry
+    repeats) it forwards; `policy(prompt)` may instead hold a request (never answered, never
+    forwarded) or reject it with HTTP 400, which the client does not retry."""
+
+    def __init__(self, upstream_port: int) -> None:
+        super().__init__(upstream_port, lambda sample, attempt: None, stall_seconds=600.0)
+        self.policy: Callable[[str], str | None] = lambda prompt: None
+        self.statuses: Counter = Counter()
+
+    def start(self) -> CountingProxy:
+        from http.server import ThreadingHTTPServer
+
+        proxy = self
+
+        class Handler(_PolicyHandler):
+            owner = proxy
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()
+        return self
+
+    def decide(self, body: bytes) -> tuple[int, int, str | None]:
+        sample, attempt, _ = super().decide(body)
+        self.bodies = getattr(self, "bodies", {}); self.bodies[sample] = body
+        return sample, attempt, self.policy(json.loads(body)["messages"][-1]["content"])
+
+    def forwarded(self) -> Counter:
+        """How often each sample reached the server."""
+        return Counter(sample for sample, _, outcome, _ in list(self.log) if outcome == "forward")
+
+
+class _PolicyHandler(_Handler):
+    owner: CountingProxy
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        sample, attempt, fault = self.owner.decide(body)
+        self.owner.record(sample, attempt, fault or "forward")
+        if fault == "hold":
+            time.sleep(self.owner.stall_seconds)
+            self._reset()
+        elif fault == "400":
+            self._reply(400, {"error": {"message": "this prompt is refused", "type": "invalid_request_error"}})
+        else:
+            self._sample = sample
+            self._forward(body)
+
+    def send_response_only(self, code: int, message: str | None = None) -> None:
+        with self.owner._lock:
+            self.owner.statuses[code] += 1
+        super().send_response_only(code, message)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from tests.trainer.generate_fixtures import export_tiny
+
+    server = ServeProcess(export_tiny(tmp_path_factory.mktemp("teacher")).as_uri(), name=MODEL, api_key=KEY).wait_ready()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def proxy(served):
+    started = CountingProxy(served.port).start()
+    yield started
+    started.stop()
+
+
+def openai_generator(url: str) -> dict:
+    return {"engine": "openai", "endpoint": url, "modelName": MODEL, "maxConcurrency": 64,
+            "apiKeySecret": {"name": "teacher", "key": "api-key"},
+            "sampling": {"temperature": 1.0, "maxTokens": 8}}
+
+
+def cache_rows(output: str) -> list[dict]:
+    return open_dataset(generations_uri(output)).read_all().to_pylist()
+
+
+def committed_cache_rows(output: str) -> int:
+    return sum(info.rows for info in DatasetWriter(generations_uri(output), GENERATIONS).committed().values())
+
+
+def check_consistent(output: str) -> tuple[list[dict], dict]:
+    rows = open_dataset(dataset_uri(output)).read_all().to_pylist()
+    stats = open_store(output).read_json(workload.STATS_KEY)
+    assert stats["steps"][-1]["kept"] == stats["written"] == len(rows) == len({row["id"] for row in rows})
+    assert read_manifest(dataset_uri(output)).stats == stats
+    return rows, stats
+
+
+def wait_for(condition: Callable[[], bool], what: str, process: subprocess.Popen | None = None,
+             timeout: float = 600.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the workload exited ({process.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def group_gone(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def start_workload(spec_uri: str, log_path: Path, workers: int) -> subprocess.Popen:
+    env = {**os.environ, "RAY_DISABLE_USAGE_STATS": "1", workload.WORKERS_ENV: str(workers), KEY_ENV: KEY}
+    with open(log_path, "wb") as log:
+        return subprocess.Popen([*COMMAND, spec_uri], env=env, start_new_session=True, stdout=log,
+                                stderr=subprocess.STDOUT)
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+    wait_for(lambda: group_gone(process.pid), "every process of the killed workload to exit", timeout=120)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_run_killed_from_outside_resumes_without_repeating_a_request(served, proxy, tmp_path, workers):
+    questions = [f"Compute {a} * {a % 7 + 2} + {a + 5}." for a in range(3, 51)]  # 48 seeds: 3 shards of 16
+    seeds = write_seeds((tmp_path / "seeds").as_uri(), questions)
+    body = spec(seeds, dataset_type="documents", generator=openai_generator(proxy.url), workflow=[
+        {"type": "rewrite", "rewrite": {"targets": ["exercise", "discussion"]}},
+        {"type": "rewrite", "rewrite": {"targets": ["exercise"]}},
+    ])
+    output = (tmp_path / "out").as_uri()
+    served_before = served.metric("tokenmill_generate_requests_total")
+
+    # Each actor's first call (its shard's first rewrite: 16 seeds x 2 targets) is answered;
+    # from then on the endpoint holds every request (the second rewrite's), and the run is
+    # killed once what was answered is committed to the request cache.
+    proxy.policy = lambda prompt: None if "### Passage\nCompute" in prompt else "hold"
+    answered_first = 32 * workers
+    process = start_workload(write_spec(output, body), tmp_path / "killed.log", workers)
+    try:
+        wait_for(lambda: committed_cache_rows(output) >= answered_first, "the first calls' cache commits", process)
+    finally:
+        kill_group(process)
+    log = (tmp_path / "killed.log").read_text(errors="replace")
+    assert process.returncode == -signal.SIGKILL, log
+    assert committed_cache_rows(output) == answered_first == sum(proxy.forwarded().values()), log
+    with pytest.raises(ManifestNotFoundError):
+        read_manifest(dataset_uri(output))
+    before_kill = set(proxy.forwarded())
+
+    proxy.policy = lambda prompt: None
+    resumed = start_workload(write_spec(output, body, attempt=2), tmp_path / "resumed.log", workers)
+    try:
+        code = resumed.wait(timeout=600)
+    finally:
+        kill_group(resumed)
+    log = (tmp_path / "resumed.log").read_text(errors="replace")
+    assert code == 0, log
+
+    forwarded = proxy.forwarded()
+    assert all(forwarded[sample] == 1 for sample in before_kill)  # none paid for again after the resume
+    keys = [row["key"] for row in cache_rows(output)]
+    if workers == 1:
+        assert max(forwarded.values()) == 1  # no sample reached the server twice
+        assert len(keys) == len(set(keys)) == len(forwarded)  # each paid-for sample on record once
+    else:
+        # Two actors may ask for the same sample at once (the tiny model often writes the same
+        # few tokens, so two seeds' second rewrites can be the same prompt): each actor's cache
+        # holds what it paid for until committed. Such a sample is paid for once per actor.
+        assert max(forwarded.values()) <= workers
+        assert len(keys) == sum(forwarded.values())  # every answer on record
+    assert served.metric("tokenmill_generate_requests_total") - served_before == proxy.statuses[200] == \
+        sum(forwarded.values())
+    rows, stats = check_consistent(output)
+    assert stats["requestsSent"] == sum(forwarded.values()) - answered_first  # the rest came from the cache
+    assert stats["seeds"] == len(questions) and stats["steps"][0]["in"] == len(questions)
+    assert stats["written"] > 0
+
+
+def test_failures_beyond_the_budget_stop_the_job_with_a_committed_dataset(served, proxy, tmp_path, monkeypatch,
+                                                                         capfd):
+    import ray
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.fixtures.s3 import free_port
+    from tokenmill.trainer.metrics import serve_workload_metrics
+
+    monkeypatch.setattr(workload, "SEEDS_PER_SHARD", 10)
+    monkeypatch.setenv(workload.WORKERS_ENV, "1")
+    monkeypatch.setenv(KEY_ENV, KEY)  # before Ray starts, so the engine actors see it
+    questions = [f"What is {a} + {a + 3}?" for a in range(10)]
+    questions += [f"Refuse this: what is {a} - 2?" for a in range(10, 20)]  # the endpoint refuses these
+    questions += [f"What is {a} * 3?" for a in range(20, 30)]
+    seeds = write_seeds((tmp_path / "seeds").as_uri(), questions)
+    output = (tmp_path / "out").as_uri()
+    body = spec(seeds, dataset_type="documents", generator=openai_generator(proxy.url), workflow=[
+        {"type": "rewrite", "rewrite": {"targets": ["exercise", "discussion"]}}])
+    doc = {"kind": "SyntheticDataJob", "metadata": {"name": "synth", "namespace": "default"}, "output": output}
+    proxy.policy = lambda prompt: "400" if "Refuse this" in prompt else None
+
+    port = free_port()
+    metrics_server = serve_workload_metrics(doc, port, address="127.0.0.1")
+    before = scrape(port, text_string_to_metric_families)
+    ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        code = workload.run(write_spec(output, body))
+        after = scrape(port, text_string_to_metric_families)
+    finally:
+        ray.shutdown()
+        metrics_server.shutdown()
+    err = capfd.readouterr().err
+    assert code == workload.EXIT_FAILED, err
+
+    # the job stopped: the shard before the refusals is the dataset, consistent with its statistics
+    manifest = read_manifest(dataset_uri(output))
+    assert [shard.shard for shard in manifest.shards] == [shard_name(0)]
+    rows, stats = check_consistent(output)
+    assert stats["stoppedBy"] == workload.FAILURE_BUDGET_STOP and stats["seeds"] == 10
+    assert len(rows) == 10 * 2 - stats["steps"][0]["droppedByReason"].get("empty-generation", 0)
+    assert "20 of 40 samples failed, more than the failure budget" in stats["failure"]
+    assert "HTTP 400" in stats["failure"]
+    # ...said so on stderr and in the progress record (what the resource's status shows)
+    assert "failure budget" in err and "Traceback" not in err
+    progress = read_progress(output)
+    assert progress.phase == "failed" and progress.done == 10 and progress.total == len(questions)
+    assert progress.message.startswith("generation stopped: 20 of 40 samples failed") and "a retry resumes" in \
+        progress.message
+    # every sample tried is on record, refusals included (a retry tries those again)
+    cache = cache_rows(output)
+    refused = [row for row in cache if row["error_kind"] == "bad_request"]
+    assert len(refused) >= 20 and len(cache) == stats["requestsSent"] == sum(proxy.forwarded().values()) + len(refused)
+
+    # the engine actors' counts reach the driver's metrics endpoint
+    def added(name: str, **labels: str) -> float:
+        return after.get((name, tuple(sorted({"engine": "openai", **labels}.items()))), 0.0) - \
+            before.get((name, tuple(sorted({"engine": "openai", **labels}.items()))), 0.0)
+
+    assert added("tokenmill_generate_requests_total", outcome="ok") == sum(proxy.forwarded().values())
+    assert added("tokenmill_generate_requests_total", outcome="error") == len(refused)
+    assert added("tokenmill_generate_errors_total", kind="bad_request") == len(refused)
+    assert added("tokenmill_generate_generated_tokens_total") > 0
+    assert added("tokenmill_generate_request_duration_seconds_count") == stats["requestsSent"]
+
+
+def scrape(port: int, parse) -> dict[tuple[str, tuple], float]:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in parse(text) for sample in family.samples if "engine" in sample.labels}
