@@ -1,35 +1,56 @@
-"""Pivotal Token Search: our search against a naive one, model work per pivotal token, in one run.
+"""Pivotal Token Search: our search against the naive one, model work per pivotal token, in one run.
 
-The naive search is the common way to write it: it re-tokenises decoded text prefixes, splits
-segments at the token-count midpoint, estimates both ends of every segment again (no memo),
-and recomputes every prompt from scratch (no prefix cache). Ours keeps token ids, splits at the
-cumulative log-probability midpoint, memoises estimates by token-id prefix, and lets the torch
-engine's prefix cache share a solution's prefixes.
+The naive search is the public reference implementation's algorithm (the one the PTSJob issue
+names): it decodes every prefix to text and re-tokenises it to roll out, memoises estimates by
+that text, splits segments at the token-count midpoint, recomputes every prompt from scratch
+(no prefix cache: each request prefills its whole prompt once for its n rollouts), and makes a
+pair for a pivotal token by estimating candidate next tokens afresh: for a rise, the model's
+ten most likely next tokens in turn until one lowers p by pGap; for a fall, the most likely
+next token, kept when it raises p by pGap. It is given the same sampler, rollout budget, oracle
+and seeds as ours. Ours keeps token ids, splits at the cumulative log-probability midpoint,
+memoises estimates by token-id prefix across a question's solutions, lets the torch engine's
+prefix cache share a solution's prefixes, counts the rollouts drawn at a shorter prefix that
+went on through a prefix as samples of that prefix, and takes both tokens of a pair from the
+rollouts it already sampled.
 
 - ``planted``: the planted-pivot policy of the tests (p(success | prefix) a known step function,
-  T tokens, k pivots); both searches must find exactly the planted pivots; rollout tokens per
-  pivotal token.
-- ``model``: a random tiny model in the torch engine, judged by the parity of the decoded
-  solution's bytes (p stays near 0.5 and jumps at the last tokens); model work is tokens run
-  through the model: prefill tokens actually computed plus tokens generated, per pivotal token;
-  CPU seconds (all threads) per pivotal token.
+  T tokens, k pivots); both searches must find exactly the planted pivots; model work is rollout
+  tokens (the policy is not a model), per pivotal token. Also shown: the naive search without
+  its memo (every prefix estimated afresh each time it is asked for).
+- ``model``: a random tiny model in the torch engine, restricted to printable ASCII so that
+  re-tokenising a decoded prefix gives back its ids (the naive rolls out from the same prompts
+  with the same seeds: both draw the same samples, and the pivots found can be compared); a
+  solution succeeds when its first 12 tokens add up to an even number, so p(success | prefix)
+  jumps at token 12. The head scale sets how peaked the model's next-token distributions are
+  (how often a rollout repeats a solution's tokens). Model work: tokens run through the model
+  (prefill tokens actually computed, a prefix-cache hit not recomputed, plus tokens generated)
+  and forward passes (every call of the model: a prefill, a decode step of a batch); CPU
+  seconds of this process (all threads). Each figure per pivotal token found, ours against
+  naive, with the ratio's median and range over rounds (each round its own sampling seed).
 
-    python benchmarks/pts.py [--samples 16] [--problems 4]
+    python benchmarks/pts.py [--rounds 3] [--samples 16] [--problems 2] [--sharpness 1 4]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import random
+import statistics
 import sys
 import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import torch  # noqa: E402
+
 from tests.trainer.generate_fixtures import tiny_model  # noqa: E402
-from tests.trainer.pts_planted import PlantedPolicy, step_values  # noqa: E402
+from tests.trainer.pts_planted import ALT_BASE, PlantedPolicy, step_values  # noqa: E402
 from tokenmill.trainer.generate import GenerationRequest, SamplingParams, TorchEngine  # noqa: E402
+from tokenmill.trainer.generate import torch_engine  # noqa: E402
 from tokenmill.trainer.oracles import Verdict  # noqa: E402
 from tokenmill.trainer.pts import SearchConfig, SearchProblem, search  # noqa: E402
 from tokenmill.trainer.pts.engine_policy import EnginePolicy, derived_seed  # noqa: E402
@@ -38,88 +59,187 @@ from tokenmill.trainer.tokenizer import get_tokenizer  # noqa: E402
 TARGET = 5.0
 BYTE = get_tokenizer("byte")
 STOPS = (BYTE.eos_id, BYTE.eot_id)
+CANDIDATES = 10  # next tokens the naive tries for a rise's counterpart
 
 
-def naive_pivots(question, solution, rollout, judged, samples: int, p_gap: float) -> tuple[list[int], int]:
-    """Positions of pivotal tokens; estimates made. `rollout(question, prefix, n)` continues the
-    prefix, `judged(question, prefix, continuation)` says whether it succeeded."""
-    estimates = 0
+# ---- the naive search ---------------------------------------------------------------------------
 
-    def estimate(prefix) -> float:
-        nonlocal estimates
-        estimates += 1
-        continuations = rollout(question, prefix, samples)
-        return sum(judged(question, prefix, c) for c in continuations) / len(continuations)
+@dataclass(frozen=True)
+class NaivePivot:
+    position: int
+    token_id: int
+    p_before: float
+    p_after: float
 
-    found: list[int] = []
 
-    def subdivide(start: int, end: int) -> None:
-        before, after = estimate(solution[:start]), estimate(solution[:end])
-        if abs(after - before) < p_gap:
-            return
-        if end - start == 1:
-            found.append(start)
-            return
-        middle = (start + end) // 2
-        subdivide(start, middle)
-        subdivide(middle, end)
+class NaiveSearch:
+    """Subdivision at token-count midpoints over estimates memoised by `key(prefix ids)` (the
+    decoded text for a model). `estimate(key)` rolls out from the prefix `key` names and returns
+    p; `candidates(prefix ids)` lists likely next tokens, most likely first."""
 
-    subdivide(0, len(solution))
-    return found, estimates
+    def __init__(self, key: Callable[[tuple[int, ...]], Hashable], estimate: Callable[[Hashable], float],
+                 candidates: Callable[[tuple[int, ...]], list[int]], p_gap: float, memo: bool = True):
+        self.key, self._estimate, self.candidates, self.p_gap = key, estimate, candidates, p_gap
+        self.memo: dict[Hashable, float] | None = {} if memo else None
+        self.estimates = 0
+
+    def p(self, prefix: tuple[int, ...]) -> float:
+        key = self.key(prefix)
+        if self.memo is None or key not in self.memo:
+            self.estimates += 1
+            p = self._estimate(key)
+            if self.memo is None:
+                return p
+            self.memo[key] = p
+        return self.memo[key]
+
+    def segments(self, prefix: tuple[int, ...], sequence: tuple[int, ...]) -> list[tuple[int, ...]]:
+        if len(sequence) <= 1:
+            return [sequence]
+        if abs(self.p(prefix + sequence) - self.p(prefix)) < self.p_gap:
+            return [sequence]
+        middle = len(sequence) // 2
+        return self.segments(prefix, sequence[:middle]) + self.segments(prefix + sequence[:middle], sequence[middle:])
+
+    def pivots(self, solution: tuple[int, ...]) -> list[NaivePivot]:
+        found, prefix = [], ()
+        for segment in self.segments((), solution):
+            if len(segment) == 1:
+                before, after = self.p(prefix), self.p(prefix + segment)
+                if abs(after - before) >= self.p_gap:
+                    found.append(NaivePivot(len(prefix), segment[0], before, after))
+            prefix += segment
+        return found
+
+    def pair(self, solution: tuple[int, ...], pivot: NaivePivot) -> bool:
+        """Whether a counterpart token was found (each candidate costs a fresh estimate)."""
+        prefix = solution[:pivot.position]
+        candidates = self.candidates(prefix)
+        if pivot.p_after > pivot.p_before:
+            return any(pivot.p_before - self.p(prefix + (token,)) >= self.p_gap
+                       for token in candidates[:CANDIDATES] if token != pivot.token_id)
+        return bool(candidates) and self.p(prefix + (candidates[0],)) - pivot.p_before >= self.p_gap
 
 
 # ---- planted pivots -------------------------------------------------------------------------------
 
-def planted(rounds: int, length: int, count: int, samples: int) -> dict[str, float]:
-    ours_tokens = naive_tokens = ours_pivots = naive_pivots_found = 0
+def planted(rounds: int, length: int, count: int, samples: int, p_gap: float = 0.2) -> list[dict]:
+    figures = []
     for seed in range(rounds):
-        rng = random.Random(seed)
-        positions = sorted(rng.sample(range(length), count))
+        positions = sorted(random.Random(seed).sample(range(length), count))
         values = step_values(length, 0.05, {p: 0.9 / count for p in positions})
-        config = SearchConfig(samples_per_estimate=samples, p_gap=0.2, solutions_per_problem=1,
+        reference = [10 + i for i in range(length)]
+        config = SearchConfig(samples_per_estimate=samples, p_gap=p_gap, solutions_per_problem=1,
                               min_success=0.0, max_success=1.0)
-        policy = PlantedPolicy((1, 2), [10 + i for i in range(length)], values, seed=seed)
+        policy = PlantedPolicy((1, 2), reference, values, seed=seed)
         result = search([policy.problem()], policy, policy, config)
         ours = [pivot.position for pivot in result.problems[0].pivots[0]]
-        ours_tokens += result.stats.tokens_generated - length
+        ours_tokens = result.stats.tokens_generated - length  # rollouts only: the solution is given
 
-        naive_policy = PlantedPolicy((1, 2), [10 + i for i in range(length)], values, seed=seed)
+        naive_policy = PlantedPolicy((1, 2), reference, values, seed=seed)
         generated = 0
 
-        def rollout(question, prefix, n, naive_policy=naive_policy):
+        def estimate(prefix, naive_policy=naive_policy):
             nonlocal generated
-            continuations = naive_policy.rollout(question, prefix, n)
+            continuations = naive_policy.rollout(naive_policy.question_ids, prefix, samples)
             generated += sum(len(c.token_ids) for c in continuations)
-            return continuations
+            return sum(naive_policy.check(None, prefix + c.token_ids).correct for c in continuations) / samples
 
-        def judged(question, prefix, continuation, naive_policy=naive_policy):
-            return naive_policy.check(None, tuple(prefix) + continuation.token_ids).correct
+        def candidates(prefix, naive_policy=naive_policy):
+            j = len(prefix)
+            by_chance = [(naive_policy.follow[j], naive_policy.reference[j]), (1 - naive_policy.follow[j], ALT_BASE + j)]
+            return [token for _, token in sorted(by_chance, reverse=True)]
 
-        naive, _ = naive_pivots((1, 2), tuple(naive_policy.reference), rollout, judged, samples, 0.2)
-        naive_tokens += generated
-        if ours != positions or naive != positions:
-            raise SystemExit(f"planted seed {seed}: pivots {positions}, ours found {ours}, naive found {naive}")
-        ours_pivots += len(ours)
-        naive_pivots_found += len(naive)
-    return {"ours": ours_tokens / ours_pivots, "naive": naive_tokens / naive_pivots_found}
+        naive = NaiveSearch(lambda prefix: prefix, estimate, candidates, p_gap)
+        found = naive.pivots(tuple(reference))
+        search_tokens = generated
+        naive_pairs = sum(naive.pair(tuple(reference), pivot) for pivot in found)
+        generated, with_pairs = 0, generated
+        unmemoised = NaiveSearch(lambda prefix: prefix, estimate, candidates, p_gap, memo=False)
+        unmemoised_found = unmemoised.pivots(tuple(reference))
+        sum(unmemoised.pair(tuple(reference), pivot) for pivot in unmemoised_found)
+        unmemoised_tokens, generated = generated, with_pairs
+        for name, pivots in (("ours", ours), ("naive", [pivot.position for pivot in found]),
+                             ("naive without memo", [pivot.position for pivot in unmemoised_found])):
+            if pivots != positions:
+                raise SystemExit(f"planted seed {seed}: pivots {positions}, {name} found {pivots}")
+        figures.append({"pivots": len(ours), "ours": ours_tokens, "ours_pairs": len(result.pairs),
+                        "naive_search": search_tokens, "naive": generated, "naive_pairs": naive_pairs,
+                        "unmemoised": unmemoised_tokens})
+    return figures
 
 
 # ---- a tiny model -------------------------------------------------------------------------------
 
+def decided(solution_ids: Sequence[int], decided_by: int) -> bool:
+    """Success: the solution's first `decided_by` tokens add up to an even number (a solution
+    that stops before them fails). p(success | prefix) stays near 1/2 and jumps at token
+    `decided_by - 1`: one real pivot per solution, where the split has to find it."""
+    head = list(solution_ids[:decided_by])
+    return len(head) == decided_by and not any(t in STOPS for t in head) and sum(head) % 2 == 0
+
+
 class ParityJudge:
-    """Correct when the decoded solution's UTF-8 bytes add up to an even number."""
+    def __init__(self, decided_by: int):
+        self.decided_by = decided_by
 
     def problem_error(self, problem):
         return None
 
     def check(self, problem, solution_ids):
-        text = BYTE.decode([t for t in solution_ids if t not in STOPS])
-        even = sum(text.encode()) % 2 == 0
-        return Verdict(even, "correct" if even else "wrong-answer")
+        correct = decided(solution_ids, self.decided_by)
+        return Verdict(correct, "correct" if correct else "wrong-answer")
 
 
-class CountingEngine:
-    """Counts the tokens an engine generates (prefill tokens are counted by the torch engine)."""
+@dataclass
+class Work:
+    """Model work measured around one search."""
+
+    forward_passes: int = 0
+    prefill_tokens: int = 0
+    generated_tokens: int = 0
+    cpu_seconds: float = 0.0
+    pivots: int = 0
+    pairs: int = 0
+    estimates: int = 0
+    found: set = field(default_factory=set)
+    """(question, solution index, position) of every pivotal token."""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> int:
+        return self.prefill_tokens + self.generated_tokens
+
+
+class ForwardCounter:
+    """Counts the torch engine's calls of the model: prefill chunks (`kv.forward_cached`) and
+    decode steps (`kv.decode_step`, or `forward_cached` where the engine decodes with it)."""
+
+    ENTRY_POINTS = ("forward_cached", "decode_step")
+
+    def __init__(self):
+        self.calls = 0
+        self._originals = {name: getattr(torch_engine, name) for name in self.ENTRY_POINTS
+                           if hasattr(torch_engine, name)}
+
+    def __enter__(self):
+        def counting(forward):
+            def counted(*args, **kwargs):
+                self.calls += 1
+                return forward(*args, **kwargs)
+            return counted
+
+        for name, forward in self._originals.items():
+            setattr(torch_engine, name, counting(forward))
+        return self
+
+    def __exit__(self, *exc):
+        for name, forward in self._originals.items():
+            setattr(torch_engine, name, forward)
+
+
+class Measured:
+    """An engine that counts the tokens it generates."""
 
     def __init__(self, engine: TorchEngine):
         self.engine, self.generated = engine, 0
@@ -134,91 +254,199 @@ class CountingEngine:
         self.engine.close()
 
 
-def model(problems: int, samples: int, max_tokens: int) -> dict[str, dict[str, float]]:
-    network = tiny_model(0, sharpness=1.0)
-    sampling = SamplingParams(temperature=1.0, max_tokens=max_tokens, seed=5)
-    config = SearchConfig(samples_per_estimate=samples, p_gap=0.3, solutions_per_problem=2,
+def printable_model(sharpness: float) -> torch.nn.Module:
+    """The tiny random model, restricted to printable ASCII (a large negative bias on every other
+    token), so decoding and re-tokenising a prefix gives back its ids: the naive's re-tokenised
+    prompts are the very prefixes ours rolls out from, and both draw the same samples."""
+    network = tiny_model(0, sharpness=sharpness)
+    head = torch.nn.Linear(network.lm_head.in_features, network.lm_head.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(network.lm_head.weight)
+        head.bias.fill_(-1e4)
+        head.bias[32:127] = 0.0
+    network.lm_head = head
+    return network
+
+
+def ours_on_model(network, questions: Sequence[SearchProblem], sampling: SamplingParams,
+                  config: SearchConfig, counter: ForwardCounter, decided_by: int) -> Work:
+    engine = Measured(TorchEngine(network, BYTE))
+    policy = EnginePolicy(engine, sampling, stop_token_ids=STOPS, vocab_size=BYTE.vocab_size)
+    calls, cpu = counter.calls, time.process_time()
+    result = search(questions, policy, ParityJudge(decided_by), config, vocab_size=BYTE.vocab_size)
+    work = Work(counter.calls - calls, engine.engine.prefill_tokens, engine.generated, time.process_time() - cpu,
+                result.stats.pivotal_tokens, len(result.pairs), result.stats.estimates)
+    work.found = {(problem.problem_id, index, pivot.position) for problem in result.problems
+                  for index, pivots in enumerate(problem.pivots) for pivot in pivots}
+    work.extra["reused"] = result.stats.rollouts_reused
+    return work
+
+
+def naive_on_model(network, questions: Sequence[SearchProblem], sampling: SamplingParams,
+                   config: SearchConfig, counter: ForwardCounter, decided_by: int) -> Work:
+    engine = Measured(TorchEngine(network, BYTE, prefix_cache_tokens=0))
+    work = Work()
+    calls, cpu = counter.calls, time.process_time()
+    overflowed = 0
+    for question in questions:
+        question_text = BYTE.decode(question.question_ids)
+        policy = EnginePolicy(engine, sampling, stop_token_ids=STOPS, vocab_size=BYTE.vocab_size)
+        solutions = policy.sample_solutions(question.question_ids, config.solutions_per_problem)
+
+        def key(prefix: tuple[int, ...]) -> tuple[str, bool]:
+            # the text, and whether the solution has ended (its stop token decodes to nothing)
+            return BYTE.decode([t for t in prefix if t not in STOPS]), bool(prefix) and prefix[-1] in STOPS
+
+        def estimate(prefix_key: tuple[str, bool]) -> float:
+            nonlocal overflowed
+            text, ended = prefix_key
+            retokenised = tuple(BYTE.encode(text))  # not the sampled ids
+            if ended:
+                return float(decided(retokenised, decided_by))
+            budget = sampling.max_tokens - len(retokenised)
+            prompt = tuple(BYTE.encode(question_text + text))
+            if budget <= 0:
+                return float(decided(retokenised, decided_by))
+            if len(prompt) >= network.max_positions:  # re-tokenising grew it past the context
+                overflowed += 1
+                return 0.0
+            request = GenerationRequest(prompt_token_ids=prompt, n=config.samples_per_estimate, sampling=SamplingParams(
+                temperature=sampling.temperature, max_tokens=budget, seed=derived_seed(sampling.seed, "rollout", prompt)))
+            (output,) = engine.generate([request])
+            return sum(decided(retokenised + tuple(c.token_ids), decided_by)
+                       for c in output.completions) / len(output.completions)
+
+        def candidates(prefix: tuple[int, ...]) -> list[int]:
+            prompt = tuple(BYTE.encode(question_text + key(prefix)[0]))
+            if len(prompt) >= network.max_positions:
+                return []
+            request = GenerationRequest(prompt_token_ids=prompt, n=1, sampling=SamplingParams(
+                max_tokens=1, top_logprobs=CANDIDATES, seed=derived_seed(sampling.seed, "next", prompt)))
+            (output,) = engine.generate([request])
+            return [top.token_id for top in output.completions[0].top_logprobs[0]]
+
+        naive = NaiveSearch(key, estimate, candidates, config.p_gap)
+        naive.p(())  # p(success | question), as ours
+        for index, solution in enumerate(solutions):
+            tokens = tuple(solution.token_ids)
+            found = naive.pivots(tokens)
+            work.pivots += len(found)
+            work.found |= {(question.id, index, pivot.position) for pivot in found}
+            work.pairs += sum(naive.pair(tokens, pivot) for pivot in found)
+        work.estimates += naive.estimates
+    work.forward_passes = counter.calls - calls
+    work.cpu_seconds = time.process_time() - cpu
+    work.prefill_tokens, work.generated_tokens = engine.engine.prefill_tokens, engine.generated
+    work.extra["overflowed"] = overflowed
+    return work
+
+
+def model(rounds: int, problems: int, samples: int, max_tokens: int, decided_by: int, sharpness: float,
+          p_gap: float = 0.3) -> list[dict[str, Work]]:
+    network = printable_model(sharpness)
+    config = SearchConfig(samples_per_estimate=samples, p_gap=p_gap, solutions_per_problem=2,
                           min_success=0.0, max_success=1.0)
     questions = [SearchProblem(f"q{i}", tuple(BYTE.encode(f"Question {i}: what is {i} + {i}? Answer:")))
                  for i in range(problems)]
+    figures = []
+    with ForwardCounter() as counter:
+        for seed in range(rounds):
+            sampling = SamplingParams(temperature=1.0, max_tokens=max_tokens, seed=seed)
+            # alternate which side runs first, so neither always meets a warm process
+            sides = [("ours", ours_on_model), ("naive", naive_on_model)]
+            if seed % 2:
+                sides.reverse()
+            figures.append({name: run(network, questions, sampling, config, counter, decided_by)
+                            for name, run in sides})
+            print(f"  round {seed}: " + "  ".join(
+                f"{name} {work.pivots} pivots, {work.tokens:,} tokens, {work.forward_passes:,} forwards, "
+                f"{work.cpu_seconds:.1f} CPU s" for name, work in sorted(figures[-1].items(), reverse=True)),
+                flush=True)
+    return figures
 
-    ours_engine = CountingEngine(TorchEngine(network, BYTE))
-    policy = EnginePolicy(ours_engine, sampling, stop_token_ids=STOPS, vocab_size=BYTE.vocab_size)
-    cpu = time.process_time()
-    result = search(questions, policy, ParityJudge(), config, vocab_size=BYTE.vocab_size)
-    ours_cpu = time.process_time() - cpu
-    ours_work = ours_engine.engine.prefill_tokens + ours_engine.generated
-    ours_pivots = result.stats.pivotal_tokens
 
-    # The naive search gets the same solutions (sampled by our policy above, same seeds).
-    naive_engine = CountingEngine(TorchEngine(network, BYTE, prefix_cache_tokens=0))
-    judge = ParityJudge()
-    naive_found = 0
-    overflowed = [0]
-    cpu = time.process_time()
-    for question in questions:
-        solutions = EnginePolicy(TorchEngine(network, BYTE), sampling, stop_token_ids=STOPS,
-                                 vocab_size=BYTE.vocab_size).sample_solutions(question.question_ids, 2)
-        question_text = BYTE.decode(question.question_ids)
+def sampled_token_probability(sharpness: float, max_tokens: int) -> float:
+    """The mean probability of the tokens the policy samples (how often a rollout repeats a
+    solution's next token), over a few solutions."""
+    engine = TorchEngine(printable_model(sharpness), BYTE)
+    request = GenerationRequest(prompt_token_ids=tuple(BYTE.encode("Question 0: what is 0 + 0? Answer:")), n=16,
+                                sampling=SamplingParams(temperature=1.0, max_tokens=max_tokens, seed=1, logprobs=True))
+    (output,) = engine.generate([request])
+    values = [math.exp(v) for c in output.completions for v in c.logprobs]
+    return sum(values) / len(values)
 
-        def rollout(question_ids, prefix, n):
-            budget = max_tokens - len(prefix)
-            if budget <= 0 or (prefix and prefix[-1] in STOPS):  # the solution has ended
-                return [type(solutions[0])(()) for _ in range(n)]
-            text = question_text + BYTE.decode(list(prefix))
-            prompt = tuple(BYTE.encode(text))  # re-tokenised text, not the sampled ids
-            if len(prompt) >= network.max_positions:  # re-tokenising grew it past the context
-                overflowed[0] += 1
-                return [type(solutions[0])(()) for _ in range(n)]
-            request = GenerationRequest(prompt_token_ids=prompt, n=n, sampling=SamplingParams(
-                temperature=1.0, max_tokens=budget, seed=derived_seed(5, "rollout", prompt)))
-            (output,) = naive_engine.generate([request])
-            return [type(solutions[0])(tuple(c.token_ids)) for c in output.completions]
 
-        def judged(question_ids, prefix, continuation):
-            return judge.check(None, tuple(prefix) + continuation.token_ids).correct
+# ---- report -------------------------------------------------------------------------------------
 
-        for solution in solutions:
-            found, _ = naive_pivots(question.question_ids, solution.token_ids, rollout, judged, samples, 0.3)
-            naive_found += len(found)
-    naive_cpu = time.process_time() - cpu
-    naive_work = naive_engine.engine.prefill_tokens + naive_engine.generated
-    return {
-        "ours": {"pivots": ours_pivots, "work": ours_work, "cpu": ours_cpu},
-        "naive": {"pivots": naive_found, "work": naive_work, "cpu": naive_cpu, "overflowed": overflowed[0]},
-    }
+def spread(values: Sequence[float]) -> str:
+    return f"{statistics.median(values):.1f}x (range {min(values):.1f}-{max(values):.1f}x over {len(values)})"
+
+
+def per(total: float, pivots: int) -> float:
+    return total / pivots if pivots else float("nan")
+
+
+def report_model(figures: list[dict[str, Work]]) -> None:
+    for name in ("ours", "naive"):
+        works = [round_[name] for round_ in figures]
+        found = sum(w.pivots for w in works)
+        print(f"  {name:5s} pivotal tokens {found:3d}  pairs {sum(w.pairs for w in works):3d}  "
+              f"estimates {sum(w.estimates for w in works):4d}  per pivotal token: "
+              f"model tokens {per(sum(w.tokens for w in works), found):8,.0f}  "
+              f"forward passes {per(sum(w.forward_passes for w in works), found):6,.0f}  "
+              f"CPU s {per(sum(w.cpu_seconds for w in works), found):5.2f}")
+    both = sum(len(r["ours"].found & r["naive"].found) for r in figures)
+    print(f"  pivotal tokens found by both: {both}; rollouts ours took from longer-lived ones: "
+          f"{sum(r['ours'].extra['reused'] for r in figures):,}")
+    overflowed = sum(round_["naive"].extra["overflowed"] for round_ in figures)
+    if overflowed:
+        print(f"  naive: {overflowed} re-tokenised prompts outgrew the model's context (each invalid "
+              "UTF-8 byte decodes to a 3-byte replacement character); their estimates count as p = 0")
+    usable = [r for r in figures if r["ours"].pivots and r["naive"].pivots]
+    for label, measure in (("model tokens", lambda w: w.tokens), ("forward passes", lambda w: w.forward_passes),
+                           ("CPU time", lambda w: w.cpu_seconds)):
+        ratios = [per(measure(r["naive"]), r["naive"].pivots) / per(measure(r["ours"]), r["ours"].pivots)
+                  for r in usable]
+        if ratios:
+            target = f" (target >= {TARGET:.0f}x)" if label == "model tokens" else ""
+            print(f"  per pivotal token, naive / ours, {label}: {spread(ratios)}{target}")
+    if len(usable) < len(figures):
+        print(f"  {len(figures) - len(usable)} rounds found no pivotal token on one side; left out of the ratios")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="tiny-model rounds (sampling seeds)")
     parser.add_argument("--samples", type=int, default=16, help="rollouts per estimate (model part)")
-    parser.add_argument("--problems", type=int, default=4)
+    parser.add_argument("--problems", type=int, default=2, help="questions per round (model part)")
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--decided-by", type=int, default=12, help="tokens whose sum decides success")
+    parser.add_argument("--sharpness", type=float, nargs="+", default=[1.0, 4.0],
+                        help="the tiny model's head scale (higher: peaked next-token distributions)")
+    parser.add_argument("--planted-only", action="store_true")
     args = parser.parse_args()
 
-    figures = planted(rounds=5, length=256, count=2, samples=400)
-    ratio = figures["naive"] / figures["ours"]
+    rounds = planted(rounds=5, length=256, count=2, samples=400)
     print("planted pivots (T=256, k=2, N=400, 5 seeds; both find exactly the planted pivots)")
-    print(f"  rollout tokens per pivotal token: ours {figures['ours']:,.0f}  naive {figures['naive']:,.0f}"
-          f"  ratio {ratio:.1f}x")
+    pivots = sum(r["pivots"] for r in rounds)
+    for name, label in (("ours", "ours"), ("naive_search", "naive, search only"), ("naive", "naive, with pairs"),
+                        ("unmemoised", "naive without memo")):
+        total = sum(r[name] for r in rounds)
+        print(f"  {label:20s} rollout tokens per pivotal token {total / pivots:9,.0f}")
+    print(f"  pairs made: ours {sum(r['ours_pairs'] for r in rounds)}, naive {sum(r['naive_pairs'] for r in rounds)}"
+          f" of {pivots} pivotal tokens")
+    print(f"  naive / ours, search only: {spread([r['naive_search'] / r['ours'] for r in rounds])}")
+    print(f"  naive / ours, with pairs:  {spread([r['naive'] / r['ours'] for r in rounds])}")
+    print(f"  naive without its memo / ours: {spread([r['unmemoised'] / r['ours'] for r in rounds])}")
+    if args.planted_only:
+        return 0
 
-    measured = model(args.problems, args.samples, args.max_tokens)
-    ours, naive = measured["ours"], measured["naive"]
-    print(f"tiny model ({args.problems} problems x 2 solutions, N={args.samples}, up to {args.max_tokens} tokens)")
-    for name, side in (("ours", ours), ("naive", naive)):
-        per = side["work"] / max(1, side["pivots"])
-        print(f"  {name:5s} pivotal tokens {side['pivots']:3d}  model tokens {side['work']:,}  "
-              f"per pivotal token {per:,.0f}  CPU s per pivotal token {side['cpu'] / max(1, side['pivots']):.2f}")
-    if naive["overflowed"]:
-        print(f"  naive: {naive['overflowed']} re-tokenised prompts outgrew the model's context (each invalid "
-              "UTF-8 byte decodes to a 3-byte replacement character); their rollouts count as failures")
-    print(f"  model work for the same solutions: naive / ours = {naive['work'] / ours['work']:.1f}x; "
-          f"CPU time {naive['cpu'] / ours['cpu']:.1f}x")
-    if ours["pivots"] and naive["pivots"]:
-        work_ratio = (naive["work"] / naive["pivots"]) / (ours["work"] / ours["pivots"])
-        cpu_ratio = (naive["cpu"] / naive["pivots"]) / (ours["cpu"] / ours["pivots"])
-        print(f"  model work per pivotal token: naive / ours = {work_ratio:.1f}x (target >= {TARGET:.0f}x); "
-              f"CPU time {cpu_ratio:.1f}x")
+    for sharpness in args.sharpness:
+        print(f"tiny model, head scale {sharpness:g} (mean probability of a sampled token "
+              f"{sampled_token_probability(sharpness, args.max_tokens):.3f}); {args.problems} questions x 2 "
+              f"solutions per round, N={args.samples}, up to {args.max_tokens} tokens, success decided by the "
+              f"first {args.decided_by}, pGap 0.3")
+        report_model(model(args.rounds, args.problems, args.samples, args.max_tokens, args.decided_by, sharpness))
     return 0
 
 
