@@ -121,6 +121,14 @@ def test_the_job_keeps_the_top_fraction_of_all_its_passages(ray_local, small_sha
     seeds = write_seeds((tmp_path / "seeds").as_uri(), SEEDS)
     output = (tmp_path / "out").as_uri()
     body = spec(seeds, workflow=WORKFLOW, dataset_type="documents")
+
+    def generation(name: str, **labels: str) -> float:
+        from prometheus_client import REGISTRY
+
+        return REGISTRY.get_sample_value(name, {"engine": "scripted", **labels}) or 0.0
+
+    paid_before, hits_before = generation("tokenmill_generate_requests_total", outcome="ok"), generation(
+        "tokenmill_generate_cache_hits_total")
     assert workload.run(write_spec(output, body)) == 0
     rows = open_dataset(dataset_uri(output)).read_all().to_pylist()
     assert sorted(row["id"] for row in rows) == JOB_WIDE
@@ -129,6 +137,9 @@ def test_the_job_keeps_the_top_fraction_of_all_its_passages(ray_local, small_sha
     assert (selection["in"], selection["kept"], selection["droppedByReason"]) == (6, 3, {"low-score": 3})
     # the scoring pass paid for each passage's score once; the workflow's pass got them from the cache
     assert stats["requestsSent"] == len(cache_keys(output)) == len(SEEDS)
+    # the scoring pass's actors report what they paid for, the workflow's what the cache answered
+    assert generation("tokenmill_generate_requests_total", outcome="ok") - paid_before == len(SEEDS)
+    assert generation("tokenmill_generate_cache_hits_total") - hits_before == len(SEEDS)
     for row in rows:
         steps = json.loads(row["meta"])["provenance"]["steps"]
         assert steps[-1] == {"step": "seedSelection", "verdict": "kept", "reason": "top-fraction"}

@@ -22,7 +22,7 @@ from typing import Any
 from tokenmill.store import open_store, shard_name
 from tokenmill.trainer.synth.steps import PassageKey, SeedSelection, rank_cutoff
 from tokenmill.trainer.synth.workflow import item_of
-from tokenmill.trainer.synth.workload import Job, ShardWorker, _check_fence, _workers
+from tokenmill.trainer.synth.workload import Job, ShardWorker, _check_fence, _workers, add_generation_counts
 
 SCORES_PREFIX = "_run/synth-scores"
 
@@ -55,7 +55,8 @@ class ScoringWorker(ShardWorker):
                 self.engine.cache.flush()  # every score paid for is cached before the shard counts as scored
             _check_fence(self.job, f"write {key} under {self.job.output}")
             self.store.write_json(key, record)
-            results.append(json.dumps({"shard": unit["shard"], "sent": record["sent"]}))
+            results.append(json.dumps({"shard": unit["shard"], "sent": record["sent"],
+                                       "generation": self.tally.take()}))
         return {"result": results}
 
 
@@ -86,9 +87,9 @@ def select_job_wide(job: Job, units: list[list[dict[str, Any]]], *, score: bool 
         items = [{"shard": json.dumps({"shard": number, "seeds": units[number]})} for number in missing]
         scored = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             ScoringWorker, fn_constructor_kwargs={"job": job}, batch_size=1, batch_format="numpy", num_cpus=1,
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_workers(len(missing))))
-        for _ in scored.iter_rows():
-            pass
+            compute=ray.data.ActorPoolStrategy(size=_workers(len(missing))))
+        for row in scored.iter_rows():
+            add_generation_counts(json.loads(row["result"]))
     sent = 0
     histograms: list[Counter] = []
     for number in range(len(units)):
