@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import urllib.request
 
 import pytest
@@ -111,3 +112,59 @@ def test_model_and_request_cache_on_s3(s3_bucket, tmp_path):
     assert [[c.token_ids for c in o.completions] for o in again.generate(_batch(n=2))] == [
         [c.token_ids for c in o.completions] for o in outputs]
     assert again.engine.prefill_tokens == 0 and again.hits == 6
+
+
+def _scripted_batch() -> list[GenerationRequest]:
+    sampling = SamplingParams(temperature=1.0, max_tokens=64, seed=3)
+    return [GenerationRequest(messages=({"role": "user", "content": f"Task: solve\n### Problem\nWhat is {a} + 4?"},),
+                              n=2, sampling=sampling) for a in (1, 2, 1)]  # the third repeats the first
+
+
+def test_a_sample_asked_twice_in_one_call_is_generated_once(tmp_path):
+    from tokenmill.trainer.generate.scripted_engine import ScriptedEngine
+
+    teacher = ScriptedEngine()
+    cache = RequestCache(generations_uri(f"file://{tmp_path}/job")).load()
+    engine = CachedEngine(teacher, cache)
+    first, second, repeated = engine.generate(_scripted_batch())
+    assert teacher.answered == 4 and engine.attempted == 4 and engine.hits == 2
+    assert [c.text for c in repeated.completions] == [c.text for c in first.completions] != \
+        [c.text for c in second.completions]
+    assert all(c.cached for c in repeated.completions) and not any(c.cached for c in first.completions)
+    engine.close()
+    assert len(open_dataset_rows(cache)) == 4  # recorded once
+
+
+def open_dataset_rows(cache: RequestCache) -> list[dict]:
+    cache.finalize()
+    return open_dataset(cache.uri).read_all().to_pylist()
+
+
+def test_commit_soon_commits_in_the_background_and_a_failed_commit_is_raised_with_its_rows_kept(tmp_path):
+    from tokenmill.store import AttemptFence, StaleAttemptError, write_run_spec
+    from tokenmill.trainer.generate.scripted_engine import ScriptedEngine
+
+    output = f"file://{tmp_path}/job"
+    spec = {"runSpecVersion": 1, "kind": "SyntheticDataJob", "metadata": {"name": "s"}, "attempt": 1,
+            "output": output, "spec": {}}
+    write_run_spec(output, spec)
+    cache = RequestCache(generations_uri(output), fence=AttemptFence(output, 1)).load()
+    engine = CachedEngine(ScriptedEngine(), cache)
+    engine.generate(_scripted_batch()[:1])
+    cache.commit_soon()  # returns at once; the committer thread writes the shard
+    deadline = time.monotonic() + 60
+    while sum(info.rows for info in cache.writer.committed().values()) < 2:
+        assert time.monotonic() < deadline, "the background commit never landed"
+        time.sleep(0.05)
+
+    write_run_spec(output, {**spec, "attempt": 2})  # a newer attempt took over
+    engine.generate(_scripted_batch()[1:2])
+    cache.commit_soon()
+    with pytest.raises(StaleAttemptError, match="names attempt 2"):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            cache.commit_soon()  # raises once the background commit has failed
+            time.sleep(0.05)
+    assert sum(info.rows for info in cache.writer.committed().values()) == 2  # nothing more committed
+    with pytest.raises(StaleAttemptError):
+        cache.flush()  # the rows are still pending: tried again, refused again

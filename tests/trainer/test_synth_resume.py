@@ -169,6 +169,7 @@ def kill_group(process: subprocess.Popen) -> None:
     wait_for(lambda: group_gone(process.pid), "every process of the killed workload to exit", timeout=120)
 
 
+@pytest.mark.timeout(1800)  # two runs of the workload, each starting its own Ray
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_run_killed_from_outside_resumes_without_repeating_a_request(served, proxy, tmp_path, workers):
     questions = [f"Compute {a} * {a % 7 + 2} + {a + 5}." for a in range(3, 51)]  # 48 seeds: 3 shards of 16
