@@ -45,6 +45,7 @@ from pathlib import Path
 import psutil  # installed with Ray
 
 from tokenmill.layout import dataset_uri, hf_export_uri, join
+from tokenmill.runner.console import local_ray
 from tokenmill.store import CHAT_SAMPLES, DOCUMENTS, PREFERENCE_PAIRS, CheckpointStore, DatasetWriter, open_dataset
 from tokenmill.trainer.generate.scripted_engine import correct_answer, worked_solution
 
@@ -183,7 +184,7 @@ def write_recipe(directory: Path, resources: list[dict]) -> Path:
     return directory
 
 
-def logged(command: list[str], log: Path, timings: dict[str, float], first: str, meter: CpuMeter) -> int:
+def logged(command: list[str], log: Path, timings: dict[str, float], first: str) -> int:
     """Runs `command` with its output appended to `log`, adding to `timings` the wall seconds of
     each part: `first` until the runner starts its first resource, then each resource (from its
     `start Kind/name` line to the next one, or to the end)."""
@@ -199,7 +200,6 @@ def logged(command: list[str], log: Path, timings: dict[str, float], first: str,
             subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              errors="replace") as process:
         assert process.stdout is not None
-        meter.watch(process.pid)
         for line in process.stdout:
             output.write(line)
             if line.startswith("start ") and "/" in line:
@@ -209,10 +209,12 @@ def logged(command: list[str], log: Path, timings: dict[str, float], first: str,
     return status
 
 
-def tokenmill_run(recipe: Path, store: str, log: Path, timings: dict[str, float], meter: CpuMeter) -> None:
+def tokenmill_run(recipe: Path, store: str, log: Path, timings: dict[str, float], ray_address: str | None) -> None:
     command = [sys.executable, "-c", "import sys; from tokenmill.cli import main; sys.exit(main())",
                "run", str(recipe), "--store", store]
-    status = logged(command, log, timings, "ray start-up", meter)
+    if ray_address:
+        command += ["--ray-address", ray_address]
+    status = logged(command, log, timings, "runner start-up")
     if status != 0:
         raise SystemExit(f"tokenmill run {recipe} failed (exit {status}); see {log}")
 
@@ -228,13 +230,7 @@ def cut_full_solution_pairs(store: str, target: str, count: int, seed: int) -> i
     return len(chosen)
 
 
-def run_seed(work: Path, seed: int, scale: float) -> dict:
-    with CpuMeter() as meter:
-        run = measured_seed(work, seed, scale, meter)
-    return {**run, "cpuSeconds": meter.seconds}
-
-
-def measured_seed(work: Path, seed: int, scale: float, meter: CpuMeter) -> dict:
+def run_seed(work: Path, seed: int, scale: float, ray_address: str | None) -> dict:
     directory = work / f"seed-{seed}"
     store = (directory / "store").as_uri()
     log = directory / "run.log"
@@ -243,7 +239,7 @@ def measured_seed(work: Path, seed: int, scale: float, meter: CpuMeter) -> dict:
     timings: dict[str, float] = {}
     uris = make_data(directory / "data", seed, scale)
     timings["data"] = round(time.monotonic() - started, 1)
-    tokenmill_run(write_recipe(directory / "main", main_recipe(uris, seed, scale)), store, log, timings, meter)
+    tokenmill_run(write_recipe(directory / "main", main_recipe(uris, seed, scale)), store, log, timings, ray_address)
     pivotal = open_dataset(dataset_uri(join(store, "ptsjobs", "pts"))).read_all().num_rows
     full_uri = (directory / "data" / "full-solution-pairs").as_uri()
     full = cut_full_solution_pairs(store, full_uri, pivotal, seed)
@@ -253,7 +249,7 @@ def measured_seed(work: Path, seed: int, scale: float, meter: CpuMeter) -> dict:
     if pivotal and full:
         tokenmill_run(write_recipe(directory / "full", [dpo_stage(
             "dpo-full", {"uri": sft_checkpoint}, [{"uri": full_uri, "weight": 1.0, "epochs": 1000}], seed + 2, scale)]),
-            store, log, timings, meter)
+            store, log, timings, ray_address)
     models = {"SFT": sft_export}
     if pivotal:
         models["PTS-DPO"] = hf_export_uri(join(store, "trainingstages", "dpo-pts"))
@@ -264,7 +260,7 @@ def measured_seed(work: Path, seed: int, scale: float, meter: CpuMeter) -> dict:
     (directory / "evaluation.json").write_text(json.dumps(config))
     result_uri = (directory / "evaluation-result.json").as_uri()
     status = logged([sys.executable, "-m", "tokenmill.trainer.evaluate", "--config", json.dumps(config),
-                     "--out", result_uri], log, timings, "evaluation", meter)
+                     "--out", result_uri], log, timings, "evaluation")
     if status != 0:
         raise SystemExit(f"the evaluation of seed {seed} failed (exit {status}); see {log}")
     result = json.loads((directory / "evaluation-result.json").read_text())
@@ -277,8 +273,8 @@ def measured_seed(work: Path, seed: int, scale: float, meter: CpuMeter) -> dict:
 
 
 class CpuMeter:
-    """CPU seconds of the watched processes and their descendants (the runner, its Ray cluster
-    and workers, the workloads, the evaluation), sampled each second while they run."""
+    """CPU seconds of the watched processes and their descendants (this script: its Ray cluster
+    and workers, the runners, the workloads, the evaluations), sampled each second."""
 
     def __init__(self) -> None:
         self.roots: list[psutil.Process] = []
@@ -341,11 +337,10 @@ def table(runs: list[dict]) -> str:
             per_seed += f" ({len(found)} of {len(runs)} seeds; the others had no pairs)"
         lines.append(f"| {label} | {spread(greedy)} | {spread(success)} | {per_seed} |")
     if all("problemsSearched" in run for run in runs):
-        lines += ["", "| seed | problems searched | pivotal pairs | full-solution pairs | rollouts | minutes "
-                      "| CPU minutes |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += ["", "| seed | problems searched | pivotal pairs | full-solution pairs | rollouts | minutes |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: |"]
         lines += [f"| {run['seed']} | {run['problemsSearched']} of {run['problems']} | {run['pivotalPairs']} | "
-                  f"{run['fullSolutionPairs']} | {run['rollouts']} | {run['seconds'] / 60:.1f} | "
-                  f"{run.get('cpuSeconds', 0.0) / 60:.1f} |" for run in runs]
+                  f"{run['fullSolutionPairs']} | {run['rollouts']} | {run['seconds'] / 60:.1f} |" for run in runs]
     return "\n".join(lines)
 
 
@@ -361,20 +356,26 @@ def main() -> int:
     work = args.work.resolve()
     started = time.monotonic()
 
-    def one(seed: int) -> dict:
-        run = run_seed(work, seed, args.scale)
+    loads = []
+
+    def one(seed: int, ray_address: str | None) -> dict:
+        run = run_seed(work, seed, args.scale, ray_address)
+        loads.append(os.getloadavg()[1])
         print(f"seed {seed}: {json.dumps({k: v for k, v in run.items() if k != 'models'})}", flush=True)
-        print(f"load average {' '.join(f'{load:.1f}' for load in os.getloadavg())}", flush=True)
         return run
 
-    with ThreadPoolExecutor(args.parallel) as pool:
-        runs = list(pool.map(one, range(args.seeds)))
-    print(f"{args.seeds} seeds in {(time.monotonic() - started) / 60:.1f} minutes, "
-          f"{sum(run['cpuSeconds'] for run in runs) / 60:.1f} CPU minutes", flush=True)
+    # one Ray cluster for every seed's stages: one start-up instead of two per seed
+    with CpuMeter() as meter, local_ray(None, True) as ray_address, ThreadPoolExecutor(args.parallel) as pool:
+        meter.watch(os.getpid())
+        runs = list(pool.map(lambda seed: one(seed, ray_address), range(args.seeds)))
+    summary = (f"{args.seeds} seed(s) at --scale {args.scale:g}, {args.parallel} at a time: "
+               f"{(time.monotonic() - started) / 60:.1f} minutes, {meter.seconds / 60:.1f} CPU minutes "
+               f"(all processes), load average {max(loads):.1f} (5 minutes, at most)")
+    print(summary, flush=True)
     for run in runs:
         for model in run["models"].values():
             model.pop("perProblem", None)
-    text = table(runs)
+    text = table(runs) + "\n\n" + summary
     (work / "table9.json").write_text(json.dumps(runs, indent=1))
     (work / "table9.md").write_text(text + "\n")
     print(text)
