@@ -133,7 +133,7 @@ class _Sampler:
             kth = _descending(scores).gather(1, self.top_k)
             scores = scores.masked_fill(scores < kth, float("-inf"))
         probs = scores.softmax(dim=-1)
-        uniforms = torch.tensor([[row.rng.random()] for row in self.rows], dtype=torch.float64, device=self.device)
+        uniforms = torch.from_numpy(np.array([row.rng.random() for row in self.rows])[:, None]).to(self.device)
         picks = None
         if not self.nucleus_only:  # rows without top-p draw over the vocabulary in id order
             picks = _inverse_cdf(probs, uniforms)
@@ -354,7 +354,8 @@ class TorchEngine(Engine):
         top_values = np.zeros((len(rows), capacity, top_k)) if top_k else None
         top_ids = np.zeros((len(rows), capacity, top_k), dtype=np.int64) if top_k else None
         max_new = np.array([row.max_new for row in rows])
-        stop_any = np.array(sorted(set().union(*(row.stop_ids for row in rows))), dtype=np.int64)
+        stop_any = np.zeros(self.tokenizer.vocab_size, dtype=bool)  # whether some row stops at that id
+        stop_any[list(set().union(*(row.stop_ids for row in rows)))] = True
         text_stops = [b for b, row in enumerate(rows) if row.params.stop]
         done = np.zeros(len(rows), dtype=bool)
         active = np.arange(len(rows))  # batch position -> row
@@ -370,7 +371,7 @@ class TorchEngine(Engine):
                     top_values[active, step] = top.values.cpu().numpy()
                     top_ids[active, step] = top.indices.cpu().numpy()
             ending = ~done[active] & (step + 1 >= max_new[active])
-            for position in np.flatnonzero(~done[active] & np.isin(ids, stop_any)):
+            for position in np.flatnonzero(~done[active] & stop_any[ids]):
                 row = rows[active[position]]
                 if int(ids[position]) in row.stop_ids:
                     row.finish, ending[position] = "stop", True
