@@ -11,8 +11,9 @@ starting later (a retry, a resumed job, another node) loads every committed shar
 Commits are group commits on a background thread: `commit_soon()` (the synthetic-data
 workload calls it after every engine call) hands the pending rows to the committer and
 returns at once, so the upload overlaps the next engine call; rows that arrive while a
-commit is in flight go into the next one, so a fast engine makes fewer, larger shards and
-a slow teacher has each call's results on record moments after it answered. Pending rows
+commit is in flight go into the next one, and commits start at most every
+`commit_interval_seconds` (0.5 s), so a fast engine makes fewer, larger shards and a slow
+teacher has each call's results on record moments after it answered. Pending rows
 are also committed once there are `flush_rows` of them or `flush_seconds` have passed.
 `flush()` waits for the committer and commits the rest; a commit that failed in the
 background is raised there (and by the next `commit_soon()`), its rows kept for a retry.
@@ -53,6 +54,7 @@ from tokenmill.trainer.generate.metrics import GenerateMetrics
 log = logging.getLogger("tokenmill.generate")
 DEFAULT_FLUSH_ROWS = 1024
 DEFAULT_FLUSH_SECONDS = 30.0
+DEFAULT_COMMIT_INTERVAL_SECONDS = 0.5
 
 
 def generations_uri(output: str) -> str:
@@ -121,6 +123,8 @@ class RequestCache:
     uri: str
     flush_rows: int = DEFAULT_FLUSH_ROWS
     flush_seconds: float = DEFAULT_FLUSH_SECONDS
+    commit_interval_seconds: float = DEFAULT_COMMIT_INTERVAL_SECONDS
+    """The background committer starts a commit at most this often (`flush()` does not wait)."""
     fence: AttemptFence | None = None
     """The attempt's fence: a superseded attempt commits no shard, deletes nothing, writes no manifest."""
     completions: dict[str, Completion] = field(default_factory=dict)
@@ -206,6 +210,8 @@ class RequestCache:
                     if not self._state.wait(timeout=60.0):
                         self._committer_running = False  # idle: the next commit_soon() starts another
                         return
+                while (wait := self._last_flush + self.commit_interval_seconds - time.monotonic()) > 0:
+                    self._state.wait(timeout=wait)  # answers arriving meanwhile join this commit
                 self._requested = False
             if not self._commit_pending(background=True):
                 with self._state:
