@@ -28,7 +28,7 @@ rollouts it already sampled.
   seconds of this process (all threads). Each figure per pivotal token found, ours against
   naive, with the ratio's median and range over rounds (each round its own sampling seed).
 
-    python benchmarks/pts.py [--rounds 3] [--samples 16] [--problems 2] [--sharpness 1 4]
+    python benchmarks/pts.py [--rounds 3] [--samples 16] [--problems 1] [--sharpness 1 64]
 """
 
 from __future__ import annotations
@@ -418,10 +418,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="tiny-model rounds (sampling seeds)")
     parser.add_argument("--samples", type=int, default=16, help="rollouts per estimate (model part)")
-    parser.add_argument("--problems", type=int, default=2, help="questions per round (model part)")
+    parser.add_argument("--problems", type=int, default=1, help="questions per round (model part)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--decided-by", type=int, default=12, help="tokens whose sum decides success")
-    parser.add_argument("--sharpness", type=float, nargs="+", default=[1.0, 4.0],
+    parser.add_argument("--sharpness", type=float, nargs="+", default=[1.0, 64.0],
                         help="the tiny model's head scale (higher: peaked next-token distributions)")
     parser.add_argument("--planted-only", action="store_true")
     args = parser.parse_args()
