@@ -12,7 +12,8 @@ from tokenmill.api.fields import Endpoint, Fraction, LongText, PositiveFraction,
 from tokenmill.api.kinds import KindDescriptor, Resource
 
 StepType = Literal[
-    "seedSelection", "agreementFilter", "rewrite", "selfRevision", "instructionReversal", "multiTurn", "executionCheck"
+    "seedSelection", "agreementFilter", "rewrite", "selfRevision", "instructionReversal", "multiTurn", "executionCheck",
+    "judge",
 ]
 STEP_TYPES: tuple[str, ...] = StepType.__args__  # type: ignore[attr-defined]
 
@@ -95,6 +96,22 @@ class ExecutionCheck(ApiModel):
     """Address-space limit per execution."""
 
 
+class Judge(ApiModel):
+    """Samples several responses per question and has the generator, as judge, score each against
+    a rubric: the best becomes the solution (chat, qa, math), or the best and the worst a
+    preference pair (preference)."""
+
+    responses: int = Field(default=4, ge=2, le=64)
+    """Responses sampled per question."""
+    rubric: list[ShortText] = Field(default_factory=lambda: ["correctness", "reasoning", "clarity"],
+                                    min_length=1, max_length=16)
+    """Criteria the judge weighs."""
+    scale: int = Field(default=10, ge=2, le=100)
+    """Scores run from 0 to this (best)."""
+    min_margin: float = Field(default=1.0, ge=0, le=100)
+    """A pair is written only when the best score exceeds the worst by at least this (preference)."""
+
+
 def _union_rules(types: tuple[str, ...]) -> tuple[dict[str, str], ...]:
     """Kubernetes-style union: `type` names the one member that must be set."""
     return tuple(
@@ -127,6 +144,8 @@ class WorkflowStep(ApiModel):
     """Parameters when type is multiTurn."""
     execution_check: ExecutionCheck | None = None
     """Parameters when type is executionCheck."""
+    judge: Judge | None = None
+    """Parameters when type is judge."""
 
 
 class Generator(ApiModel):
@@ -176,6 +195,12 @@ class Budgets(ApiModel):
 
 class SyntheticDataJobSpec(CommonSpec):
     """Generates a synthetic dataset from seeds with a teacher model."""
+
+    cel_rules = (
+        {"rule": "self.datasetType != 'preference' || self.workflow.exists(s, s.type == 'judge')",
+         "message": "datasetType preference needs a judge step in the workflow (it picks each pair's chosen and "
+                    "rejected response)"},
+    )
 
     seeds: list[DataSource] = Field(min_length=1, max_length=64)
     """Seed datasets: document excerpts, questions, or question–answer pairs."""

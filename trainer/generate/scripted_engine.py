@@ -18,6 +18,9 @@ word problems:
   (dropping a line at `mistake_rate`), for instruction reversal;
 - `follow-up`: the next user turn of a conversation about a number;
 - `score`: a passage's educational value and reasoning (out of 5) and its complexity;
+- `judge`: a score for a worked solution (`Score: <n>/<scale>`) from checking its arithmetic:
+  full marks when every step holds and the final answer is the last step's result, less for
+  each step that does not hold, the least for a response without steps or a final answer;
 - `tests`: assert-lines for a Python function it can read.
 
 Each sample draws its slips from its own stream (the prompt and `sample_seed(seed, index)`), so answers are reproducible and the request cache applies as for
@@ -254,6 +257,33 @@ def score_passage(passage: str) -> str:
     return f"educational value: {value}/5\nreasoning: {reasoning}/5\ncomplexity: {complexity}"
 
 
+_STEP_LINE = re.compile(r"=\s*(-?\d+(?:\.\d+)?(?:/\d+)?)\s*\.?\s*$")
+
+
+def judge(response: str, scale: int) -> str:
+    """The response's steps (`<expression> = <result>` lines) checked one by one."""
+    held, results = 0, []
+    for line in response.splitlines():
+        found = _STEP_LINE.search(line)
+        expression = expression_of(line[:found.start()]) if found else None
+        if found is None or expression is None:
+            continue
+        try:
+            truth = solve_steps(expression)[1]
+        except (ValueError, SyntaxError, ZeroDivisionError):
+            continue
+        results.append(found.group(1))
+        held += Fraction(found.group(1)) == truth
+    final = _boxed(response)
+    if not results or final is None:
+        return f"The response shows no checkable steps or no final answer.\nScore: 0/{scale}"
+    if held == len(results) and final.replace(" ", "") == results[-1]:
+        return f"All {held} steps hold and the final answer follows.\nScore: {scale}/{scale}"
+    quality = Fraction(1, 5) + Fraction(1, 2) * Fraction(held, len(results))
+    return (f"{held} of {len(results)} steps hold; the final answer {final} is not sound.\n"
+            f"Score: {int(quality * scale)}/{scale}")
+
+
 class ScriptedEngine(Engine):
     """A stand-in teacher (see the module's description); thread-safe, stateless between calls
     apart from `answered` (samples it produced, for tests and benchmarks)."""
@@ -316,6 +346,9 @@ class ScriptedEngine(Engine):
             return follow_up(parts.get("conversation", ""), rng)
         if task == "score":
             return score_passage(parts.get("passage", ""))
+        if task == "judge":
+            scale = parts.get("scale", "10")
+            return judge(parts.get("response", ""), int(scale) if scale.isdigit() and int(scale) > 0 else 10)
         return ""  # a task it does not know: an empty answer (the caller drops and counts it)
 
 

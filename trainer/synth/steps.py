@@ -52,6 +52,10 @@ class Item:
     code: str | None = None
     tests: list[str] | None = None
     messages: list[dict[str, str]] | None = None
+    rejected: str | None = None
+    """The worse response of a judged pair (datasetType preference); `solution` is the better."""
+    judgement: dict[str, Any] | None = None
+    """The judge's scores of `solution` and `rejected` and its scale."""
     trail: list[dict[str, Any]] = field(default_factory=list)
 
     def note(self, step: str, **outputs: Any) -> None:
@@ -90,6 +94,9 @@ class Context:
     """Called after every engine call (the workload commits the request cache there)."""
     draft: str = DRAFT
     """The template that writes an item's answer (its dataset type's; see `DatasetType.draft`)."""
+    pairs: bool = False
+    """The dataset type's rows are preference pairs (see `DatasetType.pairs`): the judge keeps
+    the best and the worst response."""
 
     def ask(self, step: str, prompts: Sequence[str], n: int = 1, *, salt: str = "",
             history: Sequence[Sequence[dict[str, str]]] | None = None) -> list[list[Completion] | str]:
@@ -686,6 +693,88 @@ class ExecutionCheck(Step):
         return outcomes
 
 
+# -- judge -----------------------------------------------------------------------------------
+
+_JUDGE_SCORE = re.compile(r"\bscore\s*:\s*(\d+(?:\.\d+)?)\s*/\s*(\d+)", re.IGNORECASE)
+
+
+def parse_judgement(text: str, scale: int) -> float | None:
+    """The score of the judge's last `Score: <n>/<scale>` line; None when there is none, it is
+    out of another scale, or n lies outside 0..scale."""
+    found = _JUDGE_SCORE.findall(text)
+    if not found:
+        return None
+    value, out_of = found[-1]
+    score = float(value)
+    if int(out_of) != scale or score > scale:
+        return None
+    return score
+
+
+@dataclass
+class Judge(Step):
+    """Samples `responses` answers per question and has the generator, as judge, score each
+    against the rubric (a reply without a readable score leaves that response out).
+
+    Best-of-n (chat, qa, math): the best response becomes the solution. Pairs (`Context.pairs`,
+    datasetType preference): the best becomes the solution and the worst `rejected`, kept only
+    when the best score exceeds the worst by at least `min_margin`. Ties go to the earlier
+    response for the best and to the later for the worst."""
+
+    responses: int
+    rubric: Sequence[str]
+    scale: int
+    min_margin: float
+    type: ClassVar[str] = "judge"
+    templates: ClassVar[frozenset[str]] = frozenset({DRAFT, "judge"})
+
+    def run(self, items: list[Item], context: Context) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        drawn = context.ask(self.type, [templates.render(context.draft, question=i.question) for i in items],
+                            n=self.responses, salt="judge-responses")
+        sampled: list[tuple[Item, list[str]]] = []
+        for item, answer in zip(items, drawn):
+            if isinstance(answer, str):
+                outcomes.append(drop(item, answer))
+            else:
+                sampled.append((item, [completion.text for completion in answer]))
+        prompts = [templates.render("judge", question=item.question, response=text, rubric=list(self.rubric),
+                                    scale=self.scale) for item, texts in sampled for text in texts]
+        verdicts = iter(context.ask(self.type, prompts, salt="judge"))
+        needed = 2 if context.pairs else 1
+        for item, texts in sampled:
+            replies = [next(verdicts) for _ in texts]
+            scores = [None if isinstance(reply, str) else parse_judgement(reply[0].text, self.scale)
+                      for reply in replies]
+            failed = [reply for reply in replies if isinstance(reply, str)]
+            item.note(self.type, responses=texts, scores=scores, scale=self.scale,
+                      unparseable=sum(1 for reply, score in zip(replies, scores)
+                                      if score is None and not isinstance(reply, str)))
+            scored = [(index, score) for index, score in enumerate(scores) if score is not None]
+            if len(scored) < needed:
+                outcomes.append(drop(item, failed[0] if failed else "unparseable-judgement"))
+                continue
+            top = max(score for _, score in scored)
+            bottom = min(score for _, score in scored)
+            best = next(index for index, score in scored if score == top)
+            worst = next(index for index, score in reversed(scored) if score == bottom)
+            item.solution = texts[best]
+            item.judgement = {"chosenScore": top, "scale": self.scale, "scores": scores}
+            if not context.pairs:
+                outcomes.append(keep(item, "best-of-n"))
+                continue
+            if top - bottom < self.min_margin:
+                outcomes.append(drop(item, "no-margin"))
+                continue
+            if texts[best].strip() == texts[worst].strip():
+                outcomes.append(drop(item, "identical-responses"))
+                continue
+            item.rejected = texts[worst]
+            item.judgement["rejectedScore"] = bottom
+            outcomes.append(keep(item, "pair-with-margin"))
+        return outcomes
+
+
 def build(step: Any, spec_seed: int = 0) -> Step:
     """The step for one entry of `spec.workflow` (the API's WorkflowStep)."""
     kind = step.type
@@ -710,4 +799,7 @@ def build(step: Any, spec_seed: int = 0) -> Step:
     if kind == "executionCheck":
         p = step.execution_check
         return ExecutionCheck(p.timeout_seconds, p.memory_mb)
+    if kind == "judge":
+        p = step.judge
+        return Judge(p.responses, list(p.rubric), p.scale, p.min_margin)
     raise ValueError(f"unknown step type {kind!r}")

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokenmill.store import CHAT_SAMPLES, DOCUMENTS, DatasetSchema
+from tokenmill.store import CHAT_SAMPLES, DOCUMENTS, PREFERENCE_PAIRS, DatasetSchema
 from tokenmill.trainer.generate.interface import stable_hash
 from tokenmill.trainer.oracles.math import extract_answer, normalise_answer
 from tokenmill.trainer.synth import templates
@@ -23,7 +23,7 @@ from tokenmill.trainer.synth.steps import DRAFT, DROPPED, KEPT, Context, Item, O
 
 OUTPUT_STEP = "output"
 PLACEHOLDERS = {"draft": "", "critique": "", "target": "exercise", "instructions": "", "rubric": ["reasoning"],
-                "passage": "", "code": "", "instruction": "", "conversation": []}
+                "passage": "", "code": "", "instruction": "", "conversation": [], "response": "", "scale": 10}
 """Values of the step-made template fields when a template is checked against a seed."""
 
 
@@ -43,6 +43,9 @@ class DatasetType:
     draft: str = DRAFT
     """The template that writes an answer (the agreement filter's samples, self-revision's first
     draft, each multi-turn reply): `templates/<draft>.j2`."""
+    pairs: bool = False
+    """Rows are preference pairs: the workflow must end with a judge step, which keeps the best
+    and the worst response of each question."""
 
 
 def _qa_row(item: Item) -> tuple[dict[str, Any] | None, str]:
@@ -82,17 +85,32 @@ def _document_row(item: Item) -> tuple[dict[str, Any] | None, str]:
     return {"id": item.id, "text": text, "lang": "en", "meta": {}}, "written"
 
 
+def _preference_row(item: Item) -> tuple[dict[str, Any] | None, str]:
+    """A prompt with the judge's best response as chosen and its worst as rejected, in the
+    `preference_pairs` text form (the DPO stage renders it in the chat format)."""
+    if not item.solution or not item.rejected or item.judgement is None:
+        return None, "no-pair"
+    meta = {"chosenScore": item.judgement["chosenScore"], "rejectedScore": item.judgement["rejectedScore"],
+            "scale": item.judgement["scale"]}
+    if item.answer:
+        meta["answer"] = item.answer
+    return {"id": item.id, "prompt": [{"role": "user", "content": item.question}], "chosen": item.solution,
+            "rejected": item.rejected, "meta": meta}, "written"
+
+
 DATASET_TYPES: dict[str, DatasetType] = {
     "math": DatasetType("math", CHAT_SAMPLES, frozenset(
-        {"seedSelection", "rewrite", "agreementFilter", "selfRevision"}), _qa_row),
+        {"seedSelection", "rewrite", "agreementFilter", "selfRevision", "judge"}), _qa_row),
     "qa": DatasetType("qa", CHAT_SAMPLES, frozenset(
-        {"seedSelection", "rewrite", "agreementFilter", "selfRevision"}), _qa_row),
+        {"seedSelection", "rewrite", "agreementFilter", "selfRevision", "judge"}), _qa_row),
     "chat": DatasetType("chat", CHAT_SAMPLES, frozenset(
-        {"seedSelection", "rewrite", "agreementFilter", "selfRevision", "multiTurn"}), _chat_row),
+        {"seedSelection", "rewrite", "agreementFilter", "selfRevision", "judge", "multiTurn"}), _chat_row),
     "code": DatasetType("code", CHAT_SAMPLES, frozenset(
         {"seedSelection", "rewrite", "selfRevision", "instructionReversal", "executionCheck"}), _code_row),
     "documents": DatasetType("documents", DOCUMENTS, frozenset({"seedSelection", "rewrite", "selfRevision"}),
                              _document_row),
+    "preference": DatasetType("preference", PREFERENCE_PAIRS, frozenset(
+        {"seedSelection", "rewrite", "agreementFilter", "judge"}), _preference_row, pairs=True),
 }
 
 
@@ -110,6 +128,9 @@ def check_workflow(kind: DatasetType, steps: Sequence[Step]) -> None:
                                   f"(its steps: {', '.join(sorted(kind.steps))})")
         if step.type == "seedSelection" and index != 0:
             raise SynthInputError(f"spec.workflow[{index}]: seedSelection splits the seeds, so it must come first")
+    if kind.pairs and (not steps or steps[-1].type != "judge"):
+        raise SynthInputError(f"spec.workflow: datasetType {kind.name} needs a judge step, last (it picks each "
+                              "pair's chosen and rejected response)")
 
 
 # -- seeds -----------------------------------------------------------------------------------
@@ -231,6 +252,7 @@ class Workflow:
         stats = StepStats(seeds=len(seeds))
         items = [item_of(seed) for seed in seeds]
         context.draft = self.kind.draft
+        context.pairs = self.kind.pairs
         for step in self.steps:
             if not items:
                 break

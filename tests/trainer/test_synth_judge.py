@@ -1,0 +1,213 @@
+"""The judge step: several responses per question, each scored by the generator as judge; the
+best kept (best-of-n) or the best and the worst written as a DPO preference pair."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+
+import pytest
+
+from tests.trainer.synth_fixtures import PROBLEMS, spec, write_seeds, write_spec
+from tokenmill.api.loader import parse_resource
+from tokenmill.layout import dataset_uri
+from tokenmill.store import PREFERENCE_PAIRS, ManifestNotFoundError, open_dataset, open_store, read_manifest
+from tokenmill.trainer.data.pairs import KEPT, load_pairs
+from tokenmill.trainer.generate import SamplingParams
+from tokenmill.trainer.generate.scripted_engine import ScriptedEngine, correct_answer, judge
+from tokenmill.trainer.oracles.math import extract_answer
+from tokenmill.trainer.synth import workload
+from tokenmill.trainer.synth.steps import Context, Item, Judge, parse_judgement
+from tokenmill.trainer.synth.workflow import (
+    DATASET_TYPES,
+    SynthInputError,
+    Workflow,
+    check_templates,
+    check_workflow,
+)
+from tokenmill.trainer.tokenizer import get_tokenizer
+
+ARITHMETIC = [p for p in PROBLEMS if correct_answer(p) is not None]
+JUDGE = {"type": "judge", "judge": {"responses": 4, "rubric": ["correctness"], "scale": 10, "minMargin": 3}}
+
+
+def context(mistake_rate: float, *, pairs: bool) -> Context:
+    return Context(ScriptedEngine(mistake_rate=mistake_rate), SamplingParams(seed=3, max_tokens=256),
+                   pairs=pairs)
+
+
+def items(questions: Sequence[str] = ARITHMETIC) -> list[Item]:
+    return [Item(id=f"q{i}", seed_id=f"q{i}", question=q, seed={"id": f"q{i}", "question": q})
+            for i, q in enumerate(questions)]
+
+
+def final(text: str) -> str | None:
+    found = extract_answer(text)
+    return found[0] if found else None
+
+
+# -- the scripted judge ----------------------------------------------------------------------
+
+def test_the_scripted_judge_scores_sound_arithmetic_above_a_slip():
+    sound = "Step 1: 3 * 4 = 12.\nStep 2: 12 + 5 = 17.\nThe answer is \\boxed{17}."
+    slipped = "Step 1: 3 * 4 = 13.\nStep 2: 13 + 5 = 18.\nThe answer is \\boxed{18}."
+    scores = [parse_judgement(judge(text, 10), 10) for text in (sound, slipped, "I cannot tell.")]
+    assert scores[0] == 10 and 0 < scores[1] < 10 and scores[2] == 0
+    assert parse_judgement(judge(sound, 7), 7) == 7
+
+
+def test_a_judgement_is_read_only_on_its_own_scale():
+    assert parse_judgement("weighs things\nScore: 6/10", 10) == 6
+    assert parse_judgement("Score: 2/10 at first, then Score: 8.5/10", 10) == 8.5
+    assert parse_judgement("Score: 6/5", 10) is None
+    assert parse_judgement("Score: 12/10", 10) is None
+    assert parse_judgement("a fine answer", 10) is None
+
+
+# -- the step with the scripted teacher ------------------------------------------------------
+
+def test_pairs_are_kept_with_the_chosen_response_scoring_higher():
+    batch = items()
+    outcomes = Judge(responses=3, rubric=["correctness"], scale=10, min_margin=1).run(
+        batch, context(0.3, pairs=True))
+    assert len(outcomes) == len(batch)
+    for outcome in outcomes:
+        [trail] = [entry for entry in outcome.item.trail if entry["step"] == "judge"]
+        assert len(trail["responses"]) == len(trail["scores"]) == 3 and None not in trail["scores"]
+        margin = max(trail["scores"]) - min(trail["scores"])
+        assert outcome.reason == ("pair-with-margin" if margin >= 1 else "no-margin")
+    kept = [o.item for o in outcomes if o.kept]
+    assert kept and len(kept) < len(batch)  # a teacher slipping at 0.3 sometimes writes three alike
+    for item in kept:
+        judgement = item.judgement
+        assert judgement["chosenScore"] - judgement["rejectedScore"] >= 1
+        assert final(item.solution) == correct_answer(item.question) != final(item.rejected)
+
+
+def test_the_margin_boundary_is_inclusive():
+    batch_margins = {}
+    for outcome in Judge(6, ["correctness"], 10, 0).run(items(), context(0.5, pairs=True)):
+        judgement = outcome.item.judgement
+        batch_margins[outcome.item.id] = judgement["chosenScore"] - judgement["rejectedScore"]
+    question_id, margin = max(batch_margins.items(), key=lambda entry: entry[1])
+    assert margin > 0
+    [question] = [q for i, q in enumerate(ARITHMETIC) if f"q{i}" == question_id]
+
+    def reason(min_margin: float) -> str:
+        [outcome] = Judge(6, ["correctness"], 10, min_margin).run(items([question]), context(0.5, pairs=True))
+        return outcome.reason
+
+    assert reason(margin) == "pair-with-margin"
+    assert reason(margin + 0.5) == "no-margin"
+
+
+@pytest.mark.slow  # builds and runs a torch model
+def test_unparseable_judge_replies_are_left_out_and_counted(tmp_path):
+    """A random tiny model's judgements hold no `Score: n/10`: every response is left out and
+    counted, and the question is dropped as unparseable."""
+    from dataclasses import replace
+
+    from tests.trainer.generate_fixtures import TINY_GEN
+    from tokenmill.trainer.generate import load_torch_engine
+    from tokenmill.trainer.model import build_model
+    from tokenmill.trainer.model.hf import export_hf
+
+    config = replace(TINY_GEN, max_position_embeddings=1024)
+    export_hf(build_model(config, seed=0).eval(), config, tmp_path / "hf", dtype="float32")
+    engine = load_torch_engine((tmp_path / "hf").as_uri())
+    shared = Context(engine, SamplingParams(seed=0, max_tokens=12, temperature=1.0))
+    outcomes = Judge(3, ["correctness"], 10, 1).run(items(ARITHMETIC[:2]), shared)
+    assert [(o.kept, o.reason) for o in outcomes] == [(False, "unparseable-judgement")] * 2
+    for outcome in outcomes:
+        assert outcome.item.trail[-1]["unparseable"] == 3 and outcome.item.trail[-1]["scores"] == [None] * 3
+    assert shared.requests["judge"] == 2 * 3 + 2 * 3  # the responses, then one judgement each
+
+
+def test_best_of_n_keeps_the_best_response_as_the_solution():
+    kind = DATASET_TYPES["math"]
+    steps = [Judge(responses=6, rubric=["correctness"], scale=10, min_margin=1)]
+    check_workflow(kind, steps)
+    workflow = Workflow(kind, steps, [JUDGE])
+    seeds = [{"id": f"q{i}", "question": q, "source": "t", "answer": None, "tests": None}
+             for i, q in enumerate(ARITHMETIC)]
+    rows, stats = workflow.run(seeds, context(0.5, pairs=False))
+    assert len(rows) == len(ARITHMETIC)  # six samples at a 0.5 slip rate: at least one sound one each
+    for row in rows:
+        question, answer = row["messages"][0]["content"], row["messages"][-1]["content"]
+        assert final(answer) == correct_answer(question)
+        steps_trail = json.loads(row["meta"])["provenance"]["steps"]
+        assert any(entry.get("step") == "judge" and len(entry["scores"]) == 6 for entry in steps_trail)
+    assert stats.records[("judge", "kept", "best-of-n")] == len(ARITHMETIC)
+
+
+def test_a_preference_workflow_without_a_judge_step_is_refused():
+    kind = DATASET_TYPES["preference"]
+    with pytest.raises(SynthInputError, match="datasetType preference needs a judge step"):
+        check_workflow(kind, [])
+    from tokenmill.trainer.synth.steps import AgreementFilter
+    with pytest.raises(SynthInputError, match="needs a judge step, last"):
+        check_workflow(kind, [Judge(2, ["c"], 10, 1), AgreementFilter(4, 0.0, 1.0)])
+    check_templates([Judge(2, ["c"], 10, 1)], [{"id": "q0", "question": "What is 1 + 1?"}], "spec.seeds")
+
+    document = {"apiVersion": "tokenmill.dev/v1alpha1", "kind": "SyntheticDataJob", "metadata": {"name": "pairs"},
+                "spec": spec("s3://bucket/seeds", dataset_type="preference",
+                             workflow=[{"type": "rewrite", "rewrite": {}}])}
+    resource, problems = parse_resource(document)
+    assert resource is None
+    assert any("datasetType preference needs a judge step" in problem.message for problem in problems), problems
+    document["spec"]["workflow"] = [JUDGE]
+    resource, problems = parse_resource(document)
+    assert resource is not None, problems
+
+
+# -- the workload ----------------------------------------------------------------------------
+
+def test_preference_without_a_judge_step_fails_before_any_generation(tmp_path, capfd):
+    seeds = write_seeds((tmp_path / "seeds").as_uri(), ARITHMETIC)
+    body = spec(seeds, dataset_type="preference",
+                workflow=[{"type": "agreementFilter", "agreementFilter": {"samples": 4}}])
+    output = (tmp_path / "out").as_uri()
+    assert workload.run(write_spec(output, body)) == workload.EXIT_BAD_INPUT
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "datasetType preference needs a judge step" in err, err
+    with pytest.raises(ManifestNotFoundError):
+        read_manifest(dataset_uri(output))
+    assert not open_store(output).list("generations/")
+
+
+@pytest.mark.slow  # starts Ray
+def test_the_workload_writes_preference_pairs_the_dpo_stage_reads(tmp_path, monkeypatch):
+    import ray
+
+    monkeypatch.setattr(workload, "SEEDS_PER_SHARD", 3)
+    monkeypatch.setenv(workload.WORKERS_ENV, "1")
+    seeds = write_seeds((tmp_path / "seeds").as_uri(), PROBLEMS)
+    output = (tmp_path / "out").as_uri()
+    body = spec(seeds, dataset_type="preference", workflow=[
+        {"type": "judge", "judge": {"responses": 6, "rubric": ["correctness"], "scale": 10, "minMargin": 3}}],
+        generator={"engine": "scripted", "mistakeRate": 0.5, "sampling": {"temperature": 1.0, "maxTokens": 256}})
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        assert workload.run(write_spec(output, body)) == 0
+    finally:
+        ray.shutdown()
+    dataset = open_dataset(dataset_uri(output))
+    assert dataset.schema.ref == PREFERENCE_PAIRS.ref
+    rows = dataset.read_all().to_pylist()
+    stats = open_store(output).read_json(workload.STATS_KEY)
+    [judged] = [step for step in stats["steps"] if step["step"] == "judge"]
+    assert judged["in"] == judged["kept"] + sum(judged["droppedByReason"].values()) == len(PROBLEMS)
+    assert rows and stats["written"] == len(rows) == judged["kept"]
+    assert judged["droppedByReason"].get("no-margin", 0) >= 1  # the poem: every response scores 0
+    for row in rows:
+        meta = json.loads(row["meta"])
+        assert meta["chosenScore"] - meta["rejectedScore"] >= 3
+        assert row["prompt"][-1]["role"] == "user"
+        assert final(row["chosen"]) == correct_answer(row["prompt"][-1]["content"])
+        assert meta["provenance"]["datasetType"] == "preference"
+
+    tokenizer = get_tokenizer("byte")
+    pairs = load_pairs(dataset_uri(output), "judge-pairs", tokenizer, tokenizer.vocab_size, 1024)
+    assert pairs.counts[KEPT] == len(rows) == len(pairs.ids)
