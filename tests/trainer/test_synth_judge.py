@@ -161,6 +161,20 @@ def test_a_preference_workflow_without_a_judge_step_is_refused():
     assert resource is not None, problems
 
 
+@pytest.mark.parametrize(("step", "message"), [
+    ({"type": "judge"}, "judge must be set exactly when type is judge"),
+    ({"type": "judge", "judge": {"responses": 1}}, "responses"),
+    ({"type": "judge", "judge": {"minMargin": -1}}, "minMargin"),
+    ({"type": "judge", "judge": {"scale": 1}}, "scale"),
+])
+def test_a_bad_judge_step_is_refused_by_the_api(step, message):
+    document = {"apiVersion": "tokenmill.dev/v1alpha1", "kind": "SyntheticDataJob", "metadata": {"name": "pairs"},
+                "spec": spec("s3://bucket/seeds", dataset_type="preference", workflow=[step])}
+    resource, problems = parse_resource(document)
+    assert resource is None
+    assert any(message in f"{problem.path} {problem.message}" for problem in problems), problems
+
+
 # -- the workload ----------------------------------------------------------------------------
 
 def test_preference_without_a_judge_step_fails_before_any_generation(tmp_path, capfd):
