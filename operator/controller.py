@@ -524,14 +524,20 @@ class Controller:
 
     def _claimed_outputs(self, key: Key, output: str | None) -> list[ClaimedOutput]:
         """The outputs `output` overlaps among those of resources created before this one (ties by key):
-        a newer resource whose output overlaps an older one's is invalid, the older one runs on."""
+        a newer resource whose output overlaps an older one's is invalid, the older one runs on.
+        Creation times have whole seconds: within one, a resource whose attempts already wrote
+        to its output is the older."""
         if output is None:
             return []
-        mine = self.cache.resources[key]
-        rank = ((mine.get("metadata") or {}).get("creationTimestamp") or "", key)
+
+        def age_rank(other_key: Key, body: dict[str, Any]) -> tuple[str, bool, Key]:
+            created = (body.get("metadata") or {}).get("creationTimestamp") or ""
+            return created, recorded_output(body) is None, other_key
+
+        rank = age_rank(key, self.cache.resources[key])
         claimed = []
         for other_key, other in self.cache.resources.items():
-            if other_key == key or ((other.get("metadata") or {}).get("creationTimestamp") or "", other_key) >= rank:
+            if other_key == key or age_rank(other_key, other) >= rank:
                 continue
             uri = self.cache.output(other_key, self.config.store)
             if uri is not None and overlaps(output, uri):

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from tests.operator import emulator
 from tests.operator.conftest import EVENTS, apply, commit_dataset, condition, corpus, phase_is, rayjobs, status
 
 
-async def test_an_output_nested_in_an_older_resources_output_is_invalid(kube, start_operator, standin, store_root):
+async def test_an_output_nested_in_an_older_resources_output_is_invalid(kube, start_operator, standin, store_root,
+                                                                      monkeypatch):
+    # Both created within one second (creation times have whole seconds), and the newer one's
+    # name sorts first: the one that already wrote its output is the older.
+    monkeypatch.setattr(emulator, "now_rfc3339", lambda: "2026-01-01T00:00:00Z")
     commit_dataset(f"{store_root}/raw")
     await start_operator()
     await standin()
