@@ -185,7 +185,10 @@ def run(job: Prepared, rank: int, world: int, device: torch.device, *, stop_afte
     _log(rank, f"training {spec.stage}: steps {step}..{num_steps}, world {world} on {device.type}, "
                f"{batches.accumulation_steps} micro-batches of {opt.micro_batch_sequences} per rank and step")
     model.train()
-    window_start, window_tokens, window_labels = time.perf_counter(), 0, 0.0
+    # The logging window runs across checkpoints, so a resumed run restores it: its first logged
+    # figures then equal an uninterrupted run's.
+    window_tokens, window_labels = (0, 0.0) if state is None else tuple(state.get("window") or (0, 0.0))
+    timed_start, timed_tokens = time.perf_counter(), 0  # throughput: checkpoint time left out
     while step < num_steps:
         micro = [next(batches) for _ in range(batches.accumulation_steps)]
         label_tokens = torch.tensor(float(sum(int((m.labels != IGNORE_INDEX).sum()) for m in micro)))
@@ -211,14 +214,14 @@ def run(job: Prepared, rank: int, world: int, device: torch.device, *, stop_afte
         step += 1
         tokens_seen += step_tokens
         window_tokens += step_tokens
+        timed_tokens += step_tokens
         window_labels += global_labels
         loss = _all_reduce(loss_sum, group).item() / global_labels
 
         if step % log_every == 0 or step == num_steps:
             if on_gpu:
                 torch.cuda.synchronize()
-            elapsed = max(time.perf_counter() - window_start, 1e-9)
-            tokens_per_s = window_tokens / elapsed
+            tokens_per_s = timed_tokens / max(time.perf_counter() - timed_start, 1e-9)
             metrics = {
                 "step": step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
                 "tokens_per_s": tokens_per_s,
@@ -234,19 +237,20 @@ def run(job: Prepared, rank: int, world: int, device: torch.device, *, stop_afte
                 write_progress(job.output, Progress(
                     phase="training", done=step, total=num_steps, unit="steps",
                     message=f"step {step}/{num_steps} loss {loss:.4f}", metrics=metrics))
-            window_start, window_tokens, window_labels = time.perf_counter(), 0, 0.0
+            window_tokens, window_labels = 0, 0.0
+            timed_start, timed_tokens = time.perf_counter(), 0
 
         if step % spec.checkpoint.interval_steps == 0 or step == num_steps:
             saved = {
                 "stage": spec.stage, "tokens_seen": tokens_seen, "sampler": batches.state_dict(),
                 "scheduler": scheduler.state_dict(), "model": setup.to_state(), "loss": loss,
-                "plan": plan.fingerprint(),
+                "plan": plan.fingerprint(), "window": (window_tokens, window_labels),
             }
             info = ckpt.save(checkpoints, step, model, optimizer, saved, rank, world, spec.checkpoint,
                              device=device, group=group)
             if info:
                 _log(rank, f"checkpoint {info} committed")
-            window_start = time.perf_counter()  # checkpoint time is not training throughput
+            timed_start, timed_tokens = time.perf_counter(), 0
 
         if stop_after and step == stop_after and step < num_steps:
             raise StopForTest(f"{STOP_AFTER_ENV}={stop_after}: stopping after step {step}")
