@@ -133,21 +133,32 @@ def correct_answer(problem: str) -> str | None:
         return None
 
 
-def worked_solution(problem: str, rng: random.Random, mistake_rate: float) -> str:
-    """A solution with one line per operation; with probability `mistake_rate` one slips."""
-    expression = expression_of(problem)
+def _worked_steps(text: str, rng: random.Random, mistake_rate: float) -> tuple[list, float] | None:
+    """The operations of the text's arithmetic, worked in order (with probability `mistake_rate`
+    one slips), and the final result; None when the text states no calculation."""
+    expression = expression_of(text)
     try:
         count = len(solve_steps(expression)[0]) if expression else 0
     except (ValueError, SyntaxError, ZeroDivisionError):
         count = 0
     if not count:
-        return "I cannot tell which calculation this problem asks for."
+        return None
     slip_at = rng.randrange(count) if rng.random() < mistake_rate else None
-    steps, final = solve_steps(expression, slip_at, rng.choice((-3, -2, -1, 1, 2, 3)))
-    lines = [f"Step {number + 1}: {format_number(left)} {symbol} {format_number(right)} = {format_number(result)}."
-             for number, (left, symbol, right, result) in enumerate(steps)]
-    lines.append(f"The answer is \\boxed{{{format_number(final)}}}.")
-    return "\n".join(lines)
+    return solve_steps(expression, slip_at, rng.choice((-3, -2, -1, 1, 2, 3)))  # type: ignore[arg-type]
+
+
+def _step_lines(steps: list) -> str:
+    return "\n".join(f"Step {number + 1}: {format_number(left)} {symbol} {format_number(right)} = "
+                     f"{format_number(result)}." for number, (left, symbol, right, result) in enumerate(steps))
+
+
+def worked_solution(problem: str, rng: random.Random, mistake_rate: float) -> str:
+    """A solution with one line per operation; with probability `mistake_rate` one slips."""
+    worked = _worked_steps(problem, rng, mistake_rate)
+    if worked is None:
+        return "I cannot tell which calculation this problem asks for."
+    steps, final = worked
+    return f"{_step_lines(steps)}\nThe answer is \\boxed{{{format_number(final)}}}."
 
 
 def _boxed(text: str) -> str | None:
@@ -192,24 +203,17 @@ def rewrite(passage: str, target: str) -> str:
 def extract_qa(passage: str, rng: random.Random, mistake_rate: float) -> str:
     """One question-answer pair per operation of the passage's arithmetic, in the order it is
     worked, then the passage's own question with its worked solution."""
-    expression = expression_of(passage)
-    try:
-        count = len(solve_steps(expression)[0]) if expression else 0
-    except (ValueError, SyntaxError, ZeroDivisionError):
-        count = 0
-    if not count:
+    worked = _worked_steps(passage, rng, mistake_rate)
+    if worked is None:
         return "The passage states no calculation, so there is no reasoning chain to ask about."
-    slip_at = rng.randrange(count) if rng.random() < mistake_rate else None
-    steps, final = solve_steps(expression, slip_at, rng.choice((-3, -2, -1, 1, 2, 3)))  # type: ignore[arg-type]
+    steps, final = worked
     pairs = []
     for left, symbol, right, result in steps:
         operation = f"{format_number(left)} {symbol} {format_number(right)}"
         pairs.append(f"Q: What is {operation}?\nA: {operation} = {format_number(result)}.\n"
                      f"The answer is \\boxed{{{format_number(result)}}}.")
     question = passage.strip().splitlines()[0]
-    worked = "\n".join(f"Step {number + 1}: {format_number(left)} {symbol} {format_number(right)} = "
-                       f"{format_number(result)}." for number, (left, symbol, right, result) in enumerate(steps))
-    pairs.append(f"Q: {question}\nA: {worked}\nThe answer is \\boxed{{{format_number(final)}}}.")
+    pairs.append(f"Q: {question}\nA: {_step_lines(steps)}\nThe answer is \\boxed{{{format_number(final)}}}.")
     return "\n\n".join(pairs)
 
 
