@@ -463,43 +463,40 @@ def test_a_workflow_that_does_not_fit_the_dataset_type_is_refused() -> None:
         check_workflow(DATASET_TYPES["qa"], [SelfRevision(1, RUBRIC), SeedSelection(0.5, 20)])
 
 
-def test_a_template_naming_a_field_the_seeds_lack_is_refused_naming_file_and_field(tmp_path, monkeypatch) -> None:
+@pytest.fixture
+def edited_templates(tmp_path, monkeypatch):
+    """A copy of the templates in use; `edit(name, extra)` appends `extra` to one of them."""
     copied = tmp_path / "templates"
     shutil.copytree(templates.TEMPLATE_DIR, copied)
-    solve = copied / "solve.j2"
-    solve.write_text(solve.read_text() + "Difficulty: {{ seed.difficulty }}\n")
     monkeypatch.setattr(templates, "TEMPLATE_DIR", copied)
-    templates.get.cache_clear()
-    templates._environment.cache_clear()
-    try:
-        seeds = [{"id": "q0", "question": "What is 1 + 1?", "source": "", "answer": None, "tests": None, "meta": {}}]
-        with pytest.raises(SynthInputError, match=r"seed q0.*solve\.j2 .*'difficulty'"):
-            check_templates([AgreementFilter(4, 0.0, 1.0)], seeds, "spec.seeds")
-        check_templates([steps.Rewrite(["qa"], None)], seeds, "spec.seeds")  # does not use solve.j2
-    finally:
+
+    def edit(name: str, extra: str) -> None:
+        (copied / name).write_text((copied / name).read_text() + extra)
         templates.get.cache_clear()
         templates._environment.cache_clear()
 
+    yield edit
+    templates.get.cache_clear()
+    templates._environment.cache_clear()
 
-def test_the_workload_refuses_a_template_naming_a_missing_field_before_any_request(tmp_path, monkeypatch, capfd):
+
+def test_a_template_naming_a_field_the_seeds_lack_is_refused_naming_file_and_field(edited_templates) -> None:
+    edited_templates("solve.j2", "Difficulty: {{ seed.difficulty }}\n")
+    seeds = [{"id": "q0", "question": "What is 1 + 1?", "source": "", "answer": None, "tests": None, "meta": {}}]
+    with pytest.raises(SynthInputError, match=r"seed q0.*solve\.j2 .*'difficulty'"):
+        check_templates([AgreementFilter(4, 0.0, 1.0)], seeds, "spec.seeds")
+    check_templates([steps.Rewrite(["qa"], None)], seeds, "spec.seeds")  # does not use solve.j2
+
+
+def test_the_workload_refuses_a_template_naming_a_missing_field_before_any_request(tmp_path, edited_templates, capfd):
     from tests.trainer.synth_fixtures import spec, write_seeds, write_spec
     from tokenmill.store import open_store
     from tokenmill.trainer.synth import workload
 
-    copied = tmp_path / "templates"
-    shutil.copytree(templates.TEMPLATE_DIR, copied)
-    critique = copied / "critique.j2"
-    critique.write_text(critique.read_text() + "Audience: {{ seed.audience }}\n")
-    monkeypatch.setattr(templates, "TEMPLATE_DIR", copied)
-    templates.get.cache_clear()
-    templates._environment.cache_clear()
-    try:
-        output = (tmp_path / "out").as_uri()
-        seeds = write_seeds((tmp_path / "seeds").as_uri())
-        assert workload.run(write_spec(output, spec(seeds))) == workload.EXIT_BAD_INPUT
-    finally:
-        templates.get.cache_clear()
-        templates._environment.cache_clear()
+    edited_templates("critique.j2", "Audience: {{ seed.audience }}\n")
+    output = (tmp_path / "out").as_uri()
+    seeds = write_seeds((tmp_path / "seeds").as_uri())
+    assert workload.run(write_spec(output, spec(seeds))) == workload.EXIT_BAD_INPUT
     err = capfd.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert re.search(r"spec\.seeds \(seed q0\): template critique\.j2 \(version 1\) names the field 'audience'", err)
