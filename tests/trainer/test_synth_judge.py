@@ -18,7 +18,7 @@ from tokenmill.trainer.generate import SamplingParams
 from tokenmill.trainer.generate.scripted_engine import ScriptedEngine, correct_answer, judge
 from tokenmill.trainer.oracles.math import extract_answer
 from tokenmill.trainer.synth import workload
-from tokenmill.trainer.synth.steps import Context, Item, Judge, parse_judgement
+from tokenmill.trainer.synth.steps import Context, Item, Judge, MultiTurn, parse_judgement
 from tokenmill.trainer.synth.workflow import (
     DATASET_TYPES,
     SynthInputError,
@@ -30,6 +30,7 @@ from tokenmill.trainer.tokenizer import get_tokenizer
 
 ARITHMETIC = [p for p in PROBLEMS if correct_answer(p) is not None]
 JUDGE = {"type": "judge", "judge": {"responses": 4, "rubric": ["correctness"], "scale": 10, "minMargin": 3}}
+MULTI_TURN = {"type": "multiTurn", "multiTurn": {"turns": 2, "reviseEachTurn": False}}
 
 
 def context(mistake_rate: float, *, pairs: bool) -> Context:
@@ -137,8 +138,73 @@ def test_best_of_n_keeps_the_best_response_as_the_solution():
         question, answer = row["messages"][0]["content"], row["messages"][-1]["content"]
         assert final(answer) == correct_answer(question)
         steps_trail = json.loads(row["meta"])["provenance"]["steps"]
-        assert any(entry.get("step") == "judge" and len(entry["scores"]) == 6 for entry in steps_trail)
+        [judged] = [entry for entry in steps_trail if entry["step"] == "judge" and "scores" in entry]
+        assert len(judged["scores"]) == len(judged["verdicts"]) == 6 and answer == judged["responses"][judged["chosen"]]
     assert stats.records[("judge", "kept", "best-of-n")] == len(ARITHMETIC)
+
+
+class ObservedTeacher(ScriptedEngine):
+    """The scripted teacher, keeping every request it is sent."""
+
+    def __init__(self, mistake_rate: float) -> None:
+        super().__init__(mistake_rate=mistake_rate)
+        self.seen: list = []
+
+    def generate(self, requests):
+        self.seen.extend(requests)
+        return super().generate(requests)
+
+
+def judge_entry(row: dict) -> dict:
+    [entry] = [e for e in json.loads(row["meta"])["provenance"]["steps"] if e["step"] == "judge" and "scores" in e]
+    return entry
+
+
+def test_a_judge_after_multi_turn_keeps_the_conversation_with_the_best_final_reply():
+    """The judged candidates are the conversation's final assistant turn: its own reply and
+    fresh replies drawn with the earlier turns as context, each judged with the conversation
+    shown; the row is the conversation ending in the winner, every candidate's score and
+    verdict in provenance."""
+    kind = DATASET_TYPES["chat"]
+    steps = [MultiTurn(turns=2, revise_each_turn=False), Judge(responses=4, rubric=["correctness"], scale=10,
+                                                               min_margin=0)]
+    check_workflow(kind, steps)
+    check_templates(steps, [{"id": "q0", "question": "What is 1 + 1?"}], "spec.seeds")
+    own = {o.item.id: o.item.messages
+           for o in MultiTurn(turns=2, revise_each_turn=False).run(items(), context(0.5, pairs=False))}
+    teacher = ObservedTeacher(mistake_rate=0.5)
+    seeds = [{"id": f"q{i}", "question": q, "source": "t", "answer": None, "tests": None}
+             for i, q in enumerate(ARITHMETIC)]
+    rows, stats = Workflow(kind, steps, [MULTI_TURN, JUDGE]).run(
+        seeds, Context(teacher, SamplingParams(seed=3, max_tokens=256)))
+    assert len(rows) == len(ARITHMETIC) and stats.records[("judge", "kept", "best-of-n")] == len(ARITHMETIC)
+    right_before = right_after = 0
+    for row in rows:
+        messages, conversation = row["messages"], own[row["id"]]
+        assert [m["role"] for m in messages] == ["user", "assistant"] * 2
+        assert messages[:-1] == conversation[:-1]  # the earlier turns and the last question stay
+        judged = judge_entry(row)
+        assert judged["responses"][0] == conversation[-1]["content"]  # the conversation's own reply competes
+        assert len(judged["responses"]) == len(judged["scores"]) == len(judged["verdicts"]) == 4
+        assert [parse_judgement(v, 10) for v in judged["verdicts"]] == judged["scores"]  # losers' too
+        chosen = judged["chosen"]
+        assert messages[-1] == {"role": "assistant", "content": judged["responses"][chosen]}
+        assert judged["scores"][chosen] == max(judged["scores"])
+        sound = [final(text) == correct_answer(messages[-2]["content"]) for text in judged["responses"]]
+        assert sound[chosen] or not any(sound)  # the scripted judge finds a sound reply when there is one
+        right_before += sound[0]
+        right_after += sound[chosen]
+    assert right_after > right_before, "at a 0.5 slip rate some conversation's own final reply is beaten"
+
+    prompts = [(len(r.messages), r.messages[-1]["content"]) for r in teacher.seen]
+    for row in rows:
+        first_question, last_question = row["messages"][0]["content"], row["messages"][2]["content"]
+        # the fresh replies answer the last question with the earlier turns as context
+        fresh = [length for length, p in prompts if p.startswith("Task: solve") and last_question in p]
+        assert fresh and all(length == 3 for length in fresh)
+        # every candidate is judged with the conversation before it shown
+        judged = [p for _, p in prompts if p.startswith("Task: judge") and last_question in p]
+        assert len(judged) == 4 and all(first_question in p for p in judged)
 
 
 def test_a_preference_workflow_without_a_judge_step_is_refused():

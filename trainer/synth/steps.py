@@ -711,15 +711,28 @@ def parse_judgement(text: str, scale: int) -> float | None:
     return score
 
 
+def _in_conversation(item: Item) -> bool:
+    """The item is a conversation (multi-turn) ending in an assistant reply."""
+    messages = item.messages or []
+    return len(messages) >= 2 and messages[-1]["role"] == "assistant" and messages[-2]["role"] == "user"
+
+
 @dataclass
 class Judge(Step):
-    """Samples `responses` answers per question and has the generator, as judge, score each
-    against the rubric (a reply without a readable score leaves that response out).
+    """Has the generator, as judge, score candidate responses against the rubric (a reply
+    without a readable score leaves that candidate out) and keeps the best.
 
-    Best-of-n (chat, qa, math): the best response becomes the solution. Pairs (`Context.pairs`,
-    datasetType preference): the best becomes the solution and the worst `rejected`, kept only
-    when the best score exceeds the worst by at least `min_margin`. Ties go to the earlier
-    response for the best and to the later for the worst."""
+    A single-turn item's candidates are `responses` fresh answers to its question. A
+    conversation's (after `multiTurn`) are its final assistant turn: the conversation's own
+    reply and `responses - 1` fresh replies to its last user turn, drawn with the earlier turns
+    as context; each is judged with the conversation before it shown, and the winner replaces
+    the final turn (the earlier turns stay).
+
+    Best-of-n (chat, qa, math): the best candidate becomes the solution (or the final turn).
+    Pairs (`Context.pairs`, datasetType preference): the best becomes the solution and the
+    worst `rejected`, kept only when the best score exceeds the worst by at least `min_margin`.
+    Ties go to the earlier candidate for the best and to the later for the worst. Provenance
+    holds every candidate, its score and the judge's verdict, and which one was chosen."""
 
     responses: int
     rubric: Sequence[str]
@@ -730,49 +743,80 @@ class Judge(Step):
 
     def run(self, items: list[Item], context: Context) -> list[Outcome]:
         outcomes: list[Outcome] = []
-        drawn = context.ask(self.type, [templates.render(context.draft, question=i.question) for i in items],
+        single = [item for item in items if not _in_conversation(item)]
+        talks = [item for item in items if _in_conversation(item)]
+        candidates: list[tuple[Item, list[str]]] = []
+        drawn = context.ask(self.type, [templates.render(context.draft, question=i.question) for i in single],
                             n=self.responses, salt="judge-responses")
-        sampled: list[tuple[Item, list[str]]] = []
-        for item, answer in zip(items, drawn):
+        for item, answer in zip(single, drawn):
             if isinstance(answer, str):
                 outcomes.append(drop(item, answer))
             else:
-                sampled.append((item, [completion.text for completion in answer]))
-        prompts = [templates.render("judge", question=item.question, response=text, rubric=list(self.rubric),
-                                    scale=self.scale) for item, texts in sampled for text in texts]
+                candidates.append((item, [completion.text for completion in answer]))
+        fresh = self.responses - 1
+        replies: list[list[Completion] | str] = [[] for _ in talks]
+        if fresh > 0:
+            replies = context.ask(self.type, [templates.render(context.draft, question=_last_question(i))
+                                              for i in talks],
+                                  n=fresh, salt="judge-responses", history=[(i.messages or [])[:-2] for i in talks])
+        for item, answer in zip(talks, replies):
+            if isinstance(answer, str):
+                outcomes.append(drop(item, answer))
+            else:
+                own = (item.messages or [])[-1]["content"]
+                candidates.append((item, [own, *(completion.text for completion in answer)]))
+        prompts = [templates.render("judge", question=_last_question(item) if _in_conversation(item) else item.question,
+                                    conversation=(item.messages or [])[:-2] if _in_conversation(item) else [],
+                                    response=text, rubric=list(self.rubric), scale=self.scale)
+                   for item, texts in candidates for text in texts]
         verdicts = iter(context.ask(self.type, prompts, salt="judge"))
-        needed = 2 if context.pairs else 1
-        for item, texts in sampled:
-            replies = [next(verdicts) for _ in texts]
-            scores = [None if isinstance(reply, str) else parse_judgement(reply[0].text, self.scale)
-                      for reply in replies]
-            failed = [reply for reply in replies if isinstance(reply, str)]
-            item.note(self.type, responses=texts, scores=scores, scale=self.scale,
-                      unparseable=sum(1 for reply, score in zip(replies, scores)
-                                      if score is None and not isinstance(reply, str)))
-            scored = [(index, score) for index, score in enumerate(scores) if score is not None]
-            if len(scored) < needed:
-                outcomes.append(drop(item, failed[0] if failed else "unparseable-judgement"))
-                continue
+        for item, texts in candidates:
+            outcomes.append(self._decide(item, texts, [next(verdicts) for _ in texts], context.pairs))
+        return outcomes
+
+    def _decide(self, item: Item, texts: list[str], replies: list[list[Completion] | str], pairs: bool) -> Outcome:
+        scores = [None if isinstance(reply, str) else parse_judgement(reply[0].text, self.scale)
+                  for reply in replies]
+        failed = [reply for reply in replies if isinstance(reply, str)]
+        scored = [(index, score) for index, score in enumerate(scores) if score is not None]
+        best = worst = None
+        if scored:
             top = max(score for _, score in scored)
             bottom = min(score for _, score in scored)
             best = next(index for index, score in scored if score == top)
             worst = next(index for index, score in reversed(scored) if score == bottom)
+        conversation = _in_conversation(item)
+        trail: dict[str, Any] = {"responses": texts, "scores": scores, "scale": self.scale,
+                                 "verdicts": [reply if isinstance(reply, str) else reply[0].text for reply in replies],
+                                 "chosen": best,
+                                 "unparseable": sum(1 for reply, score in zip(replies, scores)
+                                                    if score is None and not isinstance(reply, str))}
+        if conversation:
+            trail["turn"] = len(item.messages or []) // 2
+        if pairs:
+            trail["rejected"] = worst
+        item.note(self.type, **trail)
+        if best is None or worst is None or len(scored) < (2 if pairs else 1):
+            return drop(item, failed[0] if failed else "unparseable-judgement")
+        top, bottom = scores[best], scores[worst]
+        if conversation:
+            item.messages = [*(item.messages or [])[:-1], {"role": "assistant", "content": texts[best]}]
+        else:
             item.solution = texts[best]
-            item.judgement = {"chosenScore": top, "scale": self.scale, "scores": scores}
-            if not context.pairs:
-                outcomes.append(keep(item, "best-of-n"))
-                continue
-            if top - bottom < self.min_margin:
-                outcomes.append(drop(item, "no-margin"))
-                continue
-            if texts[best].strip() == texts[worst].strip():
-                outcomes.append(drop(item, "identical-responses"))
-                continue
-            item.rejected = texts[worst]
-            item.judgement["rejectedScore"] = bottom
-            outcomes.append(keep(item, "pair-with-margin"))
-        return outcomes
+        item.judgement = {"chosenScore": top, "scale": self.scale, "scores": scores}
+        if not pairs:
+            return keep(item, "best-of-n")
+        if top - bottom < self.min_margin:  # type: ignore[operator]
+            return drop(item, "no-margin")
+        if texts[best].strip() == texts[worst].strip():
+            return drop(item, "identical-responses")
+        item.rejected = texts[worst]
+        item.judgement["rejectedScore"] = bottom
+        return keep(item, "pair-with-margin")
+
+
+def _last_question(item: Item) -> str:
+    return (item.messages or [])[-2]["content"]
 
 
 def build(step: Any, spec_seed: int = 0) -> Step:
