@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import signal
-import subprocess
-import sys
-from collections import Counter
+from pathlib import PurePosixPath
 
 import pytest
 
+from tests.fixtures.processes import kill_when, run_to_end, start_in_session, workload_command
 from tests.trainer import curate_corpus
 from tokenmill.outputs import check_outputs
 from tokenmill.store import (
@@ -132,36 +129,32 @@ def test_a_run_killed_mid_write_resumes_without_losing_or_duplicating_documents(
     uris = curate_corpus.write(corpus, (tmp_path / "inputs").as_uri(), shards=6)
     output = (tmp_path / "out").as_uri()
     spec_uri = write_spec(output, curate_corpus.spec(uris))
-    command = [sys.executable, "-m", "tokenmill.trainer", "corpus-filter", "--spec", spec_uri]
-    killed, log = run_workload(command, tmp_path / "killed.log", **{workload.STOP_AFTER_ENV: "2"})
-    assert killed == -signal.SIGKILL, log
+    killed = start_in_session(workload_command("corpus-filter", spec_uri), tmp_path / "killed.log")
+    code = kill_when(killed, lambda: len(finished_shards(output)) >= 2, "two shards written")
+    log = (tmp_path / "killed.log").read_text(errors="replace")
+    assert code == -signal.SIGKILL, log
     with pytest.raises(ManifestNotFoundError):
         read_manifest(f"{output}/data")
-    committed = [o.key for o in open_store(f"{output}/data").list("_commits/")]
-    assert 2 <= len(committed) < 7
+    finished = finished_shards(output)
+    assert 2 <= len(finished) < 7, log
 
     spec_uri = write_spec(output, curate_corpus.spec(uris), attempt=2)
-    resumed, log = run_workload(command, tmp_path / "resumed.log")
-    assert resumed == 0, log
-    assert "resuming;" in log
+    resumed = start_in_session(workload_command("corpus-filter", spec_uri), tmp_path / "resumed.log")
+    code = run_to_end(resumed)
+    log = (tmp_path / "resumed.log").read_text(errors="replace")
+    assert code == 0, log
+    assert f"resuming; {len(finished)} of 7 shards already written" in log
     check_output(output, corpus)
-    # shards committed before the kill were not redone (a worker of the killed run may still have
-    # committed one more as it went down); the rest were written by the second attempt
-    attempts = Counter(shard.attempt for shard in read_manifest(f"{output}/data").shards)
-    assert attempts[1] >= len(committed) and attempts[2] >= 1 and attempts[1] + attempts[2] == 7
+    # the shards written before the kill were not redone; the rest were written by the second attempt
+    attempts = {shard.shard: shard.attempt for shard in read_manifest(f"{output}/data").shards}
+    assert len(attempts) == 7 and {name for name, attempt in attempts.items() if attempt == 1} == finished
+    assert all(attempts[name] == 2 for name in set(attempts) - finished)
 
 
-def run_workload(command: list[str], log_path, **environment: str) -> tuple[int, str]:
-    """Run the workload in its own session (its Ray with it); whatever it leaves is killed afterwards."""
-    env = {**os.environ, "RAY_DISABLE_USAGE_STATS": "1", **environment}
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            code = process.wait(timeout=600)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-    return code, log_path.read_text(errors="replace")
+def finished_shards(output: str) -> set[str]:
+    """The shards whose last act is in the store: the record that follows the shard's commits."""
+    return {PurePosixPath(info.key).stem for info in open_store(f"{output}/_work").list("")
+            if PurePosixPath(info.key).parent.name == "written"}
 
 
 @pytest.mark.slow

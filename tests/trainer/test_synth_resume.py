@@ -5,9 +5,7 @@ budget allows stops the job with a committed, consistent dataset and says why.""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
 import signal
 import subprocess
@@ -20,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.processes import kill_group, start_in_session, wait_for
 from tests.trainer.generate_http import OpenAIFaultProxy, ServeProcess, _Handler
 from tests.trainer.synth_fixtures import spec, write_seeds, write_spec
 from tokenmill.layout import dataset_uri
@@ -138,37 +137,8 @@ def check_consistent(output: str) -> tuple[list[dict], dict]:
     return rows, stats
 
 
-def wait_for(condition: Callable[[], bool], what: str, process: subprocess.Popen | None = None,
-             timeout: float = 600.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if process is not None and process.poll() is not None:
-            raise AssertionError(f"the workload exited ({process.returncode}) before {what}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
-
-
-def group_gone(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return True
-    return False
-
-
 def start_workload(spec_uri: str, log_path: Path, workers: int) -> subprocess.Popen:
-    env = {**os.environ, "RAY_DISABLE_USAGE_STATS": "1", workload.WORKERS_ENV: str(workers), KEY_ENV: KEY}
-    with open(log_path, "wb") as log:
-        return subprocess.Popen([*COMMAND, spec_uri], env=env, start_new_session=True, stdout=log,
-                                stderr=subprocess.STDOUT)
-
-
-def kill_group(process: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=60)
-    wait_for(lambda: group_gone(process.pid), "every process of the killed workload to exit", timeout=120)
+    return start_in_session([*COMMAND, spec_uri], log_path, {workload.WORKERS_ENV: str(workers), KEY_ENV: KEY})
 
 
 @pytest.mark.timeout(1800)  # two runs of the workload, each starting its own Ray

@@ -11,8 +11,6 @@ written, is the `succeeded` progress.
 
 from __future__ import annotations
 
-import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -41,8 +39,6 @@ from tokenmill.workloads import PHASE_SUCCEEDED
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
-STOP_AFTER_ENV = "TOKENMILL_CURATE_KILL_AFTER_SHARDS"
-"""Tests: the driver SIGKILLs itself once this many shards are written (a crash mid-run)."""
 
 
 class CurationInputError(ValueError):
@@ -254,13 +250,10 @@ def execute(job: pipeline.Job, units: list[Unit]) -> dict[str, Any]:
     pending = [unit for unit in units if unit.number not in written]
     if written:
         print(f"tokenmill corpus-filter: resuming; {len(written)} of {total} shards already written", flush=True)
-    kill_after = int(os.environ.get(STOP_AFTER_ENV) or 0)
     write_progress(job.output, Progress(phase="writing", done=len(written), total=total, unit="shards"))
-    for finished, result in enumerate(pipeline.ray_map(pending, _write_task, job), start=1):
+    for result in pipeline.ray_map(pending, _write_task, job):
         written[result["unit"]] = result
         write_progress(job.output, Progress(phase="writing", done=len(written), total=total, unit="shards"))
-        if kill_after and finished >= kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
 
     expected = [unit.number for unit in units]
     if job.spec.keep_dropped:
