@@ -97,12 +97,12 @@ class ExecutionCheck(ApiModel):
 
 
 class Judge(ApiModel):
-    """Samples several responses per question and has the generator, as judge, score each against
-    a rubric: the best becomes the solution (chat, qa, math), or the best and the worst a
-    preference pair (preference)."""
+    """Has the generator, as judge, score several candidate responses per question against a
+    rubric: the best becomes the solution (chat, qa, math; after multiTurn, the conversation's
+    final assistant turn), or the best and the worst a preference pair (preference)."""
 
     responses: int = Field(default=4, ge=2, le=64)
-    """Responses sampled per question."""
+    """Candidates judged per question (after multiTurn: the final reply and responses-1 fresh)."""
     rubric: list[ShortText] = Field(default_factory=lambda: ["correctness", "reasoning", "clarity"],
                                     min_length=1, max_length=16)
     """Criteria the judge weighs."""
