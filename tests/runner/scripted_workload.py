@@ -1,14 +1,18 @@
 """A test-only workload: commits the output a real workload of each kind would, and logs its calls.
 
-Behaviour is scripted by environment variables so one test can make a kind fail or be missing.
+Behaviour is scripted by environment variables so one test can make a kind fail or be missing,
+or wait for Ctrl-C (`SCRIPTED_WAIT_FOR_SIGINT=<kind>`, touching `SCRIPTED_READY` once it waits) and
+then stop the way Ray's processes may: a thread's traceback on stderr, then its own last line.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from tokenmill.layout import dataset_uri
@@ -28,6 +32,8 @@ def main() -> int:
         print("scripted failure", file=sys.stderr)
         return 1
     print(f"{kind} {run['metadata']['name']} working")
+    if kind in os.environ.get("SCRIPTED_WAIT_FOR_SIGINT", "").split(","):
+        return wait_for_ctrl_c()
     if kind in os.environ.get("SCRIPTED_NO_OUTPUT", "").split(","):
         return 0
     if kind == "training-stage":
@@ -40,6 +46,24 @@ def main() -> int:
         writer.finalize(expected=[0])
     write_progress(output, Progress(phase=PHASE_SUCCEEDED, done=1, total=1, unit="step", message="done"))
     return 0
+
+
+def wait_for_ctrl_c() -> int:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # it stops in its own time, as a workload shutting down in order
+    Path(os.environ["SCRIPTED_READY"]).touch()
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+
+    def monitor() -> None:
+        raise ConnectionError("the cluster went away while stopping")
+
+    stopping = threading.Thread(target=monitor, name="ClusterMonitor")
+    stopping.start()
+    stopping.join()
+    print("scripted workload stopped", flush=True)
+    return 130
 
 
 if __name__ == "__main__":

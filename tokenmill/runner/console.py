@@ -29,7 +29,7 @@ from rich.text import Text
 
 from tokenmill.api.resources import AnyResource
 from tokenmill.runner.evaluation import evaluation_state, run_evaluation, with_versions, work_uri
-from tokenmill.runner.local import LocalRunner, RunEvents, StageResult, default_store
+from tokenmill.runner.local import LocalRunner, RunEvents, StageResult, default_store, stage_log_uri
 from tokenmill.store import Progress as ProgressRecord
 from tokenmill.store import StoreError, open_store, read_progress
 
@@ -108,13 +108,16 @@ def run_with_progress(
     start_ray: bool,
     console: Console,
     evaluation: dict | None = None,
+    entrypoint: tuple[str, ...] | None = None,
 ) -> int:
     """Run the recipe's stages, then its evaluation (a resolved `evaluation.json`, when given),
-    then write the report; returns the exit status (0 only when every stage and the evaluation succeeded)."""
+    then write the report; returns the exit status (0 only when every stage and the evaluation succeeded).
+    `entrypoint` replaces the workload command (`python -m tokenmill.trainer`)."""
     store_root = store or default_store(recipe)
     console.print(Text(f"running {len(resources)} resource(s) from {recipe} into {store_root}"))
     progress = progress_bars(console)
     tasks: dict[tuple[str, str], TaskID] = {}
+    running: dict[tuple[str, str], AnyResource] = {}
 
     def say(*parts: str | tuple[str, str]) -> None:
         progress.console.print(Text.assemble(*parts), highlight=False, soft_wrap=True)
@@ -125,6 +128,7 @@ def run_with_progress(
         else:
             say(("start", "cyan"), f" {_label(resource)}")
         tasks[resource.key] = progress.add_task(_label(resource), total=None, message="starting", unit="")
+        running[resource.key] = resource
 
     def on_progress(resource: AnyResource, record: ProgressRecord) -> None:
         task = tasks.get(resource.key)
@@ -135,6 +139,7 @@ def run_with_progress(
         progress.console.print(Text.assemble((_label(resource), "dim"), " ", text), highlight=False, soft_wrap=True)
 
     def finished(result: StageResult) -> None:
+        running.pop(result.resource.key, None)
         task = tasks.pop(result.resource.key, None)
         if task is not None:
             progress.remove_task(task)
@@ -145,10 +150,14 @@ def run_with_progress(
             say(("skip", style), f" {_label(result.resource)}: already done ({result.detail})")
         else:
             say((result.result, style), f" {_label(result.resource)}: ", result.detail)
+            if result.result == "Failed" and result.log:
+                say(f"{_label(result.resource)}: its whole output is in {result.log}")
 
     try:
         with local_ray(ray_address, start_ray) as address, progress:
             runner = LocalRunner(store_root, address, events=RunEvents(started, on_progress, line, finished))
+            if entrypoint:
+                runner.entrypoint = entrypoint
             results = runner.run(resources)
         width = min(console.width, SUMMARY_WIDTH)
         console.print(summary_table(results), width=width)
@@ -159,6 +168,9 @@ def run_with_progress(
     except KeyboardInterrupt:
         console.print(Text.assemble(("interrupted", "yellow"), f": committed work is kept; run `tokenmill run "
                                     f"{recipe}` again to resume"), highlight=False, soft_wrap=True)
+        for resource in running.values():  # what it and Ray's processes printed while they stopped is kept there
+            console.print(Text(f"{_label(resource)}: its whole output, what it printed while stopping included, "
+                               f"is in {stage_log_uri(resource, store_root)}"), highlight=False, soft_wrap=True)
         return INTERRUPTED_EXIT_CODE
     if succeeded:
         print_report(store_root, console, width)

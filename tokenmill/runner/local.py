@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -17,11 +19,12 @@ from tokenmill.api.problems import Problem, RecipeError
 from tokenmill.api.resources import KINDS, AnyResource
 from tokenmill.api.semantic import output_overlaps
 from tokenmill.api.status import OutputSummary
-from tokenmill.layout import run_spec_uri
+from tokenmill.layout import driver_log_uri, run_spec_uri
 from tokenmill.outputs import check_outputs
 from tokenmill.resolve import UnresolvedInput, output_uri, resolve_spec, run_spec
 from tokenmill.runner.evaluation import stop_process
 from tokenmill.store import (
+    DriverLogUploader,
     ObjectNotFoundError,
     Progress,
     StoreError,
@@ -41,6 +44,8 @@ class StageResult:
     seconds: float = 0.0
     output: str = ""
     outputs: OutputSummary | None = None
+    log: str = ""
+    """Where the workload's whole output is kept, when it ran."""
 
 
 @dataclass
@@ -56,6 +61,18 @@ class RunEvents:
 
 WORKLOAD_MESSAGE_PREFIX = "tokenmill "
 """How a workload's own messages begin (`tokenmill <kind>: ...`); the last one explains a failure."""
+
+LOG_UPLOAD_SECONDS = 5.0
+"""How often a running stage's log is copied to the store."""
+LOG_DRAIN_SECONDS = 10.0
+"""How long, once a stopped workload is reaped, its output is still copied to the log: a process it
+started that still holds its output open must not hold up the runner."""
+
+
+def stage_log_uri(resource: AnyResource, store_root: str) -> str:
+    """Where the local runner keeps a stage's whole output (its workload's stdout and stderr): the
+    output's `_run/driver.log`, as on a cluster; each run of the stage replaces it."""
+    return driver_log_uri(output_uri(resource, store_root))
 
 
 @dataclass
@@ -105,38 +122,49 @@ class LocalRunner:
         started = time.monotonic()
         code = self._execute(resource, output)
         seconds = time.monotonic() - started
+        log = driver_log_uri(output)
         if code == NOT_BUILT_EXIT_CODE:
             return StageResult(resource, "Not built yet", f"the {KINDS[resource.kind].cli_name} workload does not exist yet",
-                               seconds, output)
+                               seconds, output, log=log)
         if code != 0:
             reason = f": {self._last_message}" if self._last_message else ""
-            return StageResult(resource, "Failed", f"workload exited with status {code}{reason}", seconds, output)
+            return StageResult(resource, "Failed", f"workload exited with status {code}{reason}", seconds, output,
+                               log=log)
         report = check_outputs(resource.kind, output)
         if not report.committed:
-            return StageResult(resource, "Failed", f"workload exited 0 but {report.message}", seconds, output)
-        return StageResult(resource, "Succeeded", "", seconds, output, report.summary)
+            return StageResult(resource, "Failed", f"workload exited 0 but {report.message}", seconds, output, log=log)
+        return StageResult(resource, "Succeeded", "", seconds, output, report.summary, log=log)
 
     def _execute(self, resource: AnyResource, output: str) -> int:
+        """Run the workload, relaying its output line by line and keeping all of it in the stage's
+        log. Interrupted (Ctrl-C, which reaches the workload and Ray's processes too), the relay
+        stops at once: what they print while they stop goes to the log only."""
         command = [*self.entrypoint, KINDS[resource.kind].cli_name, "--spec", run_spec_uri(output)]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if self.ray_address:
             env["RAY_ADDRESS"] = self.ray_address
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         stop = threading.Event()
         watcher = threading.Thread(target=self._watch_progress, args=(resource, output, stop), daemon=True)
-        watcher.start()
         self._last_message = ""
-        try:
-            assert process.stdout is not None
-            for text in process.stdout:
-                text = text.rstrip("\n")
-                if text.startswith(WORKLOAD_MESSAGE_PREFIX):
-                    self._last_message = text.split(": ", 1)[-1]
-                self.events.line(resource, text)
-            code = process.wait()
-        finally:  # interrupted (Ctrl-C): the workload stops too; what it committed stays
-            stop.set()
-            stop_process(process)
+        with tempfile.TemporaryDirectory(prefix="tokenmill-run-") as folder:
+            log_path = os.path.join(folder, "driver.log")
+            with open(log_path, "w", encoding="utf-8", buffering=1) as log, \
+                    DriverLogUploader(log_path, output, interval_s=LOG_UPLOAD_SECONDS):
+                process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                           encoding="utf-8", errors="replace", env=env)
+                assert process.stdout is not None
+                try:
+                    watcher.start()
+                    for text in process.stdout:
+                        log.write(text)
+                        text = text.rstrip("\n")
+                        if text.startswith(WORKLOAD_MESSAGE_PREFIX):
+                            self._last_message = text.split(": ", 1)[-1]
+                        self.events.line(resource, text)
+                    code = process.wait()
+                finally:  # interrupted (Ctrl-C): the workload stops too; what it committed stays
+                    stop.set()
+                    _stop_logging_the_rest(process, log)
         watcher.join()
         self._report_progress(resource, output)
         return code
@@ -152,6 +180,21 @@ class LocalRunner:
             return
         if progress is not None:
             self.events.progress(resource, progress)
+
+
+def _stop_logging_the_rest(process: subprocess.Popen, log) -> None:
+    """Stop `process` if it still runs; what it prints until then goes to `log`, not the terminal."""
+    assert process.stdout is not None
+    drain = threading.Thread(target=_copy_lines, args=(process.stdout, log), daemon=True)
+    drain.start()
+    stop_process(process)
+    drain.join(LOG_DRAIN_SECONDS)
+
+
+def _copy_lines(stream, log) -> None:
+    with contextlib.suppress(OSError, ValueError):  # the log closed: the runner stopped waiting for the rest
+        for text in stream:
+            log.write(text)
 
 
 def check_outputs_apart(resources: list[AnyResource], store_root: str) -> None:
