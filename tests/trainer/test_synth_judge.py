@@ -103,6 +103,26 @@ def test_the_margin_boundary_is_inclusive():
     assert reason(margin + 0.5) == "no-margin"
 
 
+def test_a_solution_from_an_earlier_step_competes_with_the_fresh_responses():
+    def judged(solution: str, mistake_rate: float) -> tuple[Item, dict]:
+        [item] = items(["What is 17 + 25?"])
+        item.solution = solution
+        [outcome] = Judge(3, ["correctness"], 10, 0).run([item], context(mistake_rate, pairs=False))
+        assert outcome.kept
+        [entry] = [e for e in outcome.item.trail if e["step"] == "judge"]
+        assert entry["ownResponse"] and entry["responses"][0] == solution and len(entry["responses"]) == 3
+        return outcome.item, entry
+
+    sound = "Step 1: 17 + 25 = 42.\nThe answer is \\boxed{42}."
+    kept, entry = judged(sound, 1.0)  # every fresh response slips: the earlier solution wins
+    assert entry["chosen"] == 0 and kept.solution == sound
+    assert all(final(text) != "42" for text in entry["responses"][1:])
+    slipped = "Step 1: 17 + 25 = 43.\nThe answer is \\boxed{43}."
+    replaced, entry = judged(slipped, 0.0)  # a teacher that never slips: a fresh response wins
+    assert entry["chosen"] == 1 and final(replaced.solution) == "42"
+    assert entry["scores"][0] < entry["scores"][1]
+
+
 @pytest.mark.slow  # builds and runs a torch model
 def test_unparseable_judge_replies_are_left_out_and_counted(tmp_path):
     """A random tiny model's judgements hold no `Score: n/10`: every response is left out and

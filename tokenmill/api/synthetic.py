@@ -99,10 +99,11 @@ class ExecutionCheck(ApiModel):
 class Judge(ApiModel):
     """Has the generator, as judge, score several candidate responses per question against a
     rubric: the best becomes the solution (chat, qa, math; after multiTurn, the conversation's
-    final assistant turn), or the best and the worst a preference pair (preference)."""
+    final assistant turn), or the best and the worst a preference pair (preference). A response
+    an earlier step wrote is one of the candidates."""
 
     responses: int = Field(default=4, ge=2, le=64)
-    """Candidates judged per question (after multiTurn: the final reply and responses-1 fresh)."""
+    """Candidates judged per question, a response an earlier step wrote included."""
     rubric: list[ShortText] = Field(default_factory=lambda: ["correctness", "reasoning", "clarity"],
                                     min_length=1, max_length=16)
     """Criteria the judge weighs."""

@@ -722,11 +722,12 @@ class Judge(Step):
     """Has the generator, as judge, score candidate responses against the rubric (a reply
     without a readable score leaves that candidate out) and keeps the best.
 
-    A single-turn item's candidates are `responses` fresh answers to its question. A
-    conversation's (after `multiTurn`) are its final assistant turn: the conversation's own
-    reply and `responses - 1` fresh replies to its last user turn, drawn with the earlier turns
-    as context; each is judged with the conversation before it shown, and the winner replaces
-    the final turn (the earlier turns stay).
+    The candidates answer the item's question or, for a conversation (after `multiTurn`), its
+    last user turn, as its final assistant turn. A response the item already has (a solution
+    from an earlier step, a conversation's final reply) is candidate 0, with `responses - 1`
+    fresh ones; an item without one gets `responses` fresh ones. A conversation's fresh
+    replies are drawn with its earlier turns as context, and each candidate is judged with
+    those turns shown; the winner replaces the final turn (the earlier turns stay).
 
     Best-of-n (chat, qa, math): the best candidate becomes the solution (or the final turn).
     Pairs (`Context.pairs`, datasetType preference): the best becomes the solution and the
@@ -743,30 +744,22 @@ class Judge(Step):
 
     def run(self, items: list[Item], context: Context) -> list[Outcome]:
         outcomes: list[Outcome] = []
-        single = [item for item in items if not _in_conversation(item)]
-        talks = [item for item in items if _in_conversation(item)]
         candidates: list[tuple[Item, list[str]]] = []
-        drawn = context.ask(self.type, [templates.render(context.draft, question=i.question) for i in single],
-                            n=self.responses, salt="judge-responses")
-        for item, answer in zip(single, drawn):
-            if isinstance(answer, str):
-                outcomes.append(drop(item, answer))
-            else:
-                candidates.append((item, [completion.text for completion in answer]))
-        fresh = self.responses - 1
-        replies: list[list[Completion] | str] = [[] for _ in talks]
-        if fresh > 0:
-            replies = context.ask(self.type, [templates.render(context.draft, question=_last_question(i))
-                                              for i in talks],
-                                  n=fresh, salt="judge-responses", history=[(i.messages or [])[:-2] for i in talks])
-        for item, answer in zip(talks, replies):
-            if isinstance(answer, str):
-                outcomes.append(drop(item, answer))
-            else:
-                own = (item.messages or [])[-1]["content"]
-                candidates.append((item, [own, *(completion.text for completion in answer)]))
-        prompts = [templates.render("judge", question=_last_question(item) if _in_conversation(item) else item.question,
-                                    conversation=(item.messages or [])[:-2] if _in_conversation(item) else [],
+        for has_own in (False, True):
+            group = [item for item in items if (_own_response(item) is not None) == has_own]
+            fresh = self.responses - 1 if has_own else self.responses
+            drawn: list[list[Completion] | str] = [[] for _ in group]
+            if group and fresh > 0:
+                drawn = context.ask(self.type, [templates.render(context.draft, question=_question(i)) for i in group],
+                                    n=fresh, salt="judge-responses", history=[_earlier_turns(i) for i in group])
+            for item, answer in zip(group, drawn):
+                if isinstance(answer, str):
+                    outcomes.append(drop(item, answer))
+                    continue
+                own = _own_response(item)
+                candidates.append((item, [*([own] if own is not None else []),
+                                          *(completion.text for completion in answer)]))
+        prompts = [templates.render("judge", question=_question(item), conversation=_earlier_turns(item),
                                     response=text, rubric=list(self.rubric), scale=self.scale)
                    for item, texts in candidates for text in texts]
         verdicts = iter(context.ask(self.type, prompts, salt="judge"))
@@ -786,11 +779,12 @@ class Judge(Step):
             best = next(index for index, score in scored if score == top)
             worst = next(index for index, score in reversed(scored) if score == bottom)
         conversation = _in_conversation(item)
-        trail: dict[str, Any] = {"responses": texts, "scores": scores, "scale": self.scale,
-                                 "verdicts": [reply if isinstance(reply, str) else reply[0].text for reply in replies],
-                                 "chosen": best,
-                                 "unparseable": sum(1 for reply, score in zip(replies, scores)
-                                                    if score is None and not isinstance(reply, str))}
+        trail: dict[str, Any] = {
+            "responses": texts, "ownResponse": _own_response(item) is not None, "scores": scores, "scale": self.scale,
+            "verdicts": [reply if isinstance(reply, str) else reply[0].text for reply in replies], "chosen": best,
+            "unparseable": sum(1 for reply, score in zip(replies, scores)
+                               if score is None and not isinstance(reply, str)),
+        }
         if conversation:
             trail["turn"] = len(item.messages or []) // 2
         if pairs:
@@ -815,8 +809,19 @@ class Judge(Step):
         return keep(item, "pair-with-margin")
 
 
-def _last_question(item: Item) -> str:
-    return (item.messages or [])[-2]["content"]
+def _question(item: Item) -> str:
+    """What the judged responses answer: a conversation's last user turn, else the question."""
+    return (item.messages or [])[-2]["content"] if _in_conversation(item) else item.question
+
+
+def _earlier_turns(item: Item) -> list[dict[str, str]]:
+    """A conversation's turns before its last user turn (none for a single-turn item)."""
+    return (item.messages or [])[:-2] if _in_conversation(item) else []
+
+
+def _own_response(item: Item) -> str | None:
+    """The response the item already has: a conversation's final reply, else its solution."""
+    return ((item.messages or [])[-1]["content"] if _in_conversation(item) else item.solution) or None
 
 
 def build(step: Any, spec_seed: int = 0) -> Step:
