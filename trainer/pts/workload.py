@@ -9,6 +9,15 @@ shards of `PROBLEMS_PER_SHARD`, committing each shard's pairs (`preference_pairs
 form) and its statistics, so a retried attempt skips committed shards and reproduces the
 rest (every request is seeded from the spec's seed and its prompt's token ids).
 
+The policy's engine sits behind the request cache (`tokenmill.trainer.generate.cache`): the
+samples answered for the shard being searched are committed in the background after every
+engine call to `<output>/_run/pts-requests/<shard>`, so an attempt killed in the middle of a
+shard leaves them on record and the next attempt, searching that shard again, is answered
+from the record (same prompt token ids, sampling parameters and seed: the same samples)
+and asks the engine only for the rest. A shard's record is deleted once its pairs are
+committed; what is left of the records (an attempt stopped between the two) goes before the
+output's manifest.
+
 The output dataset (`<output>/data`, what a DPO stage reads) holds the one-token pairs; the
 full-solution pairs, for comparison, are a dataset of their own at
 `<output>/full-solution-pairs`. The merged statistics go to `<output>/_run/pts-stats.json`
@@ -18,11 +27,13 @@ last with the same statistics, makes the pairs visible.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +55,8 @@ from tokenmill.store import (
     shard_name,
     write_progress,
 )
+from tokenmill.trainer.generate.cache import CachedEngine, FailureBudget, RequestCache
+from tokenmill.trainer.generate.interface import Completion, GenerationRequest, RequestOutput, SampleFailure
 from tokenmill.trainer.oracles import OracleInputError, make_oracle
 from tokenmill.trainer.pts.metrics import progress_figures
 from tokenmill.trainer.pts.search import PTSInputError, SearchConfig, check_problems, search
@@ -57,6 +70,8 @@ PROBLEMS_PER_SHARD = 32
 STATS_KEY = "_run/pts-stats.json"
 FULL_SOLUTION_PAIRS = "full-solution-pairs"
 SHARD_STATS_PREFIX = "_run/pts-shards"
+REQUESTS_PREFIX = "_run/pts-requests"
+"""The request cache of each shard being searched: `<output>/_run/pts-requests/<shard>`."""
 
 
 def _error(message: str) -> None:
@@ -74,6 +89,8 @@ class Prepared:
     config: SearchConfig
     fence: AttemptFence | None = None
     """The attempt this run spec starts: a stale attempt commits nothing once the next has begun."""
+    engine: RecordedEngine | None = None
+    """The policy's engine behind the request cache of the shard being searched."""
     warnings: list[str] = field(default_factory=list)
     """What the job prints and writes into its statistics: settings too weak for pGap, what the
     platform's code sandbox cannot enforce."""
@@ -127,6 +144,35 @@ def read_problems(uri: str, tokenizer: Any) -> list[SearchProblem]:
     return problems
 
 
+def requests_uri(output: str, number: int) -> str:
+    """Where the samples answered for shard `number` are kept until its pairs are committed."""
+    return join(output, REQUESTS_PREFIX, shard_name(number))
+
+
+class RecordedEngine(CachedEngine):
+    """The policy's engine behind a request cache; each call's answers go to the store in the
+    background while the search goes on (the search asks one request at a time)."""
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[RequestOutput]:
+        outputs = super().generate(requests)
+        if self.cache is not None:
+            self.cache.commit_soon()
+        return outputs
+
+
+class ShardRequests(RequestCache):
+    """The request cache of one shard. Answers loaded from an earlier attempt stay in memory to
+    be served; this attempt's own answers are only committed, since the search memoises every
+    estimate and never asks for a sample twice (memory stays one earlier attempt's answers for
+    one shard, however long the search)."""
+
+    def put(self, key: str, request: GenerationRequest, completion: Completion | None,
+            failure: SampleFailure | None = None) -> None:
+        super().put(key, request, completion, failure)
+        with self._lock:
+            self.completions.pop(key, None)
+
+
 def _engine(spec: PTSJobSpec):
     """The policy's engine (torch, or vLLM where it is installed), checked before any request."""
     from tokenmill.trainer.generate import GenerationInputError, build_engine
@@ -174,7 +220,8 @@ def prepare(doc: dict[str, Any]) -> Prepared:
     rollout = spec.rollout
     sampling = SamplingParams(temperature=rollout.temperature, top_p=rollout.top_p, max_tokens=rollout.max_tokens,
                               seed=rollout.seed if rollout.seed is not None else spec.seed)
-    policy = EnginePolicy(engine, sampling, stop_token_ids=stops, vocab_size=tokenizer.vocab_size)
+    recorded = RecordedEngine(engine, None, FailureBudget(), engine.metrics)
+    policy = EnginePolicy(recorded, sampling, stop_token_ids=stops, vocab_size=tokenizer.vocab_size)
     metadata = doc.get("metadata") or {}
     producer = Producer(kind="PTSJob", name=str(metadata.get("name") or ""), uid=str(metadata.get("uid") or ""),
                         generation=int(metadata.get("generation") or 0), attempt=int(doc.get("attempt") or 0))
@@ -184,7 +231,7 @@ def prepare(doc: dict[str, Any]) -> Prepared:
 
         warnings += sandbox_warnings()
     return Prepared(spec, str(doc["output"]), producer, problems, policy, judge, config,
-                    fence=AttemptFence.from_run_spec(doc), warnings=warnings)
+                    fence=AttemptFence.from_run_spec(doc), engine=recorded, warnings=warnings)
 
 
 def progress_metrics(stats: SearchStats) -> dict[str, float]:
@@ -233,24 +280,48 @@ def execute(job: Prepared) -> SearchStats:
             total.merge(_stats_from(store.read_json(stats_key)))
             done += len(problems)
             continue
-        result = search(problems, job.policy, job.judge, job.config)
+        result = _search_shard(job, number, problems)
         if job.fence is not None:  # the statistics beside the shards; the writers fence their own commits
             job.fence.check(f"commit shard {shard_name(number)} of {dataset_uri(job.output)}")
         store.write_json(stats_key, _stats_data(result.stats))  # before the shards' commit records
         full_writer.write_shard(number, _table([pair.to_row() for pair in result.full_pairs]))
         writer.write_shard(number, _table([pair.to_row() for pair in result.pairs]))
+        ShardRequests(requests_uri(job.output, number), fence=job.fence).writer.reset()  # never asked again
         total.merge(result.stats)
         done += len(problems)
         write_progress(job.output, Progress(phase="searching", done=done, total=len(job.problems), unit="problems",
                                             metrics=progress_metrics(total)))
     if job.fence is not None:
         job.fence.check(f"write {STATS_KEY} under {job.output}")
+    store.delete_prefix(f"{REQUESTS_PREFIX}/")  # records of shards committed by an attempt stopped before deleting them
     warnings = job.warnings
     store.write_json(STATS_KEY, {"stats": total.to_dict(), "warnings": warnings})
     full_writer.finalize(expected=range(len(shards)))
     # last: the output becomes visible, its figures (flat, so status can show the counts) in the manifest
     writer.finalize(expected=range(len(shards)), stats={**total.to_dict(), "warnings": warnings})
     return total
+
+
+def _search_shard(job: Prepared, number: int, problems: list[SearchProblem]) -> Any:
+    """The search over one shard, its engine's answers recorded (and served when an earlier
+    attempt recorded them) in the shard's request cache."""
+    if job.engine is None:
+        return search(problems, job.policy, job.judge, job.config)
+    cache = ShardRequests(requests_uri(job.output, number), fence=job.fence).load()
+    if cache.completions:
+        print(f"tokenmill pts: shard {shard_name(number)}: {len(cache.completions)} samples answered by an "
+              f"earlier attempt are served from its record", flush=True)
+    job.engine.cache = cache
+    try:
+        result = search(problems, job.policy, job.judge, job.config)
+    except BaseException:
+        with contextlib.suppress(Exception):  # what was answered stays on record for the next attempt
+            cache.flush()
+        raise
+    finally:
+        job.engine.cache = None
+    cache.flush()
+    return result
 
 
 def full_solution_pairs_uri(output: str) -> str:
