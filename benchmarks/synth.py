@@ -12,10 +12,14 @@ them. Our variants:
   keys per sample, lookups, records, a background group commit after every engine call, and
   the last commit waited for at the end;
 - `shard worker`: the workload's own Ray Data actor code (`ShardWorker.run_shard`, without
-  Ray): the workflow behind the request cache, and per shard its statistics file, its
-  committed dataset shard and the request cache flushed before the shard is reported.
+  Ray), driven as Ray Data drives one actor: the shards in order, `CALLS_PER_ACTOR` calls at
+  once. The workflow behind the request cache, and per shard its statistics file, its
+  committed dataset shard and the request cache flushed before the shard is reported; one
+  shard's commit overlaps the next shard's requests;
+- `one at a time`: the same worker called for one shard after the other, so each shard's
+  commit holds up the next shard's requests (what the actor did before it held two shards).
 
-Rounds run the four in turn (the order rotating). Per variant: the median over rounds of
+Rounds run the five in turn (the order rotating). Per variant: the median over rounds of
 wall seconds with its range; the added wall time per round (`ours / engine alone - 1`,
 median and range), against the issue's target; and, since wall time on a shared machine
 is noisy, the added CPU seconds of this process (background commits included) as a share of
@@ -127,12 +131,14 @@ def shard_worker(latency: float, count: int, directory: str) -> tuple[workload.S
     return worker, shards(prepared.seeds)
 
 
-def run_worker(worker: workload.ShardWorker, parts: list[list[dict]]) -> int:
-    records = 0
-    for number, part in enumerate(parts):
-        result = worker.run_shard(number, part)
-        records += sum(n for step, verdict, _, n in result["stats"]["records"] if step == "output" and verdict == "kept")
-    return records
+def run_worker(worker: workload.ShardWorker, parts: list[list[dict]], calls: int) -> int:
+    """The shards in order through `calls` threads, as Ray Data hands them to one actor."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=calls) as pool:
+        results = list(pool.map(worker.run_shard, range(len(parts)), parts))
+    return sum(n for result in results for step, verdict, _, n in result["stats"]["records"]
+               if step == "output" and verdict == "kept")
 
 
 def replay(calls: list[list[GenerationRequest]], latency: float) -> int:
@@ -155,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     latency = args.latency_ms / 1000
     batch = seeds(args.seeds)
     sampling = SamplingParams(temperature=1.0, seed=0, max_tokens=256)
-    names = ["engine alone", "workflow", "workflow+cache", "shard worker"]
+    names = ["engine alone", "workflow", "workflow+cache", "shard worker", "one at a time"]
     figures: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
     records: dict[str, int] = {}
     recording = Recording(mistake_rate=MISTAKE_RATE, latency_s=latency)
@@ -164,13 +170,15 @@ def main(argv: list[str] | None = None) -> None:
         run_cached(latency, batch[:8], sampling, directory)
     for number in range(args.rounds):
         with tempfile.TemporaryDirectory() as directory:
-            worker, parts = shard_worker(latency, args.seeds, directory)
+            worker, parts = shard_worker(latency, args.seeds, str(Path(directory, "actor")))
+            serial, _ = shard_worker(latency, args.seeds, str(Path(directory, "serial")))
             variants: dict[str, Callable[[], int]] = {
                 "engine alone": lambda: replay(recording.calls, latency),
                 "workflow": lambda: run_workflow(ScriptedEngine(mistake_rate=MISTAKE_RATE, latency_s=latency),
                                                  batch, sampling),
                 "workflow+cache": lambda: run_cached(latency, batch, sampling, directory),
-                "shard worker": lambda: run_worker(worker, parts),
+                "shard worker": lambda: run_worker(worker, parts, workload.CALLS_PER_ACTOR),
+                "one at a time": lambda: run_worker(serial, parts, 1),
             }
             for name in names[number % len(names):] + names[:number % len(names)]:
                 wall, cpu, made = timed(variants[name])

@@ -4,11 +4,12 @@ The driver reads the run spec and checks everything before the first request (`p
 the dataset type and whether the workflow's steps fit it, the seed datasets (committed,
 `documents/1` or `chat_samples/1`), every template against every seed, and the engine's
 probe. Then the seeds, in shards of `SEEDS_PER_SHARD`, run through the workflow on Ray Data
-(an actor pool: each actor loads the engine once, behind the request cache). Each shard
-commits its rows and its step statistics on its own; the driver merges the statistics,
-writes progress as shards finish, adds the actors' generation counts to its own
-`tokenmill_generate_*` series, stops when a budget is spent or an actor's engine failed
-more samples than the failure budget allows, and at the end writes the statistics
+(an actor pool: each actor loads the engine once, behind the request cache, and holds
+`CALLS_PER_ACTOR` shards: while one commits, the next one's requests are in flight). Each
+shard commits its rows and its step statistics on its own before it is reported; the driver
+merges the statistics, writes progress as shards finish, adds the actors' generation counts
+to its own `tokenmill_generate_*` series, stops when a budget is spent or an actor's engine
+failed more samples than the failure budget allows, and at the end writes the statistics
 (`<output>/_run/synth-stats.json`), the request cache's manifest, and the dataset's
 manifest last (carrying the same statistics).
 
@@ -22,7 +23,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
+from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +72,9 @@ counted as `generation-failed`; past that the job stops (`FAILURE_BUDGET_STOP`).
 FAILURE_BUDGET_STOP = "failureBudget"
 """`stoppedBy` when an actor's engine failed more samples than the failure budget allows: the
 shards committed so far become the dataset, the attempt fails, and a retry resumes."""
+CALLS_PER_ACTOR = 2
+"""Shards in hand per engine actor: one generating while the one before commits (its stats,
+its dataset shard, the request cache), so the engine does not wait for the store."""
 WORKERS_ENV = "TOKENMILL_SYNTH_WORKERS"
 """Engine actors; by default one per CPU of the Ray cluster (at most one per shard)."""
 
@@ -200,6 +206,9 @@ class ShardWorker:
         self.writer = DatasetWriter(dataset_uri(job.output), self.job.workflow.kind.schema, producer=job.producer,
                                     fence=job.fence)
         self.store = open_store(job.output)
+        self._generating = threading.Lock()
+        self._committing = threading.Lock()
+        self._side_writes = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard-commit")
 
     def _after_call(self) -> None:
         if self.engine.cache is not None:
@@ -209,30 +218,53 @@ class ShardWorker:
         results = []
         for payload in batch["shard"]:
             unit = json.loads(payload)
-            if self.store.exists(STOP_KEY):
-                results.append(json.dumps({"shard": unit["shard"], "skipped": True}))
-                continue
             results.append(json.dumps(self.run_shard(unit["shard"], unit["seeds"])))
         return {"result": results}
 
     def run_shard(self, number: int, seeds: list[dict[str, Any]]) -> dict[str, Any]:
-        """The workflow over one shard's seeds, its rows committed; or, when the engine failed
-        more samples than the failure budget allows, nothing committed but the request cache."""
+        """The workflow over one shard's seeds, its rows committed before it returns; or, when
+        the engine failed more samples than the failure budget allows, nothing committed but
+        the request cache; or, once the driver wrote the stop marker, nothing at all.
+
+        Safe to call from `CALLS_PER_ACTOR` threads at once: one shard's workflow runs at a
+        time (the engine and the workflow's context are not shared), and while one shard
+        commits, the next shard's requests are already in flight. Commits run one at a time
+        in the order their workflows finished."""
         from tokenmill.trainer.generate import GenerationBudgetExceeded
 
-        sent_before = self.engine.attempted
+        with self._generating:
+            if self.store.exists(STOP_KEY):
+                return {"shard": number, "skipped": True}
+            sent_before = self.engine.attempted
+            try:
+                rows, stats = self.job.workflow.run(seeds, self.context)
+            except GenerationBudgetExceeded as error:
+                return {"shard": number, "failed": str(error), "sent": self.engine.attempted - sent_before,
+                        "generation": self.tally.take()}
+            result = {"shard": number, "stats": stats.to_data(), "sent": self.engine.attempted - sent_before}
+            self._committing.acquire()  # before the next shard's workflow may start: commits keep its order
         try:
-            rows, stats = self.job.workflow.run(seeds, self.context)
-        except GenerationBudgetExceeded as error:
-            return {"shard": number, "failed": str(error), "sent": self.engine.attempted - sent_before,
-                    "generation": self.tally.take()}
-        result = {"shard": number, "stats": stats.to_data(), "sent": self.engine.attempted - sent_before}
-        _check_fence(self.job, f"commit shard {shard_name(number)} of {self.writer.uri}")
-        self.store.write_json(shard_stats_key(number), result)  # before the shard's commit record
-        self.writer.write_shard(number, rows or self.job.workflow.kind.schema.arrow.empty_table())
-        if self.engine.cache is not None:
-            self.engine.cache.flush()  # the shard's last requests are on record before it is reported
+            self._commit(number, rows, result)
+        finally:
+            self._committing.release()
         return {**result, "generation": self.tally.take()}
+
+    def _commit(self, number: int, rows: list[dict[str, Any]], result: dict[str, Any]) -> None:
+        """The shard's statistics, its dataset shard, and the request cache flushed (the shard's
+        last requests on record before it is reported); the three writes run at once, and the
+        shard's commit record comes after its statistics and its data."""
+        _check_fence(self.job, f"commit shard {shard_name(number)} of {self.writer.uri}")
+        side = [self._side_writes.submit(self.store.write_json, shard_stats_key(number), result)]
+        if self.engine.cache is not None:
+            side.append(self._side_writes.submit(self.engine.cache.flush))
+        try:
+            staged = self.writer.stage(number, rows or self.job.workflow.kind.schema.arrow.empty_table())
+            side[0].result()  # the statistics, before the shard's commit record
+            self.writer.commit(staged)
+        finally:
+            futures.wait(side)  # nothing of this shard is still being written once it returns or fails
+        for write in side:
+            write.result()
 
 
 def _workers(pending: int) -> int:
@@ -300,7 +332,9 @@ def execute(job: Job, seeds: list[dict[str, Any]]) -> Outcome:
         dataset = ray.data.from_items(items, override_num_blocks=len(items))
         mapped = dataset.map_batches(ShardWorker, fn_constructor_kwargs={"job": job}, batch_size=1,
                                      batch_format="numpy", num_cpus=1,
-                                     compute=ray.data.ActorPoolStrategy(size=_workers(len(pending))))
+                                     compute=ray.data.ActorPoolStrategy(
+                                         size=_workers(len(pending)), max_concurrent_calls_per_actor=CALLS_PER_ACTOR,
+                                         enable_true_multi_threading=True))
         # Every shard comes back (skipped ones at once after a stop), so no worker is still
         # writing when the driver trims and commits the manifest.
         for row in mapped.iter_rows():
