@@ -155,3 +155,25 @@ def test_a_search_killed_mid_shard_resumes_without_asking_for_a_sample_again(tmp
     assert read_manifest(dataset_uri(output)).stats == read_manifest(dataset_uri(whole)).stats
     # the request cache served its purpose: nothing of it is left under the output
     assert not list(open_store(output).list(f"{workload.REQUESTS_PREFIX}/"))
+
+
+def test_a_shard_record_serves_an_earlier_attempts_answers_and_holds_no_others(tmp_path, model_uri):
+    from tokenmill.trainer.generate import GenerationRequest, SamplingParams, load_torch_engine
+
+    output = (tmp_path / "out").as_uri()
+    engine = load_torch_engine(model_uri)
+    request = GenerationRequest(prompt_token_ids=(10, 11, 12), n=4,
+                                sampling=SamplingParams(temperature=1.0, max_tokens=6, seed=5))
+    first = workload.RecordedEngine(engine, workload.ShardRequests(workload.requests_uri(output, 0)).load())
+    (answer,) = first.generate([request])
+    first.cache.flush()
+    assert first.attempted == 4 and first.cache.completions == {}  # committed, not held in memory
+
+    later = workload.RecordedEngine(engine, workload.ShardRequests(workload.requests_uri(output, 0)).load())
+    assert len(later.cache.completions) == 4
+    (again,) = later.generate([request])
+    assert later.attempted == 0 and later.hits == 4  # the engine was asked for nothing
+    assert [c.token_ids for c in again.completions] == [c.token_ids for c in answer.completions]
+    # the record of another shard is another record
+    other = workload.ShardRequests(workload.requests_uri(output, 1)).load()
+    assert other.completions == {}
