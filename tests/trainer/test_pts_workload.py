@@ -131,7 +131,11 @@ def test_pts_workload_commits_pairs_and_statistics(tmp_path, model_uri, monkeypa
         raise AssertionError("a committed shard was searched again")
 
     monkeypatch.setattr(workload, "search", no_search)
+    # ...and deletes the request record an attempt stopped between a shard's commit and its deletion left
+    store = open_store(output)
+    store.write_json(f"{workload.REQUESTS_PREFIX}/part-000000/_commits/left-over.json", {})
     assert workload.run(spec_uri) == 0
+    assert not store.list(f"{workload.REQUESTS_PREFIX}/")
     assert open_dataset(dataset_uri(output)).read_all().to_pylist() == rows
     assert open_store(output).read_json(workload.STATS_KEY)["stats"] == stats
     assert read_manifest(dataset_uri(output)).stats == {**stats, "warnings": report["warnings"]}
