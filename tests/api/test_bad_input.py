@@ -79,6 +79,15 @@ def test_wrong_type_and_out_of_range_reported_together(write_recipe, capsys):
                for line in lines)
 
 
+def test_negative_chosen_nll_weight_is_refused(write_recipe, capsys):
+    dpo = stage(name="dpo", stage="dpo", model="{parent: {uri: 's3://bkt/sft'}}", input_kind="PTSJob", input="pts")
+    dpo += "  dpo: {referenceModel: {uri: 's3://bkt/sft'}, chosenNllWeight: -0.5}\n"
+    code, lines = run_validate(capsys, write_recipe(dpo=dpo))
+    assert code == 2
+    assert any("TrainingStage/dpo: spec.dpo.chosenNllWeight: Input should be greater than or equal to 0 (found -0.5)"
+               in line for line in lines), lines
+
+
 def test_enum_lists_allowed_values(write_recipe, capsys):
     folder = write_recipe(web=GOOD_CORPUS, pre=stage(stage="pretraining"))
     code, lines = run_validate(capsys, folder)

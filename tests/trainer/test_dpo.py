@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from tests.fixtures.processes import kill_training_after_checkpoint
 from tests.trainer.posttrain_data import one_token_pair, write_pairs, write_parent, write_spec
 from tokenmill.layout import hf_export_uri, join
 from tokenmill.model_configs import get_model_config
@@ -27,7 +29,7 @@ from tokenmill.trainer.model import build_model
 from tokenmill.trainer.tokenizer import get_tokenizer
 from tokenmill.trainer.train import workload
 from tokenmill.trainer.train.dpo import REFERENCE_DIR, REFERENCE_MARKER
-from tokenmill.trainer.train.loop import STOP_AFTER_ENV, read_history
+from tokenmill.trainer.train.loop import read_history
 from tokenmill.workloads import PHASE_SUCCEEDED
 
 BYTE = get_tokenizer("byte")
@@ -150,6 +152,57 @@ def test_step_zero_loss_and_gradients_match_trl(tmp_path: Path) -> None:
         assert torch.allclose(ours[our_name].grad, theirs[trl_name].grad, atol=1e-6, rtol=1e-4), our_name
 
 
+def test_chosen_nll_term_matches_trl_sft_loss(tmp_path: Path) -> None:
+    """dpo.chosenNllWeight against TRL's sigmoid + weighted sft loss, on chosen completions of one length
+    (TRL averages the NLL over the batch's chosen tokens, ours per pair: the same when lengths agree)."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer, Phi3ForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    from tokenmill.trainer.model.hf import export_hf
+
+    policy, reference = build_model(CONFIG, seed=3), build_model(CONFIG, seed=4)
+    export_hf(policy, CONFIG, tmp_path / "policy", tokenizer_name="byte", dtype="float32")
+    export_hf(reference, CONFIG, tmp_path / "reference", tokenizer_name="byte", dtype="float32")
+    hf_policy = Phi3ForCausalLM.from_pretrained(tmp_path / "policy", dtype=torch.float32)
+    hf_reference = Phi3ForCausalLM.from_pretrained(tmp_path / "reference", dtype=torch.float32)
+    rows = [{"prompt": "6 + 9 = ", "chosen": "15", "rejected": "17"},
+            {"prompt": "8 - 3 = ", "chosen": "5.", "rejected": "6"},
+            {"prompt": "hi", "chosen": " x", "rejected": " there!"}]
+    beta, weight = 0.2, 0.7
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=beta, per_device_train_batch_size=3, report_to=[],
+                     use_cpu=True, max_length=None, bf16=False, loss_type=["sigmoid", "sft"],
+                     loss_weights=[1.0, weight])
+    trainer = DPOTrainer(model=hf_policy, ref_model=hf_reference, args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=AutoTokenizer.from_pretrained(tmp_path / "policy"))
+    examples = [trainer.train_dataset[i] for i in range(len(rows))]
+    hf_policy.train()
+    trl_loss = trainer.compute_loss(hf_policy, trainer.data_collator(examples))
+    trl_loss.backward()
+
+    pairs = [(np.array(e["prompt_ids"]), np.array(e["chosen_ids"]), np.array(e["rejected_ids"])) for e in examples]
+    assert len({chosen.size for _, chosen, _ in pairs}) == 1
+    batch = pair_batch(pairs, BYTE.pad_id)
+    with torch.no_grad():
+        reference_logps = sequence_logps(reference, batch, PLAIN)
+    policy_logps = sequence_logps(policy, batch, PLAIN)
+    plain, _ = dpo_loss(policy_logps.detach(), reference_logps, beta)
+    loss, figures = dpo_loss(policy_logps, reference_logps, beta, weight, batch.lengths())
+    loss.mean().backward()
+    assert float(loss.mean()) == pytest.approx(float(trl_loss), abs=1e-5)
+    assert float(loss.mean() - plain.mean()) == pytest.approx(weight * float(figures["chosen_nll"].mean()), abs=1e-5)
+    assert float(figures["chosen_nll"].mean()) > 1.0  # an untrained model: the term is far from zero
+    ours, theirs = dict(policy.named_parameters()), dict(hf_policy.named_parameters())
+    for our_name, trl_name in [("lm_head.weight", "lm_head.weight"), ("embed.weight", "model.embed_tokens.weight"),
+                               ("layers.0.mlp.down_proj.weight", "model.layers.0.mlp.down_proj.weight")]:
+        assert torch.allclose(ours[our_name].grad, theirs[trl_name].grad, atol=1e-6, rtol=1e-4), our_name
+
+
+def test_batch_lengths_count_each_completion() -> None:
+    batch = pair_batch(MIXED_PAIRS, BYTE.pad_id)
+    assert batch.lengths().tolist() == [[1, 1], [4, 6], [2, 1], [1, 1]]
+
+
 def test_dpo_raises_the_margin_on_held_out_pairs() -> None:
     rng = random.Random(3)
     rows = [one_token_pair(i, rng) for i in range(48)]
@@ -222,7 +275,7 @@ def dpo_spec(parent: str, pairs: str, reference: str | None = None, **overrides)
 
 
 @pytest.mark.slow
-def test_dpo_stage_trains_resumes_exactly_and_reuses_the_reference(ray_cluster, dpo_inputs, tmp_path, monkeypatch,
+def test_dpo_stage_trains_resumes_exactly_and_reuses_the_reference(ray_cluster, dpo_inputs, tmp_path,
                                                                      capfd) -> None:
     parent, pairs, _ = dpo_inputs
     full = (tmp_path / "full").as_uri()
@@ -239,15 +292,16 @@ def test_dpo_stage_trains_resumes_exactly_and_reuses_the_reference(ray_cluster, 
     assert open_store(hf_export_uri(full)).exists("config.json")
     assert open_store(join(full, REFERENCE_DIR)).exists(REFERENCE_MARKER)
 
+    # killed from outside once checkpoint 3 is committed, then resumed
     broken = (tmp_path / "broken").as_uri()
-    monkeypatch.setenv(STOP_AFTER_ENV, "4")
-    assert workload.run(write_spec(broken, dpo_spec(parent, pairs), "dpo")) != 0
-    assert CheckpointStore.for_output(broken).latest().step == 3
-    monkeypatch.delenv(STOP_AFTER_ENV)
+    latest = kill_training_after_checkpoint(write_spec(broken, dpo_spec(parent, pairs), "dpo"), broken, 3,
+                                            tmp_path / "killed.log")
+    assert 3 <= latest < len(history)
     capfd.readouterr()
     assert workload.run(write_spec(broken, dpo_spec(parent, pairs), "dpo", attempt=2)) == 0
     out = capfd.readouterr().out
-    assert "reference log-probs read back" in out and "resumed from" in out and "computed" not in out
+    assert "reference log-probs read back" in out and "computed" not in out
+    assert re.search(rf"resumed from \S+ \(step {latest}, ", out)
     assert [row["loss"] for row in read_history(broken)] == pytest.approx([r["loss"] for r in history], abs=1e-6, rel=0)
 
 

@@ -106,6 +106,8 @@ class DpoSpec(ApiModel):
 
     beta: float = Field(default=0.1, gt=0.0, le=10.0)
     """Inverse temperature of the DPO loss."""
+    chosen_nll_weight: float = Field(default=0.0, ge=0.0, le=100.0)
+    """Weight of the chosen completion's negative log-likelihood per token added to the DPO loss (RPO); 0: plain DPO."""
     reference_model: ModelSource
     """The frozen reference policy, usually the SFT stage."""
 

@@ -156,6 +156,10 @@ class PairBatch:
         return PairBatch(self.input_ids.to(device), self.rows.to(device), self.positions.to(device),
                          self.targets.to(device), self.slots.to(device), self.num_pairs, self.forwards)
 
+    def lengths(self) -> torch.Tensor:
+        """[pairs, 2]: the tokens of each pair's chosen and rejected completion."""
+        return torch.bincount(self.slots, minlength=2 * self.num_pairs).view(self.num_pairs, 2)
+
 
 def pair_batch(pairs: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], pad_id: int) -> PairBatch:
     """The sequences and targets of ``(prompt, chosen, rejected)`` pairs."""
@@ -206,18 +210,26 @@ def sequence_logps(model: Any, batch: PairBatch, autocast: Any) -> torch.Tensor:
 
 
 def dpo_loss(
-    policy: torch.Tensor, reference: torch.Tensor, beta: float
+    policy: torch.Tensor, reference: torch.Tensor, beta: float,
+    chosen_nll_weight: float = 0.0, lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-pair sigmoid DPO loss from [pairs, 2] log-probs (chosen, rejected), and per-pair figures.
 
     rewards are beta x (policy - reference) log-prob; the loss is -log sigmoid(chosen reward -
-    rejected reward).
+    rejected reward), plus `chosen_nll_weight` x the chosen completion's negative log-likelihood
+    per token (`lengths`: [pairs, 2] completion tokens, as `PairBatch.lengths`), which keeps the
+    chosen completion likely while the margin grows (RPO, arXiv 2404.19733).
     """
     rewards = beta * (policy - reference.to(policy.dtype))
     margin = rewards[:, 0] - rewards[:, 1]
     loss = -torch.nn.functional.logsigmoid(margin)
+    chosen_tokens = torch.ones_like(policy[:, 0]) if lengths is None else lengths[:, 0].to(policy.dtype)
+    chosen_nll = -policy[:, 0] / chosen_tokens
+    if chosen_nll_weight:
+        loss = loss + chosen_nll_weight * chosen_nll
     return loss, {"chosen_reward": rewards[:, 0].detach(), "rejected_reward": rewards[:, 1].detach(),
-                  "margin": margin.detach(), "accuracy": (margin.detach() > 0).to(policy.dtype)}
+                  "margin": margin.detach(), "accuracy": (margin.detach() > 0).to(policy.dtype),
+                  "chosen_nll": chosen_nll.detach()}
 
 
 def describe_pairs(pairs: PairSet) -> str:

@@ -15,11 +15,12 @@ On the workers (`run_dpo`):
 2. **Training.** Each micro-batch is one forward of the policy over its pairs' sequences: a
    one-token pair is its prompt alone, both log-probs coming from the next-token distribution
    after it; other pairs are prompt + chosen and prompt + rejected. The loss is the sigmoid
-   DPO loss, -log sigmoid(beta x ((pi_c - ref_c) - (pi_r - ref_r))), averaged over the
-   global batch of pairs. Optimizer, schedule, parallelism, checkpoints, exact resume and the
+   DPO loss, -log sigmoid(beta x ((pi_c - ref_c) - (pi_r - ref_r))), plus
+   `dpo.chosenNllWeight` x the chosen completion's negative log-likelihood per token (0 by
+   default: plain DPO), averaged over the global batch of pairs. Optimizer, schedule, parallelism, checkpoints, exact resume and the
    Hugging Face export are the pretraining loop's.
 3. **Metrics**: loss, reward accuracy (share of pairs whose margin is positive), chosen and
-   rejected rewards, margin, and sequences forwarded per pair.
+   rejected rewards, margin, the chosen completion's NLL per token, and sequences forwarded per pair.
 """
 
 from __future__ import annotations
@@ -226,12 +227,10 @@ def _all_reduce(value: torch.Tensor, group: Any) -> torch.Tensor:
     return value
 
 
-def run_dpo(job: Any, rank: int, world: int, device: torch.device, *, stop_after: int = 0, log_every: int = 0) -> None:
+def run_dpo(job: Any, rank: int, world: int, device: torch.device, *, log_every: int = 0) -> None:
     from tokenmill.trainer.train.loop import (
         MAX_LOG_INTERVAL,
-        STOP_AFTER_ENV,
         LearningRateSchedule,
-        StopForTest,
         _load_history,
         _log,
         _save_history,
@@ -242,6 +241,7 @@ def run_dpo(job: Any, rank: int, world: int, device: torch.device, *, stop_after
     opt, execution = spec.optimization, spec.execution
     assert spec.dpo is not None
     beta = float(spec.dpo.beta)
+    chosen_nll_weight = float(spec.dpo.chosen_nll_weight)
     torch.manual_seed(execution.seed)
     group = host_group()
     names = list(job.sources)
@@ -311,14 +311,14 @@ def run_dpo(job: Any, rank: int, world: int, device: torch.device, *, stop_after
     log_every = log_every or min(MAX_LOG_INTERVAL, max(1, num_steps // 25))
     clip = opt.gradient_clip if opt.gradient_clip > 0 else math.inf
     global_pairs = plan.global_batch_size
-    _log(rank, f"training dpo (beta {beta:g}): steps {step}..{num_steps}, world {world} on {device.type}, "
+    _log(rank, f"training dpo (beta {beta:g}, chosen NLL weight {chosen_nll_weight:g}): steps {step}..{num_steps}, world {world} on {device.type}, "
                f"{batches.accumulation_steps} micro-batches of {opt.micro_batch_sequences} pairs per rank and step")
     model.train()
     window_start, window_pairs = time.perf_counter(), 0
     while step < num_steps:
         micro = [next(batches) for _ in range(batches.accumulation_steps)]
-        # loss, accuracy, chosen reward, rejected reward, margin, sequences forwarded, tokens
-        sums = torch.zeros(7, dtype=torch.float64)
+        # loss, accuracy, chosen reward, rejected reward, margin, sequences forwarded, tokens, chosen NLL per token
+        sums = torch.zeros(8, dtype=torch.float64)
         for index, items in enumerate(micro):
             batch = pair_batch(
                 [(pair_sets[s].prompts[i], pair_sets[s].chosen[i], pair_sets[s].rejected[i]) for s, i in items],
@@ -326,12 +326,13 @@ def run_dpo(job: Any, rank: int, world: int, device: torch.device, *, stop_after
             ref = torch.stack([reference_by_source[s][i] for s, i in items]).to(device)
             with gradient_sync(model, index == len(micro) - 1):
                 policy = sequence_logps(model, batch, autocast)
-                loss, figures = dpo_loss(policy, ref, beta)
+                loss, figures = dpo_loss(policy, ref, beta, chosen_nll_weight, batch.lengths())
                 (loss.sum() * (world / global_pairs)).backward()
             sums += torch.stack([
                 loss.detach().sum(), figures["accuracy"].sum(), figures["chosen_reward"].sum(),
                 figures["rejected_reward"].sum(), figures["margin"].sum(),
                 torch.tensor(float(batch.forwards)), torch.tensor(float(batch.input_ids.numel())),
+                figures["chosen_nll"].sum(),
             ]).double().cpu()
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), clip)
         if hasattr(grad_norm, "full_tensor"):
@@ -354,11 +355,13 @@ def run_dpo(job: Any, rank: int, world: int, device: torch.device, *, stop_after
             metrics = {
                 "step": step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
                 "reward_accuracy": accuracy, "chosen_reward": chosen, "rejected_reward": rejected, "margin": margin,
+                "chosen_nll": float(totals[7]) / global_pairs,
                 "sequences_per_pair": float(totals[5]) / global_pairs, "pairs_per_s": window_pairs / elapsed,
                 "pairs_seen": pairs_seen, "tokens_seen": tokens_seen,
             }
             _log(rank, f"step {step}/{num_steps} loss {loss_value:.4f} reward accuracy {accuracy:.3f} "
-                       f"margin {margin:.4f} (chosen {chosen:.4f}, rejected {rejected:.4f}) lr {lr:.3e} "
+                       f"margin {margin:.4f} (chosen {chosen:.4f}, rejected {rejected:.4f}) "
+                       f"chosen NLL {metrics['chosen_nll']:.4f} lr {lr:.3e} "
                        f"grad_norm {float(grad_norm):.3f} pairs/s {metrics['pairs_per_s']:,.1f}")
             if rank == 0:
                 history.append(metrics)
@@ -379,9 +382,6 @@ def run_dpo(job: Any, rank: int, world: int, device: torch.device, *, stop_after
             if info:
                 _log(rank, f"checkpoint {info} committed")
             window_start = time.perf_counter()
-
-        if stop_after and step == stop_after and step < num_steps:
-            raise StopForTest(f"{STOP_AFTER_ENV}={stop_after}: stopping after step {step}")
 
     exported = ckpt.export_hf(job, model, rank, device)
     if exported:
