@@ -29,6 +29,7 @@ from tokenmill.store import (
     shard_name,
     write_run_spec,
 )
+from tokenmill.store.dataset_reader import read_verified_shard
 from tokenmill.store.schemas import GENERATIONS
 from tokenmill.trainer.model.hf import export_hf
 from tokenmill.trainer.pts import workload
@@ -64,17 +65,11 @@ def keys(log: Path) -> list[str]:
     return [entry["key"] for entry in answered(log) if "key" in entry]
 
 
-def committed_requests(output: str) -> set[str]:
-    """The request-cache keys committed anywhere under the job's `_run/pts-requests`."""
-    store = open_store(output)
-    found = set()
-    for name in {info.key.split("/")[2] for info in store.list(f"{workload.REQUESTS_PREFIX}/")}:
-        writer = DatasetWriter(f"{output}/{workload.REQUESTS_PREFIX}/{name}", GENERATIONS)
-        for info in writer.committed().values():
-            from tokenmill.store.dataset_reader import read_verified_shard
-
-            found |= {row["key"] for row in read_verified_shard(writer.store, info).to_pylist()}
-    return found
+def committed_requests(output: str, number: int) -> set[str]:
+    """The keys of the samples committed to shard `number`'s request record."""
+    writer = DatasetWriter(workload.requests_uri(output, number), GENERATIONS)
+    return {row["key"] for info in writer.committed().values()
+            for row in read_verified_shard(writer.store, info).to_pylist()}
 
 
 def wait_for(condition: Callable[[], bool], what: str, process: subprocess.Popen, timeout: float = 600.0) -> None:
@@ -123,7 +118,7 @@ def test_a_search_killed_mid_shard_resumes_without_asking_for_a_sample_again(tmp
         wait_for(lambda: {"held": True} in answered(killed_log), "the held engine call", process)
         second_shard = {entry["key"] for entry in answered(killed_log) if entry.get("search") == 1}
         assert len(second_shard) > 0
-        wait_for(lambda: second_shard <= committed_requests(output), "the answered samples' cache commits",
+        wait_for(lambda: second_shard <= committed_requests(output, 1), "the answered samples' cache commits",
                  process, timeout=120.0)
     finally:
         kill_group(process)
