@@ -3,6 +3,8 @@ prefix estimate, the engine's prefix cache shared by a solution's prefixes, repr
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from tests.trainer.generate_fixtures import tiny_model
@@ -111,3 +113,31 @@ def test_the_oracle_reads_decoded_text_without_the_stop_token():
     judge = OracleJudge(make_oracle("math"), decode)
     problem = SearchProblem("m", (1,), {"answer": "4"})
     assert judge.check(problem, tuple(b"so \\boxed{4}") + (BYTE.eot_id,)).correct
+
+
+class OneCallPerPrefix:
+    """The same engine policy without `rollout_batch`: the search asks for each prefix's rollouts
+    in an engine call of its own."""
+
+    def __init__(self, policy: EnginePolicy):
+        self.policy = policy
+
+    def sample_solutions(self, question_ids, n):
+        return self.policy.sample_solutions(question_ids, n)
+
+    def rollout(self, question_ids, solution_prefix, n):
+        return self.policy.rollout(question_ids, solution_prefix, n)
+
+
+def test_the_prefixes_of_a_level_share_one_engine_call():
+    policy, alone = make_policy(), make_policy()
+    batched = search([PROBLEM], policy, EvenSum(), CONFIG, vocab_size=policy.vocab_size)
+    unbatched = search([PROBLEM], OneCallPerPrefix(alone), EvenSum(), CONFIG, vocab_size=alone.vocab_size)
+    # the same samples (each prefix's seed comes from its own token ids), so the same search
+    assert [pair.to_row() for pair in batched.pairs] == [pair.to_row() for pair in unbatched.pairs]
+    assert batched.stats.to_dict() == unbatched.stats.to_dict()
+    assert policy.requests == alone.requests
+    # in fewer engine calls: one for the solutions, then at most one per level of the subdivision
+    # (a solution of MAX_TOKENS tokens has at most 2 + log2(MAX_TOKENS) levels)
+    assert alone.calls == alone.requests
+    assert policy.calls <= 1 + 2 + math.ceil(math.log2(MAX_TOKENS)) < alone.calls

@@ -2,9 +2,11 @@
 
 Every request is a token-id prompt: the question's ids followed by the solution prefix exactly
 as sampled. The `n` rollouts of a prefix are one request (the engine prefills the prefix once
-for all of them), and the engine's prefix cache (torch) or vLLM's prefix caching reuses the KV
-of the prefixes of one solution across requests. Each request's seed is derived from the job's
-seed and the prompt's token ids, so a rerun draws the same samples.
+for all of them); `rollout_batch` sends the requests of several prefixes as one engine call
+(their rows decode together), and the engine's prefix cache (torch) or vLLM's prefix caching
+reuses the KV of the prefixes of one solution across calls. Each request's seed is derived
+from the job's seed and the prompt's token ids, so a prefix's samples do not depend on the
+calls it is batched with, and a rerun draws the same samples.
 """
 
 from __future__ import annotations
@@ -40,13 +42,21 @@ class EnginePolicy:
         self.stop_token_ids = frozenset(int(t) for t in (*stop_token_ids, *sampling.stop_token_ids))
         self.vocab_size = vocab_size
         self.requests = 0
+        """Generation requests sent (one per prompt: the solutions of a question, the rollouts of a prefix)."""
+        self.calls = 0
+        """Engine calls made (a `rollout_batch` is one)."""
 
     def _generate(self, prompt: TokenIds, n: int, sampling: SamplingParams) -> list:
-        (output,) = self.engine.generate([GenerationRequest(prompt_token_ids=prompt, n=n, sampling=sampling)])
-        self.requests += 1
-        if not output.ok:
-            raise GenerationError(f"a {len(prompt)}-token prompt failed: {output.error}")
-        return output.completions
+        return self._generate_all([GenerationRequest(prompt_token_ids=prompt, n=n, sampling=sampling)])[0]
+
+    def _generate_all(self, requests: list[GenerationRequest]) -> list[list]:
+        outputs = self.engine.generate(requests)
+        self.requests += len(requests)
+        self.calls += 1
+        for output in outputs:
+            if not output.ok:
+                raise GenerationError(f"a {len(output.request.prompt_token_ids)}-token prompt failed: {output.error}")
+        return [output.completions for output in outputs]
 
     def sample_solutions(self, question_ids: TokenIds, n: int) -> list[Continuation]:
         sampling = replace(self.sampling, logprobs=True,
@@ -55,13 +65,28 @@ class EnginePolicy:
                 for c in self._generate(tuple(question_ids), n, sampling)]
 
     def rollout(self, question_ids: TokenIds, solution_prefix: TokenIds, n: int) -> list[Continuation]:
-        budget = self.sampling.max_tokens - len(solution_prefix)
-        if budget <= 0 or (solution_prefix and solution_prefix[-1] in self.stop_token_ids):
-            return [Continuation(()) for _ in range(n)]  # the solution already ended
-        prompt = tuple(question_ids) + tuple(solution_prefix)
-        sampling = replace(self.sampling, max_tokens=budget, logprobs=False, top_logprobs=0,
-                           seed=derived_seed(self.sampling.seed, "rollout", prompt))
-        return [Continuation(tuple(c.token_ids)) for c in self._generate(prompt, n, sampling)]
+        return self.rollout_batch([(question_ids, solution_prefix, n)])[0]
+
+    def rollout_batch(self, wanted: Sequence[tuple[TokenIds, TokenIds, int]]) -> list[list[Continuation]]:
+        """`rollout` of each (question_ids, solution_prefix, n), the prefixes that still continue
+        generated in one engine call."""
+        results: list[list[Continuation] | None] = []
+        requests, slots = [], []
+        for question_ids, solution_prefix, n in wanted:
+            budget = self.sampling.max_tokens - len(solution_prefix)
+            if budget <= 0 or (solution_prefix and solution_prefix[-1] in self.stop_token_ids):
+                results.append([Continuation(()) for _ in range(n)])  # the solution already ended
+                continue
+            prompt = tuple(question_ids) + tuple(solution_prefix)
+            sampling = replace(self.sampling, max_tokens=budget, logprobs=False, top_logprobs=0,
+                               seed=derived_seed(self.sampling.seed, "rollout", prompt))
+            slots.append(len(results))
+            results.append(None)
+            requests.append(GenerationRequest(prompt_token_ids=prompt, n=n, sampling=sampling))
+        if requests:
+            for slot, completions in zip(slots, self._generate_all(requests), strict=True):
+                results[slot] = [Continuation(tuple(c.token_ids)) for c in completions]
+        return results
 
 
 def solution_decoder(decode: Callable[[Sequence[int]], str], stop_token_ids: Iterable[int]

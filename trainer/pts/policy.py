@@ -41,6 +41,9 @@ class Policy(Protocol):
     `solution_prefix` to the end of a solution (within the solution's own token budget); a
     prefix that already ends a solution (its stop token) continues with nothing. Rollouts of
     one prefix, and prefixes that extend each other, are where an engine's prefix cache pays.
+    A policy may also offer `rollout_batch(wanted)`, the rollouts of several (question_ids,
+    solution_prefix, n) at once (one engine call, each prefix's samples as `rollout` draws
+    them); the search then asks for all prefixes of a subdivision level together.
     """
 
     def sample_solutions(self, question_ids: TokenIds, n: int) -> Sequence[Continuation]: ...

@@ -6,6 +6,11 @@ each solution, `subdivide` compares p at a segment's two ends and splits it at t
 cumulative log-probability midpoint while they differ by pGap or more; single tokens whose
 change of p is at least pGap are pivotal. Every p(success | prefix) is estimated once from
 samplesPerEstimate rollouts and memoised under the prefix's token ids.
+
+The subdivision runs level by level over all solutions of a question: the prefixes a level
+needs are estimated together, their rollouts drawn in one call of a policy that has
+`rollout_batch` (one engine call: the rows of every prefix decode together), instead of one
+call per prefix.
 """
 
 from __future__ import annotations
@@ -186,38 +191,54 @@ class _ProblemSearch:
 
     def estimate(self, solution_prefix: TokenIds, keep: list | None = None) -> Estimate:
         """p(success | question + solution_prefix); `keep` collects (continuation, correct)."""
-        key = self.problem.question_ids + solution_prefix
-        found = self.memo.get(key)
-        if found is not None:
-            self.stats.estimate_reuses += 1
-            return found
-        estimate = Estimate()
-        samples = self.passing_through(solution_prefix) if self.config.reuse_rollouts else []
-        self.stats.rollouts_reused += len(samples)
-        wanted = self.config.samples_per_estimate - len(samples)
-        drawn: list[tuple[TokenIds, bool]] = []
-        if wanted > 0:
-            continuations = [tuple(int(t) for t in c.token_ids) for c in
-                             self.policy.rollout(self.problem.question_ids, solution_prefix, wanted)]
-            verdicts = self.judged([solution_prefix + tokens for tokens in continuations])
-            drawn = list(zip(continuations, verdicts))
+        self.estimate_all([solution_prefix], keep)
+        return self.memo[self.problem.question_ids + solution_prefix]
+
+    def estimate_all(self, solution_prefixes: Sequence[TokenIds], keep: list | None = None) -> None:
+        """Estimates every prefix not memoised yet, their rollouts drawn in one policy call."""
+        pending: dict[TokenIds, list[tuple[TokenIds, bool]]] = {}
+        for prefix in solution_prefixes:
+            if self.problem.question_ids + prefix in self.memo or prefix in pending:
+                self.stats.estimate_reuses += 1
+                continue
+            pending[prefix] = self.passing_through(prefix) if self.config.reuse_rollouts else []
+            self.stats.rollouts_reused += len(pending[prefix])
+        wanted = [(prefix, self.config.samples_per_estimate - len(samples))
+                  for prefix, samples in pending.items() if len(samples) < self.config.samples_per_estimate]
+        drawn_at = self.rollouts(wanted)
+        verdicts = iter(self.judged([prefix + tokens for (prefix, _), tokens_list in zip(wanted, drawn_at)
+                                     for tokens in tokens_list]))
+        for (prefix, _), tokens_list in zip(wanted, drawn_at, strict=True):
+            drawn = [(tokens, next(verdicts)) for tokens in tokens_list]
             self.stats.rollouts += len(drawn)
             self.stats.tokens_generated += sum(len(tokens) for tokens, _ in drawn)
-            self.drawn[solution_prefix] = drawn
-        for continuation, correct in samples + drawn:
-            estimate.rollouts += 1
-            estimate.successes += correct
-            if continuation:
-                counts = estimate.next_tokens.setdefault(continuation[0], [0, 0])
-                counts[0] += 1
-                counts[1] += correct
-            if keep is not None:
-                keep.append((solution_prefix + continuation, correct))
-        if estimate.rollouts == 0:
-            raise RuntimeError(f"problem {self.problem.id}: the policy returned no rollouts")
-        self.stats.add_estimate(estimate.standard_error)
-        self.memo[key] = estimate
-        return estimate
+            self.drawn[prefix] = drawn
+            pending[prefix] = pending[prefix] + drawn
+        for prefix, samples in pending.items():
+            estimate = Estimate()
+            for continuation, correct in samples:
+                estimate.rollouts += 1
+                estimate.successes += correct
+                if continuation:
+                    counts = estimate.next_tokens.setdefault(continuation[0], [0, 0])
+                    counts[0] += 1
+                    counts[1] += correct
+                if keep is not None:
+                    keep.append((prefix + continuation, correct))
+            if estimate.rollouts == 0:
+                raise RuntimeError(f"problem {self.problem.id}: the policy returned no rollouts")
+            self.stats.add_estimate(estimate.standard_error)
+            self.memo[self.problem.question_ids + prefix] = estimate
+
+    def rollouts(self, wanted: list[tuple[TokenIds, int]]) -> list[list[TokenIds]]:
+        """n continuations of each (solution prefix, n): one call where the policy batches."""
+        question = self.problem.question_ids
+        batch = getattr(self.policy, "rollout_batch", None)
+        if batch is not None and wanted:
+            drawn = batch([(question, prefix, n) for prefix, n in wanted])
+        else:
+            drawn = [self.policy.rollout(question, prefix, n) for prefix, n in wanted]
+        return [[tuple(int(t) for t in c.token_ids) for c in continuations] for continuations in drawn]
 
     def passing_through(self, solution_prefix: TokenIds) -> list[tuple[TokenIds, bool]]:
         """Up to samplesPerEstimate rollouts drawn at shorter prefixes that went on through
@@ -233,18 +254,27 @@ class _ProblemSearch:
                         return found
         return found
 
-    def subdivide(self, solution: TokenIds, logprobs: Sequence[float], start: int, end: int,
-                  found: list[Pivot]) -> None:
-        p_start = self.estimate(solution[:start]).p
-        p_end = self.estimate(solution[:end]).p
-        if abs(p_end - p_start) < self.config.p_gap:
-            return
-        if end - start == 1:
-            found.append(Pivot(start, solution[start], p_start, p_end))
-            return
-        cut = cumulative_logprob_midpoint(logprobs, start, end)
-        self.subdivide(solution, logprobs, start, cut, found)
-        self.subdivide(solution, logprobs, cut, end, found)
+    def subdivide(self, solutions: list[TokenIds], logprobs: list[Sequence[float]]) -> list[list[Pivot]]:
+        """Every solution's pivotal tokens (in no particular order): its segments compared and
+        split level by level, each level's prefixes estimated together."""
+        found: list[list[Pivot]] = [[] for _ in solutions]
+        level = [(index, 0, len(tokens)) for index, tokens in enumerate(solutions) if tokens]
+        while level:
+            self.estimate_all([solutions[index][:at] for index, start, end in level for at in (start, end)])
+            deeper = []
+            for index, start, end in level:
+                solution = solutions[index]
+                p_start = self.memo[self.problem.question_ids + solution[:start]].p
+                p_end = self.memo[self.problem.question_ids + solution[:end]].p
+                if abs(p_end - p_start) < self.config.p_gap:
+                    continue
+                if end - start == 1:
+                    found[index].append(Pivot(start, solution[start], p_start, p_end))
+                    continue
+                cut = cumulative_logprob_midpoint(logprobs[index], start, end)
+                deeper += [(index, start, cut), (index, cut, end)]
+            level = deeper
+        return found
 
     def run(self) -> ProblemResult:
         config, stats = self.config, self.stats
@@ -265,8 +295,7 @@ class _ProblemSearch:
             return result
         result.searched = True
         stats.problems_searched += 1
-        for index, solution in enumerate(solutions):
-            kept = self.search_solution(solution)
+        for index, (solution, kept) in enumerate(zip(solutions, self.search_solutions(solutions), strict=True)):
             result.pivots.append(kept)
             for pivot in kept:
                 pair = self.pair(index, solution, pivot)
@@ -279,23 +308,28 @@ class _ProblemSearch:
         stats.pairs[FullSolutionPair.kind] += len(result.full_pairs)
         return result
 
-    def search_solution(self, solution: Continuation) -> list[Pivot]:
-        tokens = tuple(int(t) for t in solution.token_ids)
-        if solution.logprobs is None or len(solution.logprobs) != len(tokens):
-            raise RuntimeError(f"problem {self.problem.id}: the policy returned a solution without "
-                               "a log-probability for every token")
-        if not tokens:
-            return []
-        self.stats.solutions_searched += 1
-        found: list[Pivot] = []
-        self.subdivide(tokens, solution.logprobs, 0, len(tokens), found)
-        kept = sorted(found, key=lambda pivot: (-abs(pivot.delta), pivot.position))
-        kept = sorted(kept[: self.config.max_pivotal_tokens], key=lambda pivot: pivot.position)
-        self.stats.pivotal_tokens_over_limit += len(found) - len(kept)
-        self.stats.pivotal_per_solution[len(kept)] += 1
-        for pivot in kept:
-            self.stats.add_pivot(pivot.delta)
-        return kept
+    def search_solutions(self, solutions: list[Continuation]) -> list[list[Pivot]]:
+        """The kept pivotal tokens of each solution, in solution order."""
+        sampled = [tuple(int(t) for t in solution.token_ids) for solution in solutions]
+        for solution, tokens in zip(solutions, sampled, strict=True):
+            if solution.logprobs is None or len(solution.logprobs) != len(tokens):
+                raise RuntimeError(f"problem {self.problem.id}: the policy returned a solution without "
+                                   "a log-probability for every token")
+        found = self.subdivide(sampled, [solution.logprobs for solution in solutions])
+        kept_all = []
+        for tokens, pivots in zip(sampled, found, strict=True):
+            if not tokens:
+                kept_all.append([])
+                continue
+            self.stats.solutions_searched += 1
+            kept = sorted(pivots, key=lambda pivot: (-abs(pivot.delta), pivot.position))
+            kept = sorted(kept[: self.config.max_pivotal_tokens], key=lambda pivot: pivot.position)
+            self.stats.pivotal_tokens_over_limit += len(pivots) - len(kept)
+            self.stats.pivotal_per_solution[len(kept)] += 1
+            for pivot in kept:
+                self.stats.add_pivot(pivot.delta)
+            kept_all.append(kept)
+        return kept_all
 
     def pair(self, solution_index: int, solution: Continuation, pivot: Pivot) -> PivotalTokenPair | None:
         """Chosen raises p, rejected lowers it; the pivotal token is one of them, the other is the
