@@ -7,6 +7,8 @@ plain `Text`, never parsed as rich markup: a line such as `[/oops]` is shown as 
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +36,8 @@ from tokenmill.store import Progress as ProgressRecord
 from tokenmill.store import StoreError, open_store, read_progress
 
 EVALUATION = "evaluation"
+API_SERVER_ADDRESS_ENV = "RAY_API_SERVER_ADDRESS"
+"""Where Ray's state API clients (Ray Train's placement-group cleaner among them) find the dashboard."""
 INTERRUPTED_EXIT_CODE = 130
 
 SUMMARY_WIDTH = 80
@@ -91,12 +95,37 @@ def local_ray(address: str | None, start: bool) -> Iterator[str | None]:
     except ImportError:  # the trainer extra is not installed: workloads start their own Ray
         yield None
         return
-    # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
-    context = ray.init(include_dashboard=True, log_to_driver=False, configure_logging=False)
+    # The dashboard serves the state API that Ray Train's placement-group cleaner polls. The cleaner
+    # is an actor: asked without an address, Ray searches the machine and fails when it finds
+    # several clusters. Ray's processes, the workers included, inherit this environment, so the
+    # dashboard's address is set in it before they start (and in the workloads', which inherit it too).
+    port = _free_port()
+    with _environment(API_SERVER_ADDRESS_ENV, f"http://127.0.0.1:{port}"):
+        context = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+                           log_to_driver=False, configure_logging=False)
+        try:
+            yield context.address_info["gcs_address"]
+        finally:
+            ray.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str) -> Iterator[None]:
+    earlier = os.environ.get(name)
+    os.environ[name] = value
     try:
-        yield context.address_info["gcs_address"]
+        yield
     finally:
-        ray.shutdown()
+        if earlier is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = earlier
 
 
 def run_with_progress(

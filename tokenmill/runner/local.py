@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import subprocess
 import sys
 import tempfile
@@ -12,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from tokenmill.api.graph import dependencies
 from tokenmill.api.output_prefix import ClaimedOutput, output_problem
@@ -65,8 +67,8 @@ WORKLOAD_MESSAGE_PREFIX = "tokenmill "
 LOG_UPLOAD_SECONDS = 5.0
 """How often a running stage's log is copied to the store."""
 LOG_DRAIN_SECONDS = 10.0
-"""How long, once a stopped workload is reaped, its output is still copied to the log: a process it
-started that still holds its output open must not hold up the runner."""
+"""How long, once an interrupted workload is reaped, its output is still copied to the log: a
+process it started that still holds its output open must not hold up the runner."""
 
 
 def stage_log_uri(resource: AnyResource, store_root: str) -> str:
@@ -138,7 +140,10 @@ class LocalRunner:
     def _execute(self, resource: AnyResource, output: str) -> int:
         """Run the workload, relaying its output line by line and keeping all of it in the stage's
         log. Interrupted (Ctrl-C, which reaches the workload and Ray's processes too), the relay
-        stops at once: what they print while they stop goes to the log only."""
+        stops at once: what they print while they stop goes to the log only.
+
+        A thread of its own reads the output into the log, so no line is lost to the interruption
+        (Python raises KeyboardInterrupt only in the main thread, which relays)."""
         command = [*self.entrypoint, KINDS[resource.kind].cli_name, "--spec", run_spec_uri(output)]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if self.ray_address:
@@ -152,11 +157,12 @@ class LocalRunner:
                     DriverLogUploader(log_path, output, interval_s=LOG_UPLOAD_SECONDS):
                 process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                            encoding="utf-8", errors="replace", env=env)
-                assert process.stdout is not None
+                lines: queue.Queue[str | None] = queue.Queue()
+                reader = threading.Thread(target=_log_lines, args=(process.stdout, log, lines), daemon=True)
                 try:
                     watcher.start()
-                    for text in process.stdout:
-                        log.write(text)
+                    reader.start()
+                    while (text := self._next_line(lines)) is not None:
                         text = text.rstrip("\n")
                         if text.startswith(WORKLOAD_MESSAGE_PREFIX):
                             self._last_message = text.split(": ", 1)[-1]
@@ -164,10 +170,18 @@ class LocalRunner:
                     code = process.wait()
                 finally:  # interrupted (Ctrl-C): the workload stops too; what it committed stays
                     stop.set()
-                    _stop_logging_the_rest(process, log)
+                    stop_process(process)
+                    reader.join(LOG_DRAIN_SECONDS)
         watcher.join()
         self._report_progress(resource, output)
         return code
+
+    def _next_line(self, lines: queue.Queue[str | None]) -> str | None:
+        """The workload's next line (None at its end), waiting in slices so that Ctrl-C is taken at
+        once even when another thread of the runner received the signal."""
+        while True:
+            with contextlib.suppress(queue.Empty):
+                return lines.get(timeout=self.poll_seconds)
 
     def _watch_progress(self, resource: AnyResource, output: str, stop: threading.Event) -> None:
         while not stop.wait(self.poll_seconds):
@@ -182,19 +196,16 @@ class LocalRunner:
             self.events.progress(resource, progress)
 
 
-def _stop_logging_the_rest(process: subprocess.Popen, log) -> None:
-    """Stop `process` if it still runs; what it prints until then goes to `log`, not the terminal."""
-    assert process.stdout is not None
-    drain = threading.Thread(target=_copy_lines, args=(process.stdout, log), daemon=True)
-    drain.start()
-    stop_process(process)
-    drain.join(LOG_DRAIN_SECONDS)
-
-
-def _copy_lines(stream, log) -> None:
-    with contextlib.suppress(OSError, ValueError):  # the log closed: the runner stopped waiting for the rest
+def _log_lines(stream: IO[str], log: IO[str], lines: queue.Queue[str | None]) -> None:
+    """Copy every line of `stream` to `log` and pass it on to `lines`; None marks its end."""
+    try:
         for text in stream:
             log.write(text)
+            lines.put(text)
+    except (OSError, ValueError):  # the log closed: an interrupted runner stopped waiting for the rest
+        pass
+    finally:
+        lines.put(None)
 
 
 def check_outputs_apart(resources: list[AnyResource], store_root: str) -> None:
