@@ -117,6 +117,24 @@ def make_data(directory: Path, seed: int, scale: float) -> dict[str, str]:
     return uris
 
 
+def validation_data(data: Path, seed: int, count: int) -> str:
+    """`count` problems of the training pool that no training set of this seed's `data` holds (nor the
+    held-out set), as a dataset under `data`: for choosing settings without looking at the held-out problems."""
+    trained = set()
+    for name in ("documents", "sft", "problems"):
+        for row in open_dataset((data / name).as_uri()).read_all().to_pylist():
+            trained.add(row["text"].split("\n")[0].removeprefix("Question: ") if name == "documents"
+                        else row["messages"][0]["content"])
+    held_out, training = split_problems(seed)
+    unseen = [problem for problem in training if problem_text(*problem) not in trained]
+    rows = []
+    for i, problem in enumerate(random.Random(seed + 77).sample(unseen, min(count, len(unseen)))):
+        question, _, answer = solved(problem, random.Random(0))
+        rows.append({"id": f"validation-{i}", "source": "validation", "meta": json.dumps({"answer": answer}),
+                     "messages": [{"role": "user", "content": question}]})
+    return write((data / "validation").as_uri(), CHAT_SAMPLES, rows)
+
+
 def resource(kind: str, name: str, spec: dict) -> dict:
     return {"apiVersion": "tokenmill.dev/v1alpha1", "kind": kind, "metadata": {"name": name}, "spec": spec}
 

@@ -59,6 +59,15 @@ def test_held_out_problems_never_appear_in_any_training_set(table9, tmp_path: Pa
         assert row["messages"][1]["content"].endswith(f"\\boxed{{{answer}}}.")
 
 
+def test_validation_problems_are_neither_held_out_nor_trained_on(table9, tmp_path: Path) -> None:
+    uris = table9.make_data(tmp_path, 3, 0.2)
+    validation = [question(row) for row in rows(table9.validation_data(tmp_path, 3, 48))]
+    assert len(set(validation)) == 48
+    assert not set(validation) & {question(row) for row in rows(uris["eval"])}
+    for name in ("documents", "sft", "problems"):
+        assert not set(validation) & {question(row) for row in rows(uris[name])}, name
+
+
 def test_the_split_covers_every_problem_once_and_differs_by_seed(table9) -> None:
     held_out, training = table9.split_problems(0)
     assert len(set(held_out)) == table9.HELD_OUT
