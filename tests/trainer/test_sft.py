@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import random
+import re
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.fixtures.processes import kill_training_after_checkpoint
 from tests.trainer.posttrain_data import chat, write_chats, write_parent, write_spec
 from tokenmill.layout import hf_export_uri
 from tokenmill.model_configs import get_model_config
-from tokenmill.store import CheckpointStore, open_store, read_progress
+from tokenmill.store import open_store, read_progress
 from tokenmill.trainer.data.chat import (
     DROP_NO_ASSISTANT,
     DROP_NO_TARGET_LEFT,
@@ -28,7 +30,7 @@ from tokenmill.trainer.data.packing import IGNORE_INDEX, document_ids
 from tokenmill.trainer.model import build_model
 from tokenmill.trainer.tokenizer import get_tokenizer
 from tokenmill.trainer.train import workload
-from tokenmill.trainer.train.loop import STOP_AFTER_ENV, read_history
+from tokenmill.trainer.train.loop import read_history
 from tokenmill.workloads import PHASE_SUCCEEDED
 
 BYTE = get_tokenizer("byte")
@@ -170,7 +172,7 @@ def sft_spec(parent: str, chats: str, **overrides) -> dict:
 
 
 @pytest.mark.slow
-def test_sft_stage_trains_resumes_exactly_and_exports(ray_cluster, sft_inputs, tmp_path, monkeypatch, capfd) -> None:
+def test_sft_stage_trains_resumes_exactly_and_exports(ray_cluster, sft_inputs, tmp_path, capfd) -> None:
     parent, chats = sft_inputs
     full = (tmp_path / "full").as_uri()
     assert workload.run(write_spec(full, sft_spec(parent, chats), "sft")) == 0
@@ -183,13 +185,13 @@ def test_sft_stage_trains_resumes_exactly_and_exports(ray_cluster, sft_inputs, t
     assert read_progress(full).phase == PHASE_SUCCEEDED
     assert open_store(hf_export_uri(full)).exists("config.json")
 
+    # killed from outside once checkpoint 4 is committed, then resumed
     broken = (tmp_path / "broken").as_uri()
-    monkeypatch.setenv(STOP_AFTER_ENV, "6")
-    assert workload.run(write_spec(broken, sft_spec(parent, chats), "sft")) != 0
-    assert CheckpointStore.for_output(broken).latest().step == 4
-    monkeypatch.delenv(STOP_AFTER_ENV)
+    latest = kill_training_after_checkpoint(write_spec(broken, sft_spec(parent, chats), "sft"), broken, 4,
+                                            tmp_path / "killed.log")
+    assert 4 <= latest < len(losses)
     assert workload.run(write_spec(broken, sft_spec(parent, chats), "sft", attempt=2)) == 0
-    assert "resumed from" in capfd.readouterr().out
+    assert re.search(rf"resumed from \S+ \(step {latest}, ", capfd.readouterr().out)
     assert [row["loss"] for row in read_history(broken)] == pytest.approx(losses, abs=1e-6, rel=0)
 
 

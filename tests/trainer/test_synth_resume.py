@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.processes import kill_group, start_in_session, wait_for
+from tests.fixtures.processes import kill_session, start_in_session, wait_for
 from tests.trainer.generate_http import OpenAIFaultProxy, ServeProcess, _Handler
 from tests.trainer.synth_fixtures import spec, write_seeds, write_spec
 from tokenmill.layout import dataset_uri
@@ -163,7 +163,7 @@ def test_a_run_killed_from_outside_resumes_without_repeating_a_request(served, p
     try:
         wait_for(lambda: committed_cache_rows(output) >= answered_first, "the first calls' cache commits", process)
     finally:
-        kill_group(process)
+        kill_session(process)
     log = (tmp_path / "killed.log").read_text(errors="replace")
     assert process.returncode == -signal.SIGKILL, log
     assert committed_cache_rows(output) == answered_first == sum(proxy.forwarded().values()), log
@@ -176,7 +176,7 @@ def test_a_run_killed_from_outside_resumes_without_repeating_a_request(served, p
     try:
         code = resumed.wait(timeout=600)
     finally:
-        kill_group(resumed)
+        kill_session(resumed)
     log = (tmp_path / "resumed.log").read_text(errors="replace")
     assert code == 0, log
 

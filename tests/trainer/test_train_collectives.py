@@ -9,15 +9,18 @@ catches such a collective without a GPU.
 from __future__ import annotations
 
 import importlib.util
+import re
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
+from tests.fixtures.processes import kill_after_checkpoint, start_in_session
 from tokenmill.store import CheckpointStore, write_run_spec
 from tokenmill.trainer.data.stage import build_stage_caches
-from tokenmill.trainer.train.loop import StopForTest, read_history, run
+from tokenmill.trainer.train.loop import read_history, run
 from tokenmill.trainer.train.prepare import dataset_names, prepare, stage_datasets
 
 REPO = Path(__file__).resolve().parents[2]
@@ -25,7 +28,8 @@ _spec = importlib.util.spec_from_file_location("make_data", REPO / "examples" / 
 make_data = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(make_data)
 
-SEQ, BATCH, STEPS = 32, 4, 3
+SEQ, BATCH, STEPS = 32, 4, 16
+LOOP_PROCESS = Path(__file__).with_name("cuda_only_loop.py")
 
 
 @pytest.fixture
@@ -42,7 +46,7 @@ def cuda_only_group(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_loop_trains_checkpoints_and_resumes_under_a_cuda_only_group(tmp_path, cuda_only_group) -> None:
+def test_the_loop_trains_checkpoints_and_resumes_under_a_cuda_only_group(tmp_path, cuda_only_group, capsys) -> None:
     docs = tmp_path / "docs"
     make_data.write(docs, 60)
     output = (tmp_path / "out").as_uri()
@@ -60,14 +64,19 @@ def test_the_loop_trains_checkpoints_and_resumes_under_a_cuda_only_group(tmp_pat
             "ray": {"workers": {"replicas": 1, "gpusPerWorker": 0}},
         },
     }
-    write_run_spec(output, doc)
-    job = prepare_without_ray(doc)
-    with pytest.raises(StopForTest):  # label counts, loss, RNG gather, checkpoint, barrier
-        run(job, 0, 1, torch.device("cpu"), stop_after=2)
-    assert CheckpointStore.for_output(output).steps() == [2]
-    # A fresh start loads that checkpoint (the checkpoint's collectives on load), then exports.
-    run(prepare_without_ray(doc), 0, 1, torch.device("cpu"))
-    assert [row["step"] for row in read_history(output)] == [1, 2, 3]
+    spec_uri = write_run_spec(output, doc)
+    prepare_without_ray(doc)  # the token caches
+    # The loop in a process of its own under such a group (label counts, loss, RNG gather,
+    # checkpoint), killed from outside once its first checkpoint is committed.
+    log = tmp_path / "killed.log"
+    process = start_in_session([sys.executable, str(LOOP_PROCESS), spec_uri, str(tmp_path / "loop-rendezvous")], log)
+    latest = kill_after_checkpoint(process, output, 2, log)
+    assert 2 <= latest < STEPS
+    # A fresh start in this process loads that checkpoint (the checkpoint's collectives on load),
+    # trains on, checkpoints and exports (the barrier at the end).
+    run(prepare(doc), 0, 1, torch.device("cpu"))
+    assert re.search(rf"resumed from \S+ \(step {latest}, ", capsys.readouterr().out)
+    assert [row["step"] for row in read_history(output)] == list(range(1, STEPS + 1))
     assert CheckpointStore.for_output(output).latest().step == STEPS
 
 

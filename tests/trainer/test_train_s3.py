@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
+from tests.fixtures.processes import kill_training_after_checkpoint
 from tests.trainer.test_train_stage import BATCH, SEQ, stage_spec, write_spec
 from tokenmill.layout import hf_export_uri
 from tokenmill.store import CheckpointStore, open_store, read_progress
 from tokenmill.trainer.train import workload
-from tokenmill.trainer.train.loop import STOP_AFTER_ENV, read_history
+from tokenmill.trainer.train.loop import read_history
 from tokenmill.workloads import PHASE_SUCCEEDED
 
-STEPS = 4
+STEPS = 6
 
 
 @pytest.fixture
@@ -25,7 +28,7 @@ def ray_with_s3_environment(s3_bucket):
     ray.shutdown()
 
 
-def test_checkpoints_resume_and_export_on_s3(ray_with_s3_environment, tmp_path, monkeypatch):
+def test_checkpoints_resume_and_export_on_s3(ray_with_s3_environment, tmp_path, capfd):
     from tests.trainer.test_train_stage import make_data
 
     bucket = ray_with_s3_environment
@@ -35,15 +38,16 @@ def test_checkpoints_resume_and_export_on_s3(ray_with_s3_environment, tmp_path, 
     spec = stage_spec(docs.as_uri(), checkpoint={"intervalSteps": 2, "keepLast": 2})
     spec["optimization"]["totalTokens"] = STEPS * BATCH * SEQ
 
-    monkeypatch.setenv(STOP_AFTER_ENV, "3")
-    assert workload.run(write_spec(output, spec)) != 0
+    # killed from outside once the first checkpoint is committed
+    latest = kill_training_after_checkpoint(write_spec(output, spec), output, 2, tmp_path / "killed.log")
     checkpoints = CheckpointStore.for_output(output)
-    assert checkpoints.latest().step == 2 and checkpoints.latest().uri.startswith("s3://")
-    monkeypatch.delenv(STOP_AFTER_ENV)
+    assert 2 <= latest < STEPS and checkpoints.latest().uri.startswith("s3://")
 
+    capfd.readouterr()
     assert workload.run(write_spec(output, spec, attempt=2)) == 0
-    assert checkpoints.steps() == [2, 4]
-    assert checkpoints.read_state(4)["tokens_seen"] == STEPS * BATCH * SEQ
+    assert re.search(rf"resumed from s3://\S+ \(step {latest}, ", capfd.readouterr().out)
+    assert checkpoints.steps() == [STEPS - 2, STEPS]
+    assert checkpoints.read_state(STEPS)["tokens_seen"] == STEPS * BATCH * SEQ
     assert len(read_history(output)) == STEPS
     assert open_store(hf_export_uri(output)).exists("config.json")
     assert read_progress(output).phase == PHASE_SUCCEEDED

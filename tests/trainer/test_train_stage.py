@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import signal
 import threading
 import time
@@ -12,12 +13,13 @@ from typing import Any
 
 import pytest
 
+from tests.fixtures.processes import kill_training_after_checkpoint
 from tokenmill.layout import hf_export_uri, token_cache_uri
 from tokenmill.store import CheckpointStore, open_dataset, open_store, read_progress, write_run_spec
 from tokenmill.trainer.data.cache import bucket_uri
 from tokenmill.trainer.data.midtrain import ALL_LENGTHS
 from tokenmill.trainer.train import workload
-from tokenmill.trainer.train.loop import STOP_AFTER_ENV, read_history
+from tokenmill.trainer.train.loop import read_history
 from tokenmill.workloads import PHASE_SUCCEEDED
 
 REPO = Path(__file__).resolve().parents[2]
@@ -80,7 +82,7 @@ def checkpoint_chunks(output: str, step: int, key: str) -> int:
     return len(dcp.FileSystemReader(directory).read_metadata().state_dict_metadata[key].chunks)
 
 
-def test_pretrain_resume_and_hf_export(reference_run, docs_uri, tmp_path, monkeypatch, capfd) -> None:
+def test_pretrain_resume_and_hf_export(reference_run, docs_uri, tmp_path, capfd) -> None:
     full, losses = reference_run
     assert len(losses) == STEPS
     assert sum(losses[-3:]) / 3 < losses[0] - 0.5, losses
@@ -94,17 +96,18 @@ def test_pretrain_resume_and_hf_export(reference_run, docs_uri, tmp_path, monkey
     assert [s.shard for s in cache.shards] == [s.shard for s in open_dataset(docs_uri).shards]
     assert cache.schema.name == "token_sequences" and cache.manifest.summary.rows > 0
 
-    # Interrupted after step 6: the last committed checkpoint is step 4; the rerun resumes there.
+    # Killed from outside once checkpoint 4 is committed: the rerun resumes from the last
+    # committed checkpoint and trains exactly as the uninterrupted run did.
     broken = (tmp_path / "broken").as_uri()
-    monkeypatch.setenv(STOP_AFTER_ENV, "6")
-    assert workload.run(write_spec(broken, stage_spec(docs_uri))) != 0
-    assert CheckpointStore.for_output(broken).latest().step == 4
+    latest = kill_training_after_checkpoint(write_spec(broken, stage_spec(docs_uri)), broken, 4,
+                                            tmp_path / "killed.log")
+    assert 4 <= latest < STEPS
     assert read_progress(broken).phase != PHASE_SUCCEEDED
-    monkeypatch.delenv(STOP_AFTER_ENV)
+    capfd.readouterr()
     assert workload.run(write_spec(broken, stage_spec(docs_uri), attempt=2)) == 0
     resumed = [row["loss"] for row in read_history(broken)]
     assert resumed == pytest.approx(losses, abs=1e-6, rel=0)
-    assert "resumed from" in capfd.readouterr().out
+    assert re.search(rf"resumed from \S+ \(step {latest}, ", capfd.readouterr().out)
 
     # DDP keeps whole replicas: each tensor is stored once, in one piece.
     assert checkpoint_chunks(full, 12, "model.embed.weight") == 1
@@ -121,16 +124,14 @@ def test_pretrain_resume_and_hf_export(reference_run, docs_uri, tmp_path, monkey
     assert isinstance(tokenizer.decode(out[0]), str)
 
 
-def test_fsdp2_shards_the_checkpoint_and_resumes_like_ddp(reference_run, docs_uri, tmp_path, monkeypatch) -> None:
+def test_fsdp2_shards_the_checkpoint_and_resumes_like_ddp(reference_run, docs_uri, tmp_path) -> None:
     _, ddp_losses = reference_run
     spec = stage_spec(docs_uri, execution={"precision": "fp32", "seed": 7, "parallelism": "fsdp"})
     output = (tmp_path / "fsdp").as_uri()
-    monkeypatch.setenv(STOP_AFTER_ENV, "6")
-    assert workload.run(write_spec(output, spec)) != 0
-    assert CheckpointStore.for_output(output).latest().step == 4
+    latest = kill_training_after_checkpoint(write_spec(output, spec), output, 4, tmp_path / "killed.log")
+    assert 4 <= latest < STEPS
     # Each of the two ranks saved its own shard of every parameter and of its optimizer state.
     assert checkpoint_chunks(output, 4, "model.embed.weight") == 2
-    monkeypatch.delenv(STOP_AFTER_ENV)
     assert workload.run(write_spec(output, spec, attempt=2)) == 0
     losses = [row["loss"] for row in read_history(output)]
     # The same training as DDP, up to the order of floating-point reductions.

@@ -41,18 +41,12 @@ from tokenmill.trainer.train.parallel import (
 )
 from tokenmill.trainer.train.prepare import Prepared, prepare
 
-STOP_AFTER_ENV = "TOKENMILL_TRAIN_STOP_AFTER_STEP"
-"""Tests only (read by the driver): fail every rank right after this step (and its checkpoint)."""
 LOG_EVERY_ENV = "TOKENMILL_TRAIN_LOG_EVERY"
 """Log a metrics line every this many steps (default: about 25 lines per stage, and at least
 every `MAX_LOG_INTERVAL` steps)."""
 MAX_LOG_INTERVAL = 100
 METRICS_NAME = "train_metrics.jsonl"
 """Per-logged-step metrics under `<output>/_run/`, rewritten by rank 0 at every log line."""
-
-
-class StopForTest(RuntimeError):
-    """Raised on every rank after the step named by the test-only stop variable."""
 
 
 class LearningRateSchedule:
@@ -100,7 +94,7 @@ def _log(rank: int, text: str) -> None:
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    """Ray Train's per-worker function; `config`: the run spec ("doc"), the driver's plan fingerprint, stop_after, log_every."""
+    """Ray Train's per-worker function; `config`: the run spec ("doc"), the driver's plan fingerprint, log_every."""
     import ray.train
 
     context = ray.train.get_context()
@@ -115,16 +109,14 @@ def train_loop(config: dict[str, Any]) -> None:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    run(job, rank, world, device, stop_after=int(config.get("stop_after") or 0),
-        log_every=int(config.get("log_every") or 0))
+    run(job, rank, world, device, log_every=int(config.get("log_every") or 0))
 
 
-def run(job: Prepared, rank: int, world: int, device: torch.device, *, stop_after: int = 0,
-        log_every: int = 0) -> None:
+def run(job: Prepared, rank: int, world: int, device: torch.device, *, log_every: int = 0) -> None:
     if job.spec.stage == "dpo":
         from tokenmill.trainer.train.dpo import run_dpo
 
-        return run_dpo(job, rank, world, device, stop_after=stop_after, log_every=log_every)
+        return run_dpo(job, rank, world, device, log_every=log_every)
     spec, plan, setup = job.spec, job.plan, job.model
     opt, execution = spec.optimization, spec.execution
     torch.manual_seed(execution.seed)
@@ -251,9 +243,6 @@ def run(job: Prepared, rank: int, world: int, device: torch.device, *, stop_afte
             if info:
                 _log(rank, f"checkpoint {info} committed")
             timed_start, timed_tokens = time.perf_counter(), 0
-
-        if stop_after and step == stop_after and step < num_steps:
-            raise StopForTest(f"{STOP_AFTER_ENV}={stop_after}: stopping after step {step}")
 
     exported = ckpt.export_hf(job, model, rank, device)
     if exported:

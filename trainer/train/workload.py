@@ -75,7 +75,7 @@ def train(doc: dict[str, Any], job: Any) -> None:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from tokenmill.trainer.train.loop import LOG_EVERY_ENV, STOP_AFTER_ENV, train_loop
+    from tokenmill.trainer.train.loop import LOG_EVERY_ENV, train_loop
 
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
@@ -92,7 +92,7 @@ def train(doc: dict[str, Any], job: Any) -> None:
         train_loop,
         train_loop_config={
             "doc": doc, "fingerprint": job.plan.fingerprint(),
-            "stop_after": os.environ.get(STOP_AFTER_ENV), "log_every": os.environ.get(LOG_EVERY_ENV),
+            "log_every": os.environ.get(LOG_EVERY_ENV),
         },
         scaling_config=scaling,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
