@@ -31,6 +31,8 @@ def main() -> int:
     parser.add_argument("--settings", required=True, help='JSON: {label: {"lr", "beta", "steps", "nll"}}')
     parser.add_argument("--validation", type=int, default=128, help="validation problems")
     parser.add_argument("--samples", type=int, default=4, help="samples per problem for the success rate")
+    parser.add_argument("--held-out", action="store_true",
+                        help="judge on the seed's held-out problems instead (for settings already chosen)")
     args = parser.parse_args()
     settings = json.loads(args.settings)
     seed_dir = args.work.resolve() / f"seed-{args.seed}"
@@ -38,10 +40,14 @@ def main() -> int:
     work = seed_dir / f"probe-{args.name}"
     work.mkdir(parents=True, exist_ok=True)
     store = (work / "store").as_uri()
-    validation = run.validation_data(seed_dir / "data", args.seed, args.validation)
+    if args.held_out:
+        validation = (seed_dir / "data" / "eval").as_uri()
+    else:
+        validation = run.validation_data(seed_dir / "data", args.seed, args.validation)
     checkpoints = CheckpointStore.for_output(join(source, "trainingstages", "sft"))
     sft = checkpoints.uri_for(checkpoints.latest().step)  # type: ignore[union-attr]
-    pairs = {"pts": dataset_uri(join(source, "ptsjobs", "pts")), "full": (seed_dir / "data" / "full-solution-pairs").as_uri()}
+    pairs = {"pts": dataset_uri(join(source, "ptsjobs", "pts")),
+             "full": (seed_dir / "data" / "full-solution-pairs").as_uri()}
     recipe, models = [], {"SFT": hf_export_uri(join(source, "trainingstages", "sft"))}
     for label, setting in settings.items():
         run.DPO.update(beta=setting["beta"], peakLearningRate=setting["lr"], chosenNllWeight=setting["nll"])

@@ -369,9 +369,18 @@ def main() -> int:
     parser.add_argument("--scale", type=float, default=1.0, help="data and training tokens, relative")
     parser.add_argument("--work", type=Path, default=Path("tokenmill-runs/pts-table9"))
     parser.add_argument("--parallel", type=int, default=1, help="seeds run at the same time")
+    parser.add_argument("--dpo-lr", type=float, default=DPO["peakLearningRate"], help="DPO learning rate")
+    parser.add_argument("--dpo-steps", type=int, default=STEPS["dpo"], help="DPO steps at --scale 1")
+    parser.add_argument("--dpo-beta", type=float, default=DPO["beta"], help="DPO beta")
+    parser.add_argument("--dpo-nll", type=float, default=DPO["chosenNllWeight"],
+                        help="weight of the chosen completion's NLL in the DPO loss (dpo.chosenNllWeight)")
     args = parser.parse_args()
-    if args.seeds < 1 or args.scale <= 0 or args.parallel < 1:
-        parser.error("--seeds and --parallel must be at least 1 and --scale above 0")
+    if args.seeds < 1 or args.scale <= 0 or args.parallel < 1 or args.dpo_steps < 1:
+        parser.error("--seeds, --parallel and --dpo-steps must be at least 1 and --scale above 0")
+    if args.dpo_lr <= 0 or args.dpo_beta <= 0 or args.dpo_nll < 0:
+        parser.error("--dpo-lr and --dpo-beta must be above 0 and --dpo-nll at least 0")
+    DPO.update(peakLearningRate=args.dpo_lr, beta=args.dpo_beta, chosenNllWeight=args.dpo_nll)
+    STEPS["dpo"] = args.dpo_steps
     work = args.work.resolve()
     started = time.monotonic()
 
@@ -387,7 +396,8 @@ def main() -> int:
     with CpuMeter() as meter, local_ray(None, True) as ray_address, ThreadPoolExecutor(args.parallel) as pool:
         meter.watch(os.getpid())
         runs = list(pool.map(lambda seed: one(seed, ray_address), range(args.seeds)))
-    summary = (f"{args.seeds} seed(s) at --scale {args.scale:g}, {args.parallel} at a time: "
+    summary = (f"{args.seeds} seed(s) at --scale {args.scale:g}, {args.parallel} at a time, DPO lr {args.dpo_lr:g}, "
+               f"beta {args.dpo_beta:g}, {args.dpo_steps} steps, chosen NLL weight {args.dpo_nll:g}: "
                f"{(time.monotonic() - started) / 60:.1f} minutes, {meter.seconds / 60:.1f} CPU minutes "
                f"(all processes), load average {max(loads):.1f} (5 minutes, at most)")
     print(summary, flush=True)
