@@ -32,6 +32,7 @@ waiting for the disk).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -164,6 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     names = ["engine alone", "workflow", "workflow+cache", "shard worker", "one at a time"]
     figures: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
     records: dict[str, int] = {}
+    load_before = os.getloadavg()[0]
     recording = Recording(mistake_rate=MISTAKE_RATE, latency_s=latency)
     run_workflow(recording, batch, sampling)  # the calls to replay, and a warm-up of every import
     with tempfile.TemporaryDirectory() as directory:
@@ -188,7 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     requests = sum(len(call) for call in recording.calls)
     print(f"{args.seeds} seeds in shards of {workload.SEEDS_PER_SHARD}, {len(recording.calls)} engine calls, "
           f"{requests} requests at {args.latency_ms:g} ms each, {records['workflow']} records; "
-          f"{args.rounds} rounds: median (min-max)")
+          f"{args.rounds} rounds: median (min-max); load average before {load_before:.1f}, after "
+          f"{os.getloadavg()[0]:.1f}")
     base = [wall for wall, _ in figures["engine alone"]]
     base_cpu = [cpu for _, cpu in figures["engine alone"]]
     for name in names:

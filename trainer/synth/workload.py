@@ -74,7 +74,8 @@ FAILURE_BUDGET_STOP = "failureBudget"
 shards committed so far become the dataset, the attempt fails, and a retry resumes."""
 CALLS_PER_ACTOR = 2
 """Shards in hand per engine actor: one generating while the one before commits (its stats,
-its dataset shard, the request cache), so the engine does not wait for the store."""
+its dataset shard, the request cache), so the engine does not wait for the store. No more
+are queued on an actor, so the first actor ready does not take the shards of the others."""
 WORKERS_ENV = "TOKENMILL_SYNTH_WORKERS"
 """Engine actors; by default one per CPU of the Ray cluster (at most one per shard)."""
 
@@ -334,6 +335,7 @@ def execute(job: Job, seeds: list[dict[str, Any]]) -> Outcome:
                                      batch_format="numpy", num_cpus=1,
                                      compute=ray.data.ActorPoolStrategy(
                                          size=_workers(len(pending)), max_concurrent_calls_per_actor=CALLS_PER_ACTOR,
+                                         max_tasks_in_flight_per_actor=CALLS_PER_ACTOR,
                                          enable_true_multi_threading=True))
         # Every shard comes back (skipped ones at once after a stop), so no worker is still
         # writing when the driver trims and commits the manifest.
