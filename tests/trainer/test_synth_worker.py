@@ -90,3 +90,36 @@ def test_a_failed_commit_fails_its_shard_and_leaves_the_next_one_committing(work
         assert second.result()["stats"]["seeds"] == 4
     committed = DatasetWriter(dataset_uri(worker.job.output), CHAT_SAMPLES, producer=worker.job.producer).committed()
     assert sorted(committed) == [shard_name(1)]  # shard 0 is not done: a retry writes it
+
+
+def resource(failure_budget: dict | None) -> dict:
+    body = {"seeds": [{"uri": "s3://bucket/seeds/"}], "output": {"uri": "s3://bucket/out/"},
+            "workflow": [{"type": "agreementFilter", "agreementFilter": {}}], "generator": {"engine": "scripted"}}
+    if failure_budget is not None:
+        body["failureBudget"] = failure_budget
+    return {"apiVersion": "tokenmill.dev/v1alpha1", "kind": "SyntheticDataJob", "metadata": {"name": "synth"},
+            "spec": body}
+
+
+def test_a_bad_failure_budget_is_refused_naming_its_field():
+    from tokenmill.api.loader import parse_resource
+
+    parsed, problems = parse_resource(resource({"maxFailures": -1, "maxFraction": 1.5}), file="synth.yaml")
+    assert parsed is None
+    assert sorted((problem.path, problem.found) for problem in problems) == [
+        ("spec.failureBudget.maxFailures", -1), ("spec.failureBudget.maxFraction", 1.5)]
+    assert all(str(problem).startswith("synth.yaml: SyntheticDataJob/synth: spec.failureBudget.") for problem in problems)
+
+
+def test_each_engine_actor_fails_the_job_past_the_specs_failure_budget(tmp_path):
+    from tokenmill.api.loader import parse_resource
+
+    default, _ = parse_resource(resource(None))
+    assert (default.spec.failure_budget.max_failures, default.spec.failure_budget.max_fraction) == (16, 0.01)
+    seeds = write_seeds((tmp_path / "seeds").as_uri(), PROBLEMS[:4])
+    output = (tmp_path / "out").as_uri()
+    write_spec(output, spec(seeds, failureBudget={"maxFailures": 2, "maxFraction": 0.1}))
+    worker = workload.ShardWorker(workload.prepare(read_run_spec(output)).job)
+    assert not worker.engine.budget.exceeded(failures=3, attempted=10)  # 2 + 10% of 10
+    assert worker.engine.budget.exceeded(failures=4, attempted=10)
+    assert not worker.engine.budget.exceeded(failures=12, attempted=100)

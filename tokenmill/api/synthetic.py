@@ -194,6 +194,17 @@ class Budgets(ApiModel):
     """Stop after the engine has produced this many tokens in total."""
 
 
+class FailureBudget(ApiModel):
+    """Samples the engine may fail on after its own retries, per engine actor: each drops its
+    item (counted as generation-failed); past maxFailures plus maxFraction of the samples the
+    actor sent, the job stops with the shards finished as its dataset, and the attempt fails."""
+
+    max_failures: int = Field(default=16, ge=0, le=1_000_000_000)
+    """Failed samples allowed per engine actor, whatever it sent."""
+    max_fraction: Fraction = 0.01
+    """Further failed samples allowed per engine actor, as a share of the samples it sent."""
+
+
 class SyntheticDataJobSpec(CommonSpec):
     """Generates a synthetic dataset from seeds with a teacher model."""
 
@@ -213,6 +224,8 @@ class SyntheticDataJobSpec(CommonSpec):
     """Teacher model and engine."""
     budgets: Budgets = Field(default_factory=Budgets)
     """Early-stop limits."""
+    failure_budget: FailureBudget = Field(default_factory=FailureBudget)
+    """How many samples the engine may fail on before the job stops."""
     seed: int = Field(default=0, ge=0)
     """Seed for seed selection and sampling."""
 

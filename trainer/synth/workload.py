@@ -66,11 +66,9 @@ STATS_KEY = "_run/synth-stats.json"
 SHARD_STATS_PREFIX = "_run/synth-shards"
 STOP_KEY = "_run/synth-stop.json"
 """Written by the driver once a budget is spent: workers skip the shards they have not begun."""
-FAILURE_BUDGET_SAMPLES, FAILURE_BUDGET_FRACTION = 16, 0.01
-"""Samples the engine may fail on (after its own retries) per actor: each is dropped and
-counted as `generation-failed`; past that the job stops (`FAILURE_BUDGET_STOP`)."""
 FAILURE_BUDGET_STOP = "failureBudget"
-"""`stoppedBy` when an actor's engine failed more samples than the failure budget allows: the
+"""`stoppedBy` when an actor's engine failed more samples than `spec.failureBudget` allows
+(each failed sample is dropped and counted as `generation-failed` until then): the
 shards committed so far become the dataset, the attempt fails, and a retry resumes."""
 CALLS_PER_ACTOR = 2
 """Shards in hand per engine actor: one generating while the one before commits (its stats,
@@ -199,7 +197,8 @@ class ShardWorker:
         self.job = job
         self.engine = engine_from_generator(
             job.spec.generator, output=job.output,
-            budget=FailureBudget(FAILURE_BUDGET_SAMPLES, FAILURE_BUDGET_FRACTION), fence=job.fence)
+            budget=FailureBudget(job.spec.failure_budget.max_failures, job.spec.failure_budget.max_fraction),
+            fence=job.fence)
         # nobody scrapes an actor: its counts go back with each result, to the driver's series
         self.tally = GenerationTally(self.engine.engine_name)
         self.engine.metrics = self.engine.engine.metrics = self.tally
