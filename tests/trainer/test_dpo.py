@@ -258,6 +258,10 @@ def dpo_inputs(tmp_path_factory) -> tuple[str, str, Path]:
     return write_parent(root / "parent"), write_pairs(root / "pairs", rows), root
 
 
+DPO_STEPS = 20
+"""Steps of the DPO test runs: many after checkpoint 3, so the kill from outside lands mid-run."""
+
+
 def dpo_spec(parent: str, pairs: str, reference: str | None = None, **overrides) -> dict:
     spec = {
         "stage": "dpo", "model": {"parent": {"uri": parent}},
@@ -265,7 +269,7 @@ def dpo_spec(parent: str, pairs: str, reference: str | None = None, **overrides)
         "datasets": [{"uri": pairs, "name": "pts", "weight": 1.0, "epochs": 10}],
         "sequenceLength": 64,
         "optimization": {"globalBatchSequences": 8, "microBatchSequences": 2, "peakLearningRate": 1e-3,
-                         "totalTokens": 8 * 8 * 64},
+                         "totalTokens": DPO_STEPS * 8 * 64},
         "checkpoint": {"intervalSteps": 3, "keepLast": 2},
         "execution": {"precision": "fp32", "seed": 4},
         "ray": {"workers": {"replicas": 2, "gpusPerWorker": 0}},
@@ -284,7 +288,7 @@ def test_dpo_stage_trains_resumes_exactly_and_reuses_the_reference(ray_cluster, 
     assert "pts: 64 pairs kept" in out and f"{DROP_SAME}: 1" in out and "one-token pairs: 64" in out
     assert "reference log-probs of 64 pairs computed (64 sequences forwarded)" in out  # one per pair
     history = read_history(full)
-    assert len(history) == 8 and history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert len(history) == DPO_STEPS and history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert history[-1]["loss"] < 0.4 and history[-1]["reward_accuracy"] == 1.0 and history[-1]["margin"] > 0.5
     assert all(row["sequences_per_pair"] == 1.0 for row in history)  # one forward per one-token pair
     assert history[-1]["chosen_reward"] > 0 > history[-1]["rejected_reward"]
