@@ -10,7 +10,7 @@ import pytest
 from tests.trainer.generate_fixtures import export_tiny
 from tokenmill.store import ManifestNotFoundError, open_dataset
 from tokenmill.trainer.generate import GenerationRequest, SamplingParams, load_torch_engine
-from tokenmill.trainer.generate.cache import CachedEngine, RequestCache, generations_uri, request_key
+from tokenmill.trainer.generate.cache import CachedEngine, RequestCache, generations_uri, request_key, request_keys
 from tokenmill.trainer.tokenizer import get_tokenizer
 
 BYTE = get_tokenizer("byte")
@@ -70,6 +70,24 @@ def test_the_key_covers_engine_model_prompt_sampling_seed_and_index():
     ]
     assert len({base, *variants}) == 7
     assert request_key("torch", "m", request.with_indices([0]), 0) == base
+
+
+def test_the_engine_keys_every_sample_as_request_key_does():
+    """The keys the cached engine looks up (built once per request) are `request_key`'s, so a
+    cache written by one is served by the other."""
+    requests = [
+        GenerationRequest(messages=({"role": "system", "content": "Réponds brièvement."},
+                                    {"role": "user", "content": 'Say "hi" \\ ünïcødé'}), n=3, sampling=SAMPLING),
+        GenerationRequest(prompt_token_ids=(5, 6, 7), sampling=SAMPLING, sample_indices=(2, 9)),
+        GenerationRequest(prompt_token_ids=(5, 6, 7), n=2,
+                          sampling=SamplingParams(**{**SAMPLING.to_dict(), "seed": None})),
+    ]
+    for engine, model in (("torch", "sha256:abc"), ("openai", 'http://h/v1 "m"')):
+        for request in requests:
+            keys = request_keys(engine, model, request)
+            assert list(keys) == list(request.indices)
+            assert keys == {index: request_key(engine, model, request, index) for index in request.indices}
+    assert request_keys("torch", "a", requests[1]) != request_keys("torch", "b", requests[1])
 
 
 def test_the_workload_metrics_server_shows_generation(model_uri, tmp_path):

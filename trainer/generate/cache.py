@@ -88,14 +88,28 @@ def request_key(engine: str, model_identity: str, request: GenerationRequest, in
 def request_keys(engine: str, model_identity: str, request: GenerationRequest) -> dict[int, str]:
     """`request_key` of each of the request's sample indices, serialising the request once."""
     # the sorted keys of request_key's object: engine, model, prompt, sample_index, sampling, seed
-    head = f'{{"engine":{_json(engine)},"model":{_json(model_identity)},"prompt":{_json(request.prompt_key())},' \
-           '"sample_index":'
+    head = hashlib.sha256(_identity_head(engine, model_identity))
+    head.update(f'{_json(request.prompt_key())},"sample_index":'.encode())
     tail = _sampling_tail(request.sampling)
-    return {index: hashlib.sha256(f"{head}{index}{tail}".encode()).hexdigest() for index in request.indices}
+    keys = {}
+    for index in request.indices:
+        digest = head.copy()
+        digest.update(f"{index}{tail}".encode())
+        keys[index] = digest.hexdigest()
+    return keys
+
+
+_canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+"""`stable_hash`'s encoding, built once (json.dumps with options builds an encoder per call)."""
 
 
 def _json(value: object) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return _canonical.encode(value)
+
+
+@functools.lru_cache(maxsize=64)
+def _identity_head(engine: str, model_identity: str) -> bytes:
+    return f'{{"engine":{_json(engine)},"model":{_json(model_identity)},"prompt":'.encode()
 
 
 @functools.lru_cache(maxsize=1024)
@@ -144,7 +158,9 @@ class RequestCache:
     """The attempt's fence: a superseded attempt commits no shard, deletes nothing, writes no manifest."""
     completions: dict[str, Completion] = field(default_factory=dict)
     failures: dict[str, SampleFailure] = field(default_factory=dict)
-    _pending: list[dict] = field(default_factory=list)
+    _pending: list[tuple[str, str | None, Completion | None, SampleFailure | None]] = field(default_factory=list)
+    """(key, request id, completion, failure) per result not yet committed, serialised by the commit
+    (off the engine's thread); an answered Completion is never changed, it is also what is served."""
     _writer_id: str = field(default_factory=lambda: secrets.token_hex(6))
     _shards_written: int = 0
     _last_flush: float = field(default_factory=time.monotonic)
@@ -186,20 +202,14 @@ class RequestCache:
 
     def put(self, key: str, request: GenerationRequest, completion: Completion | None,
             failure: SampleFailure | None = None) -> None:
-        row = {"key": key, "request_id": request.id, "completion": None, "error_kind": None, "error": None}
-        if completion is not None:
-            row |= {"sample_index": completion.index, "completion": completion_json(completion)}
-        else:
-            assert failure is not None
-            row |= {"sample_index": failure.index, "error_kind": failure.kind, "error": failure.message}
+        assert completion is not None or failure is not None
         with self._lock:
             if completion is not None:
                 self.completions[key] = completion
                 self.failures.pop(key, None)
             else:
-                assert failure is not None
                 self.failures[key] = failure
-            self._pending.append(row)
+            self._pending.append((key, request.id, completion, failure))
             due = (len(self._pending) >= self.flush_rows
                    or time.monotonic() - self._last_flush >= self.flush_seconds)
         if due:
@@ -247,7 +257,7 @@ class RequestCache:
             self._committing = True
             if not background:
                 self._error = None
-        rows: list[dict] = []
+        rows: list[tuple[str, str | None, Completion | None, SampleFailure | None]] = []
         failed: BaseException | None = None
         try:
             with self._lock:
@@ -255,7 +265,7 @@ class RequestCache:
                 name = f"w-{self._writer_id}-{self._shards_written:06d}"
                 self._last_flush = time.monotonic()
             if rows:
-                self.writer.write_shard(name, rows)
+                self.writer.write_shard(name, _columns(rows))
                 with self._lock:
                     self._shards_written += 1
         except BaseException as error:
@@ -280,6 +290,26 @@ class RequestCache:
         """Flushes and writes the manifest over every committed shard (driver, at the end)."""
         self.flush()
         self.writer.finalize()
+
+
+def _columns(rows: list[tuple[str, str | None, Completion | None, SampleFailure | None]]) -> dict[str, list]:
+    """Pending results as the `generations/1` shard's columns, serialised in one pass."""
+    keys, request_ids, indices, completions, kinds, errors = [], [], [], [], [], []
+    for key, request_id, completion, failure in rows:
+        keys.append(key)
+        request_ids.append(request_id)
+        if completion is not None:
+            indices.append(completion.index)
+            completions.append(completion_json(completion))
+            kinds.append(None)
+            errors.append(None)
+        else:
+            indices.append(failure.index)
+            completions.append(None)
+            kinds.append(failure.kind)
+            errors.append(failure.message)
+    return {"key": keys, "request_id": request_ids, "sample_index": indices, "completion": completions,
+            "error_kind": kinds, "error": errors}
 
 
 class CachedEngine(Engine):
