@@ -110,34 +110,39 @@ def test_one_forward_per_model_per_one_token_pair() -> None:
     assert pair_batch(MIXED_PAIRS, BYTE.pad_id).forwards == 1 + 2 + 2 + 1
 
 
-def test_step_zero_loss_and_gradients_match_trl(tmp_path: Path) -> None:
+def trl_step_zero(tmp_path: Path, seeds: tuple[int, int], rows: list[dict], beta: float, **dpo_args):
+    """Our policy and reference (built from `seeds`), TRL's policy after its loss's backward, TRL's loss,
+    and the pairs as TRL tokenized them (its completions end with the tokenizer's EOS)."""
     from datasets import Dataset
     from transformers import AutoTokenizer, Phi3ForCausalLM
     from trl import DPOConfig, DPOTrainer
 
     from tokenmill.trainer.model.hf import export_hf
 
-    policy, reference = build_model(CONFIG, seed=1), build_model(CONFIG, seed=2)
+    policy, reference = build_model(CONFIG, seed=seeds[0]), build_model(CONFIG, seed=seeds[1])
     export_hf(policy, CONFIG, tmp_path / "policy", tokenizer_name="byte", dtype="float32")
     export_hf(reference, CONFIG, tmp_path / "reference", tokenizer_name="byte", dtype="float32")
     hf_policy = Phi3ForCausalLM.from_pretrained(tmp_path / "policy", dtype=torch.float32)
     hf_reference = Phi3ForCausalLM.from_pretrained(tmp_path / "reference", dtype=torch.float32)
-    rows = [{"prompt": "echo red: ", "chosen": "red", "rejected": "blue moon"},
-            {"prompt": "sum 2+2=", "chosen": "4", "rejected": "5"},
-            {"prompt": "hi", "chosen": " there", "rejected": "!"},
-            {"prompt": "a b c ", "chosen": "d", "rejected": "e f"}]
-    beta = 0.3
-    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=beta, per_device_train_batch_size=4, report_to=[],
-                     use_cpu=True, max_length=None, bf16=False)
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=beta, per_device_train_batch_size=len(rows), report_to=[],
+                     use_cpu=True, max_length=None, bf16=False, **dpo_args)
     trainer = DPOTrainer(model=hf_policy, ref_model=hf_reference, args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=AutoTokenizer.from_pretrained(tmp_path / "policy"))
     examples = [trainer.train_dataset[i] for i in range(len(rows))]
     hf_policy.train()
     trl_loss = trainer.compute_loss(hf_policy, trainer.data_collator(examples))
     trl_loss.backward()
-
-    # The same pairs, as TRL tokenized them (its completions end with the tokenizer's EOS).
     pairs = [(np.array(e["prompt_ids"]), np.array(e["chosen_ids"]), np.array(e["rejected_ids"])) for e in examples]
+    return policy, reference, hf_policy, trl_loss, pairs
+
+
+def test_step_zero_loss_and_gradients_match_trl(tmp_path: Path) -> None:
+    rows = [{"prompt": "echo red: ", "chosen": "red", "rejected": "blue moon"},
+            {"prompt": "sum 2+2=", "chosen": "4", "rejected": "5"},
+            {"prompt": "hi", "chosen": " there", "rejected": "!"},
+            {"prompt": "a b c ", "chosen": "d", "rejected": "e f"}]
+    beta = 0.3
+    policy, reference, hf_policy, trl_loss, pairs = trl_step_zero(tmp_path, (1, 2), rows, beta)
     batch = pair_batch(pairs, BYTE.pad_id)
     with torch.no_grad():
         reference_logps = sequence_logps(reference, batch, PLAIN)
@@ -155,32 +160,12 @@ def test_step_zero_loss_and_gradients_match_trl(tmp_path: Path) -> None:
 def test_chosen_nll_term_matches_trl_sft_loss(tmp_path: Path) -> None:
     """dpo.chosenNllWeight against TRL's sigmoid + weighted sft loss, on chosen completions of one length
     (TRL averages the NLL over the batch's chosen tokens, ours per pair: the same when lengths agree)."""
-    from datasets import Dataset
-    from transformers import AutoTokenizer, Phi3ForCausalLM
-    from trl import DPOConfig, DPOTrainer
-
-    from tokenmill.trainer.model.hf import export_hf
-
-    policy, reference = build_model(CONFIG, seed=3), build_model(CONFIG, seed=4)
-    export_hf(policy, CONFIG, tmp_path / "policy", tokenizer_name="byte", dtype="float32")
-    export_hf(reference, CONFIG, tmp_path / "reference", tokenizer_name="byte", dtype="float32")
-    hf_policy = Phi3ForCausalLM.from_pretrained(tmp_path / "policy", dtype=torch.float32)
-    hf_reference = Phi3ForCausalLM.from_pretrained(tmp_path / "reference", dtype=torch.float32)
     rows = [{"prompt": "6 + 9 = ", "chosen": "15", "rejected": "17"},
             {"prompt": "8 - 3 = ", "chosen": "5.", "rejected": "6"},
             {"prompt": "hi", "chosen": " x", "rejected": " there!"}]
     beta, weight = 0.2, 0.7
-    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=beta, per_device_train_batch_size=3, report_to=[],
-                     use_cpu=True, max_length=None, bf16=False, loss_type=["sigmoid", "sft"],
-                     loss_weights=[1.0, weight])
-    trainer = DPOTrainer(model=hf_policy, ref_model=hf_reference, args=args, train_dataset=Dataset.from_list(rows),
-                         processing_class=AutoTokenizer.from_pretrained(tmp_path / "policy"))
-    examples = [trainer.train_dataset[i] for i in range(len(rows))]
-    hf_policy.train()
-    trl_loss = trainer.compute_loss(hf_policy, trainer.data_collator(examples))
-    trl_loss.backward()
-
-    pairs = [(np.array(e["prompt_ids"]), np.array(e["chosen_ids"]), np.array(e["rejected_ids"])) for e in examples]
+    policy, reference, hf_policy, trl_loss, pairs = trl_step_zero(
+        tmp_path, (3, 4), rows, beta, loss_type=["sigmoid", "sft"], loss_weights=[1.0, weight])
     assert len({chosen.size for _, chosen, _ in pairs}) == 1
     batch = pair_batch(pairs, BYTE.pad_id)
     with torch.no_grad():
