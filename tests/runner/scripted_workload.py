@@ -7,6 +7,7 @@ then stop the way Ray's processes may: a thread's traceback on stderr, then its 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -51,10 +52,8 @@ def main() -> int:
 def wait_for_ctrl_c() -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # it stops in its own time, as a workload shutting down in order
     Path(os.environ["SCRIPTED_READY"]).touch()
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         threading.Event().wait()
-    except KeyboardInterrupt:
-        pass
 
     def monitor() -> None:
         raise ConnectionError("the cluster went away while stopping")

@@ -199,11 +199,11 @@ class LocalRunner:
 def _log_lines(stream: IO[str], log: IO[str], lines: queue.Queue[str | None]) -> None:
     """Copy every line of `stream` to `log` and pass it on to `lines`; None marks its end."""
     try:
-        for text in stream:
-            log.write(text)
-            lines.put(text)
-    except (OSError, ValueError):  # the log closed: an interrupted runner stopped waiting for the rest
-        pass
+        # OSError, ValueError: the log closed, an interrupted runner stopped waiting for the rest
+        with contextlib.suppress(OSError, ValueError):
+            for text in stream:
+                log.write(text)
+                lines.put(text)
     finally:
         lines.put(None)
 
