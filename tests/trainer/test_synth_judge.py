@@ -18,6 +18,7 @@ from tokenmill.trainer.generate import SamplingParams
 from tokenmill.trainer.generate.scripted_engine import ScriptedEngine, correct_answer, judge
 from tokenmill.trainer.oracles.math import extract_answer
 from tokenmill.trainer.synth import workload
+from tokenmill.trainer.synth.steps import AgreementFilter as AgreementFilterStep
 from tokenmill.trainer.synth.steps import Context, Item, Judge, MultiTurn, parse_judgement
 from tokenmill.trainer.synth.workflow import (
     DATASET_TYPES,
@@ -227,6 +228,129 @@ def test_a_judge_after_multi_turn_keeps_the_conversation_with_the_best_final_rep
         assert len(judged) == 4 and all(first_question in p for p in judged)
 
 
+PAIR_JUDGE = {"type": "judge", "judge": {"responses": 4, "rubric": ["correctness"], "scale": 10, "minMargin": 3}}
+
+
+def test_a_multi_turn_preference_pair_is_the_conversation_with_its_best_and_worst_final_reply(tmp_path):
+    """After multiTurn, the pair's prompt is the conversation up to its final user turn (the
+    earlier assistant turn included) and chosen/rejected the best/worst judged final replies;
+    a conversation whose replies score within the margin gives no pair. The DPO stage's loader
+    renders the prompt as those turns in the chat format, then the assistant header."""
+    kind = DATASET_TYPES["preference"]
+    steps = [MultiTurn(turns=2, revise_each_turn=False), Judge(responses=4, rubric=["correctness"], scale=10,
+                                                               min_margin=3)]
+    check_workflow(kind, steps)
+    check_templates(steps, [{"id": "q0", "question": "What is 1 + 1?"}], "spec.seeds")
+
+    # the judge's verdict on each conversation, and why
+    conversations = [o.item for o in MultiTurn(turns=2, revise_each_turn=False).run(items(), context(0.5, pairs=True))]
+    own = {item.id: [dict(m) for m in item.messages] for item in conversations}
+    outcomes = Judge(4, ["correctness"], 10, 3).run(conversations, context(0.5, pairs=True))
+    for outcome in outcomes:
+        [entry] = [e for e in outcome.item.trail if e["step"] == "judge"]
+        assert entry["turn"] == 2 and entry["ownResponse"]
+        assert entry["responses"][0] == own[outcome.item.id][-1]["content"]  # the conversation's own final reply
+        margin = max(entry["scores"]) - min(entry["scores"])
+        assert outcome.reason == ("pair-with-margin" if margin >= 3 else "no-margin"), entry["scores"]
+    reasons = Counter(o.reason for o in outcomes)
+    assert reasons["pair-with-margin"] and reasons["no-margin"]  # some conversations' four replies all alike
+
+    teacher = ObservedTeacher(mistake_rate=0.5)
+    seeds = [{"id": f"q{i}", "question": q, "source": "t", "answer": None, "tests": None}
+             for i, q in enumerate(ARITHMETIC)]
+    rows, stats = Workflow(kind, steps, [MULTI_TURN, PAIR_JUDGE]).run(
+        seeds, Context(teacher, SamplingParams(seed=3, max_tokens=256)))
+    assert len(rows) == reasons["pair-with-margin"] == stats.records[("judge", "kept", "pair-with-margin")]
+    assert stats.records[("judge", "dropped", "no-margin")] == reasons["no-margin"]
+    for row in rows:
+        prompt, meta = row["prompt"], json.loads(row["meta"])
+        assert [m["role"] for m in prompt] == ["user", "assistant", "user"]
+        assert prompt == own[row["id"]][:-1]  # the whole conversation before the judged reply
+        judged = judge_entry(row)
+        assert judged["turn"] == 2 and judged["ownResponse"] and len(judged["responses"]) == 4
+        assert row["chosen"] == judged["responses"][judged["chosen"]]
+        assert row["rejected"] == judged["responses"][judged["rejected"]]
+        assert meta["chosenScore"] == judged["scores"][judged["chosen"]] == max(judged["scores"])
+        assert meta["rejectedScore"] == judged["scores"][judged["rejected"]] == min(judged["scores"])
+        assert meta["chosenScore"] - meta["rejectedScore"] >= 3 and meta["scale"] == 10
+        # the scripted judge scores sound arithmetic for the last question above a slip
+        assert final(row["chosen"]) == correct_answer(prompt[-1]["content"]) != final(row["rejected"])
+        assert "answer" not in meta  # a reference answer would be the first question's
+        # every candidate was judged with the earlier turns shown
+        judge_prompts = [r.messages[-1]["content"] for r in teacher.seen
+                         if r.messages[-1]["content"].startswith("Task: judge") and prompt[-1]["content"] in
+                         r.messages[-1]["content"]]
+        assert len(judge_prompts) == 4 and all(prompt[0]["content"] in p and prompt[1]["content"] in p
+                                               for p in judge_prompts)
+
+    from tokenmill.store import DatasetWriter
+    from tokenmill.trainer.tokenizer.special import IM_END, IM_SEP, IM_START
+
+    uri = (tmp_path / "pairs").as_uri()
+    writer = DatasetWriter(uri, PREFERENCE_PAIRS)
+    writer.write_shard(0, rows)
+    writer.finalize()
+    tokenizer = get_tokenizer("byte")
+    pairs = load_pairs(uri, "multi-turn", tokenizer, tokenizer.vocab_size, 4096)
+    assert pairs.counts[KEPT] == len(rows) and pairs.ids == [row["id"] for row in rows]
+    start, sep, end = (tokenizer.token_id(t) for t in (IM_START, IM_SEP, IM_END))
+    for row, prompt_ids, chosen_ids in zip(rows, pairs.prompts, pairs.chosen):
+        expected = [token for message in row["prompt"] for token in (
+            start, *tokenizer.encode(message["role"]), sep, *tokenizer.encode(message["content"]), end)]
+        assert prompt_ids.tolist() == [*expected, start, *tokenizer.encode("assistant"), sep]
+        assert chosen_ids.tolist() == [*tokenizer.encode(row["chosen"]), end]
+
+
+def test_an_agreement_filter_before_multi_turn_answers_its_first_turn():
+    """The agreement filter's solution is the conversation's first reply; the pair judges the last."""
+    from tokenmill.trainer.synth.steps import AgreementFilter
+
+    kind = DATASET_TYPES["preference"]
+    steps = [AgreementFilter(4, 0.0, 1.0), MultiTurn(turns=2, revise_each_turn=False), Judge(4, ["correctness"], 10, 1)]
+    check_workflow(kind, steps)
+    seeds = [{"id": f"q{i}", "question": q, "source": "t", "answer": None, "tests": None}
+             for i, q in enumerate(ARITHMETIC)]
+    description = [{"type": "agreementFilter", "agreementFilter": {"samples": 4, "maxAgreement": 1.0}}, MULTI_TURN,
+                   PAIR_JUDGE]
+    rows, stats = Workflow(kind, steps, description).run(seeds, context(0.5, pairs=True))
+    assert rows and stats.records[("agreementFilter", "kept", "agreement-in-window")] >= len(rows)
+    for row in rows:
+        trail = json.loads(row["meta"])["provenance"]["steps"]
+        [agreement] = [e for e in trail if e["step"] == "agreementFilter" and "plurality" in e]
+        assert row["prompt"][0]["content"] == seeds[int(row["id"][1:])]["question"]
+        assert final(row["prompt"][1]["content"]) == agreement["plurality"]
+        assert "answer" not in json.loads(row["meta"])
+
+
+@pytest.mark.parametrize(("workflow", "message"), [
+    ([MultiTurn(2, False), AgreementFilterStep(4, 0.0, 1.0), Judge(2, ["c"], 10, 1)],
+     r"spec\.workflow\[1\]\.type: agreementFilter cannot follow multiTurn"),
+    ([MultiTurn(2, False), Judge(2, ["c"], 10, 1), MultiTurn(2, False)], "needs a judge step, last"),
+])
+def test_a_multi_turn_preference_workflow_out_of_order_is_refused(workflow, message):
+    with pytest.raises(SynthInputError, match=message):
+        check_workflow(DATASET_TYPES["preference"], workflow)
+
+
+def test_the_api_accepts_multi_turn_for_preference_pairs_and_chat_followed_by_a_judge_only():
+    from tokenmill.api.semantic import validate
+
+    def problems(dataset_type: str, workflow: list[dict] | None = None) -> list[str]:
+        document = {"apiVersion": "tokenmill.dev/v1alpha1", "kind": "SyntheticDataJob", "metadata": {"name": "pairs"},
+                    "spec": spec("s3://bucket/seeds", dataset_type=dataset_type,
+                                 workflow=workflow or [MULTI_TURN, PAIR_JUDGE])}
+        resource, parse_problems = parse_resource(document)
+        assert resource is not None, parse_problems
+        return [f"{problem.path} {problem.message}" for problem in validate(resource)]
+
+    assert problems("preference") == [] and problems("chat") == []
+    assert any("spec.workflow[0].type step multiTurn needs datasetType chat or preference" in problem
+               for problem in problems("math")), problems("math")
+    rewrite_after = problems("preference", [MULTI_TURN, {"type": "rewrite", "rewrite": {}}, PAIR_JUDGE])
+    assert any(problem.startswith("spec.workflow[1].type cannot follow multiTurn") for problem in rewrite_after), \
+        rewrite_after
+
+
 def test_a_preference_workflow_without_a_judge_step_is_refused():
     kind = DATASET_TYPES["preference"]
     with pytest.raises(SynthInputError, match="datasetType preference needs a judge step"):
@@ -287,10 +411,14 @@ def test_the_workload_writes_preference_pairs_the_dpo_stage_reads(tmp_path, monk
     body = spec(seeds, dataset_type="preference", workflow=[
         {"type": "judge", "judge": {"responses": 6, "rubric": ["correctness"], "scale": 10, "minMargin": 3}}],
         generator={"engine": "scripted", "mistakeRate": 0.5, "sampling": {"temperature": 1.0, "maxTokens": 256}})
+    # and multi-turn pairs, from the same seeds on the same cluster
+    multi_turn_output = (tmp_path / "multi-turn").as_uri()
+    multi_turn_body = {**body, "workflow": [MULTI_TURN, *body["workflow"]]}
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False)
     try:
         assert workload.run(write_spec(output, body)) == 0
+        assert workload.run(write_spec(multi_turn_output, multi_turn_body)) == 0
     finally:
         ray.shutdown()
     dataset = open_dataset(dataset_uri(output))
@@ -310,4 +438,21 @@ def test_the_workload_writes_preference_pairs_the_dpo_stage_reads(tmp_path, monk
 
     tokenizer = get_tokenizer("byte")
     pairs = load_pairs(dataset_uri(output), "judge-pairs", tokenizer, tokenizer.vocab_size, 1024)
+    assert pairs.counts[KEPT] == len(rows) == len(pairs.ids)
+
+    rows = open_dataset(dataset_uri(multi_turn_output)).read_all().to_pylist()
+    stats = open_store(multi_turn_output).read_json(workload.STATS_KEY)
+    assert [step["step"] for step in stats["steps"]] == ["multiTurn", "judge", "output"]
+    [judged] = [step for step in stats["steps"] if step["step"] == "judge"]
+    assert rows and stats["written"] == len(rows) == judged["kept"] == judged["keptByReason"]["pair-with-margin"]
+    for row in rows:
+        meta, entry = json.loads(row["meta"]), judge_entry(row)
+        assert [m["role"] for m in row["prompt"]] == ["user", "assistant", "user"]
+        assert row["prompt"][0]["content"] == PROBLEMS[int(row["id"][1:])]
+        assert entry["turn"] == 2 and entry["ownResponse"] and len(entry["responses"]) == 6
+        assert (row["chosen"], row["rejected"]) == (entry["responses"][entry["chosen"]],
+                                                    entry["responses"][entry["rejected"]])
+        assert meta["chosenScore"] - meta["rejectedScore"] >= 3
+        assert final(row["chosen"]) == correct_answer(row["prompt"][-1]["content"])
+    pairs = load_pairs(dataset_uri(multi_turn_output), "multi-turn-pairs", tokenizer, tokenizer.vocab_size, 4096)
     assert pairs.counts[KEPT] == len(rows) == len(pairs.ids)

@@ -1,6 +1,6 @@
 """The SyntheticDataJob against a real endpoint (`tokenmill serve`, through a proxy that counts
 every sample it forwards): a run killed from outside and resumed pays for no request twice,
-with one engine actor and with two; an engine that fails more samples than the failure
+with one engine actor and with two; an engine that fails more samples than the spec's failure
 budget allows stops the job with a committed, consistent dataset and says why."""
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from tokenmill.store import (
 from tokenmill.store.schemas import GENERATIONS
 from tokenmill.trainer.generate.cache import generations_uri
 from tokenmill.trainer.synth import workload
+from tokenmill.trainer.synth.workflow import StepStats
 
 pytestmark = pytest.mark.slow  # tokenmill serve, and Ray
 
@@ -41,6 +42,7 @@ MODEL = "tiny"
 KEY = "sk-resume-0123456789"
 KEY_ENV = "TOKENMILL_GENERATOR_API_KEY"
 COMMAND = [sys.executable, "-m", "tokenmill.trainer", "synthetic-data", "--spec"]
+FIRST_SNIPPET = 3
 
 
 class CountingProxy(OpenAIFaultProxy):
@@ -137,6 +139,27 @@ def check_consistent(output: str) -> tuple[list[dict], dict]:
     return rows, stats
 
 
+def answering_instructions(shards: int) -> Callable[[str], str | None]:
+    """A proxy policy: the requests for an instruction for the snippets (`x = a * b`, 16 a shard)
+    of the first `shards` shards asked about are answered, every other request is held. A
+    shard's first call asks for its snippets' instructions, so it is answered whole or not at
+    all (an engine call's answers go on record when the whole call has returned)."""
+    lock, answered = threading.Lock(), set()
+
+    def policy(prompt: str) -> str | None:
+        snippet = re.search(r"x = (\d+) \*", prompt)
+        if "Task: instruct" not in prompt or snippet is None:
+            return "hold"
+        shard = (int(snippet.group(1)) - FIRST_SNIPPET) // 16
+        with lock:
+            if shard in answered or len(answered) < shards:
+                answered.add(shard)
+                return None
+        return "hold"
+
+    return policy
+
+
 def start_workload(spec_uri: str, log_path: Path, workers: int) -> subprocess.Popen:
     return start_in_session([*COMMAND, spec_uri], log_path, {workload.WORKERS_ENV: str(workers), KEY_ENV: KEY})
 
@@ -144,7 +167,9 @@ def start_workload(spec_uri: str, log_path: Path, workers: int) -> subprocess.Po
 @pytest.mark.timeout(1800)  # two runs of the workload, each starting its own Ray
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_run_killed_from_outside_resumes_without_repeating_a_request(served, proxy, tmp_path, workers):
-    questions = [f"x = {a} * {a % 7 + 2}" for a in range(3, 51)]  # 48 snippets: 3 shards of 16
+    # 16 snippets a shard, one shard more than an actor holds, so with two actors both get one
+    questions = [f"x = {a} * {a % 7 + 2}"
+                 for a in range(FIRST_SNIPPET, FIRST_SNIPPET + 16 * (workload.CALLS_PER_ACTOR + 1))]
     seeds = write_seeds((tmp_path / "seeds").as_uri(), questions)
     # two calls per shard (instructions for the snippets, then code for the instructions), with
     # prompts short enough for the tiny model's 256-token context
@@ -154,11 +179,14 @@ def test_a_run_killed_from_outside_resumes_without_repeating_a_request(served, p
     output = (tmp_path / "out").as_uri()
     served_before = served.metric("tokenmill_generate_requests_total")
 
-    # Each actor's first call (an instruction for each of its shard's 16 snippets) is answered;
-    # from then on the endpoint holds every request (the regenerated code), and the run is
-    # killed once what was answered is committed to the request cache.
-    proxy.policy = lambda prompt: None if "Task: instruct" in prompt else "hold"
+    # The endpoint answers the first call (instructions for its shard's 16 snippets) of as many
+    # shards as there are actors, and holds every other request (other shards' instructions,
+    # the regenerated code): an actor's shards take turns on its engine, so once one of its
+    # calls is held, it asks nothing more. Which actors' calls are answered depends on their
+    # timing, how many do not. The run is killed once what was answered is committed to the
+    # request cache.
     answered_first = 16 * workers
+    proxy.policy = answering_instructions(workers)
     process = start_workload(write_spec(output, body), tmp_path / "killed.log", workers)
     try:
         wait_for(lambda: committed_cache_rows(output) >= answered_first, "the first calls' cache commits", process)
@@ -200,25 +228,34 @@ def test_a_run_killed_from_outside_resumes_without_repeating_a_request(served, p
     assert stats["seeds"] == len(questions) and stats["steps"][0]["in"] == len(questions)
 
 
-def test_failures_beyond_the_budget_stop_the_job_with_a_committed_dataset(served, proxy, tmp_path, monkeypatch,
-                                                                         capfd):
+def test_the_specs_failure_budget_stops_the_job_with_a_committed_dataset(served, proxy, tmp_path, monkeypatch,
+                                                                        capfd):
+    """`failureBudget: {maxFailures: 0, maxFraction: 0}`: the one sample the endpoint refuses
+    stops the job, which the default budget (16 + 1%) would have let finish. The shards
+    finished before are the dataset, whole; the shard with the refusal is not in it."""
     import ray
     from prometheus_client.parser import text_string_to_metric_families
 
     from tests.fixtures.s3 import free_port
+    from tokenmill.api.synthetic import FailureBudget as FailureBudgetSpec
+    from tokenmill.trainer.generate.cache import FailureBudget
     from tokenmill.trainer.metrics import serve_workload_metrics
 
     monkeypatch.setattr(workload, "SEEDS_PER_SHARD", 20)
     monkeypatch.setenv(workload.WORKERS_ENV, "1")
     monkeypatch.setenv(KEY_ENV, KEY)  # before Ray starts, so the engine actors see it
     questions = [f"x = {a} + {a + 3}" for a in range(20)]
-    questions += [f"refuse = {a} - 2" for a in range(20, 40)]  # the endpoint refuses these
-    questions += [f"y = {a} * 3" for a in range(40, 60)]
+    questions += [f"y = {a} * 3" for a in range(20, 40)]
+    questions += [f"z = {a} - 1" for a in range(40, 49)] + ["refuse = 49 - 2"]  # the endpoint refuses this one
+    questions += [f"z = {a} - 1" for a in range(50, 60)]
     seeds = write_seeds((tmp_path / "seeds").as_uri(), questions)
     output = (tmp_path / "out").as_uri()
     body = spec(seeds, dataset_type="code", generator=openai_generator(proxy.url), workflow=[
         {"type": "instructionReversal", "instructionReversal": {"similarityThreshold": 0.01,
-                                                                "metric": "token-jaccard"}}])
+                                                                "metric": "token-jaccard"}}],
+        failureBudget={"maxFailures": 0, "maxFraction": 0})
+    default = FailureBudgetSpec()
+    assert not FailureBudget(default.max_failures, default.max_fraction).exceeded(1, 1)  # would not stop
     doc = {"kind": "SyntheticDataJob", "metadata": {"name": "synth", "namespace": "default"}, "output": output}
     proxy.policy = lambda prompt: "400" if "refuse =" in prompt else None
 
@@ -236,23 +273,38 @@ def test_failures_beyond_the_budget_stop_the_job_with_a_committed_dataset(served
     err = capfd.readouterr().err
     assert code == workload.EXIT_FAILED, err
 
-    # the job stopped: the shard before the refusals is the dataset, consistent with its statistics
+    # The job stopped: the last shard, with the refusal, is not in the dataset; what is (the
+    # shards the actor finished before the refusal: with all three in hand, taking turns on
+    # its engine, none, one or both of the others) is whole and consistent with the statistics.
     manifest = read_manifest(dataset_uri(output))
-    assert [shard.shard for shard in manifest.shards] == [shard_name(0)]
+    committed = [shard.shard for shard in manifest.shards]
+    assert set(committed) <= {shard_name(0), shard_name(1)}
     rows, stats = check_consistent(output)
-    assert stats["stoppedBy"] == workload.FAILURE_BUDGET_STOP and stats["seeds"] == 20
-    assert re.match(r"20 of \d+ samples failed, more than the failure budget", stats["failure"])
+    assert stats["stoppedBy"] == workload.FAILURE_BUDGET_STOP and stats["seeds"] == 20 * len(committed)
+    by_shard = Counter(int(row["id"][1:]) // 20 for row in rows)
+    for shard in manifest.shards:
+        number = int(shard.shard.split("-")[-1])
+        shard_stats = open_store(output).read_json(workload.shard_stats_key(number))
+        assert shard.rows == by_shard[number] == StepStats.from_data(shard_stats["stats"]).written
+    # nothing else under the dataset: no file of an unfinished shard
+    assert {info.key for info in open_store(dataset_uri(output)).list("")} == {
+        "_manifest.json", *(f"_commits/{shard.shard}.json" for shard in manifest.shards),
+        *(shard.path for shard in manifest.shards)}
+    # why, with the figures: one failure against a budget of none
+    assert re.match(r"1 of \d+ samples failed, more than the failure budget \(0 \+ 0 x samples\)", stats["failure"]), \
+        stats["failure"]
     assert "HTTP 400" in stats["failure"]
     # ...said so on stderr and in the progress record (what the resource's status shows)
-    assert "failure budget" in err and "Traceback" not in err
+    assert "failure budget (0 + 0 x samples)" in err and "Traceback" not in err
     progress = read_progress(output)
-    assert progress.phase == "failed" and progress.done == 20 and progress.total == len(questions)
-    assert progress.message.startswith(f"generation stopped: {stats['failure'][:40]}")
+    assert progress.phase == "failed" and progress.done == stats["seeds"] and progress.total == len(questions)
+    assert progress.message.startswith(f"generation stopped: {stats['failure'][:60]}")
+    assert f"the {len(rows)} records of the {len(committed)} shards finished before are committed" in progress.message
     assert "a retry resumes" in progress.message
-    # every sample tried is on record, refusals included (a retry tries those again)
+    # every sample tried is on record, the refusal included (a retry tries it again)
     cache = cache_rows(output)
-    refused = [row for row in cache if row["error_kind"] == "bad_request"]
-    assert len(refused) >= 20 and len(cache) == stats["requestsSent"] == sum(proxy.forwarded().values()) + len(refused)
+    assert [row["error_kind"] for row in cache if row["error_kind"]] == ["bad_request"]
+    assert len(cache) == stats["requestsSent"] == sum(proxy.forwarded().values()) + 1
 
     # the engine actors' counts reach the driver's metrics endpoint
     def added(name: str, **labels: str) -> float:
@@ -260,8 +312,8 @@ def test_failures_beyond_the_budget_stop_the_job_with_a_committed_dataset(served
             before.get((name, tuple(sorted({"engine": "openai", **labels}.items()))), 0.0)
 
     assert added("tokenmill_generate_requests_total", outcome="ok") == sum(proxy.forwarded().values())
-    assert added("tokenmill_generate_requests_total", outcome="error") == len(refused)
-    assert added("tokenmill_generate_errors_total", kind="bad_request") == len(refused)
+    assert added("tokenmill_generate_requests_total", outcome="error") == 1
+    assert added("tokenmill_generate_errors_total", kind="bad_request") == 1
     assert added("tokenmill_generate_generated_tokens_total") > 0
     assert added("tokenmill_generate_request_duration_seconds_count") == stats["requestsSent"]
 

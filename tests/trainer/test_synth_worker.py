@@ -1,11 +1,14 @@
-"""The SyntheticDataJob's engine actor with two shards in hand, as Ray Data drives it
-(`CALLS_PER_ACTOR` calls at once): the next shard's requests are in flight while a shard
-commits, the engine serves one shard at a time, shards commit in order, and a failed commit
-fails its own shard (no Ray: the worker is driven from threads directly)."""
+"""The SyntheticDataJob's engine actor with `CALLS_PER_ACTOR` shards in hand, as Ray Data
+drives it (that many calls at once): the shards' workflows run at once and take turns on the
+engine, so one shard's requests are in the engine while another works between its calls or
+commits; the engine is never entered by two threads at once; each shard's rows, statistics,
+samples sent and cache records are those of a serial run; a failed commit fails its own shard
+(no Ray: the worker is driven from threads directly)."""
 
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -13,18 +16,27 @@ import pytest
 from tests.trainer.synth_fixtures import PROBLEMS, spec, write_seeds, write_spec
 from tokenmill.layout import dataset_uri
 from tokenmill.store import CHAT_SAMPLES, DatasetWriter, StoreError, open_store, read_run_spec, shard_name
+from tokenmill.store.dataset_reader import read_verified_shard
+from tokenmill.trainer.generate.cache import RequestCache, generations_uri
 from tokenmill.trainer.synth import workload
 
 WAIT_SECONDS = 120.0  # generous: the condition normally holds within milliseconds
+WORKFLOW = [  # several engine calls per shard: the answers, then critiques and revisions
+    {"type": "agreementFilter", "agreementFilter": {"samples": 4, "minAgreement": 0.0, "maxAgreement": 1.0}},
+    {"type": "selfRevision", "selfRevision": {"rounds": 2, "rubric": ["reasoning", "factual accuracy"]}},
+]
+
+
+def new_worker(root, questions=PROBLEMS[:8]) -> workload.ShardWorker:
+    seeds = write_seeds((root / "seeds").as_uri(), questions)
+    output = (root / "out").as_uri()
+    write_spec(output, spec(seeds, workflow=WORKFLOW))
+    return workload.ShardWorker(workload.prepare(read_run_spec(output)).job)
 
 
 @pytest.fixture
 def worker(tmp_path) -> workload.ShardWorker:
-    seeds = write_seeds((tmp_path / "seeds").as_uri(), PROBLEMS[:8])
-    output = (tmp_path / "out").as_uri()
-    write_spec(output, spec(seeds, workflow=[
-        {"type": "agreementFilter", "agreementFilter": {"samples": 4, "minAgreement": 0.0, "maxAgreement": 1.0}}]))
-    return workload.ShardWorker(workload.prepare(read_run_spec(output)).job)
+    return new_worker(tmp_path)
 
 
 def shard_of(requests, shards: list[list[str]]) -> int:
@@ -38,7 +50,7 @@ def test_a_shard_commits_while_the_next_shards_requests_are_in_flight(worker):
     shards = [PROBLEMS[:4], PROBLEMS[4:8]]
     seeds = {seed["question"]: seed for seed in workload.read_seeds(worker.job.spec)}
     calls: list[int] = []  # the shard of each engine call, in order
-    next_asked = threading.Event()
+    committing, next_asked = threading.Event(), threading.Event()
     events: list[str] = []
     engine, writer = worker.engine.engine, worker.writer
     generate, stage, commit = engine.generate, writer.stage, writer.commit
@@ -51,6 +63,7 @@ def test_a_shard_commits_while_the_next_shards_requests_are_in_flight(worker):
 
     def stage_holding(number, table, **kwargs):
         if number == 0:  # shard 0's data is written only once shard 1 asked the engine
+            committing.set()
             events.append(f"shard 1 asked while shard 0 committed: {next_asked.wait(WAIT_SECONDS)}")
         return stage(number, table, **kwargs)
 
@@ -58,19 +71,145 @@ def test_a_shard_commits_while_the_next_shards_requests_are_in_flight(worker):
         events.append(f"commit {staged.shard}")
         return commit(staged)
 
+    def run_shard(number, part):
+        if number == 1:  # the next shard begins only once shard 0 is committing
+            assert committing.wait(WAIT_SECONDS)
+        return worker.run_shard(number, part)
+
     engine.generate, writer.stage, writer.commit = generate_noting, stage_holding, commit_noting
     with ThreadPoolExecutor(max_workers=workload.CALLS_PER_ACTOR) as pool:
-        results = list(pool.map(worker.run_shard, [0, 1], [[seeds[q] for q in part] for part in shards]))
+        results = list(pool.map(run_shard, [0, 1], [[seeds[q] for q in part] for part in shards]))
 
-    assert events == ["shard 1 asked while shard 0 committed: True", f"commit {shard_name(0)}",
-                      f"commit {shard_name(1)}"]
-    assert calls == sorted(calls)  # one shard's requests at a time: none of shard 0's after shard 1's began
+    assert events[0] == "shard 1 asked while shard 0 committed: True"
+    assert sorted(events[1:]) == [f"commit {shard_name(0)}", f"commit {shard_name(1)}"]  # in either order
     assert [result["shard"] for result in results] == [0, 1]
     assert [result["stats"]["seeds"] for result in results] == [4, 4]
     committed = DatasetWriter(dataset_uri(worker.job.output), CHAT_SAMPLES, producer=worker.job.producer).committed()
     assert sorted(committed) == [shard_name(0), shard_name(1)]
     store = open_store(worker.job.output)
     assert all(store.exists(workload.shard_stats_key(n)) for n in (0, 1))
+
+
+class Interleaving:
+    """Drives a worker's shards so they interleave on the engine: the first shard to use the
+    engine is held after its first call (between two of its engine calls) until another shard
+    is in the engine; that one stays in the engine until the held shard asked for the engine
+    again (it then waits for its turn, or enters the engine too if nothing stops it). Notes the
+    shard of every call and the most threads ever inside the engine at once."""
+
+    def __init__(self, worker: workload.ShardWorker, shards: list[list[str]]) -> None:
+        self.shards = shards
+        self.calls: list[int] = []
+        self.state = threading.Condition()
+        self.inside: set[int] = set()  # threads in the engine now
+        self.most_inside = 0
+        self.first: int | None = None  # the thread of the first shard to call the engine
+        self.held = 0
+        self.other_entered_while_held = False
+        self.first_asked_again = False  # the held shard, released, asked for the engine again
+        self.first_entered_again = False
+        self.first_waited_or_entered = False
+        engine, cache, turns = worker.engine.engine, worker.engine.cache, worker.engine_turns
+        generate, commit_soon, turn = engine.generate, cache.commit_soon, turns.turn
+
+        def generate_noting(requests):
+            me = threading.get_ident()
+            with self.state:
+                self.calls.append(shard_of(requests, shards))
+                self.inside.add(me)
+                self.most_inside = max(self.most_inside, len(self.inside))
+                self.state.notify_all()
+                if self.first is None:
+                    self.first = me
+                elif me == self.first and self.held == 2:
+                    self.first_entered_again = True
+                elif me != self.first and self.held == 1:  # the held shard is between its calls
+                    self.other_entered_while_held = True
+                    self.state.notify_all()
+                    self.state.wait_for(lambda: self.first_asked_again, WAIT_SECONDS)
+                    deadline = time.monotonic() + WAIT_SECONDS
+                    while not (turns.waiting() or self.first_entered_again) and time.monotonic() < deadline:
+                        self.state.wait(0.01)  # until it waits for its turn, or is in the engine too
+                    self.first_waited_or_entered = bool(turns.waiting() or self.first_entered_again)
+            try:
+                return generate(requests)
+            finally:
+                with self.state:
+                    self.inside.discard(me)
+
+        def commit_soon_holding():  # after each engine call, outside the engine
+            with self.state:
+                if threading.get_ident() == self.first and self.held == 0:
+                    self.held = 1
+                    self.state.wait_for(lambda: self.other_entered_while_held, WAIT_SECONDS)
+                    self.held = 2
+            return commit_soon()
+
+        def turn_noting(ticket):  # before the turn is waited for
+            with self.state:
+                if threading.get_ident() == self.first and self.held == 2:
+                    self.first_asked_again = True
+                    self.state.notify_all()
+            return turn(ticket)
+
+        engine.generate, cache.commit_soon, turns.turn = generate_noting, commit_soon_holding, turn_noting
+
+    def run(self, worker: workload.ShardWorker, parts: list[list[dict]]) -> list[dict]:
+        with ThreadPoolExecutor(max_workers=workload.CALLS_PER_ACTOR) as pool:
+            return list(pool.map(worker.run_shard, range(len(parts)), parts))
+
+
+def test_a_shard_uses_the_engine_while_another_is_between_its_calls_and_never_two_at_once(worker):
+    shards = [PROBLEMS[:4], PROBLEMS[4:8]]
+    seeds = {seed["question"]: seed for seed in workload.read_seeds(worker.job.spec)}
+    interleaving = Interleaving(worker, shards)
+    results = interleaving.run(worker, [[seeds[q] for q in part] for part in shards])
+
+    assert interleaving.other_entered_while_held  # the other shard's requests went to the engine...
+    assert interleaving.first_asked_again and interleaving.first_waited_or_entered
+    assert interleaving.most_inside == 1  # ...but never while another call was in it
+    first_shard = interleaving.calls[0]
+    later = interleaving.calls[interleaving.calls.index(1 - first_shard):]
+    assert first_shard in later  # the held shard called the engine again after the other one did
+    assert [result["stats"]["seeds"] for result in results] == [4, 4]
+
+
+def committed_rows(worker: workload.ShardWorker) -> dict[str, list[dict]]:
+    writer = DatasetWriter(dataset_uri(worker.job.output), CHAT_SAMPLES, producer=worker.job.producer)
+    return {name: read_verified_shard(writer.store, info).to_pylist() for name, info in writer.committed().items()}
+
+
+def cache_records(worker: workload.ShardWorker) -> dict[str, dict]:
+    cache = RequestCache(generations_uri(worker.job.output)).load()
+    assert not cache.failures
+    return {key: completion.to_dict() for key, completion in cache.completions.items()}
+
+
+def test_interleaved_shards_give_what_one_shard_after_another_gives(tmp_path):
+    shards = [PROBLEMS[:3], PROBLEMS[3:6], PROBLEMS[6:8]]
+    serial, interleaved = new_worker(tmp_path / "serial"), new_worker(tmp_path / "interleaved")
+    seeds = {seed["question"]: seed for seed in workload.read_seeds(serial.job.spec)}
+    parts = [[seeds[q] for q in part] for part in shards]
+    one_by_one = [serial.run_shard(number, part) for number, part in enumerate(parts)]
+    interleaving = Interleaving(interleaved, shards)
+    at_once = interleaving.run(interleaved, parts)
+
+    assert interleaving.other_entered_while_held and interleaving.most_inside == 1
+    assert interleaving.calls != sorted(interleaving.calls)  # the shards' calls did interleave
+    for ours, theirs in zip(at_once, one_by_one, strict=True):
+        # the statistics and the samples each shard sent (its own, not the actor's in the meantime)
+        assert {k: v for k, v in ours.items() if k != "generation"} == \
+               {k: v for k, v in theirs.items() if k != "generation"}
+    for worker in (serial, interleaved):
+        store = open_store(worker.job.output)
+        assert [store.read_json(workload.shard_stats_key(n))["sent"] for n in range(3)] == \
+               [result["sent"] for result in one_by_one]
+        assert sum(result["sent"] for result in one_by_one) == worker.engine.attempted > 0
+    # the actor's generation counts, taken by whichever shard reported, add up to its engine's
+    assert sum(result["generation"]["ok"] for result in at_once) == interleaved.engine.attempted
+    assert committed_rows(interleaved) == committed_rows(serial)  # rows and their provenance
+    assert len(committed_rows(serial)) == 3
+    assert cache_records(interleaved) == cache_records(serial)
 
 
 def test_a_failed_commit_fails_its_shard_and_leaves_the_next_one_committing(worker):

@@ -1,5 +1,6 @@
 """The SyntheticDataJob workload end to end on Ray: seeds in, a committed dataset with provenance
-and per-step statistics out; budgets; bad input stopped before generation; the engine actors'
+and per-step statistics out (a math job, and multi-turn conversations whose final turns a judge
+picks); budgets; bad input stopped before generation; the engine actors'
 generation on the driver's metrics endpoint; the openai engine against `tokenmill serve`. (A
 killed run's resume and the failure budget: `test_synth_resume.py`.)"""
 
@@ -95,6 +96,57 @@ def test_the_whole_job_on_ray_against_s3(ray_with_s3_environment, monkeypatch):
     assert records[("output", "kept")] == len(rows)
     [tokens] = families["tokenmill_synth_tokens_generated"].samples
     assert tokens.name == "tokenmill_synth_tokens_generated_total" and tokens.value == stats["tokensGenerated"] > 0
+
+    # On the same cluster and store, a chat job: two-turn conversations (each reply critiqued and
+    # revised where it fails), whose final assistant turns a judge picks from the conversation's
+    # own reply and two fresh ones; the teacher slips often enough that revisions slip too.
+    chat_output = f"{bucket.uri}/runs/chat"
+    assert workload.run(write_spec(chat_output, spec(seeds, dataset_type="chat", workflow=[
+        {"type": "multiTurn", "multiTurn": {"turns": 2, "reviseEachTurn": True}},
+        {"type": "judge", "judge": {"responses": 3, "rubric": ["correctness"], "scale": 10}}],
+        generator={"engine": "scripted", "mistakeRate": 0.6, "sampling": {"temperature": 1.0, "maxTokens": 256}}))) == 0
+    check_judged_conversations(chat_output)
+
+
+def check_judged_conversations(output: str) -> None:
+    """Each row is its seed's conversation ending in the judge's winner, with the judgement in provenance."""
+    from tokenmill.trainer.generate.scripted_engine import correct_answer
+    from tokenmill.trainer.synth.steps import parse_judgement
+
+    rows = open_dataset(dataset_uri(output)).read_all().to_pylist()
+    stats = stats_of(output)
+    assert read_manifest(dataset_uri(output)).stats == stats and len(read_manifest(dataset_uri(output)).shards) == 3
+    assert [s["step"] for s in stats["steps"]] == ["multiTurn", "judge", "output"]
+    for step in stats["steps"]:
+        assert step["in"] == step["kept"] + sum(step["droppedByReason"].values()), step
+    multi_turn, judged, _ = stats["steps"]
+    assert multi_turn["in"] == len(PROBLEMS) and judged["in"] == multi_turn["kept"]
+    assert judged["keptByReason"] == {"best-of-n": judged["kept"]} and judged["requests"] == judged["in"] * (2 + 3)
+    assert stats["written"] == len(rows) == judged["kept"] > 0
+    assert stats["templates"] == {"critique": 1, "follow_up": 1, "judge": 2, "revise": 1, "solve": 1}
+    keys = cache_keys(output)
+    assert len(keys) == len(set(keys)) == stats["requestsSent"] <= sum(s["requests"] for s in stats["steps"])
+    replaced = revised_own = 0
+    for row in rows:
+        messages, provenance = row["messages"], json.loads(row["meta"])["provenance"]
+        assert provenance["seedId"] == row["id"] and provenance["datasetType"] == "chat"
+        assert [m["role"] for m in messages] == ["user", "assistant"] * 2
+        assert messages[0]["content"] == PROBLEMS[int(row["id"][1:])]
+        [entry] = [e for e in provenance["steps"] if e["step"] == "judge" and "scores" in e]
+        assert entry["turn"] == 2 and entry["ownResponse"] and len(entry["responses"]) == 3
+        assert [parse_judgement(verdict, 10) for verdict in entry["verdicts"]] == entry["scores"]
+        assert messages[-1] == {"role": "assistant", "content": entry["responses"][entry["chosen"]]}
+        assert entry["scores"][entry["chosen"]] == max(s for s in entry["scores"] if s is not None)
+        sound = [extract_answer(text) is not None and extract_answer(text)[0] == correct_answer(messages[-2]["content"])
+                 for text in entry["responses"]]
+        assert sound[entry["chosen"]] or not any(sound)  # the scripted judge finds a sound reply when there is one
+        replaced += entry["chosen"] != 0
+        revised = [e for e in provenance["steps"] if e["step"] == "multiTurn" and e.get("turn") == 2]
+        if revised:  # the conversation's own reply, as the judge saw it, is the revision of the draft
+            assert entry["responses"][0] != revised[0]["draft"]
+            revised_own += 1
+    assert replaced, "some conversation's own final reply lost to a fresh one, which replaced it"
+    assert revised_own, "some conversation's final reply was revised before it was judged"
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from tokenmill.api.output_prefix import ClaimedOutput, dot_segments, output_prob
 from tokenmill.api.problems import Problem, found
 from tokenmill.api.pts import PTSJobSpec
 from tokenmill.api.resources import KINDS, AnyResource, SyntheticDataJob, TrainingStage, references
-from tokenmill.api.synthetic import DOCUMENT_TYPES, SyntheticDataJobSpec
+from tokenmill.api.synthetic import DOCUMENT_TYPES, SyntheticDataJobSpec, misplaced_after_multi_turn
 from tokenmill.api.training import MixtureComponent, TrainingStageSpec
 from tokenmill.mixture import MixtureError, Source, plan_mixture
 from tokenmill.model_configs import MODEL_CONFIGS, ModelConfig
@@ -170,7 +170,7 @@ def _corpus(spec: CorpusFilterSpec, context: Context) -> list[Problem]:
 STEP_DATASET_TYPES = {
     "instructionReversal": {"code"},
     "executionCheck": {"code"},
-    "multiTurn": {"chat"},
+    "multiTurn": {"chat", "preference"},
 }
 
 
@@ -187,6 +187,15 @@ def _synthetic(spec: SyntheticDataJobSpec, context: Context) -> list[Problem]:
             problems.append(
                 found(
                     f"step {step.type} needs datasetType {' or '.join(sorted(allowed))}",
+                    f"spec.workflow[{index}].type",
+                    step.type,
+                )
+            )
+        if misplaced_after_multi_turn([s.type for s in spec.workflow], index):
+            problems.append(
+                found(
+                    "cannot follow multiTurn: it works on the first question and would leave the conversation "
+                    "as it is; after multiTurn only judge or another multiTurn",
                     f"spec.workflow[{index}].type",
                     step.type,
                 )

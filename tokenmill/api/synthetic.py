@@ -17,6 +17,16 @@ StepType = Literal[
 ]
 STEP_TYPES: tuple[str, ...] = StepType.__args__  # type: ignore[attr-defined]
 
+STEPS_AFTER_MULTI_TURN = frozenset({"judge", "multiTurn"})
+"""The only steps that may follow multiTurn: the others work on the first question and would
+leave the conversation as it is."""
+
+
+def misplaced_after_multi_turn(step_types: list[str], index: int) -> bool:
+    """Whether the step at `index` comes after a multiTurn it may not follow."""
+    return step_types[index] not in STEPS_AFTER_MULTI_TURN and "multiTurn" in step_types[:index]
+
+
 # Dataset types whose rows are documents or questions (a pretraining corpus or seeds).
 DOCUMENT_TYPES = frozenset({"documents", "qa", "math", "code"})
 # The OpenAI-compatible endpoint's key (generator.apiKeySecret), given to the workload from the
@@ -79,7 +89,8 @@ class InstructionReversal(ApiModel):
 
 
 class MultiTurn(ApiModel):
-    """Extends samples into multi-turn conversations with a revision pass per turn."""
+    """Extends samples into multi-turn conversations with a revision pass per turn (chat,
+    preference); only judge or another multiTurn may follow it."""
 
     turns: int = Field(default=3, ge=2, le=16)
     """Turns per conversation (user + assistant pairs)."""
@@ -99,8 +110,9 @@ class ExecutionCheck(ApiModel):
 class Judge(ApiModel):
     """Has the generator, as judge, score several candidate responses per question against a
     rubric: the best becomes the solution (chat, qa, math; after multiTurn, the conversation's
-    final assistant turn), or the best and the worst a preference pair (preference). A response
-    an earlier step wrote is one of the candidates."""
+    final assistant turn), or the best and the worst a preference pair (preference; after
+    multiTurn, of the final assistant turn, the conversation before it being the prompt). A
+    response an earlier step wrote is one of the candidates."""
 
     responses: int = Field(default=4, ge=2, le=64)
     """Candidates judged per question, a response an earlier step wrote included."""

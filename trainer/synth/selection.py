@@ -46,10 +46,10 @@ class ScoringWorker(ShardWorker):
         results = []
         for payload in batch["shard"]:
             unit = json.loads(payload)
-            sent_before = self.engine.attempted
-            scored, _ = step.score([item_of(seed) for seed in unit["seeds"]], self.context)
+            engine = self.shard_engine()
+            scored, _ = step.score([item_of(seed) for seed in unit["seeds"]], self.context(engine))
             record = {"shard": unit["shard"], "scores": [[*passage.key, passage.score] for passage in scored],
-                      "sent": self.engine.attempted - sent_before}
+                      "sent": engine.sent}
             key = scores_key(unit["shard"])
             if self.engine.cache is not None:
                 self.engine.cache.flush()  # every score paid for is cached before the shard counts as scored

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tokenmill.api.synthetic import misplaced_after_multi_turn
 from tokenmill.store import CHAT_SAMPLES, DOCUMENTS, PREFERENCE_PAIRS, DatasetSchema
 from tokenmill.trainer.generate.interface import stable_hash
 from tokenmill.trainer.oracles.math import extract_answer, normalise_answer
@@ -87,15 +88,26 @@ def _document_row(item: Item) -> tuple[dict[str, Any] | None, str]:
 
 def _preference_row(item: Item) -> tuple[dict[str, Any] | None, str]:
     """A prompt with the judge's best response as chosen and its worst as rejected, in the
-    `preference_pairs` text form (the DPO stage renders it in the chat format)."""
-    if not item.solution or not item.rejected or item.judgement is None:
+    `preference_pairs` text form (the DPO stage renders it in the chat format).
+
+    After `multiTurn` the prompt is the conversation up to its final user turn and the pair
+    its judged final assistant replies; the reference answer (of the first question) is then
+    left out, since the pair answers the last."""
+    if not item.rejected or item.judgement is None:
         return None, "no-pair"
     meta = {"chosenScore": item.judgement["chosenScore"], "rejectedScore": item.judgement["rejectedScore"],
             "scale": item.judgement["scale"]}
-    if item.answer:
-        meta["answer"] = item.answer
-    return {"id": item.id, "prompt": [{"role": "user", "content": item.question}], "chosen": item.solution,
-            "rejected": item.rejected, "meta": meta}, "written"
+    if item.messages:
+        if len(item.messages) < 2 or item.messages[-1]["role"] != "assistant" or item.messages[-2]["role"] != "user":
+            return None, "no-pair"
+        prompt, chosen = item.messages[:-1], item.messages[-1]["content"]
+    else:
+        if not item.solution:
+            return None, "no-pair"
+        prompt, chosen = [{"role": "user", "content": item.question}], item.solution
+        if item.answer:
+            meta["answer"] = item.answer
+    return {"id": item.id, "prompt": prompt, "chosen": chosen, "rejected": item.rejected, "meta": meta}, "written"
 
 
 DATASET_TYPES: dict[str, DatasetType] = {
@@ -110,7 +122,7 @@ DATASET_TYPES: dict[str, DatasetType] = {
     "documents": DatasetType("documents", DOCUMENTS, frozenset({"seedSelection", "rewrite", "selfRevision"}),
                              _document_row),
     "preference": DatasetType("preference", PREFERENCE_PAIRS, frozenset(
-        {"seedSelection", "rewrite", "agreementFilter", "judge"}), _preference_row, pairs=True),
+        {"seedSelection", "rewrite", "agreementFilter", "multiTurn", "judge"}), _preference_row, pairs=True),
 }
 
 
@@ -128,6 +140,10 @@ def check_workflow(kind: DatasetType, steps: Sequence[Step]) -> None:
                                   f"(its steps: {', '.join(sorted(kind.steps))})")
         if step.type == "seedSelection" and index != 0:
             raise SynthInputError(f"spec.workflow[{index}]: seedSelection splits the seeds, so it must come first")
+        if misplaced_after_multi_turn([each.type for each in steps], index):
+            raise SynthInputError(f"spec.workflow[{index}].type: {step.type} cannot follow multiTurn: it works on the "
+                                  "first question and would leave the conversation as it is; after multiTurn only "
+                                  "judge (which judges the conversation's final assistant turn) or another multiTurn")
     if kind.pairs and (not steps or steps[-1].type != "judge"):
         raise SynthInputError(f"spec.workflow: datasetType {kind.name} needs a judge step, last (it picks each "
                               "pair's chosen and rejected response)")

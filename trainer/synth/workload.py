@@ -4,8 +4,9 @@ The driver reads the run spec and checks everything before the first request (`p
 the dataset type and whether the workflow's steps fit it, the seed datasets (committed,
 `documents/1` or `chat_samples/1`), every template against every seed, and the engine's
 probe. Then the seeds, in shards of `SEEDS_PER_SHARD`, run through the workflow on Ray Data
-(an actor pool: each actor loads the engine once, behind the request cache, and holds
-`CALLS_PER_ACTOR` shards: while one commits, the next one's requests are in flight). Each
+(an actor pool: each actor loads the engine once, behind the request cache, and runs the
+workflows of `CALLS_PER_ACTOR` shards at once, taking turns on the engine: while one shard's
+requests are in the engine, the others render, parse, vote and commit). Each
 shard commits its rows and its step statistics on its own before it is reported; the driver
 merges the statistics, writes progress as shards finish, adds the actors' generation counts
 to its own `tokenmill_generate_*` series, stops when a budget is spent or an actor's engine
@@ -20,14 +21,18 @@ in full before each shard's result is returned).
 
 from __future__ import annotations
 
+import contextlib
+import heapq
+import itertools
 import json
 import os
 import sys
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tokenmill.api.synthetic import SyntheticDataJobSpec
 from tokenmill.layout import dataset_uri, join
@@ -46,6 +51,7 @@ from tokenmill.store import (
     shard_name,
     write_progress,
 )
+from tokenmill.trainer.generate.interface import Engine, GenerationRequest, RequestOutput
 from tokenmill.trainer.synth import steps as synth_steps
 from tokenmill.trainer.synth.workflow import (
     OUTPUT_STEP,
@@ -59,6 +65,9 @@ from tokenmill.trainer.synth.workflow import (
 )
 from tokenmill.workloads import PHASE_SUCCEEDED
 
+if TYPE_CHECKING:
+    from tokenmill.trainer.generate.cache import CachedEngine
+
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
 SEEDS_PER_SHARD = 16
@@ -70,10 +79,13 @@ FAILURE_BUDGET_STOP = "failureBudget"
 """`stoppedBy` when an actor's engine failed more samples than `spec.failureBudget` allows
 (each failed sample is dropped and counted as `generation-failed` until then): the
 shards committed so far become the dataset, the attempt fails, and a retry resumes."""
-CALLS_PER_ACTOR = 2
-"""Shards in hand per engine actor: one generating while the one before commits (its stats,
-its dataset shard, the request cache), so the engine does not wait for the store. No more
-are queued on an actor, so the first actor ready does not take the shards of the others."""
+CALLS_PER_ACTOR = 3
+"""Shards in hand per engine actor, their workflows running at once: the engine serves one
+call at a time, and between one shard's calls (its prompts rendered, answers parsed, votes
+counted, its rows committed) another shard's requests are in the engine. With two, the pair
+tends to finish and commit together, the engine idle meanwhile; a third has requests ready
+then (`benchmarks/synth.py` measures both). No more are queued on an actor, so the first
+actor ready does not take the shards of the others."""
 WORKERS_ENV = "TOKENMILL_SYNTH_WORKERS"
 """Engine actors; by default one per CPU of the Ray cluster (at most one per shard)."""
 
@@ -187,6 +199,81 @@ def shard_stats_key(number: int) -> str:
     return f"{SHARD_STATS_PREFIX}/{shard_name(number)}.json"
 
 
+class EngineTurns:
+    """The engine's calls, one at a time, the oldest shard's first: of the calls waiting, the
+    one whose shard began first goes next, so the oldest shard runs ahead and finishes (and
+    commits) while younger ones still generate. A call that ends hands the engine straight to
+    the next one waiting (its thread waits until that call has begun), so the engine does not
+    stand idle while the ending shard's thread parses its answers holding the GIL."""
+
+    def __init__(self) -> None:
+        self._state = threading.Condition()
+        self._busy = False
+        self._waiting: list[int] = []
+        self._tickets = itertools.count()
+        self._turns = 0
+        """Turns taken so far."""
+
+    def ticket(self) -> int:
+        """A shard's place in the order, taken when it begins."""
+        return next(self._tickets)
+
+    def waiting(self) -> int:
+        """Calls waiting for their turn now."""
+        with self._state:
+            return len(self._waiting)
+
+    @contextlib.contextmanager
+    def turn(self, ticket: int) -> Iterator[None]:
+        with self._state:
+            heapq.heappush(self._waiting, ticket)
+            while self._busy or self._waiting[0] != ticket:
+                self._state.wait()
+            heapq.heappop(self._waiting)
+            self._busy = True
+            self._turns += 1
+            self._state.notify_all()
+        try:
+            yield
+        finally:
+            with self._state:
+                self._busy = False
+                self._state.notify_all()
+                if self._waiting:
+                    taken = self._turns
+                    self._state.wait_for(lambda: self._turns != taken)
+
+
+class ShardEngine(Engine):
+    """The actor's engine as one shard's workflow sees it. Each call waits for its turn: the
+    engine serves one call at a time, whichever shard asks (a torch engine is not thread-safe,
+    a teacher's throughput is what it is, and two overlapping calls on one `CachedEngine`
+    could each pay for a sample neither had). `sent` counts the samples this shard's calls
+    sent to the model (the engine's own count is the whole actor's)."""
+
+    def __init__(self, engine: CachedEngine, turns: EngineTurns) -> None:
+        self.engine = engine
+        self.engine_name = engine.engine_name
+        self.turns = turns
+        self.ticket = turns.ticket()
+        self.sent = 0
+
+    @property
+    def model_identity(self) -> str:
+        return self.engine.model_identity
+
+    def check_requests(self, requests: Sequence[GenerationRequest]) -> None:
+        self.engine.check_requests(requests)
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[RequestOutput]:
+        with self.turns.turn(self.ticket):
+            attempted = self.engine.attempted
+            try:
+                return self.engine.generate(requests)
+            finally:  # a call past the failure budget raises after its samples were sent
+                self.sent += self.engine.attempted - attempted
+
+
 class ShardWorker:
     """One Ray Data actor: the engine behind the request cache, and the workflow over shards."""
 
@@ -202,13 +289,20 @@ class ShardWorker:
         # nobody scrapes an actor: its counts go back with each result, to the driver's series
         self.tally = GenerationTally(self.engine.engine_name)
         self.engine.metrics = self.engine.engine.metrics = self.tally
-        self.context = synth_steps.Context(self.engine, sampling_of(job.spec), after_call=self._after_call)
+        self.sampling = sampling_of(job.spec)
+        self.engine_turns = EngineTurns()
         self.writer = DatasetWriter(dataset_uri(job.output), self.job.workflow.kind.schema, producer=job.producer,
                                     fence=job.fence)
         self.store = open_store(job.output)
-        self._generating = threading.Lock()
-        self._committing = threading.Lock()
-        self._side_writes = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard-commit")
+        self._side_writes = futures.ThreadPoolExecutor(max_workers=2 * CALLS_PER_ACTOR,
+                                                       thread_name_prefix="shard-commit")
+
+    def shard_engine(self) -> ShardEngine:
+        return ShardEngine(self.engine, self.engine_turns)
+
+    def context(self, engine: ShardEngine) -> synth_steps.Context:
+        """A workflow's own context (its step counts are its shard's) over its shard's engine."""
+        return synth_steps.Context(engine, self.sampling, after_call=self._after_call)
 
     def _after_call(self) -> None:
         if self.engine.cache is not None:
@@ -226,27 +320,24 @@ class ShardWorker:
         the engine failed more samples than the failure budget allows, nothing committed but
         the request cache; or, once the driver wrote the stop marker, nothing at all.
 
-        Safe to call from `CALLS_PER_ACTOR` threads at once: one shard's workflow runs at a
-        time (the engine and the workflow's context are not shared), and while one shard
-        commits, the next shard's requests are already in flight. Commits run one at a time
-        in the order their workflows finished."""
+        Safe to call from `CALLS_PER_ACTOR` threads at once: each shard's workflow has its own
+        context and counts, and only the engine calls take turns, so one shard's work between
+        its calls and its commit overlap the others' calls. A shard's rows, statistics and
+        cache records do not depend on how the shards interleave (each sample is seeded by
+        its request and index alone); a prompt that two shards both ask is generated once,
+        counted in the `sent` of whichever asked first. Commits run as workflows finish, in
+        any order (the driver trims and lists shards in shard order)."""
         from tokenmill.trainer.generate import GenerationBudgetExceeded
 
-        with self._generating:
-            if self.store.exists(STOP_KEY):
-                return {"shard": number, "skipped": True}
-            sent_before = self.engine.attempted
-            try:
-                rows, stats = self.job.workflow.run(seeds, self.context)
-            except GenerationBudgetExceeded as error:
-                return {"shard": number, "failed": str(error), "sent": self.engine.attempted - sent_before,
-                        "generation": self.tally.take()}
-            result = {"shard": number, "stats": stats.to_data(), "sent": self.engine.attempted - sent_before}
-            self._committing.acquire()  # before the next shard's workflow may start: commits keep its order
+        if self.store.exists(STOP_KEY):
+            return {"shard": number, "skipped": True}
+        engine = self.shard_engine()
         try:
-            self._commit(number, rows, result)
-        finally:
-            self._committing.release()
+            rows, stats = self.job.workflow.run(seeds, self.context(engine))
+        except GenerationBudgetExceeded as error:
+            return {"shard": number, "failed": str(error), "sent": engine.sent, "generation": self.tally.take()}
+        result = {"shard": number, "stats": stats.to_data(), "sent": engine.sent}
+        self._commit(number, rows, result)
         return {**result, "generation": self.tally.take()}
 
     def _commit(self, number: int, rows: list[dict[str, Any]], result: dict[str, Any]) -> None:
