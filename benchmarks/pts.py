@@ -17,7 +17,8 @@ the one the PTSJob issue names), at its cost:
 It gets the same sampler, rollout budget (the reference's is a fixed max_new_tokens, which
 would only add to its work), oracle and seeds as ours. Ours keeps token ids, splits at the
 cumulative log-probability midpoint, memoises estimates by token-id prefix across a
-question's solutions, estimates a subdivision level's prefixes in one engine call, lets the
+question's solutions, estimates a subdivision level's prefixes (of all its questions, run
+side by side) in one engine call, lets the
 torch engine's prefix cache share a solution's prefixes, counts the rollouts drawn at a shorter
 prefix that went on through a prefix as samples of that prefix, and takes both tokens of a
 pair from the rollouts it already sampled.
@@ -27,8 +28,25 @@ pair from the rollouts it already sampled.
   otherwise); work is rollout tokens (the policy is not a model), per pivotal token. Also
   shown: the naive without its memo (every prefix estimated afresh each time it is asked for).
 - ``model``: a random tiny model, restricted to printable ASCII so that re-tokenising a decoded
-  prefix gives back its ids; a solution succeeds when its first 12 tokens add up to an even
-  number, so p(success | prefix) jumps at token 12. The naive runs three ways, each reported:
+  prefix gives back its ids; a solution succeeds when its first `--decided-by` tokens add up to
+  an even number (the oracle reads the solution; rollouts still run to the end of the solution,
+  as they must for a real oracle). Its default shape is the miniature Table 9's SFT policy
+  (examples/pts-table9: the SFT export of each of its 3 seeds on that seed's 10 PTS problems, 16
+  solutions each at temperature 1, budget 56), measured: the mean probability of a sampled token
+  0.974-0.982 (96-97 % of sampled tokens above 0.9: the solution is copied and formatted with
+  near certainty, the result digit is not), questions of 75 tokens in the policy's chat format,
+  solutions of 44.7-45.8 tokens on average, 38-48 % of them correct, and its pivotal tokens the
+  result digit after "= " (52 of the 53 pairs of its 3 seeds at solution token 16 or 17).
+  Hence the defaults: head scale 1024 (mean sampled-token probability 0.984, 96 % above 0.9,
+  on this benchmark's questions), 75-token questions, a 45-token budget
+  (the solutions' mean length; the random model never stops early), success decided by the
+  first 17 tokens (its pivot is the last uncertain token up to the 17th), and the PTSJob
+  settings of that example: N = 32, pGap 0.2, query window 0.1-0.9; 8 questions x 4 solutions
+  per round. `--sharpness 1 --question-chars 0 --max-tokens 32 --decided-by 12` is the earlier
+  near-uniform shape (mean sampled-token probability 0.011: no real PTS policy looks like it,
+  and no rollout ever goes on through a longer prefix). Both searches skip a question outside
+  the query window by their own estimate of p(success | question). The naive runs three ways,
+  each reported:
   * "naive, reference batches" (THE 5x TARGET IS JUDGED AGAINST THIS ONE: it computes what the
     reference's rollouts compute): the torch engine without a prefix cache, each batch of b
     rows one engine call of b one-sample requests, so each row prefills its own copy of the
@@ -38,37 +56,48 @@ pair from the rollouts it already sampled.
     the tiny model's weights, rollouts by `generate(num_return_sequences=b)` as the reference
     calls it; a logits processor makes each row draw the engine's sample (the same inverse-CDF
     draw from the same seed), so its samples are ours' too (the run says whether every estimate
-    came out equal); by default only in the first round (it is the slowest side);
+    came out equal); in the first `--transformers-rounds` rounds only (none by default: it
+    is the slowest side);
   * "naive, one prefill per estimate": each estimate one engine request of N samples whose rows
     share one prefill: cheaper than the reference, shown as a bound.
+- ``--policy DIR``: the same comparison on a real exported policy instead of the tiny random
+  model: DIR is an HF export (the miniature Table 9's SFT model, `<store>/trainingstages/sft/hf`
+  of examples/pts-table9), each round `--problems` of that example's word problems (drawn with
+  the round's seed) rendered in the policy's chat format, judged by the math oracle on the
+  decoded solution, a budget of 56 tokens (`--policy-max-tokens`); the naive decodes prefixes
+  and re-tokenises them with the policy's tokenizer. Its pivots need not be ours (the estimates
+  differ where ours counted the solutions in p(success | question) or reused rollouts); the
+  run says how many both found.
   Model work: tokens run through the model (prefill tokens computed, a prefix-cache hit not
   recomputed, plus tokens generated) and forward passes (every call of the model: a prefill
   pass, a decode step of a batch), counted by the engine and by a hook on the transformers
   model's forward, never computed from a formula; CPU seconds of this process (all threads) and
   wall seconds. Each figure per pivotal token found, naive against ours, with the ratio's median
-  and range over rounds (each round its own sampling seed). The head scale sets how peaked the
-  model's next-token distributions are; `--question-chars` lengthens the questions (a real
-  problem's prompt is longer than the bare 34-token question, and the naive prefills it N times
-  per estimate).
+  and range over rounds (each round its own sampling seed).
 
-    python benchmarks/pts.py [--rounds 3] [--samples 20] [--batch-size 5] [--sharpness 1 64]
-                             [--question-chars 0] [--transformers-rounds 1]
+    python benchmarks/pts.py [--rounds 3] [--problems 8] [--solutions 4] [--samples 32]
+                             [--batch-size 5] [--sharpness 1024] [--question-chars 75]
+                             [--max-tokens 45] [--decided-by 17] [--transformers-rounds 0]
+    python benchmarks/pts.py --policy tokenmill-runs/pts-table9/seed-0/store/trainingstages/sft/hf
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import random
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Hashable, Sequence
+from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 from transformers import LogitsProcessor, LogitsProcessorList  # noqa: E402
@@ -80,10 +109,12 @@ from tokenmill.trainer.generate import GenerationRequest, SamplingParams, TorchE
 from tokenmill.trainer.generate import torch_engine  # noqa: E402
 from tokenmill.trainer.generate.interface import sample_seed  # noqa: E402
 from tokenmill.trainer.generate.torch_engine import _inverse_cdf as inverse_cdf  # noqa: E402  the engine's own draw
+from tokenmill.trainer.generate.loading import load_model  # noqa: E402
+from tokenmill.trainer.generate.scripted_engine import correct_answer  # noqa: E402
 from tokenmill.trainer.model.hf import export_hf  # noqa: E402
-from tokenmill.trainer.oracles import Verdict  # noqa: E402
-from tokenmill.trainer.pts import SearchConfig, SearchProblem, search  # noqa: E402
-from tokenmill.trainer.pts.engine_policy import EnginePolicy, derived_seed  # noqa: E402
+from tokenmill.trainer.oracles import Verdict, make_oracle  # noqa: E402
+from tokenmill.trainer.pts import OracleJudge, SearchConfig, SearchProblem, search  # noqa: E402
+from tokenmill.trainer.pts.engine_policy import EnginePolicy, derived_seed, solution_decoder  # noqa: E402
 from tokenmill.trainer.tokenizer import get_tokenizer  # noqa: E402
 
 TARGET = 5.0
@@ -239,6 +270,27 @@ class ParityJudge:
 
 
 @dataclass
+class Task:
+    """What a model round searches: the policy (network and tokenizer), its questions and the
+    judge of a complete solution's ids (ours gets it as the search's Judge, the naive applies it
+    to the re-tokenised prefix and the continuation)."""
+
+    network: torch.nn.Module
+    tokenizer: Any
+    questions: list[SearchProblem]
+    judge: Any
+    max_tokens: int
+
+    @property
+    def stops(self) -> tuple[int, ...]:
+        return tuple(sorted({self.tokenizer.eos_id, self.tokenizer.eot_id}))
+
+    @property
+    def context(self) -> int:
+        return self.network.max_positions
+
+
+@dataclass
 class Work:
     """Model work measured around one search."""
 
@@ -322,12 +374,11 @@ def printable_head(head: torch.nn.Linear) -> torch.nn.Linear:
     return biased
 
 
-def ours_on_model(network, questions: Sequence[SearchProblem], sampling: SamplingParams,
-                  config: SearchConfig, counter: ForwardCounter, decided_by: int) -> Work:
-    engine = Measured(TorchEngine(network, BYTE))
-    policy = EnginePolicy(engine, sampling, stop_token_ids=STOPS, vocab_size=BYTE.vocab_size)
+def ours_on_model(task: Task, sampling: SamplingParams, config: SearchConfig, counter: ForwardCounter) -> Work:
+    engine = Measured(TorchEngine(task.network, task.tokenizer))
+    policy = EnginePolicy(engine, sampling, stop_token_ids=task.stops, vocab_size=task.tokenizer.vocab_size)
     calls, cpu, wall = counter.calls, time.process_time(), time.perf_counter()
-    result = search(questions, policy, ParityJudge(decided_by), config, vocab_size=BYTE.vocab_size)
+    result = search(task.questions, policy, task.judge, config, vocab_size=task.tokenizer.vocab_size)
     work = Work(counter.calls - calls, engine.engine.prefill_tokens, engine.generated, time.process_time() - cpu,
                 time.perf_counter() - wall, result.stats.pivotal_tokens, len(result.pairs), result.stats.estimates)
     work.found = {(problem.problem_id, index, pivot.position) for problem in result.problems
@@ -347,8 +398,8 @@ class EngineRollouts:
     seeds sample i of a request from the request's seed and i), so the samples are those of one
     n-sample request: ours'."""
 
-    def __init__(self, network, batch_size: int | None, counter: ForwardCounter):
-        self.engine = Measured(TorchEngine(network, BYTE, prefix_cache_tokens=0))
+    def __init__(self, task: Task, batch_size: int | None, counter: ForwardCounter):
+        self.engine = Measured(TorchEngine(task.network, task.tokenizer, prefix_cache_tokens=0))
         self.batch_size, self.counter, self.calls = batch_size, counter, counter.calls
 
     def draw(self, prompt: tuple[int, ...], n: int, max_tokens: int, seed: int | None,
@@ -474,50 +525,58 @@ class TransformersRollouts:
         return (self.hf.forward_passes - self.start[0], self.hf.prefill_tokens - self.start[1], self.generated)
 
 
-def naive_on_model(backend, questions: Sequence[SearchProblem], sampling: SamplingParams,
-                   config: SearchConfig, decided_by: int) -> Work:
+def naive_on_model(backend, task: Task, sampling: SamplingParams, config: SearchConfig) -> Work:
     work = Work()
     cpu, wall = time.process_time(), time.perf_counter()
     overflowed = 0
-    for question in questions:
-        question_text = BYTE.decode(question.question_ids)
+    tokenizer, stops = task.tokenizer, task.stops
+    for question in task.questions:
         solutions = backend.solutions(question.question_ids, config.solutions_per_problem, sampling.max_tokens,
                                       derived_seed(sampling.seed, "solutions", question.question_ids))
 
         def key(prefix: tuple[int, ...]) -> tuple[str, bool]:
             # the text, and whether the solution has ended (its stop token decodes to nothing)
-            return BYTE.decode([t for t in prefix if t not in STOPS]), bool(prefix) and prefix[-1] in STOPS
+            return tokenizer.decode([t for t in prefix if t not in stops]), bool(prefix) and prefix[-1] in stops
+
+        def succeeds(solution_ids: tuple[int, ...], question: SearchProblem = question) -> bool:
+            try:
+                return task.judge.check(question, solution_ids).correct
+            except Exception:  # noqa: BLE001 - a crashing check is a failure, as in ours
+                return False
+
+        def prompt_of(text: str, question: SearchProblem = question) -> tuple[int, ...]:
+            # the question as rendered for the policy, then the prefix's text re-tokenised
+            return question.question_ids + tuple(tokenizer.encode(text))
 
         def estimate(prefix_key: Hashable) -> float:
             nonlocal overflowed
             text, ended = ("", False) if prefix_key == QUESTION else prefix_key
-            retokenised = tuple(BYTE.encode(text))  # not the sampled ids
-            if ended:
-                return float(decided(retokenised, decided_by))
+            retokenised = tuple(tokenizer.encode(text))  # not the sampled ids
             budget = sampling.max_tokens - len(retokenised)
-            prompt = tuple(BYTE.encode(question_text + text))
-            if budget <= 0:
-                return float(decided(retokenised, decided_by))
-            if len(prompt) >= TINY_GEN.max_position_embeddings:  # re-tokenising grew it past the context
+            if ended or budget <= 0:
+                return float(succeeds(retokenised))
+            prompt = prompt_of(text)
+            if len(prompt) >= task.context:  # re-tokenising grew it past the context
                 overflowed += 1
                 return 0.0
             continuations = backend.rollouts(prompt, config.samples_per_estimate, budget,
                                              derived_seed(sampling.seed, "rollout", prompt))
-            return sum(decided(retokenised + c, decided_by) for c in continuations) / len(continuations)
+            return sum(succeeds(retokenised + c) for c in continuations) / len(continuations)
 
         def candidates(prefix: tuple[int, ...]) -> list[int]:
-            prompt = tuple(BYTE.encode(question_text + key(prefix)[0]))
-            if len(prompt) >= TINY_GEN.max_position_embeddings:
+            prompt = prompt_of(key(prefix)[0])
+            if len(prompt) >= task.context:
                 return []
             return backend.next_tokens(prompt, CANDIDATES)
 
         naive = NaiveSearch(key, estimate, candidates, config.p_gap)
-        naive.question_p()
-        for index, solution in enumerate(solutions):
-            found = naive.pivots(solution)
-            work.pivots += len(found)
-            work.found |= {(question.id, index, pivot.position) for pivot in found}
-            work.pairs += sum(naive.pair(solution, pivot) for pivot in found)
+        p_question = naive.question_p()
+        if config.min_success <= p_question <= config.max_success:  # the report's query window
+            for index, solution in enumerate(solutions):
+                found = naive.pivots(solution)
+                work.pivots += len(found)
+                work.found |= {(question.id, index, pivot.position) for pivot in found}
+                work.pairs += sum(naive.pair(solution, pivot) for pivot in found)
         work.estimates += naive.estimates
         work.estimated |= {(question.id, k): p for k, p in naive.memo.items()}
     work.cpu_seconds, work.wall_seconds = time.process_time() - cpu, time.perf_counter() - wall
@@ -544,44 +603,79 @@ def question_text(index: int, chars: int) -> str:
     return preamble + question
 
 
-def model(rounds: int, problems: int, samples: int, max_tokens: int, decided_by: int, sharpness: float,
-          batch_size: int, transformers_rounds: int, question_chars: int, p_gap: float = 0.3
-          ) -> list[dict[str, Work]]:
-    network = printable_model(sharpness)
-    hf = TransformersModel(sharpness) if transformers_rounds else None
-    config = SearchConfig(samples_per_estimate=samples, p_gap=p_gap, solutions_per_problem=2,
-                          min_success=0.0, max_success=1.0)
+def toy_task(network: torch.nn.Module, problems: int, question_chars: int, max_tokens: int, decided_by: int,
+             round_: int) -> Task:
     questions = [SearchProblem(f"q{i}", tuple(BYTE.encode(question_text(i, question_chars)))) for i in range(problems)]
+    return Task(network, BYTE, questions, ParityJudge(decided_by), max_tokens)
+
+
+def table9_problem_texts() -> list[tuple[str, str]]:
+    """Every (question, answer) of the miniature Table 9 (examples/pts-table9/run.py's problems)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pts_table9", ROOT / "examples" / "pts-table9" / "run.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)  # type: ignore[union-attr]
+    texts = [example.problem_text(*problem) for problem in example.PROBLEMS]
+    return [(text, correct_answer(text)) for text in texts]
+
+
+def policy_tasks(policy: str, problems: int, max_tokens: int) -> Callable[[int], Task]:
+    """Round r: `problems` questions of the miniature Table 9 (drawn with seed r) in the exported
+    policy's chat format, judged by the math oracle on the decoded solution."""
+    loaded = load_model(Path(policy).resolve().as_uri(), device="cpu", field="--policy")
+    tokenizer = loaded.tokenizer
+    stops = sorted({tokenizer.eos_id, tokenizer.eot_id})
+    judge = OracleJudge(make_oracle("math"), solution_decoder(tokenizer.decode, stops))
+    pool = table9_problem_texts()
+
+    def task(round_: int) -> Task:
+        drawn = random.Random(round_).sample(pool, problems)
+        questions = [SearchProblem(f"p{index}", tuple(tokenizer.encode_chat(
+            [{"role": "user", "content": text}], add_generation_prompt=True)), {"answer": answer})
+            for index, (text, answer) in enumerate(drawn)]
+        return Task(loaded.model, tokenizer, questions, judge, max_tokens)
+
+    return task
+
+
+def model(tasks: Callable[[int], Task], rounds: int, config: SearchConfig, batch_size: int,
+          hf: TransformersModel | None, transformers_rounds: int) -> list[dict[str, Work]]:
+    """Each round: ours and the naive's ways on round r's task, sampling seeded by r."""
     figures = []
     with ForwardCounter() as counter:
         for seed in range(rounds):
-            sampling = SamplingParams(temperature=1.0, max_tokens=max_tokens, seed=seed)
-            sides = [("ours", lambda: ours_on_model(network, questions, sampling, config, counter, decided_by)),
-                     (REFERENCE, lambda: naive_on_model(EngineRollouts(network, batch_size, counter), questions,
-                                                        sampling, config, decided_by)),
-                     (SHARED_PREFILL, lambda: naive_on_model(EngineRollouts(network, None, counter), questions,
-                                                             sampling, config, decided_by))]
+            task = tasks(seed)
+            sampling = SamplingParams(temperature=1.0, max_tokens=task.max_tokens, seed=seed)
+            sides = [("ours", lambda: ours_on_model(task, sampling, config, counter)),
+                     (REFERENCE, lambda: naive_on_model(EngineRollouts(task, batch_size, counter), task,
+                                                        sampling, config)),
+                     (SHARED_PREFILL, lambda: naive_on_model(EngineRollouts(task, None, counter), task,
+                                                             sampling, config))]
             if hf is not None and seed < transformers_rounds:
-                sides.append((TRANSFORMERS, lambda: naive_on_model(TransformersRollouts(hf, batch_size), questions,
-                                                                   sampling, config, decided_by)))
+                sides.append((TRANSFORMERS, lambda: naive_on_model(TransformersRollouts(hf, batch_size), task,
+                                                                   sampling, config)))
             # rotate which side runs first, so none always meets a warm process
             shift = seed % len(sides)
             figures.append(dict(sides[shift:] + sides[:shift]))
             figures[-1] = {name: run() for name, run in figures[-1].items()}
             print(f"  round {seed}: " + "; ".join(
                 f"{name} {work.pivots} pivots, {work.tokens:,} tokens, {work.forward_passes:,} forwards, "
-                f"{work.cpu_seconds:.1f} CPU s" for name, work in figures[-1].items()), flush=True)
+                f"{work.cpu_seconds:.1f} CPU s, {work.wall_seconds:.1f} wall s" for name, work in figures[-1].items()),
+                flush=True)
     return figures
 
 
-def sampled_token_probability(sharpness: float, max_tokens: int) -> float:
+def sampled_token_probability(task: Task) -> float:
     """The mean probability of the tokens the policy samples (how often a rollout repeats a
-    solution's next token), over a few solutions."""
-    engine = TorchEngine(printable_model(sharpness), BYTE)
-    request = GenerationRequest(prompt_token_ids=tuple(BYTE.encode("Question 0: what is 0 + 0? Answer:")), n=16,
-                                sampling=SamplingParams(temperature=1.0, max_tokens=max_tokens, seed=1, logprobs=True))
-    (output,) = engine.generate([request])
-    values = [math.exp(v) for c in output.completions for v in c.logprobs]
+    solution's next token), over 16 solutions to each of (up to) 8 of the task's questions."""
+    engine = TorchEngine(task.network, task.tokenizer)
+    values = []
+    for question in task.questions[:8]:
+        request = GenerationRequest(prompt_token_ids=question.question_ids, n=16, sampling=SamplingParams(
+            temperature=1.0, max_tokens=task.max_tokens, seed=1, logprobs=True))
+        (output,) = engine.generate([request])
+        values += [math.exp(v) for c in output.completions for v in c.logprobs]
     return sum(values) / len(values)
 
 
@@ -652,22 +746,35 @@ def report_model(figures: list[dict[str, Work]]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="tiny-model rounds (sampling seeds)")
-    parser.add_argument("--samples", type=int, default=20,
-                        help="rollouts per estimate (model part; the reference's num_samples is 20)")
+    parser.add_argument("--samples", type=int, default=32,
+                        help="rollouts per estimate (model part; the miniature Table 9's samplesPerEstimate)")
     parser.add_argument("--batch-size", type=int, default=5,
                         help="rows per generate call of the reference batches (the reference's batch_size is 5)")
-    parser.add_argument("--transformers-rounds", type=int, default=1,
+    parser.add_argument("--transformers-rounds", type=int, default=0,
                         help="rounds that also run the naive on transformers' generate (the slowest side; it "
                              "draws the same samples as the reference batches, so its model work is theirs)")
-    parser.add_argument("--question-chars", type=int, default=0,
-                        help="lengthen each question to about this many tokens (bytes) with a word problem's "
-                             "preamble (0: the bare question, 34 tokens)")
-    parser.add_argument("--problems", type=int, default=1, help="questions per round (model part)")
-    parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--decided-by", type=int, default=12, help="tokens whose sum decides success")
-    parser.add_argument("--sharpness", type=float, nargs="+", default=[1.0, 64.0],
-                        help="the tiny model's head scale (higher: peaked next-token distributions)")
+    parser.add_argument("--question-chars", type=int, default=75,
+                        help="each question's length in tokens (bytes), lengthened by a word problem's preamble "
+                             "(75: the miniature Table 9's questions in the chat format; 0: the bare 34-token "
+                             "question)")
+    parser.add_argument("--problems", type=int, default=8, help="questions per round (model part)")
+    parser.add_argument("--solutions", type=int, default=4, help="solutions sampled per question")
+    parser.add_argument("--max-tokens", type=int, default=45,
+                        help="solution budget in tokens (45: the Table 9 SFT policy's mean solution length)")
+    parser.add_argument("--decided-by", type=int, default=17,
+                        help="tokens whose sum decides success (17: the Table 9 pivots sit at solution token 16-17)")
+    parser.add_argument("--p-gap", type=float, default=0.2)
+    parser.add_argument("--min-success", type=float, default=0.1)
+    parser.add_argument("--max-success", type=float, default=0.9)
+    parser.add_argument("--sharpness", type=float, nargs="+", default=[1024.0],
+                        help="the tiny model's head scale (higher: peaked next-token distributions; 1024 gives "
+                             "the Table 9 SFT policy's mean sampled-token probability, 1 a near-uniform model)")
     parser.add_argument("--planted-only", action="store_true")
+    parser.add_argument("--policy", help="an exported HF policy directory (the miniature Table 9's SFT export, "
+                        "<store>/trainingstages/sft/hf): search it on that example's problems with the math "
+                        "oracle instead of the tiny random model")
+    parser.add_argument("--policy-max-tokens", type=int, default=56,
+                        help="solution budget with --policy (the miniature Table 9's rollout maxTokens)")
     args = parser.parse_args()
     if args.batch_size < 1:
         parser.error("--batch-size: must be at least 1")
@@ -688,13 +795,37 @@ def main() -> int:
     if args.planted_only:
         return 0
 
+    config = SearchConfig(samples_per_estimate=args.samples, p_gap=args.p_gap,
+                          solutions_per_problem=args.solutions, min_success=args.min_success,
+                          max_success=args.max_success)
+    config.check()
+    settings = (f"{args.solutions} solutions per question, N={args.samples}, pGap {args.p_gap:g}, query window "
+                f"{args.min_success:g}-{args.max_success:g}, reference batches of {args.batch_size} rows")
+    if args.policy:
+        tasks = policy_tasks(args.policy, args.problems, args.policy_max_tokens)
+        first = tasks(0)
+        print(f"policy {args.policy} (mean probability of a sampled token {sampled_token_probability(first):.3f}); "
+              f"{args.problems} miniature Table 9 questions per round (the first round's "
+              f"{min(len(q.question_ids) for q in first.questions)}-{max(len(q.question_ids) for q in first.questions)}"
+              f" tokens), math oracle, up to {args.policy_max_tokens} tokens, {settings}; "
+              f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
+        report_model(model(tasks, args.rounds, config, args.batch_size, None, 0))
+        print(f"  load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+        return 0
     for sharpness in args.sharpness:
+        network = printable_model(sharpness)
+
+        def tasks(round_: int, network=network) -> Task:
+            return toy_task(network, args.problems, args.question_chars, args.max_tokens, args.decided_by, round_)
+
         print(f"tiny model, head scale {sharpness:g} (mean probability of a sampled token "
-              f"{sampled_token_probability(sharpness, args.max_tokens):.3f}); {args.problems} questions of "
-              f"{len(question_text(0, args.question_chars))} tokens x 2 solutions per round, N={args.samples}, up to {args.max_tokens} tokens, success decided by the "
-              f"first {args.decided_by}, pGap 0.3, reference batches of {args.batch_size} rows")
-        report_model(model(args.rounds, args.problems, args.samples, args.max_tokens, args.decided_by, sharpness,
-                           args.batch_size, args.transformers_rounds, args.question_chars))
+              f"{sampled_token_probability(tasks(0)):.3f}); {args.problems} questions of "
+              f"{len(question_text(0, args.question_chars))} tokens per round, up to {args.max_tokens} tokens, "
+              f"success decided by the first {args.decided_by}, {settings}; "
+              f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
+        hf = TransformersModel(sharpness) if args.transformers_rounds else None
+        report_model(model(tasks, args.rounds, config, args.batch_size, hf, args.transformers_rounds))
+        print(f"  load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     return 0
 
 

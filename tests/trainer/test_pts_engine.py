@@ -13,6 +13,7 @@ from tokenmill.trainer.generate.torch_engine import TorchEngine
 from tokenmill.trainer.oracles import Verdict, make_oracle
 from tokenmill.trainer.pts import OracleJudge, SearchConfig, SearchProblem, search
 from tokenmill.trainer.pts.engine_policy import EnginePolicy, solution_decoder
+from tokenmill.trainer.pts.stats import SearchStats
 from tokenmill.trainer.tokenizer import get_tokenizer
 
 pytestmark = pytest.mark.slow  # generates with a model (a few CPU seconds per search)
@@ -141,3 +142,27 @@ def test_the_prefixes_of_a_level_share_one_engine_call():
     # (a solution of MAX_TOKENS tokens has at most 2 + log2(MAX_TOKENS) levels)
     assert alone.calls == alone.requests
     assert policy.calls <= 1 + 2 + math.ceil(math.log2(MAX_TOKENS)) < alone.calls
+
+
+QUESTIONS = [SearchProblem(f"q{index}", tuple(BYTE.encode(f"question {index}:"))) for index in range(3)]
+
+
+def test_the_questions_of_a_search_share_engine_calls():
+    policy = make_policy()
+    together = search(QUESTIONS, policy, EvenSum(), CONFIG, vocab_size=policy.vocab_size)
+    apart_rows, apart_stats, apart_calls, apart_requests = [], SearchStats(), [], 0
+    for problem in QUESTIONS:
+        alone = make_policy()
+        result = search([problem], alone, EvenSum(), CONFIG, vocab_size=alone.vocab_size)
+        apart_rows += [pair.to_row() for pair in result.pairs]
+        apart_stats.merge(result.stats)
+        apart_calls.append(alone.calls)
+        apart_requests += alone.requests
+    # each question's samples are its own whatever it is batched with: the same search
+    assert together.pairs and [pair.to_row() for pair in together.pairs] == apart_rows
+    assert together.stats.to_dict() == apart_stats.to_dict()
+    assert policy.requests == apart_requests
+    # what the questions ask for at the same step is one engine call: the solutions of all three
+    # in one, then their rollouts side by side
+    assert policy.calls < sum(apart_calls)
+    assert policy.calls <= max(apart_calls) + len(QUESTIONS)

@@ -109,11 +109,12 @@ def test_a_search_killed_mid_shard_resumes_without_asking_for_a_sample_again(tmp
     assert expected[0] and len(paid_whole) == len(set(paid_whole))
     assert len({entry["search"] for entry in answered(tmp_path / "whole.log")}) == PROBLEMS // PER_SHARD
 
-    # killed from outside in the second shard, its third engine call never answered, once
-    # every sample answered before is committed to the request cache
+    # killed from outside in the second shard, its second engine call (the rollouts at its
+    # questions, after the solutions of both) never answered, once every sample answered before
+    # is committed to the request cache
     spec_uri, output = run_spec(tmp_path / "killed", model_uri, problems)
     killed_log = tmp_path / "killed.log"
-    process = start(spec_uri, killed_log, 1, 2)
+    process = start(spec_uri, killed_log, 1, 1)
     try:
         wait_for(lambda: {"held": True} in answered(killed_log), "the held engine call", process)
         second_shard = {entry["key"] for entry in answered(killed_log) if entry.get("search") == 1}

@@ -2,8 +2,9 @@
 
 Every request is a token-id prompt: the question's ids followed by the solution prefix exactly
 as sampled. The `n` rollouts of a prefix are one request (the engine prefills the prefix once
-for all of them); `rollout_batch` sends the requests of several prefixes as one engine call
-(their rows decode together), and the engine's prefix cache (torch) or vLLM's prefix caching
+for all of them); `rollout_batch` sends the requests of several prefixes (of one question or
+of several) as one engine call (their rows decode together), `sample_solutions_batch` the
+solutions of several questions, and the engine's prefix cache (torch) or vLLM's prefix caching
 reuses the KV of the prefixes of one solution across calls. Each request's seed is derived
 from the job's seed and the prompt's token ids, so a prefix's samples do not depend on the
 calls it is batched with, and a rerun draws the same samples.
@@ -46,9 +47,6 @@ class EnginePolicy:
         self.calls = 0
         """Engine calls made (a `rollout_batch` is one)."""
 
-    def _generate(self, prompt: TokenIds, n: int, sampling: SamplingParams) -> list:
-        return self._generate_all([GenerationRequest(prompt_token_ids=prompt, n=n, sampling=sampling)])[0]
-
     def _generate_all(self, requests: list[GenerationRequest]) -> list[list]:
         outputs = self.engine.generate(requests)
         self.requests += len(requests)
@@ -59,10 +57,17 @@ class EnginePolicy:
         return [output.completions for output in outputs]
 
     def sample_solutions(self, question_ids: TokenIds, n: int) -> list[Continuation]:
-        sampling = replace(self.sampling, logprobs=True,
-                           seed=derived_seed(self.sampling.seed, "solutions", question_ids))
-        return [Continuation(tuple(c.token_ids), tuple(c.logprobs or ()))
-                for c in self._generate(tuple(question_ids), n, sampling)]
+        return self.sample_solutions_batch([(question_ids, n)])[0]
+
+    def sample_solutions_batch(self, wanted: Sequence[tuple[TokenIds, int]]) -> list[list[Continuation]]:
+        """`sample_solutions` of each (question_ids, n), in one engine call."""
+        requests = [GenerationRequest(prompt_token_ids=tuple(question_ids), n=n, sampling=replace(
+            self.sampling, logprobs=True, seed=derived_seed(self.sampling.seed, "solutions", question_ids)))
+            for question_ids, n in wanted]
+        if not requests:
+            return []
+        return [[Continuation(tuple(c.token_ids), tuple(c.logprobs or ())) for c in completions]
+                for completions in self._generate_all(requests)]
 
     def rollout(self, question_ids: TokenIds, solution_prefix: TokenIds, n: int) -> list[Continuation]:
         return self.rollout_batch([(question_ids, solution_prefix, n)])[0]

@@ -43,7 +43,9 @@ class Policy(Protocol):
     one prefix, and prefixes that extend each other, are where an engine's prefix cache pays.
     A policy may also offer `rollout_batch(wanted)`, the rollouts of several (question_ids,
     solution_prefix, n) at once (one engine call, each prefix's samples as `rollout` draws
-    them); the search then asks for all prefixes of a subdivision level together.
+    them), and `sample_solutions_batch(wanted)`, the solutions of several (question_ids, n);
+    the search then asks for what all its questions need at the same step together (the
+    solutions of every question, then the prefixes of a subdivision level of every question).
     """
 
     def sample_solutions(self, question_ids: TokenIds, n: int) -> Sequence[Continuation]: ...

@@ -7,18 +7,21 @@ cumulative log-probability midpoint while they differ by pGap or more; single to
 change of p is at least pGap are pivotal. Every p(success | prefix) is estimated once from
 samplesPerEstimate rollouts and memoised under the prefix's token ids.
 
-The subdivision runs level by level over all solutions of a question: the prefixes a level
-needs are estimated together, their rollouts drawn in one call of a policy that has
-`rollout_batch` (one engine call: the rows of every prefix decode together), instead of one
-call per prefix.
+The subdivision runs level by level over all solutions of a question, and the questions run
+side by side (`drive`): what they all need at the same step (their solutions; then the
+prefixes of their current levels) is one call of a policy that batches (`sample_solutions_batch`,
+`rollout_batch`: one engine call, the rows of every prefix decode together) instead of one call
+per question and prefix. With a policy that draws a prompt's samples from that prompt's own seed
+(EnginePolicy), a question's search is the same whatever it is run beside.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Generator, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from tokenmill.trainer.oracles import Verdict
 from tokenmill.trainer.oracles.base import crashed
@@ -27,6 +30,28 @@ from tokenmill.trainer.pts.policy import Continuation, Judge, Policy, SearchProb
 from tokenmill.trainer.pts.stats import SearchStats, resolution_warning
 
 MAX_REPORTED_PROBLEMS = 10
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class SolutionsWanted:
+    """A question's search asks for `n` solutions to it; it is sent the Continuations."""
+
+    question_ids: TokenIds
+    n: int
+
+
+@dataclass(frozen=True)
+class RolloutsWanted:
+    """A question's search asks for n rollouts of each (solution prefix, n); it is sent, for
+    each, the continuations' token ids."""
+
+    question_ids: TokenIds
+    wanted: list[tuple[TokenIds, int]]
+
+
+Asking = Generator["SolutionsWanted | RolloutsWanted", Any, T]
+"""A question's search step by step: it yields what it needs from the policy and is sent the answer."""
 
 
 class PTSInputError(ValueError):
@@ -168,9 +193,9 @@ def cumulative_logprob_midpoint(logprobs: Sequence[float], start: int, end: int)
 class _ProblemSearch:
     """The search of one question; owns the memo of its prefix estimates."""
 
-    def __init__(self, problem: SearchProblem, policy: Policy, judge: Judge, config: SearchConfig,
-                 stats: SearchStats, pool: ThreadPoolExecutor | None):
-        self.problem, self.policy, self.judge = problem, policy, judge
+    def __init__(self, problem: SearchProblem, judge: Judge, config: SearchConfig, stats: SearchStats,
+                 pool: ThreadPoolExecutor | None):
+        self.problem, self.judge = problem, judge
         self.config, self.stats, self.pool = config, stats, pool
         self.memo: dict[TokenIds, Estimate] = {}
         self.drawn: dict[TokenIds, list[tuple[TokenIds, bool]]] = {}
@@ -189,13 +214,8 @@ class _ProblemSearch:
             self.stats.verdicts[verdict.reason] += 1
         return [verdict.correct for verdict in verdicts]
 
-    def estimate(self, solution_prefix: TokenIds, keep: list | None = None) -> Estimate:
-        """p(success | question + solution_prefix); `keep` collects (continuation, correct)."""
-        self.estimate_all([solution_prefix], keep)
-        return self.memo[self.problem.question_ids + solution_prefix]
-
-    def estimate_all(self, solution_prefixes: Sequence[TokenIds], keep: list | None = None) -> None:
-        """Estimates every prefix not memoised yet, their rollouts drawn in one policy call."""
+    def estimate_all(self, solution_prefixes: Sequence[TokenIds]) -> Asking[None]:
+        """Estimates every prefix not memoised yet, their rollouts asked for at once."""
         pending: dict[TokenIds, list[tuple[TokenIds, bool]]] = {}
         for prefix in solution_prefixes:
             if self.problem.question_ids + prefix in self.memo or prefix in pending:
@@ -205,7 +225,7 @@ class _ProblemSearch:
             self.stats.rollouts_reused += len(pending[prefix])
         wanted = [(prefix, self.config.samples_per_estimate - len(samples))
                   for prefix, samples in pending.items() if len(samples) < self.config.samples_per_estimate]
-        drawn_at = self.rollouts(wanted)
+        drawn_at = (yield RolloutsWanted(self.problem.question_ids, wanted)) if wanted else []
         verdicts = iter(self.judged([prefix + tokens for (prefix, _), tokens_list in zip(wanted, drawn_at)
                                      for tokens in tokens_list]))
         for (prefix, _), tokens_list in zip(wanted, drawn_at, strict=True):
@@ -223,22 +243,10 @@ class _ProblemSearch:
                     counts = estimate.next_tokens.setdefault(continuation[0], [0, 0])
                     counts[0] += 1
                     counts[1] += correct
-                if keep is not None:
-                    keep.append((prefix + continuation, correct))
             if estimate.rollouts == 0:
                 raise RuntimeError(f"problem {self.problem.id}: the policy returned no rollouts")
             self.stats.add_estimate(estimate.standard_error)
             self.memo[self.problem.question_ids + prefix] = estimate
-
-    def rollouts(self, wanted: list[tuple[TokenIds, int]]) -> list[list[TokenIds]]:
-        """n continuations of each (solution prefix, n): one call where the policy batches."""
-        question = self.problem.question_ids
-        batch = getattr(self.policy, "rollout_batch", None)
-        if batch is not None and wanted:
-            drawn = batch([(question, prefix, n) for prefix, n in wanted])
-        else:
-            drawn = [self.policy.rollout(question, prefix, n) for prefix, n in wanted]
-        return [[tuple(int(t) for t in c.token_ids) for c in continuations] for continuations in drawn]
 
     def passing_through(self, solution_prefix: TokenIds) -> list[tuple[TokenIds, bool]]:
         """Up to samplesPerEstimate rollouts drawn at shorter prefixes that went on through
@@ -254,13 +262,13 @@ class _ProblemSearch:
                         return found
         return found
 
-    def subdivide(self, solutions: list[TokenIds], logprobs: list[Sequence[float]]) -> list[list[Pivot]]:
+    def subdivide(self, solutions: list[TokenIds], logprobs: list[Sequence[float]]) -> Asking[list[list[Pivot]]]:
         """Every solution's pivotal tokens (in no particular order): its segments compared and
         split level by level, each level's prefixes estimated together."""
         found: list[list[Pivot]] = [[] for _ in solutions]
         level = [(index, 0, len(tokens)) for index, tokens in enumerate(solutions) if tokens]
         while level:
-            self.estimate_all([solutions[index][:at] for index, start, end in level for at in (start, end)])
+            yield from self.estimate_all([solutions[index][:at] for index, start, end in level for at in (start, end)])
             deeper = []
             for index, start, end in level:
                 solution = solutions[index]
@@ -276,16 +284,17 @@ class _ProblemSearch:
             level = deeper
         return found
 
-    def run(self) -> ProblemResult:
+    def run(self) -> Asking[ProblemResult]:
+        """The search of this question; yields what it needs from the policy, and is sent the answer."""
         config, stats = self.config, self.stats
-        solutions = list(self.policy.sample_solutions(self.problem.question_ids, config.solutions_per_problem))
+        solutions = list((yield SolutionsWanted(self.problem.question_ids, config.solutions_per_problem)))
         stats.solutions_sampled += len(solutions)
         sampled = [tuple(int(t) for t in solution.token_ids) for solution in solutions]
         stats.tokens_generated += sum(len(tokens) for tokens in sampled)
-        complete: list[tuple[TokenIds, bool]] = list(zip(sampled, self.judged(sampled)))
-        self.estimate((), keep=complete)
-        rollouts = len(complete)
-        p_question = sum(correct for _, correct in complete) / rollouts
+        judged_solutions = list(zip(sampled, self.judged(sampled)))
+        yield from self.estimate_all([()])
+        complete = judged_solutions + self.drawn.get((), [])  # the solutions and the rollouts at the question
+        p_question = sum(correct for _, correct in complete) / len(complete)
         result = ProblemResult(self.problem.id, p_question, searched=False)
         if p_question < config.min_success:
             stats.problems_skipped_too_hard += 1
@@ -295,7 +304,8 @@ class _ProblemSearch:
             return result
         result.searched = True
         stats.problems_searched += 1
-        for index, (solution, kept) in enumerate(zip(solutions, self.search_solutions(solutions), strict=True)):
+        kept_all = yield from self.search_solutions(solutions)
+        for index, (solution, kept) in enumerate(zip(solutions, kept_all, strict=True)):
             result.pivots.append(kept)
             for pivot in kept:
                 pair = self.pair(index, solution, pivot)
@@ -308,14 +318,14 @@ class _ProblemSearch:
         stats.pairs[FullSolutionPair.kind] += len(result.full_pairs)
         return result
 
-    def search_solutions(self, solutions: list[Continuation]) -> list[list[Pivot]]:
+    def search_solutions(self, solutions: list[Continuation]) -> Asking[list[list[Pivot]]]:
         """The kept pivotal tokens of each solution, in solution order."""
         sampled = [tuple(int(t) for t in solution.token_ids) for solution in solutions]
         for solution, tokens in zip(solutions, sampled, strict=True):
             if solution.logprobs is None or len(solution.logprobs) != len(tokens):
                 raise RuntimeError(f"problem {self.problem.id}: the policy returned a solution without "
                                    "a log-probability for every token")
-        found = self.subdivide(sampled, [solution.logprobs for solution in solutions])
+        found = yield from self.subdivide(sampled, [solution.logprobs for solution in solutions])
         kept_all = []
         for tokens, pivots in zip(sampled, found, strict=True):
             if not tokens:
@@ -380,6 +390,53 @@ class _ProblemSearch:
         ]
 
 
+def drive(searches: list[Asking[ProblemResult]], policy: Policy) -> list[ProblemResult]:
+    """Runs the searches of several questions side by side: whatever they ask for at the same
+    step is one policy call (`sample_solutions_batch` for solutions, `rollout_batch` for
+    rollouts, where the policy has them; else a call per question or prefix). Each answer is
+    what the question alone would have got: a policy draws a prompt's samples whatever it is
+    batched with."""
+    results: list[ProblemResult | None] = [None] * len(searches)
+    asking: dict[int, SolutionsWanted | RolloutsWanted] = {}
+
+    def advance(index: int, answer: Any) -> None:
+        try:
+            asking[index] = searches[index].send(answer)
+        except StopIteration as finished:
+            results[index] = finished.value
+
+    for index in range(len(searches)):
+        advance(index, None)
+    while asking:
+        now = sorted(asking.items())
+        asking.clear()
+        answers = _solutions([(i, a) for i, a in now if isinstance(a, SolutionsWanted)], policy)
+        answers |= _rollouts([(i, a) for i, a in now if isinstance(a, RolloutsWanted)], policy)
+        for index, _ in now:
+            advance(index, answers[index])
+    return results  # type: ignore[return-value]
+
+
+def _solutions(asked: list[tuple[int, SolutionsWanted]], policy: Policy) -> dict[int, list[Continuation]]:
+    batch = getattr(policy, "sample_solutions_batch", None)
+    if batch is not None and asked:
+        drawn = batch([(ask.question_ids, ask.n) for _, ask in asked])
+    else:
+        drawn = [policy.sample_solutions(ask.question_ids, ask.n) for _, ask in asked]
+    return {index: list(solutions) for (index, _), solutions in zip(asked, drawn, strict=True)}
+
+
+def _rollouts(asked: list[tuple[int, RolloutsWanted]], policy: Policy) -> dict[int, list[list[TokenIds]]]:
+    flat = [(ask.question_ids, prefix, n) for _, ask in asked for prefix, n in ask.wanted]
+    batch = getattr(policy, "rollout_batch", None)
+    if batch is not None and flat:
+        drawn = batch(flat)
+    else:
+        drawn = [policy.rollout(question, prefix, n) for question, prefix, n in flat]
+    as_ids = iter([[tuple(int(t) for t in c.token_ids) for c in continuations] for continuations in drawn])
+    return {index: [next(as_ids) for _ in ask.wanted] for index, ask in asked}
+
+
 def check_problems(problems: Sequence[SearchProblem], judge: Judge, vocab_size: int | None) -> None:
     """Raises PTSInputError naming every problem that cannot be searched (up to ten)."""
     bad: list[str] = []
@@ -410,12 +467,10 @@ def search(problems: Iterable[SearchProblem], policy: Policy, judge: Judge, conf
     problems = list(problems)
     check_problems(problems, judge, vocab_size)
     stats = SearchStats()
-    results = []
     pool = ThreadPoolExecutor(config.judge_workers) if config.judge_workers > 1 else None
     try:
-        for problem in problems:
-            stats.problems += 1
-            results.append(_ProblemSearch(problem, policy, judge, config, stats, pool).run())
+        stats.problems += len(problems)
+        results = drive([_ProblemSearch(problem, judge, config, stats, pool).run() for problem in problems], policy)
     finally:
         if pool is not None:
             pool.shutdown()
