@@ -18,7 +18,9 @@ import pytest
 from tests.store.samples import sample_table
 from tests.store.workers import die_while_uploading, write_document_shards
 from tokenmill.store import (
+    CHAT_SAMPLES,
     DOCUMENTS,
+    PREFERENCE_PAIRS,
     SCHEMAS,
     TOKEN_SEQUENCES,
     ChecksumMismatchError,
@@ -118,6 +120,20 @@ def test_manifest_records_everything(base_uri: str) -> None:
     parquet = pq.ParquetFile(pa.BufferReader(stored))
     assert parquet.metadata.row_group(0).column(0).compression == "ZSTD"
     assert parquet.schema_arrow.metadata[b"tokenmill.schema"] == b"token_sequences/1"
+
+
+def test_large_shard_records_the_size_and_sha256_of_its_bytes(base_uri: str) -> None:
+    """Past the first MiB the hash runs in a second thread; the recorded hash is still that
+    of every stored byte, in order."""
+    import secrets
+
+    uri = f"{base_uri}/large"
+    texts = [secrets.token_hex(32 << 10) for _ in range(48)]  # 3 MiB of hex digits: about 1.5 MiB stored
+    rows = [{"id": f"d{n}", "text": text, "source": "s", "lang": "en", "meta": "{}"} for n, text in enumerate(texts)]
+    info = DatasetWriter(uri, DOCUMENTS).write_shard(0, rows)
+    stored = open_store(uri).read_bytes(info.path)
+    assert info.bytes == len(stored) > 1 << 20
+    assert info.sha256 == hashlib.sha256(stored).hexdigest()
 
 
 def test_manifest_carries_the_workloads_stats(base_uri: str) -> None:
@@ -335,6 +351,37 @@ def test_invalid_table_is_rejected_before_anything_is_written(base_uri: str) -> 
     with pytest.raises(SchemaValidationError, match="no column"):
         writer.write_shard(0, pa.table({"id": ["a"], "text": ["x"], "body": ["y"]}))
     assert open_store(uri).list() == []
+
+
+@pytest.mark.parametrize(
+    ("schema", "rows", "where"),
+    [
+        (CHAT_SAMPLES, [{"id": "a", "messages": [{"role": "user", "content": None}]}], r"'messages\[\]\.content'"),
+        (CHAT_SAMPLES, [{"id": "a", "messages": [None]}], r"'messages\[\]'"),
+        (TOKEN_SEQUENCES, [{"id": "a", "tokens": [1, 2]}, {"id": "b", "tokens": [3, None]}], r"'tokens\[\]'"),
+        (TOKEN_SEQUENCES, [{"id": "a", "tokens": [1], "loss_mask": [True, None]}], r"'loss_mask\[\]'"),
+    ],
+    ids=["content", "message", "token", "mask"],
+)
+def test_a_null_nested_where_the_schema_forbids_it_is_rejected(
+    base_uri: str, schema: DatasetSchema, rows: list[dict], where: str
+) -> None:
+    with pytest.raises(SchemaValidationError, match=where):
+        DatasetWriter(f"{base_uri}/data", schema).write_shard(0, rows)
+
+
+def test_nulls_the_schema_allows_are_kept(base_uri: str) -> None:
+    """A null list or message list where the column is nullable, and list items past a null
+    parent, are not errors."""
+    rows = [{"id": "a", "tokens": [1, 2], "loss_mask": None}, {"id": "b", "tokens": [3], "loss_mask": [True]}]
+    DatasetWriter(f"{base_uri}/tokens", TOKEN_SEQUENCES).write_shard(0, rows)
+    pairs = [{"id": "p", "prompt": None, "chosen_tokens": [1], "rejected_tokens": [2], "prompt_tokens": [0]}]
+    DatasetWriter(f"{base_uri}/pairs", PREFERENCE_PAIRS).write_shard(0, pairs)
+    table = pa.table({"id": ["a", "b"], "messages": pa.array(
+        [[{"role": "user", "content": "hi"}], [{"role": "user", "content": None}]],
+        type=CHAT_SAMPLES.arrow.field("messages").type)}).slice(0, 1)  # the null is outside the slice
+    info = DatasetWriter(f"{base_uri}/chat", CHAT_SAMPLES).write_shard(0, table)
+    assert info.rows == 1
 
 
 def test_corrupted_shard_is_detected(base_uri: str) -> None:

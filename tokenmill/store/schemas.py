@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from tokenmill.store.errors import SchemaValidationError
 
@@ -236,16 +235,29 @@ def _check_nulls(
             f"column {path!r} of schema {schema.ref} must not be null ({nulls} null values)"
         )
     kind = field.type
+    chunks = array.chunks if isinstance(array, pa.ChunkedArray) else [array]
     if pa.types.is_list(kind) or pa.types.is_large_list(kind):
-        _check_nulls(pc.list_flatten(array), kind.value_field, f"{path}[]", schema)
+        if _needs_check(kind.value_field, [chunk.values for chunk in chunks]):
+            items = pa.chunked_array([chunk.flatten() for chunk in chunks], kind.value_type)
+            _check_nulls(items, kind.value_field, f"{path}[]", schema)
     elif pa.types.is_struct(kind):
-        chunks = array.chunks if isinstance(array, pa.ChunkedArray) else [array]
         for index, child in enumerate(kind):
+            if not _needs_check(child, [chunk.field(index) for chunk in chunks]):
+                continue
             # A null struct has no children to check; only rows where the struct is set count.
             values = [c.filter(c.is_valid()).field(index) for c in chunks]
             _check_nulls(
                 pa.chunked_array(values, child.type), child, f"{path}.{child.name}", schema
             )
+
+
+def _needs_check(field: pa.Field, children: list[pa.Array]) -> bool:
+    """Whether a nested field's values (all of them, before the parent's nulls or slicing hide
+    some) could break a rule: a nested type has rules of its own; a plain one only when it
+    must not be null and has a null somewhere."""
+    if pa.types.is_nested(field.type):
+        return True
+    return not field.nullable and any(child.null_count for child in children)
 
 
 def _from_columns(columns: dict[str, Any], schema: DatasetSchema) -> pa.Table:

@@ -40,22 +40,29 @@ class EncodedShard:
 
 
 class HashingSink:
-    """A file-like sink for pq.write_table that passes bytes on to `target` and hashes them
-    in a second thread, so the hash overlaps the encoding instead of adding to it."""
+    """A file-like sink for pq.write_table that passes bytes on to `target` and hashes them.
+    The first `_PARALLEL_HASH_BYTES` are hashed as they come; past that a second thread
+    hashes the rest, so the hash of a large shard overlaps the encoding instead of adding to
+    it, and a small shard costs no thread."""
 
     def __init__(self, target: BinaryIO) -> None:
         self._target = target
         self._size = 0
         self._hash = hashlib.sha256()
         self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._drain, daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
         self.closed = False
 
     def write(self, data: bytes | memoryview) -> int:
         chunk = bytes(data)  # the Parquet writer reuses its buffer once we return
         self._target.write(chunk)
-        self._queue.put(chunk)
+        if self._thread is None and self._size + len(chunk) < _PARALLEL_HASH_BYTES:
+            self._hash.update(chunk)
+        else:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._drain, daemon=True)
+                self._thread.start()
+            self._queue.put(chunk)
         self._size += len(chunk)
         return len(chunk)
 
@@ -69,11 +76,12 @@ class HashingSink:
         return True
 
     def close(self) -> None:
-        """Stop the hashing thread (the target stays open: its owner closes it)."""
+        """Stop the hashing thread, if one started (the target stays open: its owner closes it)."""
         if not self.closed:
             self.closed = True
-            self._queue.put(None)
-            self._thread.join()
+            if self._thread is not None:
+                self._queue.put(None)
+                self._thread.join()
 
     def result(self) -> EncodedShard:
         self.close()
