@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import urllib.request
+from dataclasses import replace
 
 import pytest
 
@@ -151,6 +152,24 @@ def test_a_sample_asked_twice_in_one_call_is_generated_once(tmp_path):
     assert all(c.cached for c in repeated.completions) and not any(c.cached for c in first.completions)
     engine.close()
     assert len(open_dataset_rows(cache)) == 4  # recorded once
+
+
+def test_a_sample_answered_between_another_calls_lookup_and_its_turn_is_served_not_generated(tmp_path):
+    """Calls that take turns on one engine look up the cache before their turn (`plan`), then
+    generate in it (`run`): what an earlier turn answered meanwhile is not paid for again."""
+    from tokenmill.trainer.generate.scripted_engine import ScriptedEngine
+
+    teacher = ScriptedEngine()
+    engine = CachedEngine(teacher, RequestCache(generations_uri(f"file://{tmp_path}/job")).load())
+    wider = [replace(request, n=4) for request in _scripted_batch()[:2]]
+    early, late = engine.plan(_scripted_batch()[:2]), engine.plan(wider)  # both miss everything
+    engine.run(early)
+    engine.run(late)
+    first, second = engine.finish(late)
+    assert teacher.answered == 4 + 4 and engine.attempted == 8  # the late call paid for indices 2 and 3 only
+    assert [c.cached for c in first.completions] == [True, True, False, False]
+    assert [c.text for c in first.completions[:2]] == [c.text for c in engine.finish(early)[0].completions]
+    assert engine.hits == 4 and [c.index for c in second.completions] == [0, 1, 2, 3]
 
 
 def open_dataset_rows(cache: RequestCache) -> list[dict]:

@@ -245,10 +245,11 @@ class EngineTurns:
 
 
 class ShardEngine(Engine):
-    """The actor's engine as one shard's workflow sees it. Each call waits for its turn: the
-    engine serves one call at a time, whichever shard asks (a torch engine is not thread-safe,
-    a teacher's throughput is what it is, and two overlapping calls on one `CachedEngine`
-    could each pay for a sample neither had). `sent` counts the samples this shard's calls
+    """The actor's engine as one shard's workflow sees it. A call looks up its keys in the
+    request cache at once; the rest waits for its turn: the engine serves one call at a time,
+    whichever shard asks (a torch engine is not thread-safe, a teacher's throughput is what it
+    is, and two overlapping calls on one `CachedEngine` could each pay for a sample neither
+    had; a sample another shard answered since the lookup is served from the cache). `sent` counts the samples this shard's calls
     sent to the model (the engine's own count is the whole actor's)."""
 
     def __init__(self, engine: CachedEngine, turns: EngineTurns) -> None:
@@ -266,12 +267,14 @@ class ShardEngine(Engine):
         self.engine.check_requests(requests)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[RequestOutput]:
+        call = self.engine.plan(requests)  # keys and cache hits: no turn needed
         with self.turns.turn(self.ticket):
             attempted = self.engine.attempted
             try:
-                return self.engine.generate(requests)
-            finally:  # a call past the failure budget raises after its samples were sent
+                self.engine.run(call)
+            finally:
                 self.sent += self.engine.attempted - attempted
+        return self.engine.finish(call)
 
 
 class ShardWorker:
