@@ -6,11 +6,16 @@ Every pair becomes ``(prompt, chosen, rejected)`` token ids (`PairSet`):
   decoded or re-tokenised;
 - text form (`prompt` messages, `chosen`, `rejected`) is rendered in the Phi-4 chat format: a
   final assistant message is an open prefix the continuations extend, otherwise the prompt ends
-  with a new assistant header; each continuation is followed by `<|im_end|>`.
+  with a new assistant header; each continuation is followed by `<|im_end|>`. The prompt may be
+  a whole conversation (a multi-turn pair): every message is rendered, earlier assistant turns
+  closed like the others, and they are context only; the log-probs are those of the
+  continuations alone.
 
-Checks, all before training: a pair with neither form, an empty prompt or continuation, chosen
-equal to rejected, or a prompt and continuation longer than the sequence is dropped and counted
-by reason; an id outside the vocabulary is an error naming the dataset, the pair and the field.
+Checks, all before training: a pair with neither form, a prompt message whose role the chat
+format lacks (not system, user or assistant), an empty prompt or continuation, chosen equal to
+rejected, or a prompt and continuation longer than the sequence (never truncated) is dropped and
+counted by reason; an id outside the vocabulary is an error naming the dataset, the pair and the
+field.
 
 Batching (`pair_batch`). A pair whose continuations are one token each (a one-token pair, as
 Pivotal Token Search writes them) is one sequence, its prompt: both log-probs are read from the
@@ -34,12 +39,14 @@ import torch
 
 from tokenmill.store import PREFERENCE_PAIRS, Dataset, open_dataset
 from tokenmill.trainer.tokenizer import Tokenizer
+from tokenmill.trainer.tokenizer.base import CHAT_ROLES
 from tokenmill.trainer.tokenizer.special import IM_END, IM_SEP, IM_START
 
 DROP_NO_FORM = "neither token ids nor chat text"
 DROP_EMPTY = "empty prompt or continuation"
 DROP_SAME = "chosen equals rejected"
 DROP_TOO_LONG = "prompt and continuation longer than the sequence"
+DROP_BAD_ROLE = "prompt role outside system, user, assistant"
 KEPT = "kept"
 ONE_TOKEN = "one-token pairs"
 
@@ -81,14 +88,17 @@ def render_prompt(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]]) -
     return tokenizer.encode_chat(messages, add_generation_prompt=True)
 
 
-def _pair_ids(row: Mapping[str, Any], tokenizer: Tokenizer) -> tuple[list[int], list[int], list[int]] | None:
+def _pair_ids(row: Mapping[str, Any], tokenizer: Tokenizer) -> tuple[list[int], list[int], list[int]] | str:
+    """The pair's (prompt, chosen, rejected) ids, or why it is dropped."""
     if row["prompt_tokens"] is not None and row["chosen_tokens"] is not None and row["rejected_tokens"] is not None:
         return list(row["prompt_tokens"]), list(row["chosen_tokens"]), list(row["rejected_tokens"])
     if row["prompt"] is not None and row["chosen"] is not None and row["rejected"] is not None:
+        if any(message["role"] not in CHAT_ROLES for message in row["prompt"]):
+            return DROP_BAD_ROLE
         end = tokenizer.token_id(IM_END)
         return (render_prompt(tokenizer, row["prompt"]), [*tokenizer.encode(row["chosen"]), end],
                 [*tokenizer.encode(row["rejected"]), end])
-    return None
+    return DROP_NO_FORM
 
 
 def load_pairs(uri: str, name: str, tokenizer: Tokenizer, vocab_size: int, seq_len: int) -> PairSet:
@@ -99,8 +109,8 @@ def load_pairs(uri: str, name: str, tokenizer: Tokenizer, vocab_size: int, seq_l
         table = dataset.read_shard(info, columns=_COLUMNS)
         for row in table.to_pylist():
             ids = _pair_ids(row, tokenizer)
-            if ids is None:
-                pairs.counts[DROP_NO_FORM] += 1
+            if isinstance(ids, str):
+                pairs.counts[ids] += 1
                 continue
             prompt, chosen, rejected = ids
             for column, values in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
