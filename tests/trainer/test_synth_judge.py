@@ -322,6 +322,28 @@ def test_an_agreement_filter_before_multi_turn_answers_its_first_turn():
         assert "answer" not in json.loads(row["meta"])
 
 
+def test_a_multi_turn_chat_row_carries_no_reference_answer_of_its_first_question():
+    """A reader takes `meta.answer` as the answer to the last user turn (a PTSJob's ground
+    truth), so a conversation of several questions has none; the first question's stays in
+    the provenance. A single question keeps it."""
+    from tokenmill.trainer.synth.steps import AgreementFilter
+
+    kind = DATASET_TYPES["chat"]
+    seeds = [{"id": f"q{i}", "question": q, "source": "t", "answer": None, "tests": None}
+             for i, q in enumerate(ARITHMETIC)]
+    agreement = {"type": "agreementFilter", "agreementFilter": {"samples": 4, "maxAgreement": 1.0}}
+    single, _ = Workflow(kind, [AgreementFilter(4, 0.0, 1.0)], [agreement]).run(seeds, context(0.5, pairs=False))
+    assert single and all(json.loads(row["meta"])["answer"] == final(row["messages"][1]["content"]) for row in single)
+    rows, _ = Workflow(kind, [AgreementFilter(4, 0.0, 1.0), MultiTurn(turns=2, revise_each_turn=False)],
+                       [agreement, MULTI_TURN]).run(seeds, context(0.5, pairs=False))
+    assert rows
+    for row in rows:
+        meta = json.loads(row["meta"])
+        assert [m["role"] for m in row["messages"]] == ["user", "assistant"] * 2 and "answer" not in meta
+        [entry] = [e for e in meta["provenance"]["steps"] if e["step"] == "agreementFilter" and "plurality" in e]
+        assert entry["plurality"] == final(row["messages"][1]["content"])
+
+
 @pytest.mark.parametrize(("workflow", "message"), [
     ([MultiTurn(2, False), AgreementFilterStep(4, 0.0, 1.0), Judge(2, ["c"], 10, 1)],
      r"spec\.workflow\[1\]\.type: agreementFilter cannot follow multiTurn"),

@@ -65,11 +65,16 @@ def _qa_row(item: Item) -> tuple[dict[str, Any] | None, str]:
 
 
 def _chat_row(item: Item) -> tuple[dict[str, Any] | None, str]:
+    """The conversation, or the question and its answer. The reference answer (of the first
+    question) goes in `meta.answer` only for a single question: a reader such as a PTSJob
+    takes it as the answer to the conversation's last user turn."""
     messages = item.messages or ([{"role": "user", "content": item.question},
                                   {"role": "assistant", "content": item.solution}] if item.solution else None)
     if not messages:
         return None, "no-solution"
-    return {"id": item.id, "messages": messages, "meta": {"answer": item.answer} if item.answer else {}}, "written"
+    single = sum(message["role"] == "user" for message in messages) == 1
+    return {"id": item.id, "messages": messages,
+            "meta": {"answer": item.answer} if item.answer and single else {}}, "written"
 
 
 def _code_row(item: Item) -> tuple[dict[str, Any] | None, str]:
