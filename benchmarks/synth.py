@@ -15,8 +15,9 @@ them. Our variants:
   Ray), driven as Ray Data drives one actor: the shards in order, `CALLS_PER_ACTOR` calls at
   once. The workflow behind the request cache, and per shard its statistics file, its
   committed dataset shard and the request cache flushed before the shard is reported. The
-  shards' workflows run at once and take turns on the engine (one call at a time, as for a
-  real teacher: the engine stays a serial resource, so the engine alone is still the peer);
+  shards' workflows run at once and their calls go to the engine's own thread, one at a time
+  (as for a real teacher: the engine stays a serial resource, so the engine alone is still
+  the peer);
   one shard's work between its calls, and its commit, overlap another shard's requests. The
   scripted engine's latency is a sleep per request, which lets other threads run meanwhile,
   as a GPU or a remote teacher would;
@@ -193,6 +194,8 @@ def main(argv: list[str] | None = None) -> None:
                 wall, cpu, made = timed(variants[name])
                 figures[name].append((wall, cpu))
                 records.setdefault(name, made)
+            for each in (worker, pair, serial):
+                each.close()
 
     requests = sum(len(call) for call in recording.calls)
     print(f"{args.seeds} seeds in shards of {workload.SEEDS_PER_SHARD}, {len(recording.calls)} engine calls, "

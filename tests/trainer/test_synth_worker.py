@@ -94,8 +94,8 @@ class Interleaving:
     """Drives a worker's shards so they interleave on the engine: the first shard to use the
     engine is held after its first call (between two of its engine calls) until another shard
     is in the engine; that one stays in the engine until the held shard asked for the engine
-    again (it then waits for its turn, or enters the engine too if nothing stops it). Notes the
-    shard of every call and the most threads ever inside the engine at once."""
+    again (its call then waits for the engine, or enters it too if nothing stops it). Notes
+    the shard of every call and the most threads ever inside the engine at once."""
 
     def __init__(self, worker: workload.ShardWorker, shards: list[list[str]]) -> None:
         self.shards = shards
@@ -103,56 +103,59 @@ class Interleaving:
         self.state = threading.Condition()
         self.inside: set[int] = set()  # threads in the engine now
         self.most_inside = 0
-        self.first: int | None = None  # the thread of the first shard to call the engine
+        self.shard_of_thread: dict[int, int] = {}  # each shard's own thread (its workflow's)
+        self.first: int | None = None  # the first shard to call the engine
         self.held = 0
         self.other_entered_while_held = False
         self.first_asked_again = False  # the held shard, released, asked for the engine again
         self.first_entered_again = False
         self.first_waited_or_entered = False
-        engine, cache, turns = worker.engine.engine, worker.engine.cache, worker.engine_turns
-        generate, commit_soon, turn = engine.generate, cache.commit_soon, turns.turn
+        engine, cache, loop = worker.engine.engine, worker.engine.cache, worker.engine_loop
+        generate, commit_soon, submit = engine.generate, cache.commit_soon, loop.submit
 
         def generate_noting(requests):
-            me = threading.get_ident()
+            me, shard = threading.get_ident(), shard_of(requests, shards)
             with self.state:
-                self.calls.append(shard_of(requests, shards))
+                self.calls.append(shard)
                 self.inside.add(me)
                 self.most_inside = max(self.most_inside, len(self.inside))
                 self.state.notify_all()
                 if self.first is None:
-                    self.first = me
-                elif me == self.first and self.held == 2:
+                    self.first = shard
+                elif shard == self.first and self.held == 2:
                     self.first_entered_again = True
-                elif me != self.first and self.held == 1:  # the held shard is between its calls
+                elif shard != self.first and self.held == 1:  # the held shard is between its calls
                     self.other_entered_while_held = True
                     self.state.notify_all()
                     self.state.wait_for(lambda: self.first_asked_again, WAIT_SECONDS)
                     deadline = time.monotonic() + WAIT_SECONDS
-                    while not (turns.waiting() or self.first_entered_again) and time.monotonic() < deadline:
-                        self.state.wait(0.01)  # until it waits for its turn, or is in the engine too
-                    self.first_waited_or_entered = bool(turns.waiting() or self.first_entered_again)
+                    while not (loop.waiting() or self.first_entered_again) and time.monotonic() < deadline:
+                        self.state.wait(0.01)  # until its call waits for the engine, or is in it too
+                    self.first_waited_or_entered = bool(loop.waiting() or self.first_entered_again)
             try:
                 return generate(requests)
             finally:
                 with self.state:
                     self.inside.discard(me)
 
-        def commit_soon_holding():  # after each engine call, outside the engine
+        def commit_soon_holding():  # after each engine call, on the shard's own thread
             with self.state:
-                if threading.get_ident() == self.first and self.held == 0:
+                if self.shard_of_thread.get(threading.get_ident()) == self.first and self.held == 0:
                     self.held = 1
                     self.state.wait_for(lambda: self.other_entered_while_held, WAIT_SECONDS)
                     self.held = 2
             return commit_soon()
 
-        def turn_noting(ticket):  # before the turn is waited for
+        def submit_noting(ticket, call):  # a shard's call, before it waits for the engine
+            shard = shard_of([output.request for output in call.outputs], shards)
             with self.state:
-                if threading.get_ident() == self.first and self.held == 2:
+                self.shard_of_thread[threading.get_ident()] = shard
+                if shard == self.first and self.held == 2:
                     self.first_asked_again = True
                     self.state.notify_all()
-            return turn(ticket)
+            return submit(ticket, call)
 
-        engine.generate, cache.commit_soon, turns.turn = generate_noting, commit_soon_holding, turn_noting
+        engine.generate, cache.commit_soon, loop.submit = generate_noting, commit_soon_holding, submit_noting
 
     def run(self, worker: workload.ShardWorker, parts: list[list[dict]]) -> list[dict]:
         with ThreadPoolExecutor(max_workers=workload.CALLS_PER_ACTOR) as pool:

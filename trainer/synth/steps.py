@@ -104,12 +104,11 @@ class Context:
         its completions, or the reason it failed (`generation-failed`, `empty-generation`)."""
         if not prompts:
             return []
-        seed = self.sampling.seed
+        sampling = self.sampling if not salt else replace(
+            self.sampling, seed=int(stable_hash([self.sampling.seed, salt])[:12], 16))
         requests = []
         for position, prompt in enumerate(prompts):
             before = tuple(history[position]) if history is not None else ()
-            sampling = self.sampling if not salt else replace(
-                self.sampling, seed=int(stable_hash([seed, salt])[:12], 16))
             requests.append(GenerationRequest(messages=(*before, {"role": "user", "content": prompt}), n=n,
                                               sampling=sampling))
         try:

@@ -290,7 +290,7 @@ class Workflow:
                     items.append(outcome.item)
         rows = []
         stats.items_in[OUTPUT_STEP] += len(items)
-        versions = self.template_versions
+        versions, version = self.template_versions, self.version
         for item in items:
             row, reason = self.kind.row(item)
             stats.records[(OUTPUT_STEP, KEPT if row is not None else DROPPED, reason)] += 1
@@ -299,7 +299,7 @@ class Workflow:
             meta = row.pop("meta")
             meta["provenance"] = {"seedId": item.seed_id, "seedSource": item.seed.get("source", ""),
                                   "datasetType": self.kind.name, "workflow": self.description,
-                                  "workflowVersion": self.version, "templates": versions, "steps": item.trail}
+                                  "workflowVersion": version, "templates": versions, "steps": item.trail}
             row["meta"] = json.dumps(meta, ensure_ascii=False)
             row["source"] = f"synthetic/{self.kind.name}"
             rows.append(row)

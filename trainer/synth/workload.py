@@ -4,10 +4,10 @@ The driver reads the run spec and checks everything before the first request (`p
 the dataset type and whether the workflow's steps fit it, the seed datasets (committed,
 `documents/1` or `chat_samples/1`), every template against every seed, and the engine's
 probe. Then the seeds, in shards of `SEEDS_PER_SHARD`, run through the workflow on Ray Data
-(an actor pool: each actor loads the engine once, behind the request cache, and runs the
-workflows of `CALLS_PER_ACTOR` shards at once, taking turns on the engine: while one shard's
-requests are in the engine, the others render, parse, vote and commit). Each
-shard commits its rows and its step statistics on its own before it is reported; the driver
+(an actor pool: each actor loads the engine once, behind the request cache, on a thread of
+its own that serves one call at a time, and runs the workflows of `CALLS_PER_ACTOR` shards at
+once: while one shard's requests are in the engine, the others render, parse, vote and
+commit). Each shard commits its rows and its step statistics on its own before it is reported; the driver
 merges the statistics, writes progress as shards finish, adds the actors' generation counts
 to its own `tokenmill_generate_*` series, stops when a budget is spent or an actor's engine
 failed more samples than the failure budget allows, and at the end writes the statistics
@@ -21,15 +21,14 @@ in full before each shard's result is returned).
 
 from __future__ import annotations
 
-import contextlib
-import heapq
 import itertools
 import json
 import os
+import queue
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -66,7 +65,7 @@ from tokenmill.trainer.synth.workflow import (
 from tokenmill.workloads import PHASE_SUCCEEDED
 
 if TYPE_CHECKING:
-    from tokenmill.trainer.generate.cache import CachedEngine
+    from tokenmill.trainer.generate.cache import CachedCall, CachedEngine
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -199,64 +198,68 @@ def shard_stats_key(number: int) -> str:
     return f"{SHARD_STATS_PREFIX}/{shard_name(number)}.json"
 
 
-class EngineTurns:
-    """The engine's calls, one at a time, the oldest shard's first: of the calls waiting, the
-    one whose shard began first goes next, so the oldest shard runs ahead and finishes (and
-    commits) while younger ones still generate. A call that ends hands the engine straight to
-    the next one waiting (its thread waits until that call has begun), so the engine does not
-    stand idle while the ending shard's thread parses its answers holding the GIL."""
+class EngineLoop:
+    """The actor's engine on a thread of its own, running the calls the shards submit one at
+    a time, the oldest shard's first: of the calls waiting, the one whose shard began first
+    goes next, so the oldest shard runs ahead and finishes (and commits) while younger ones
+    still generate. The engine goes from one call straight to the next waiting, without
+    waiting for the thread of the call that ended (or the next one's) to be scheduled."""
 
-    def __init__(self) -> None:
-        self._state = threading.Condition()
-        self._busy = False
-        self._waiting: list[int] = []
+    def __init__(self, engine: CachedEngine) -> None:
+        self.engine = engine
+        self._queue: queue.PriorityQueue[tuple[int, int, CachedCall | None, futures.Future]] = queue.PriorityQueue()
         self._tickets = itertools.count()
-        self._turns = 0
-        """Turns taken so far."""
+        self._order = itertools.count()
+        self._thread = threading.Thread(target=self._serve, daemon=True, name="engine")
+        self._thread.start()
 
     def ticket(self) -> int:
         """A shard's place in the order, taken when it begins."""
         return next(self._tickets)
 
     def waiting(self) -> int:
-        """Calls waiting for their turn now."""
-        with self._state:
-            return len(self._waiting)
+        """Calls waiting for the engine now."""
+        return self._queue.qsize()
 
-    @contextlib.contextmanager
-    def turn(self, ticket: int) -> Iterator[None]:
-        with self._state:
-            heapq.heappush(self._waiting, ticket)
-            while self._busy or self._waiting[0] != ticket:
-                self._state.wait()
-            heapq.heappop(self._waiting)
-            self._busy = True
-            self._turns += 1
-            self._state.notify_all()
-        try:
-            yield
-        finally:
-            with self._state:
-                self._busy = False
-                self._state.notify_all()
-                if self._waiting:
-                    taken = self._turns
-                    self._state.wait_for(lambda: self._turns != taken)
+    def submit(self, ticket: int, call: CachedCall) -> futures.Future:
+        """`CachedEngine.run(call)` on the engine's thread, in turn; the future's result is the
+        number of samples the call sent to the model (also when it raised)."""
+        future: futures.Future = futures.Future()
+        self._queue.put((ticket, next(self._order), call, future))
+        return future
+
+    def close(self) -> None:
+        self._queue.put((-1, -1, None, futures.Future()))
+        self._thread.join()
+
+    def _serve(self) -> None:
+        while True:
+            _, _, call, future = self._queue.get()
+            if call is None:
+                return
+            attempted = self.engine.attempted
+            try:
+                self.engine.run(call)
+            except BaseException as error:  # a call past the failure budget raises after its samples were sent
+                future.set_result((self.engine.attempted - attempted, error))
+            else:
+                future.set_result((self.engine.attempted - attempted, None))
 
 
 class ShardEngine(Engine):
     """The actor's engine as one shard's workflow sees it. A call looks up its keys in the
-    request cache at once; the rest waits for its turn: the engine serves one call at a time,
-    whichever shard asks (a torch engine is not thread-safe, a teacher's throughput is what it
-    is, and two overlapping calls on one `CachedEngine` could each pay for a sample neither
-    had; a sample another shard answered since the lookup is served from the cache). `sent` counts the samples this shard's calls
-    sent to the model (the engine's own count is the whole actor's)."""
+    request cache on the shard's thread; the rest goes to the engine's thread, which serves
+    one call at a time, whichever shard asks (a torch engine is not thread-safe, a teacher's
+    throughput is what it is, and two overlapping calls on one `CachedEngine` could each pay
+    for a sample neither had; a sample another shard answered since the lookup is served
+    from the cache). `sent` counts the samples this shard's calls sent to the model (the
+    engine's own count is the whole actor's)."""
 
-    def __init__(self, engine: CachedEngine, turns: EngineTurns) -> None:
+    def __init__(self, engine: CachedEngine, loop: EngineLoop) -> None:
         self.engine = engine
         self.engine_name = engine.engine_name
-        self.turns = turns
-        self.ticket = turns.ticket()
+        self.loop = loop
+        self.ticket = loop.ticket()
         self.sent = 0
 
     @property
@@ -267,13 +270,11 @@ class ShardEngine(Engine):
         self.engine.check_requests(requests)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[RequestOutput]:
-        call = self.engine.plan(requests)  # keys and cache hits: no turn needed
-        with self.turns.turn(self.ticket):
-            attempted = self.engine.attempted
-            try:
-                self.engine.run(call)
-            finally:
-                self.sent += self.engine.attempted - attempted
+        call = self.engine.plan(requests)
+        sent, error = self.loop.submit(self.ticket, call).result()
+        self.sent += sent
+        if error is not None:
+            raise error
         return self.engine.finish(call)
 
 
@@ -293,15 +294,20 @@ class ShardWorker:
         self.tally = GenerationTally(self.engine.engine_name)
         self.engine.metrics = self.engine.engine.metrics = self.tally
         self.sampling = sampling_of(job.spec)
-        self.engine_turns = EngineTurns()
+        self.engine_loop = EngineLoop(self.engine)
         self.writer = DatasetWriter(dataset_uri(job.output), self.job.workflow.kind.schema, producer=job.producer,
                                     fence=job.fence)
         self.store = open_store(job.output)
         self._side_writes = futures.ThreadPoolExecutor(max_workers=2 * CALLS_PER_ACTOR,
                                                        thread_name_prefix="shard-commit")
 
+    def close(self) -> None:
+        """Stops the engine's thread and the commit threads (Ray ends an actor's process anyway)."""
+        self.engine_loop.close()
+        self._side_writes.shutdown()
+
     def shard_engine(self) -> ShardEngine:
-        return ShardEngine(self.engine, self.engine_turns)
+        return ShardEngine(self.engine, self.engine_loop)
 
     def context(self, engine: ShardEngine) -> synth_steps.Context:
         """A workflow's own context (its step counts are its shard's) over its shard's engine."""
