@@ -14,8 +14,11 @@ import torch
 from tests.trainer.posttrain_data import write_pairs, write_spec
 from tests.trainer.test_dpo import BYTE, CONFIG, PLAIN, dpo_inputs, dpo_spec, hand_logp, trl_step_zero  # noqa: F401
 from tokenmill.store import CheckpointStore
+from tokenmill.trainer.data.chat import conversation_problem
 from tokenmill.trainer.data.pairs import (
     DROP_BAD_ROLE,
+    DROP_EMPTY,
+    DROP_ROLE_ORDER,
     DROP_SAME,
     dpo_loss,
     load_pairs,
@@ -106,6 +109,83 @@ def test_a_prompt_role_the_chat_format_lacks_is_dropped_and_counted(dpo_inputs, 
     assert workload.run(write_spec(output, dpo_spec(parent, only_tool), "dpo")) == 2
     err = capsys.readouterr().err
     assert "no pair to train on" in err and f"{DROP_BAD_ROLE}: 2" in err
+    assert not CheckpointStore.for_output(output).steps()
+
+
+def msg(role: str, content: str) -> dict[str, str]:
+    return {"role": role, "content": content}
+
+
+# Text-form pairs with nothing to condition on or nothing to score: each would render to a prompt of
+# headers only, or a continuation of only <|im_end|>, and used to be kept.
+EMPTY = [
+    {"id": "no-messages", "prompt": [], "chosen": "12", "rejected": "4"},
+    {"id": "blank-messages", "prompt": [msg("system", " "), msg("user", "\n\t")], "chosen": "12", "rejected": "4"},
+    {"id": "empty-chosen", "prompt": MULTI_TURN[0]["prompt"], "chosen": "", "rejected": "4"},
+    {"id": "empty-rejected", "prompt": MULTI_TURN[1]["prompt"], "chosen": "green", "rejected": ""},
+    {"id": "blank-chosen", "prompt": [msg("user", "hi")], "chosen": " \n ", "rejected": "no"},
+    {"id": "blank-after-prefix", "prompt": [msg("user", "hi"), msg("assistant", "hel")], "chosen": "lo",
+     "rejected": "\t"},
+    # token form: an empty list was already dropped under the same reason
+    {"id": "no-prompt-tokens", "prompt_tokens": [], "chosen_tokens": [3], "rejected_tokens": [4]},
+]
+
+
+def test_an_empty_prompt_or_reply_is_dropped_and_counted(tmp_path: Path) -> None:
+    pairs = load_pairs(write_pairs(tmp_path / "pairs", [*MULTI_TURN, *EMPTY]), "mt", BYTE, CONFIG.vocab_size, 256)
+    assert pairs.ids == ["m0", "m1", "s0"]
+    assert pairs.counts[DROP_EMPTY] == len(EMPTY) and pairs.counts["kept"] == 3
+    # a reply that is not blank is kept, whatever it holds besides its text
+    spaced = write_pairs(tmp_path / "spaced", [{"id": "spaced", "prompt": [msg("user", "hi")], "chosen": " hello ",
+                                                "rejected": "no\n"}], shards=1)
+    assert load_pairs(spaced, "s", BYTE, CONFIG.vocab_size, 256).ids == ["spaced"]
+
+
+# Prompts out of the order SFT accepts for a conversation (an optional system message, then user and
+# assistant alternating from user), with the continuation as the final assistant turn.
+OUT_OF_ORDER = [
+    [msg("assistant", "hi"), msg("user", "hello")],  # starts with assistant
+    [msg("assistant", "The answer is")],  # a prefix with no user turn before it
+    [msg("system", "be brief")],  # no user turn: the reply would follow the system message
+    [msg("system", "be brief"), msg("assistant", "ok")],
+    [msg("user", "a"), msg("user", "b")],  # two user turns in a row
+    [msg("user", "a"), msg("assistant", "b"), msg("assistant", "c")],  # two assistant turns in a row
+    [msg("user", "a"), msg("system", "b"), msg("user", "c")],  # system not first
+    [msg("system", "a"), msg("system", "b"), msg("user", "c")],
+]
+IN_ORDER = [
+    [msg("user", "a")],
+    [msg("system", "s"), msg("user", "a")],
+    [msg("user", "a"), msg("assistant", "The answer is")],  # a prefix the continuations extend
+    [msg("system", "s"), msg("user", "a"), msg("assistant", "b"), msg("user", "c")],
+    [msg("user", "a"), msg("assistant", "b"), msg("user", "c"), msg("assistant", "prefix")],
+]
+
+
+def test_prompt_roles_follow_the_sft_order_and_may_end_with_an_assistant_prefix(tmp_path: Path) -> None:
+    rows = [{"id": f"bad{i}", "prompt": prompt, "chosen": " 12", "rejected": " 4"}
+            for i, prompt in enumerate(OUT_OF_ORDER)]
+    rows += [{"id": f"ok{i}", "prompt": prompt, "chosen": " 12", "rejected": " 4"} for i, prompt in enumerate(IN_ORDER)]
+    pairs = load_pairs(write_pairs(tmp_path / "pairs", rows), "mt", BYTE, CONFIG.vocab_size, 256)
+    assert pairs.ids == [f"ok{i}" for i in range(len(IN_ORDER))]
+    assert pairs.counts[DROP_ROLE_ORDER] == len(OUT_OF_ORDER) and pairs.counts["kept"] == len(IN_ORDER)
+    # the same rule as SFT's: each accepted prompt completed by its reply is a conversation SFT keeps,
+    # each refused one is not
+    for prompt in IN_ORDER + OUT_OF_ORDER:
+        if prompt[-1]["role"] == "assistant":
+            completed = [*prompt[:-1], msg("assistant", prompt[-1]["content"] + " 12")]
+        else:
+            completed = [*prompt, msg("assistant", " 12")]
+        assert (conversation_problem(completed) is None) == (prompt in IN_ORDER), prompt
+
+
+def test_a_dataset_of_empty_and_disordered_pairs_is_refused(dpo_inputs, tmp_path: Path, capsys) -> None:
+    parent, _, _ = dpo_inputs
+    output = (tmp_path / "out").as_uri()
+    rows = [*EMPTY[:3], {"id": "order", "prompt": OUT_OF_ORDER[0], "chosen": "12", "rejected": "4"}]
+    assert workload.run(write_spec(output, dpo_spec(parent, write_pairs(tmp_path / "pairs", rows)), "dpo")) == 2
+    err = capsys.readouterr().err
+    assert "no pair to train on" in err and f"{DROP_EMPTY}: 3" in err and f"{DROP_ROLE_ORDER}: 1" in err
     assert not CheckpointStore.for_output(output).steps()
 
 

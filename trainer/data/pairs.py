@@ -12,10 +12,16 @@ Every pair becomes ``(prompt, chosen, rejected)`` token ids (`PairSet`):
   continuations alone.
 
 Checks, all before training: a pair with neither form, a prompt message whose role the chat
-format lacks (not system, user or assistant), an empty prompt or continuation, chosen equal to
-rejected, or a prompt and continuation longer than the sequence (never truncated) is dropped and
-counted by reason; an id outside the vocabulary is an error naming the dataset, the pair and the
-field.
+format lacks (not system, user or assistant), an empty prompt or continuation, prompt roles out
+of order, chosen equal to rejected, or a prompt and continuation longer than the sequence (never
+truncated) is dropped and counted under the first reason that applies; an id outside the
+vocabulary is an error naming the dataset, the pair and the field. Empty: in token form, a list
+of no ids; in text form, a prompt with no message or only blank (whitespace) contents, or a
+chosen or rejected that is blank. Role order (text form, `prompt_problem`): SFT's rule for a
+conversation applied to the prompt with the continuation as its final assistant turn, i.e. an
+optional system message first, then user and assistant alternating, starting with user; the
+prompt ends with user (the continuations are the next assistant turn) or with assistant (a
+prefix they continue). A dataset left with no pair is refused by the stage.
 
 Batching (`pair_batch`). A pair whose continuations are one token each (a one-token pair, as
 Pivotal Token Search writes them) is one sequence, its prompt: both log-probs are read from the
@@ -38,6 +44,7 @@ import numpy as np
 import torch
 
 from tokenmill.store import PREFERENCE_PAIRS, Dataset, open_dataset
+from tokenmill.trainer.data.chat import conversation_problem
 from tokenmill.trainer.tokenizer import Tokenizer
 from tokenmill.trainer.tokenizer.base import CHAT_ROLES
 from tokenmill.trainer.tokenizer.special import IM_END, IM_SEP, IM_START
@@ -47,6 +54,7 @@ DROP_EMPTY = "empty prompt or continuation"
 DROP_SAME = "chosen equals rejected"
 DROP_TOO_LONG = "prompt and continuation longer than the sequence"
 DROP_BAD_ROLE = "prompt role outside system, user, assistant"
+DROP_ROLE_ORDER = "prompt roles out of order"
 KEPT = "kept"
 ONE_TOKEN = "one-token pairs"
 
@@ -88,6 +96,19 @@ def render_prompt(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]]) -
     return tokenizer.encode_chat(messages, add_generation_prompt=True)
 
 
+def prompt_problem(messages: Sequence[Mapping[str, str]]) -> str | None:
+    """Why a text prompt's roles are out of order, or None.
+
+    SFT's rule (`chat.conversation_problem`) applied to the conversation the pair trains on: the
+    prompt with the continuation as its final assistant turn, appended after the prompt, or
+    completing the prompt's final assistant message (a prefix). Accepted: an optional system
+    message first, then user and assistant alternating, starting with user and ending with either.
+    """
+    if messages and messages[-1].get("role") == "assistant":
+        return conversation_problem(messages)
+    return conversation_problem([*messages, {"role": "assistant", "content": ""}])
+
+
 def _pair_ids(row: Mapping[str, Any], tokenizer: Tokenizer) -> tuple[list[int], list[int], list[int]] | str:
     """The pair's (prompt, chosen, rejected) ids, or why it is dropped."""
     if row["prompt_tokens"] is not None and row["chosen_tokens"] is not None and row["rejected_tokens"] is not None:
@@ -95,6 +116,11 @@ def _pair_ids(row: Mapping[str, Any], tokenizer: Tokenizer) -> tuple[list[int], 
     if row["prompt"] is not None and row["chosen"] is not None and row["rejected"] is not None:
         if any(message["role"] not in CHAT_ROLES for message in row["prompt"]):
             return DROP_BAD_ROLE
+        blank_prompt = not any(message["content"].strip() for message in row["prompt"])
+        if blank_prompt or not row["chosen"].strip() or not row["rejected"].strip():
+            return DROP_EMPTY
+        if prompt_problem(row["prompt"]):
+            return DROP_ROLE_ORDER
         end = tokenizer.token_id(IM_END)
         return (render_prompt(tokenizer, row["prompt"]), [*tokenizer.encode(row["chosen"]), end],
                 [*tokenizer.encode(row["rejected"]), end])
