@@ -17,6 +17,7 @@ from tests.trainer.synth_fixtures import PROBLEMS, spec, write_seeds, write_spec
 from tokenmill.layout import dataset_uri
 from tokenmill.store import CHAT_SAMPLES, DatasetWriter, StoreError, open_store, read_run_spec, shard_name
 from tokenmill.store.dataset_reader import read_verified_shard
+from tokenmill.store.schemas import GENERATIONS
 from tokenmill.trainer.generate.cache import RequestCache, generations_uri
 from tokenmill.trainer.synth import workload
 
@@ -88,6 +89,40 @@ def test_a_shard_commits_while_the_next_shards_requests_are_in_flight(worker):
     assert sorted(committed) == [shard_name(0), shard_name(1)]
     store = open_store(worker.job.output)
     assert all(store.exists(workload.shard_stats_key(n)) for n in (0, 1))
+
+
+def test_only_the_last_shard_in_hand_waits_for_the_request_cache(worker):
+    """A shard that commits while another is in hand leaves the request cache to the
+    background committer; the last one commits every pending answer before it is reported."""
+    seeds = workload.read_seeds(worker.job.spec)
+    cache, stage = worker.engine.cache, worker.writer.stage
+    first_returned = threading.Event()
+    flushes: list[bool] = []  # per flush: had shard 0 returned?
+    flush = cache.flush
+
+    def flush_noting():
+        flushes.append(first_returned.is_set())
+        return flush()
+
+    def stage_holding(number, table, **kwargs):
+        if number == 1:  # shard 1 stays in hand until shard 0 has returned
+            assert first_returned.wait(WAIT_SECONDS)
+        return stage(number, table, **kwargs)
+
+    def run_shard(number, part):
+        result = worker.run_shard(number, part)
+        if number == 0:
+            first_returned.set()
+        return result
+
+    cache.flush, worker.writer.stage = flush_noting, stage_holding
+    with ThreadPoolExecutor(max_workers=workload.CALLS_PER_ACTOR) as pool:
+        results = list(pool.map(run_shard, [0, 1], [seeds[:4], seeds[4:8]]))
+
+    assert [result["stats"]["seeds"] for result in results] == [4, 4]
+    assert flushes and all(flushes)  # shard 0 returned without waiting for the cache
+    committed = DatasetWriter(generations_uri(worker.job.output), GENERATIONS).committed()
+    assert sum(info.rows for info in committed.values()) == worker.engine.attempted > 0  # every answer on record
 
 
 class Interleaving:

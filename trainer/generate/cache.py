@@ -380,7 +380,7 @@ class CachedEngine(Engine):
                     missing.append(index)
             call.hits += len(by_index) - len(missing)
             if missing:
-                call.todo.append((position, request.with_indices(missing)))
+                call.todo.append((position, request if len(missing) == len(by_index) else request.with_indices(missing)))
         return call
 
     def run(self, call: CachedCall) -> None:

@@ -15,12 +15,13 @@ failed more samples than the failure budget allows, and at the end writes the st
 manifest last (carrying the same statistics).
 
 A retried or resumed attempt skips committed shards and answers every request it already
-paid for from the request cache (committed in the background after every engine call, and
-in full before each shard's result is returned).
+paid for from the request cache (committed in the background after engine calls, and in
+full before an actor's last shard in hand is reported).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -28,7 +29,7 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -298,6 +299,9 @@ class ShardWorker:
         self.writer = DatasetWriter(dataset_uri(job.output), self.job.workflow.kind.schema, producer=job.producer,
                                     fence=job.fence)
         self.store = open_store(job.output)
+        self._in_hand = 0
+        """Shards `run_shard` is working on now."""
+        self._in_hand_lock = threading.Lock()
         self._side_writes = futures.ThreadPoolExecutor(max_workers=2 * CALLS_PER_ACTOR,
                                                        thread_name_prefix="shard-commit")
 
@@ -335,27 +339,49 @@ class ShardWorker:
         cache records do not depend on how the shards interleave (each sample is seeded by
         its request and index alone); a prompt that two shards both ask is generated once,
         counted in the `sent` of whichever asked first. Commits run as workflows finish, in
-        any order (the driver trims and lists shards in shard order)."""
+        any order (the driver trims and lists shards in shard order).
+
+        The request cache commits in the background after engine calls; the last shard in
+        hand commits the rest before it returns, so once every shard has been reported every
+        answer is on record. A shard that returns while others are in hand leaves its last
+        answers to them (a committed shard is never asked again, so they matter only as far
+        as the other shards ask the same)."""
         from tokenmill.trainer.generate import GenerationBudgetExceeded
 
-        if self.store.exists(STOP_KEY):
-            return {"shard": number, "skipped": True}
-        engine = self.shard_engine()
+        with self._shard_in_hand():
+            if self.store.exists(STOP_KEY):
+                return {"shard": number, "skipped": True}
+            engine = self.shard_engine()
+            try:
+                rows, stats = self.job.workflow.run(seeds, self.context(engine))
+            except GenerationBudgetExceeded as error:
+                return {"shard": number, "failed": str(error), "sent": engine.sent, "generation": self.tally.take()}
+            result = {"shard": number, "stats": stats.to_data(), "sent": engine.sent}
+            self._commit(number, rows, result)
+            return {**result, "generation": self.tally.take()}
+
+    @contextlib.contextmanager
+    def _shard_in_hand(self) -> Iterator[None]:
+        with self._in_hand_lock:
+            self._in_hand += 1
         try:
-            rows, stats = self.job.workflow.run(seeds, self.context(engine))
-        except GenerationBudgetExceeded as error:
-            return {"shard": number, "failed": str(error), "sent": engine.sent, "generation": self.tally.take()}
-        result = {"shard": number, "stats": stats.to_data(), "sent": engine.sent}
-        self._commit(number, rows, result)
-        return {**result, "generation": self.tally.take()}
+            yield
+        finally:
+            with self._in_hand_lock:
+                self._in_hand -= 1
+                last = not self._in_hand
+            if last and self.engine.cache is not None:
+                self.engine.cache.flush()  # after a commit that flushed alongside, nothing is left
 
     def _commit(self, number: int, rows: list[dict[str, Any]], result: dict[str, Any]) -> None:
-        """The shard's statistics, its dataset shard, and the request cache flushed (the shard's
-        last requests on record before it is reported); the three writes run at once, and the
-        shard's commit record comes after its statistics and its data."""
+        """The shard's statistics and its dataset shard, and when no other shard is in hand the
+        request cache's pending answers; the writes run at once, and the shard's commit record
+        comes after its statistics and its data."""
         _check_fence(self.job, f"commit shard {shard_name(number)} of {self.writer.uri}")
         side = [self._side_writes.submit(self.store.write_json, shard_stats_key(number), result)]
-        if self.engine.cache is not None:
+        with self._in_hand_lock:
+            alone = self._in_hand == 1
+        if alone and self.engine.cache is not None:
             side.append(self._side_writes.submit(self.engine.cache.flush))
         try:
             staged = self.writer.stage(number, rows or self.job.workflow.kind.schema.arrow.empty_table())
