@@ -1,7 +1,8 @@
 """The SyntheticDataJob's workflow machinery against the engine alone.
 
 The workflow (agreement filter with 4 samples, then self-revision of up to 2 rounds) runs over
-200 arithmetic seeds, in shards of the workload's `SEEDS_PER_SHARD`, on the scripted stand-in
+800 arithmetic seeds (50 shards of the workload's `SEEDS_PER_SHARD`: long enough that the
+actor's first and last shards, which nothing overlaps, weigh little), on the scripted stand-in
 teacher with a fixed latency per request (1 ms by default). Every engine call is recorded;
 the peer, "engine alone", replays exactly those calls on the same engine with nothing around
 them. Our variants:
@@ -32,7 +33,7 @@ is noisy, the added CPU seconds of this process (background commits included) as
 the engine's wall time, which other processes do not distort (it leaves out time spent
 waiting for the disk).
 
-    python benchmarks/synth.py [--rounds 7] [--latency-ms 1] [--seeds 200]
+    python benchmarks/synth.py [--rounds 9] [--latency-ms 1] [--seeds 800]
 """
 
 from __future__ import annotations
@@ -161,9 +162,9 @@ def describe(values: list[float], unit: str = "s") -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--latency-ms", type=float, default=1.0)
-    parser.add_argument("--seeds", type=int, default=200)
+    parser.add_argument("--seeds", type=int, default=800)
     args = parser.parse_args(argv)
     latency = args.latency_ms / 1000
     batch = seeds(args.seeds)
