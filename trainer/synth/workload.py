@@ -7,10 +7,11 @@ probe. Then the seeds, in shards of `SEEDS_PER_SHARD`, run through the workflow 
 (an actor pool: each actor loads the engine once, behind the request cache, on a thread of
 its own that serves one call at a time, and runs the workflows of `CALLS_PER_ACTOR` shards at
 once: while one shard's requests are in the engine, the others render, parse, vote and
-commit). Each shard commits its rows and its step statistics on its own before it is reported; the driver
-merges the statistics, writes progress as shards finish, adds the actors' generation counts
-to its own `tokenmill_generate_*` series, stops when a budget is spent or an actor's engine
-failed more samples than the failure budget allows, and at the end writes the statistics
+commit). Each shard commits its rows and its step statistics on its own before it is
+reported; the driver merges the statistics, writes progress as shards finish, adds the
+actors' generation counts to its own `tokenmill_generate_*` series, stops when a budget is
+spent or an actor's engine failed more samples than the failure budget allows, and at the
+end writes the statistics
 (`<output>/_run/synth-stats.json`), the request cache's manifest, and the dataset's
 manifest last (carrying the same statistics).
 
@@ -224,12 +225,14 @@ class EngineLoop:
 
     def submit(self, ticket: int, call: CachedCall) -> futures.Future:
         """`CachedEngine.run(call)` on the engine's thread, in turn; the future's result is the
-        number of samples the call sent to the model (also when it raised)."""
+        number of samples the call sent to the model and the error it raised, if any (what was
+        sent before the error still counts)."""
         future: futures.Future = futures.Future()
         self._queue.put((ticket, next(self._order), call, future))
         return future
 
     def close(self) -> None:
+        """Stops the thread; for after the last call (it goes ahead of any still waiting)."""
         self._queue.put((-1, -1, None, futures.Future()))
         self._thread.join()
 
@@ -241,7 +244,7 @@ class EngineLoop:
             attempted = self.engine.attempted
             try:
                 self.engine.run(call)
-            except BaseException as error:  # a call past the failure budget raises after its samples were sent
+            except BaseException as error:  # raised on the shard's thread, which asked
                 future.set_result((self.engine.attempted - attempted, error))
             else:
                 future.set_result((self.engine.attempted - attempted, None))
