@@ -300,3 +300,51 @@ def test_each_engine_actor_fails_the_job_past_the_specs_failure_budget(tmp_path)
     assert not worker.engine.budget.exceeded(failures=3, attempted=10)  # 2 + 10% of 10
     assert worker.engine.budget.exceeded(failures=4, attempted=10)
     assert not worker.engine.budget.exceeded(failures=12, attempted=100)
+
+
+@pytest.mark.slow
+def test_a_torch_engine_serves_interleaved_shards_from_the_engines_thread_as_a_serial_run(tmp_path):
+    """The actor's engine thread with a real torch model: every model call is made on it, and
+    shards in hand at once get the samples, rows and statistics one shard after another gets."""
+    from dataclasses import replace
+
+    from tests.trainer.generate_fixtures import TINY_GEN
+    from tokenmill.trainer.model import build_model
+    from tokenmill.trainer.model.hf import export_hf
+
+    config = replace(TINY_GEN, max_position_embeddings=1024)  # room for the critique prompt
+    export_hf(build_model(config, seed=0).eval(), config, tmp_path / "hf", dtype="float32")
+    generator = {"engine": "torch", "model": {"uri": (tmp_path / "hf").as_uri()},
+                 "sampling": {"temperature": 1.0, "maxTokens": 8, "seed": 3}}
+    workflow = [{"type": "agreementFilter", "agreementFilter": {"samples": 2, "minAgreement": 0.0, "maxAgreement": 1.0}}]
+
+    def torch_worker(root) -> workload.ShardWorker:
+        seeds = write_seeds((root / "seeds").as_uri(), PROBLEMS[:6])
+        output = (root / "out").as_uri()
+        write_spec(output, spec(seeds, workflow=workflow, generator=generator))
+        return workload.ShardWorker(workload.prepare(read_run_spec(output)).job)
+
+    serial, interleaved = torch_worker(tmp_path / "serial"), torch_worker(tmp_path / "interleaved")
+    threads: set[str] = set()
+    model, generate = interleaved.engine.engine, interleaved.engine.engine.generate
+
+    def generate_noting(requests):
+        threads.add(threading.current_thread().name)
+        return generate(requests)
+
+    model.generate = generate_noting
+    seeds = workload.read_seeds(serial.job.spec)
+    parts = [seeds[0:2], seeds[2:4], seeds[4:6]]
+    one_by_one = [serial.run_shard(number, part) for number, part in enumerate(parts)]
+    with ThreadPoolExecutor(max_workers=workload.CALLS_PER_ACTOR) as pool:
+        at_once = list(pool.map(interleaved.run_shard, range(3), parts))
+
+    assert threads == {"engine"}
+    for ours, theirs in zip(at_once, one_by_one, strict=True):
+        assert {k: v for k, v in ours.items() if k != "generation"} == \
+               {k: v for k, v in theirs.items() if k != "generation"}
+    assert interleaved.engine.attempted == serial.engine.attempted == 6 * 2
+    assert committed_rows(interleaved) == committed_rows(serial)
+    assert cache_records(interleaved) == cache_records(serial)
+    for worker in (serial, interleaved):
+        worker.close()
