@@ -130,7 +130,8 @@ def test_a_run_killed_mid_write_resumes_without_losing_or_duplicating_documents(
     output = (tmp_path / "out").as_uri()
     spec_uri = write_spec(output, curate_corpus.spec(uris))
     killed = start_in_session(workload_command("corpus-filter", spec_uri), tmp_path / "killed.log")
-    code = kill_when(killed, lambda: len(finished_shards(output)) >= 2, "two shards written")
+    # polled often: the shards are written one after another within a fraction of a second
+    code = kill_when(killed, lambda: len(finished_shards(output)) >= 2, "two shards written", interval=0.005)
     log = (tmp_path / "killed.log").read_text(errors="replace")
     assert code == -signal.SIGKILL, log
     with pytest.raises(ManifestNotFoundError):
